@@ -1,0 +1,1 @@
+"""Protocol edges: thin servicers that convert protobuf to internal types and back."""

@@ -1,0 +1,134 @@
+"""The native API, `lstm_stream.v1.StreamInference`: protobuf in, DataPlane, protobuf out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+
+from lstm_stream.v1 import stream_pb2 as pb
+from lstm_stream.v1 import stream_pb2_grpc as pb_grpc
+from server.api.errors import as_service_error, unary_errors
+from server.dataplane import DataPlane
+from server.errors import ServiceError
+from server.types import Chunk, Prediction
+from server.validation import check_stream_id, make_chunk
+
+# How many chunks of one PredictStream connection may be in flight before reading pauses.
+STREAM_WINDOW = 64
+
+
+class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
+
+    def _chunk(self, request: pb.PredictRequest) -> Chunk:
+        return make_chunk(
+            stream_id=request.stream_id,
+            values=np.asarray(request.values, dtype=np.float32),
+            timesteps=request.timesteps,
+            features=self.dataplane.model.input_features,
+            max_timesteps=self.dataplane.max_chunk_timesteps,
+            start_offset=request.start_offset if request.HasField("start_offset") else None,
+            reset=request.reset,
+            end=request.end,
+            request_id=request.request_id,
+        )
+
+    @staticmethod
+    def _response(prediction: Prediction) -> pb.PredictResponse:
+        rows, columns = prediction.outputs.shape
+        return pb.PredictResponse(
+            stream_id=prediction.stream_id or "",
+            outputs=prediction.outputs.reshape(-1),
+            timesteps=rows,
+            output_size=columns,
+            offset=prediction.offset,
+            replayed=prediction.replayed,
+            request_id=prediction.request_id,
+        )
+
+    @unary_errors
+    async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
+        return self._response(await self.dataplane.predict(self._chunk(request)))
+
+    async def PredictStream(
+        self, requests: AsyncIterator[pb.PredictRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.PredictResponse]:
+        # Chunks are handed to the batcher as they arrive (it keeps each stream's order), and
+        # answered in request order; a bounded window keeps one connection from flooding memory.
+        pending: asyncio.Queue[tuple[pb.PredictRequest, asyncio.Future[Prediction] | None]] = asyncio.Queue(
+            STREAM_WINDOW
+        )
+        done = object()
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    try:
+                        task = asyncio.ensure_future(self.dataplane.predict(self._chunk(request)))
+                    except ServiceError as exc:
+                        task = asyncio.get_running_loop().create_future()
+                        task.set_exception(exc)
+                    await pending.put((request, task))
+            finally:
+                await pending.put(done)  # type: ignore[arg-type]
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await pending.get()) is not done:
+                request, task = item  # type: ignore[misc]
+                try:
+                    yield self._response(await task)
+                except Exception as exc:
+                    error = as_service_error(exc)
+                    yield pb.PredictResponse(
+                        stream_id=request.stream_id,
+                        request_id=request.request_id,
+                        offset=error.current_offset or 0,
+                        error=pb.Error(code=error.code.value[0], message=error.message),
+                    )
+            await reader  # surfaces a broken request stream
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+    @unary_errors
+    async def ResetStream(
+        self, request: pb.ResetStreamRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ResetStreamResponse:
+        existed = await self.dataplane.reset_stream(check_stream_id(request.stream_id))
+        return pb.ResetStreamResponse(existed=existed)
+
+    @unary_errors
+    async def GetStream(self, request: pb.GetStreamRequest, context: grpc.aio.ServicerContext) -> pb.StreamInfo:
+        status = await self.dataplane.stream_status(check_stream_id(request.stream_id))
+        return pb.StreamInfo(
+            stream_id=status.stream_id,
+            exists=status.exists,
+            offset=status.offset,
+            updated_unix_ms=status.updated_unix_ms,
+            expires_in_ms=status.expires_in_ms,
+            model_fingerprint=status.model_fingerprint,
+        )
+
+    @unary_errors
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        model = self.dataplane.model
+        return pb.ModelInfo(
+            name=model.name,
+            fingerprint=model.fingerprint,
+            input_features=model.input_features,
+            output_size=model.output_size,
+            max_chunk_timesteps=self.dataplane.max_chunk_timesteps,
+            per_timestep_outputs=model.per_timestep_outputs,
+            recurrent_layers=[
+                pb.RecurrentLayer(name=layer.name, kind=layer.kind, units=layer.units)
+                for layer in model.recurrent_layers
+            ],
+            state_size=model.state_size,
+        )

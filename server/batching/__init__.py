@@ -1,0 +1,1 @@
+"""Dynamic batching of chunks across streams."""

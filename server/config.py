@@ -1,0 +1,125 @@
+"""Server configuration: one typed object, read once at start-up from flags and environment.
+
+Every option has a flag and an `LSTM_SERVE_<NAME>` environment variable; a flag wins over the
+environment, the environment over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default.keras"
+ENV_PREFIX = "LSTM_SERVE_"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    model: str = str(DEFAULT_MODEL)
+    host: str = "127.0.0.1"
+    port: int = 50051
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_autostart: bool = True
+    redis_data_dir: str = ".lstm-serve/redis"
+    key_prefix: str = "lstm"
+    state_ttl_s: float = 86_400.0
+    ended_ttl_s: float = 300.0
+    max_chunk_timesteps: int = 1024
+    max_batch: int = 64
+    max_delay_ms: float = 1.0
+    reset_on_model_change: bool = False
+    log_level: str = "INFO"
+    log_format: str = "json"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+_HELP = {
+    "model": "path of the Keras 3 .keras model to serve (default: the shipped sensor forecaster)",
+    "host": "address to listen on (0.0.0.0 for every interface)",
+    "port": "gRPC port (0 picks a free one and logs it)",
+    "redis_url": "where stream state lives: redis://host:port/db",
+    "redis_autostart": "when nothing answers at a loopback redis_url, start a private redis-server",
+    "redis_data_dir": "data folder of the private redis-server (append-only file on)",
+    "key_prefix": "prefix of every Redis key this server writes",
+    "state_ttl_s": "a stream's state expires after this many idle seconds",
+    "ended_ttl_s": "after a chunk with end, its answer is kept this long for retries",
+    "max_chunk_timesteps": "most timesteps one chunk may carry",
+    "max_batch": "most chunks (of distinct streams) in one model call",
+    "max_delay_ms": "longest wait for more chunks before a batch runs",
+    "reset_on_model_change": "reset slots written by another model instead of refusing them",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "log_format": "json (one object a line) or text",
+}
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lstm-serve",
+        description="Serve a stateful Keras recurrent model over gRPC, one Redis state slot per stream.",
+        epilog=f"Every option can also be set as an environment variable {ENV_PREFIX}<OPTION>, "
+        f"for example {ENV_PREFIX}REDIS_URL.",
+    )
+    defaults = ServerConfig()
+    for item in fields(ServerConfig):
+        flag = "--" + item.name.replace("_", "-")
+        default = getattr(defaults, item.name)
+        env_name = ENV_PREFIX + item.name.upper()
+        kind = _parse_bool if isinstance(default, bool) else type(default)
+        help_text = f"{_HELP[item.name]} (env {env_name}; default {default})"
+        if isinstance(default, bool):
+            parser.add_argument(flag, type=kind, nargs="?", const=True, default=None, metavar="BOOL", help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=None, help=help_text)
+    return parser
+
+
+def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> ServerConfig:
+    environ = dict(os.environ) if environ is None else environ
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    values = {}
+    for item in fields(ServerConfig):
+        flag_value = getattr(args, item.name)
+        if flag_value is not None:
+            values[item.name] = flag_value
+            continue
+        env_value = environ.get(ENV_PREFIX + item.name.upper())
+        if env_value is not None:
+            default = getattr(ServerConfig(), item.name)
+            kind = _parse_bool if isinstance(default, bool) else type(default)
+            try:
+                values[item.name] = kind(env_value)
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                parser.error(f"{ENV_PREFIX}{item.name.upper()}={env_value!r}: {exc}")
+    config = ServerConfig(**values)
+    _check(config, parser)
+    return config
+
+
+def _check(config: ServerConfig, parser: argparse.ArgumentParser) -> None:
+    if config.max_batch < 1:
+        parser.error("--max-batch must be at least 1")
+    if config.max_chunk_timesteps < 1:
+        parser.error("--max-chunk-timesteps must be at least 1")
+    if config.max_delay_ms < 0:
+        parser.error("--max-delay-ms must not be negative")
+    if config.state_ttl_s <= 0 or config.ended_ttl_s <= 0:
+        parser.error("--state-ttl-s and --ended-ttl-s must be positive")
+    if not 0 <= config.port <= 65535:
+        parser.error("--port must be between 0 and 65535")
+    if config.log_format not in ("json", "text"):
+        parser.error("--log-format must be json or text")

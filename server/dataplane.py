@@ -1,0 +1,67 @@
+"""The protocol-agnostic data plane every servicer calls: predict, reset, inspect, describe.
+
+It owns the batcher, the state store and the model runner, and wires them in the one direction
+the data flows: batcher -> store -> model -> store -> reply.
+"""
+
+from __future__ import annotations
+
+from server.batching.batcher import Batcher
+from server.model.runner import ModelRunner
+from server.processor import BatchProcessor, StreamPolicy
+from server.state.record import CorruptRecord
+from server.state.store import StateStore
+from server.types import Chunk, ModelDescription, Prediction, StreamStatus
+
+
+class DataPlane:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        store: StateStore,
+        policy: StreamPolicy,
+        *,
+        max_batch: int = 64,
+        max_delay_s: float = 0.001,
+    ) -> None:
+        self.runner = runner
+        self.store = store
+        self._processor = BatchProcessor(runner, store, policy)
+        self._batcher = Batcher(self._processor, max_batch=max_batch, max_delay_s=max_delay_s)
+
+    @property
+    def model(self) -> ModelDescription:
+        return self.runner.description
+
+    @property
+    def max_chunk_timesteps(self) -> int:
+        return self.runner.max_chunk_timesteps
+
+    def start(self) -> None:
+        self._batcher.start()
+
+    async def stop(self) -> None:
+        await self._batcher.stop()
+        self._processor.close()
+        await self.store.close()
+
+    async def predict(self, chunk: Chunk) -> Prediction:
+        """Run one validated chunk; raises ServiceError with the status the caller should see."""
+        return await self._batcher.predict(chunk)
+
+    async def reset_stream(self, stream_id: str) -> bool:
+        """Forget the stream's slot (Keras reset_states for this stream alone); True if it had one."""
+        return await self.store.delete(stream_id)
+
+    async def stream_status(self, stream_id: str) -> StreamStatus:
+        slot, ttl_ms = await self.store.inspect(stream_id)
+        if slot is None or isinstance(slot, CorruptRecord) or slot.ended:
+            return StreamStatus(stream_id, exists=False)
+        return StreamStatus(
+            stream_id=stream_id,
+            exists=True,
+            offset=slot.offset,
+            updated_unix_ms=slot.updated_unix_ms,
+            expires_in_ms=max(ttl_ms, 0),
+            model_fingerprint=slot.fingerprint.hex(),
+        )

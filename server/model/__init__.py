@@ -1,0 +1,1 @@
+"""Hosting a Keras recurrent model as a pure function of (inputs, states)."""

@@ -1,0 +1,251 @@
+"""The model runner: a Keras recurrent model turned into one compiled call with states in and out.
+
+Keras keeps `stateful=True` states in layer variables, one row per batch position. Serving many
+streams needs the opposite: the state row must follow the stream, and any set of streams must share
+one forward pass. So the runner rebuilds the model's layer stack with every recurrent layer made
+stateless (`stateful=False, return_state=True`, same weights) and calls it with explicit
+`initial_state`. For a batch of B streams:
+
+    inputs  x      float32 [B, T, features]   (shorter chunks padded and masked)
+    states  s      float32 [B, state_size]    every recurrent layer's states, concatenated
+    outputs y      float32 [B, T, output_size] (or [B, 1, output_size] for a last-step model)
+    states  s'     float32 [B, state_size]
+
+For an LSTM layer of u units its part of a slot is [h (u), c (u)]; for GRU and SimpleRNN it is [h (u)].
+At load time a self-check proves, on random data, that chunked calls reproduce Keras on the whole
+sequence; a model for which that fails (a layer that mixes timesteps, say) is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from server.types import ModelDescription, RecurrentLayerInfo
+
+log = logging.getLogger(__name__)
+
+RECURRENT_KINDS = {keras.layers.LSTM: "LSTM", keras.layers.GRU: "GRU", keras.layers.SimpleRNN: "SimpleRNN"}
+# Layers that cannot be served chunk by chunk: they look at several timesteps or both directions.
+_REFUSED_LAYERS = (keras.layers.Bidirectional,)
+SELF_CHECK_TOLERANCE = 1e-4
+
+
+class ModelLoadError(Exception):
+    """The file is not a model this server can host; the message says why."""
+
+
+@dataclass(frozen=True)
+class _Step:
+    layer: keras.layers.Layer
+    state_sizes: tuple[int, ...]  # empty for a non-recurrent layer
+
+
+def _state_sizes(layer: keras.layers.Layer) -> tuple[int, ...]:
+    size = layer.cell.state_size
+    sizes = tuple(size) if isinstance(size, list | tuple) else (size,)
+    return tuple(int(s) for s in sizes)
+
+
+def _stateless_copy(layer: keras.layers.Layer, input_shape: tuple) -> keras.layers.Layer:
+    """The same recurrent layer, same weights, but taking and returning its states explicitly."""
+    config = layer.get_config()
+    if config.get("go_backwards"):
+        raise ModelLoadError(f"layer {layer.name!r} runs backwards in time; a stream can only go forwards")
+    config.update(stateful=False, return_state=True)
+    copy = type(layer).from_config(config)
+    copy.build(input_shape)
+    copy.set_weights(layer.get_weights())
+    return copy
+
+
+def fingerprint_model(model: keras.Model) -> str:
+    """A digest of the architecture and every weight: slots written by another model are refused."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(model.get_config(), sort_keys=True, default=str).encode())
+    for weight in model.weights:
+        value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight), dtype=np.float32)
+        digest.update(weight.path.encode())
+        digest.update(str(value.shape).encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()[:16]
+
+
+class ModelRunner:
+    """Runs a batch of chunks of different streams in one compiled call, states in and out."""
+
+    def __init__(self, model_path: str | Path, max_chunk_timesteps: int = 1024) -> None:
+        path = Path(model_path)
+        if not path.is_file():
+            raise ModelLoadError(f"model file {str(path)!r} does not exist")
+        try:
+            model = keras.models.load_model(path, compile=False)
+        except Exception as exc:  # Keras raises many types for a bad file; all mean the same here.
+            raise ModelLoadError(f"could not load {str(path)!r} as a Keras model: {exc}") from exc
+        self._source = model
+        self.max_chunk_timesteps = max_chunk_timesteps
+        self.features = self._input_features(model)
+        self._steps = self._rebuild_stack(model)
+        self.state_size = sum(sum(step.state_sizes) for step in self._steps)
+        if self.state_size == 0:
+            raise ModelLoadError("the model has no recurrent layer (LSTM, GRU or SimpleRNN): nothing to stream")
+        self._split = [size for step in self._steps for size in step.state_sizes]
+        signature = [
+            tf.TensorSpec([None, None, self.features], tf.float32),
+            tf.TensorSpec([None, self.state_size], tf.float32),
+        ]
+        self._call = tf.function(self._forward, input_signature=signature)
+        self._call_masked = tf.function(
+            self._forward, input_signature=[*signature, tf.TensorSpec([None, None], tf.bool)]
+        )
+        probe = self._call(tf.zeros([1, 3, self.features]), tf.zeros([1, self.state_size]))[0]
+        self.per_timestep_outputs = probe.shape.rank == 3 and probe.shape[1] == 3
+        if probe.shape.rank not in (2, 3):
+            raise ModelLoadError(f"the model's output has shape {probe.shape}; expected [batch, (time,) units]")
+        self.output_size = int(probe.shape[-1])
+        self.description = ModelDescription(
+            name=model.name,
+            fingerprint=fingerprint_model(model),
+            input_features=self.features,
+            output_size=self.output_size,
+            per_timestep_outputs=self.per_timestep_outputs,
+            state_size=self.state_size,
+            recurrent_layers=tuple(
+                RecurrentLayerInfo(s.layer.name, RECURRENT_KINDS[type(s.layer)], int(s.layer.units))
+                for s in self._steps
+                if s.state_sizes
+            ),
+        )
+        self._self_check()
+
+    @staticmethod
+    def _input_features(model: keras.Model) -> int:
+        shape = model.input_shape
+        if isinstance(shape, list):
+            if len(shape) != 1:
+                raise ModelLoadError(f"the model has {len(shape)} inputs; expected one [batch, time, features]")
+            shape = shape[0]
+        if len(shape) != 3 or shape[-1] is None:
+            raise ModelLoadError(f"the model's input shape is {shape}; expected [batch, time, features]")
+        return int(shape[-1])
+
+    def _rebuild_stack(self, model: keras.Model) -> list[_Step]:
+        steps: list[_Step] = []
+        shape: tuple = (None, None, self.features)
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.InputLayer):
+                continue
+            if isinstance(layer, _REFUSED_LAYERS):
+                raise ModelLoadError(f"layer {layer.name!r} ({type(layer).__name__}) cannot be streamed")
+            if isinstance(layer, keras.layers.RNN):
+                if type(layer) not in RECURRENT_KINDS:
+                    raise ModelLoadError(
+                        f"layer {layer.name!r} is a {type(layer).__name__}; supported recurrent layers are "
+                        "LSTM, GRU and SimpleRNN"
+                    )
+                copy = _stateless_copy(layer, shape)
+                steps.append(_Step(copy, _state_sizes(layer)))
+                units = int(layer.units)
+                shape = (None, None, units) if layer.return_sequences else (None, units)
+            else:
+                steps.append(_Step(layer, ()))
+                shape = tuple(layer.compute_output_shape(shape))
+        return steps
+
+    def _forward(self, x: tf.Tensor, states: tf.Tensor, mask: tf.Tensor | None = None):
+        slices = tf.split(states, self._split, axis=1)
+        new_states: list[tf.Tensor] = []
+        h = x
+        used = 0
+        for step in self._steps:
+            if not step.state_sizes:
+                h = step.layer(h)
+                continue
+            count = len(step.state_sizes)
+            initial = slices[used : used + count]
+            used += count
+            # A layer that returns only its last step ends the time axis: later layers see no mask.
+            result = step.layer(h, initial_state=initial, mask=mask if h.shape.rank == 3 else None)
+            h, layer_states = result[0], result[1:]
+            new_states.extend(layer_states)
+        if h.shape.rank == 2:
+            h = h[:, None, :]
+        return h, tf.concat(new_states, axis=1)
+
+    def zero_states(self, batch: int) -> np.ndarray:
+        return np.zeros((batch, self.state_size), dtype=np.float32)
+
+    def run(self, inputs: list[np.ndarray], states: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        """Run chunks of B streams (each float32 [T_i, features]) from their states [B, state_size].
+
+        Returns each chunk's outputs ([T_i or 1, output_size]) and the new states [B, state_size].
+        Chunks of different lengths are padded to the longest and masked, so one call serves all.
+        """
+        lengths = [chunk.shape[0] for chunk in inputs]
+        longest = max(lengths)
+        if min(lengths) == longest:
+            x = np.stack(inputs)
+            y, new_states = self._call(x, states)
+        else:
+            x = np.zeros((len(inputs), longest, self.features), dtype=np.float32)
+            mask = np.zeros((len(inputs), longest), dtype=bool)
+            for row, chunk in enumerate(inputs):
+                x[row, : chunk.shape[0]] = chunk
+                mask[row, : chunk.shape[0]] = True
+            y, new_states = self._call_masked(x, states, mask)
+        y = y.numpy()
+        if self.per_timestep_outputs:
+            outputs = [y[row, :length] for row, length in enumerate(lengths)]
+        else:
+            outputs = [y[row] for row in range(len(inputs))]
+        return outputs, new_states.numpy()
+
+    def _self_check(self) -> None:
+        """Prove that chunked calls equal Keras on the whole sequence, on random data."""
+        rng = np.random.default_rng(0)
+        batch = 3
+        if self._source.layers and any(getattr(layer, "stateful", False) for layer in self._source.layers):
+            batch = self._source.inputs[0].shape[0] or batch
+        x = rng.normal(size=(batch, 24, self.features)).astype(np.float32)
+        with_keras = self._keras_reference(x)
+        outputs, states = [], self.zero_states(batch)
+        for start, stop in ((0, 5), (5, 6), (6, 19), (19, 24)):
+            y, states = self.run(list(x[:, start:stop]), states)
+            outputs.append(np.stack(y))
+        chunked = np.concatenate(outputs, axis=1) if self.per_timestep_outputs else outputs[-1]
+        expected = with_keras if self.per_timestep_outputs else with_keras.reshape(batch, 1, -1)
+        diff = float(np.max(np.abs(chunked - expected)))
+        if not diff <= SELF_CHECK_TOLERANCE:
+            raise ModelLoadError(
+                f"chunked calls differ from Keras on the whole sequence by {diff:.3g}: the model has a layer "
+                "that mixes timesteps, so it cannot be served one chunk at a time"
+            )
+        log.info("model self-check passed", extra={"fields": {"max_abs_diff": diff}})
+
+    def _keras_reference(self, x: np.ndarray) -> np.ndarray:
+        model = self._source
+        for layer in model.layers:
+            if getattr(layer, "stateful", False):
+                layer.reset_state()
+        y = keras.ops.convert_to_numpy(model(x, training=False))
+        for layer in model.layers:
+            if getattr(layer, "stateful", False):
+                layer.reset_state()
+        return y
+
+    def warm_up(self) -> None:
+        """Trace both compiled calls before serving, so no request pays for tracing."""
+        self.run([np.zeros((2, self.features), np.float32)] * 2, self.zero_states(2))
+        self.run([np.zeros((2, self.features), np.float32), np.zeros((1, self.features), np.float32)],
+                 self.zero_states(2))

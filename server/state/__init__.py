@@ -1,0 +1,1 @@
+"""Per-stream state slots in Redis: the key layout, the binary record, compare-and-set saves."""

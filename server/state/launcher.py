@@ -1,0 +1,93 @@
+"""Finding Redis at start-up, or starting a private one for a user who has none running.
+
+A new user should be able to run `lstm-serve` and stream. So when nothing answers at a loopback
+redis_url and `redis-server` is installed, this starts one on that port with its data in a local
+folder and the append-only file on (state survives restarts), and says so in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import redis
+
+log = logging.getLogger(__name__)
+
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", ""}
+HOW_TO_GET_REDIS = (
+    "install Redis (Debian/Ubuntu: `sudo apt-get install redis-server`; macOS: `brew install redis`) and run "
+    "lstm-serve again, or point --redis-url / LSTM_SERVE_REDIS_URL at a running Redis"
+)
+
+
+class RedisUnavailable(RuntimeError):
+    """No Redis can be had; the message says what to do."""
+
+
+def _answers(url: str) -> bool:
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        return bool(client.ping())
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+def ensure_redis(url: str, data_dir: str, autostart: bool, wait_s: float = 15.0) -> subprocess.Popen | None:
+    """Return None when Redis answers at url, or the private redis-server process started for it."""
+    if _answers(url):
+        return None
+    where = urlparse(url)
+    if not autostart:
+        raise RedisUnavailable(f"nothing answers at {url} (autostart is off); {HOW_TO_GET_REDIS}")
+    if where.scheme != "redis" or (where.hostname or "") not in LOOPBACK_HOSTS:
+        raise RedisUnavailable(
+            f"nothing answers at {url}; a private Redis is only started for a redis:// URL on this machine. "
+            + HOW_TO_GET_REDIS
+        )
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RedisUnavailable(f"nothing answers at {url} and redis-server is not installed; {HOW_TO_GET_REDIS}")
+    folder = Path(data_dir).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    port = where.port or 6379
+    host = where.hostname if where.hostname not in (None, "localhost") else "127.0.0.1"
+    command = [
+        binary, "--bind", host, "--port", str(port), "--dir", str(folder),
+        "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+        "--logfile", str(folder / "redis.log"), "--daemonize", "no",
+    ]
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RedisUnavailable(
+                f"the private redis-server exited with code {process.returncode}; see {folder / 'redis.log'}"
+            )
+        if _answers(url):
+            log.warning(
+                "no Redis answered, so a private redis-server was started for this server",
+                extra={"fields": {"redis_url": url, "data_dir": str(folder), "pid": process.pid,
+                                  "appendonly": True}},
+            )
+            return process
+        time.sleep(0.1)
+    process.terminate()
+    raise RedisUnavailable(f"the private redis-server did not answer within {wait_s:.0f} s; see {folder / 'redis.log'}")
+
+
+def stop_private_redis(process: subprocess.Popen | None) -> None:
+    """SIGTERM lets redis-server flush its append-only file before it exits."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()

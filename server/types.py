@@ -1,0 +1,79 @@
+"""The internal request and answer types every protocol edge converts to and from.
+
+The native API and the Triton/KServe protocol are thin servicers over one path:
+`Chunk -> DataPlane.predict -> Prediction`. Nothing here knows about protobuf, Redis or Keras.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Consecutive timesteps of one stream, already validated.
+
+    `values` is float32 [timesteps, features]. `stream_id` None means one-shot inference from zero
+    state that saves nothing (Keras `stateful=False`), used by the Triton protocol without a sequence.
+    """
+
+    stream_id: str | None
+    values: np.ndarray
+    start_offset: int | None = None
+    reset: bool = False
+    end: bool = False
+    request_id: str = ""
+
+    @property
+    def timesteps(self) -> int:
+        return int(self.values.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """The model's answer to one chunk.
+
+    `outputs` is float32 [rows, output_size]: one row per timestep for a per-timestep model, one row
+    (the chunk's last step) for a last-step model. `offset` is the stream's offset after the chunk.
+    """
+
+    stream_id: str | None
+    outputs: np.ndarray
+    offset: int
+    replayed: bool = False
+    request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStatus:
+    stream_id: str
+    exists: bool
+    offset: int = 0
+    updated_unix_ms: int = 0
+    expires_in_ms: int = 0
+    model_fingerprint: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RecurrentLayerInfo:
+    name: str
+    kind: str
+    units: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelDescription:
+    """What clients need to know about the hosted model."""
+
+    name: str
+    fingerprint: str
+    input_features: int
+    output_size: int
+    per_timestep_outputs: bool
+    state_size: int
+    recurrent_layers: tuple[RecurrentLayerInfo, ...] = field(default_factory=tuple)
+
+    def output_rows(self, timesteps: int) -> int:
+        return timesteps if self.per_timestep_outputs else 1
