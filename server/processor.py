@@ -132,10 +132,17 @@ class BatchProcessor:
                     "send reset or call ResetStream to start it again",
                 )
             return self._from_zero(index, chunk, slot.version)
+        if slot is not None and self._is_retry(chunk, slot):
+            return Prediction(chunk.stream_id, slot.last_outputs, slot.offset, True, chunk.request_id)
+        if chunk.must_exist and not chunk.reset and (slot is None or slot.ended):
+            return ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"stream {chunk.stream_id!r} has no state (never started, ended, reset or expired); "
+                "its first chunk must start the sequence",
+                current_offset=0,
+            )
         if slot is None:
             return self._from_zero(index, chunk, b"")
-        if self._is_retry(chunk, slot):
-            return Prediction(chunk.stream_id, slot.last_outputs, slot.offset, True, chunk.request_id)
         if chunk.reset or slot.ended:
             return self._from_zero(index, chunk, slot.version)
         if slot.fingerprint != self._fingerprint:

@@ -25,6 +25,9 @@ class Chunk:
     reset: bool = False
     end: bool = False
     request_id: str = ""
+    # Refuse (FAILED_PRECONDITION) instead of starting from zero when the stream has no state and the
+    # chunk does not reset: Triton's rule that a sequence must begin with its START flag.
+    must_exist: bool = False
 
     @property
     def timesteps(self) -> int:
