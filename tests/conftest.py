@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from tests.support import DEFAULT_MODEL, RedisServer, ServerProcess  # noqa: E402
+from tests.support import DEFAULT_MODEL, RedisServer, ServerProcess
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,74 @@
+"""Model hosting: which models load, what they are refused for, and last-step models served per chunk."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras
+import numpy as np
+import pytest
+
+from lstm_stream.v1 import stream_pb2 as pb
+from server.model.runner import ModelLoadError, ModelRunner
+from tests.client import outputs, predict
+from tests.models import TOLERANCE, build_gru_stateful, build_last_step, keras_whole_sequence
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def save(model: keras.Model, path) -> str:
+    model.save(path)
+    return str(path)
+
+
+def test_refuses_models_that_cannot_be_streamed(tmp_path) -> None:
+    conv = keras.Sequential([keras.Input((None, 1)), keras.layers.Conv1D(4, 3, padding="causal"),
+                             keras.layers.LSTM(4, return_sequences=True)])
+    with pytest.raises(ModelLoadError, match="mixes timesteps"):
+        ModelRunner(save(conv, tmp_path / "conv.keras"))
+    bidirectional = keras.Sequential([keras.Input((None, 1)),
+                                      keras.layers.Bidirectional(keras.layers.LSTM(4, return_sequences=True))])
+    with pytest.raises(ModelLoadError, match="cannot be streamed"):
+        ModelRunner(save(bidirectional, tmp_path / "bi.keras"))
+    backwards = keras.Sequential([keras.Input((None, 1)), keras.layers.GRU(4, go_backwards=True)])
+    with pytest.raises(ModelLoadError, match="backwards"):
+        ModelRunner(save(backwards, tmp_path / "back.keras"))
+    dense = keras.Sequential([keras.Input((None, 1)), keras.layers.Dense(2)])
+    with pytest.raises(ModelLoadError, match="no recurrent layer"):
+        ModelRunner(save(dense, tmp_path / "dense.keras"))
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        ModelRunner(tmp_path / "missing.keras")
+    (tmp_path / "junk.keras").write_bytes(b"junk")
+    with pytest.raises(ModelLoadError, match="could not load"):
+        ModelRunner(tmp_path / "junk.keras")
+
+
+def test_describes_stateful_model_and_fingerprints_weights(tmp_path) -> None:
+    runner = ModelRunner(build_gru_stateful(tmp_path / "g.keras"))
+    description = runner.description
+    assert description.input_features == 3 and description.output_size == 2
+    assert description.state_size == 24 + 12
+    assert [(layer.kind, layer.units) for layer in description.recurrent_layers] == [("GRU", 24), ("SimpleRNN", 12)]
+    model = keras.models.load_model(tmp_path / "g.keras")
+    model.layers[-1].set_weights([w + 1e-3 for w in model.layers[-1].get_weights()])
+    model.save(tmp_path / "g2.keras")
+    assert ModelRunner(tmp_path / "g2.keras").description.fingerprint != description.fingerprint
+    assert ModelRunner(tmp_path / "g.keras").description.fingerprint == description.fingerprint
+
+
+@pytest.mark.timeout(180)
+def test_last_step_model_answers_one_row_per_chunk(start_server, tmp_path) -> None:
+    model_path = build_last_step(tmp_path / "last.keras")
+    server = start_server(model=model_path)
+    info = server.stub.GetModel(pb.GetModelRequest())
+    assert not info.per_timestep_outputs and info.output_size == 3
+    stream = f"last-{uuid.uuid4().hex[:8]}"
+    x = np.random.default_rng(2).normal(size=(30, 2)).astype(np.float32)
+    for start, stop in ((0, 7), (7, 8), (8, 30)):
+        reply = predict(server.stub, stream, x[start:stop])
+        assert reply.timesteps == 1 and reply.offset == stop
+        expected = keras_whole_sequence(model_path, x[:stop])
+        assert np.max(np.abs(outputs(reply) - expected)) <= TOLERANCE
