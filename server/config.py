@@ -28,7 +28,10 @@ class ServerConfig:
     ended_ttl_s: float = 300.0
     max_chunk_timesteps: int = 1024
     max_batch: int = 64
-    max_delay_ms: float = 1.0
+    max_delay_ms: float = 0.0
+    max_in_flight: int = 2
+    xla: bool = True
+    warmup_timesteps: str = "1,20"
     reset_on_model_change: bool = False
     log_level: str = "INFO"
     log_format: str = "json"
@@ -36,6 +39,12 @@ class ServerConfig:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def warmup_lengths(self) -> tuple[int, ...]:
+        lengths = tuple(int(part) for part in self.warmup_timesteps.split(",") if part.strip())
+        if any(length < 1 for length in lengths):
+            raise ValueError("chunk lengths must be positive")
+        return lengths
 
 
 _HELP = {
@@ -50,7 +59,11 @@ _HELP = {
     "ended_ttl_s": "after a chunk with end, its answer is kept this long for retries",
     "max_chunk_timesteps": "most timesteps one chunk may carry",
     "max_batch": "most chunks (of distinct streams) in one model call",
-    "max_delay_ms": "longest wait for more chunks before a batch runs",
+    "max_delay_ms": "extra wait for more chunks before a batch runs (0: run as soon as a batch slot is free; "
+    "chunks that arrive meanwhile form the next batch)",
+    "max_in_flight": "batches running at once (one's Redis round trips overlap another's model call)",
+    "xla": "run batches through XLA-compiled calls, compiled per shape in the background",
+    "warmup_timesteps": "chunk lengths whose XLA shapes are compiled at start-up, comma-separated",
     "reset_on_model_change": "reset slots written by another model instead of refusing them",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "log_format": "json (one object a line) or text",
@@ -115,6 +128,12 @@ def _check(config: ServerConfig, parser: argparse.ArgumentParser) -> None:
         parser.error("--max-batch must be at least 1")
     if config.max_chunk_timesteps < 1:
         parser.error("--max-chunk-timesteps must be at least 1")
+    if config.max_in_flight < 1:
+        parser.error("--max-in-flight must be at least 1")
+    try:
+        config.warmup_lengths()
+    except ValueError:
+        parser.error(f"--warmup-timesteps must be comma-separated positive integers, got {config.warmup_timesteps!r}")
     if config.max_delay_ms < 0:
         parser.error("--max-delay-ms must not be negative")
     if config.state_ttl_s <= 0 or config.ended_ttl_s <= 0:

@@ -22,12 +22,15 @@ class DataPlane:
         policy: StreamPolicy,
         *,
         max_batch: int = 64,
-        max_delay_s: float = 0.001,
+        max_delay_s: float = 0.0,
+        max_in_flight: int = 2,
     ) -> None:
         self.runner = runner
         self.store = store
         self._processor = BatchProcessor(runner, store, policy)
-        self._batcher = Batcher(self._processor, max_batch=max_batch, max_delay_s=max_delay_s)
+        self._batcher = Batcher(
+            self._processor, max_batch=max_batch, max_delay_s=max_delay_s, max_in_flight=max_in_flight
+        )
 
     @property
     def model(self) -> ModelDescription:
@@ -43,6 +46,7 @@ class DataPlane:
     async def stop(self) -> None:
         await self._batcher.stop()
         self._processor.close()
+        self.runner.close()
         await self.store.close()
 
     async def predict(self, chunk: Chunk) -> Prediction:

@@ -72,3 +72,24 @@ def test_last_step_model_answers_one_row_per_chunk(start_server, tmp_path) -> No
         assert reply.timesteps == 1 and reply.offset == stop
         expected = keras_whole_sequence(model_path, x[:stop])
         assert np.max(np.abs(outputs(reply) - expected)) <= TOLERANCE
+
+
+def test_xla_shapes_compile_in_the_background_and_agree_with_the_generic_call(tmp_path) -> None:
+    from tests.support import DEFAULT_MODEL, wait_until
+
+    runner = ModelRunner(DEFAULT_MODEL, max_batch=8)
+    generic = ModelRunner(DEFAULT_MODEL, xla=False)
+    runner.warm_up((5,))
+    xla = runner._xla
+    wait_until(lambda: {(False, b, 5) for b in (1, 2, 4, 8)} <= set(xla._ready), 60,
+               "XLA shapes for batches of 1, 2, 4 and 8 chunks of 5 steps")
+    rng = np.random.default_rng(3)
+    chunks = [rng.normal(size=(5, 1)).astype(np.float32) for _ in range(3)]  # a batch of 3 runs padded to 4
+    states = rng.normal(0, 0.1, size=(3, runner.state_size)).astype(np.float32)
+    assert xla.lookup(False, 3, 5) is not None
+    got, got_states = runner.run(chunks, states)
+    want, want_states = generic.run(chunks, states)
+    assert got_states.shape == (3, runner.state_size)
+    assert max(float(np.max(np.abs(a - b))) for a, b in zip(got, want, strict=True)) <= 1e-5
+    assert float(np.max(np.abs(got_states - want_states))) <= 1e-5
+    runner.close()

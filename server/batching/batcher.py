@@ -1,9 +1,10 @@
 """The batcher: gathers chunks of many streams into batches for one model call each.
 
-A batch is formed from whatever is waiting when the previous batch finishes, plus what arrives
-within `max_delay_s`, up to `max_batch` chunks. Chunks of one stream never share a batch (each
-needs the state the previous one leaves) and keep their arrival order: a stream's later chunk
-waits in the queue, in place, for the next batch.
+A batch is formed as soon as a batch slot is free, from whatever is waiting plus what arrives
+within `max_delay_s`, up to `max_batch` chunks. Up to `max_in_flight` batches run at once, so one
+batch's Redis round trips overlap another's model call. Chunks of one stream never share a batch and
+never run in two batches at once (each needs the state the previous one leaves), and they keep their
+arrival order: a stream's later chunk waits in the queue, in place, until its earlier one is done.
 """
 
 from __future__ import annotations
@@ -41,14 +42,24 @@ class _Waiting:
 
 class Batcher:
     def __init__(
-        self, process: ProcessBatch, *, max_batch: int = 64, max_delay_s: float = 0.001, max_conflicts: int = 5
+        self,
+        process: ProcessBatch,
+        *,
+        max_batch: int = 64,
+        max_delay_s: float = 0.0,
+        max_in_flight: int = 2,
+        max_conflicts: int = 5,
     ) -> None:
         self._process = process
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
+        self.max_in_flight = max_in_flight
         self.max_conflicts = max_conflicts
         self._queue: deque[_Waiting] = deque()
-        self._arrived = asyncio.Event()
+        # Set when a chunk arrives or a batch finishes: either can make a new batch possible.
+        self._changed = asyncio.Event()
+        self._busy: set[str] = set()  # streams with a chunk in a running batch
+        self._running: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -59,6 +70,8 @@ class Batcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._running:
+            await asyncio.wait(self._running, timeout=10)
         for waiting in self._queue:
             if not waiting.future.done():
                 waiting.future.set_exception(ServiceError(grpc.StatusCode.UNAVAILABLE, "server is shutting down"))
@@ -71,29 +84,40 @@ class Batcher:
     async def predict(self, chunk: Chunk) -> Prediction:
         future: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
         self._queue.append(_Waiting(chunk, future))
-        self._arrived.set()
+        self._changed.set()
         return await future
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            while not self._queue:
-                self._arrived.clear()
-                await self._arrived.wait()
-            deadline = loop.time() + self.max_delay_s
-            while len(self._queue) < self.max_batch and (left := deadline - loop.time()) > 0:
-                self._arrived.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._arrived.wait(), left)
+            while len(self._running) >= self.max_in_flight or not self._queue:
+                self._changed.clear()
+                await self._changed.wait()
+            if self.max_delay_s > 0:
+                deadline = loop.time() + self.max_delay_s
+                while len(self._queue) < self.max_batch and (left := deadline - loop.time()) > 0:
+                    self._changed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._changed.wait(), left)
             batch = self._take_batch()
-            if batch:
-                await self._run(batch)
+            if not batch:  # everything waiting belongs to streams in a running batch
+                self._changed.clear()
+                await self._changed.wait()
+                continue
+            self._busy.update(w.chunk.stream_id for w in batch if w.chunk.stream_id is not None)
+            task = asyncio.create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._changed.set()
 
     def _take_batch(self) -> list[_Waiting]:
-        """Up to max_batch chunks of distinct streams, oldest first; the rest keep their order."""
+        """Up to max_batch chunks of distinct, idle streams, oldest first; the rest keep their order."""
         batch: list[_Waiting] = []
         kept: deque[_Waiting] = deque()
-        streams: set[str] = set()
+        streams: set[str] = set(self._busy)
         while self._queue:
             waiting = self._queue.popleft()
             if waiting.future.done():  # the caller went away before its chunk was run
@@ -113,6 +137,8 @@ class Batcher:
     async def _run(self, batch: list[_Waiting]) -> None:
         try:
             results = await self._process([w.chunk for w in batch])
+        except asyncio.CancelledError:
+            results = [ServiceError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")] * len(batch)
         except ServiceError as exc:
             results = [exc] * len(batch)
         except Exception as exc:  # a bug must fail this batch's callers, never the batcher itself
@@ -137,3 +163,4 @@ class Batcher:
                 waiting.future.set_result(result)
         # Conflicted chunks go back in front, in their order, ahead of their streams' later chunks.
         self._queue.extendleft(reversed(retry))
+        self._busy.difference_update(w.chunk.stream_id for w in batch)
