@@ -63,8 +63,9 @@ def test_conflicts_run_again_then_give_up() -> None:
     async def scenario():
         batcher = Batcher(process, max_conflicts=4)
         batcher.start()
-        flaky, hopeless = await asyncio.gather(batcher.predict(chunk("flaky", 1)), batcher.predict(chunk("hopeless", 2)),
-                                               return_exceptions=True)
+        flaky, hopeless = await asyncio.gather(
+            batcher.predict(chunk("flaky", 1)), batcher.predict(chunk("hopeless", 2)), return_exceptions=True
+        )
         await batcher.stop()
         return flaky, hopeless
 
