@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import subprocess
 import sys
+import time
 
 from server.config import ServerConfig, load_config
 from server.logs import configure_logging
@@ -14,26 +17,34 @@ from server.state.launcher import RedisUnavailable, ensure_redis, stop_private_r
 
 log = logging.getLogger("server")
 
+WORKER_ENV = "LSTM_SERVE_WORKER"  # "index/count", set by the supervisor for each worker process
 HEALTH_POLL_S = 1.0
 SHUTDOWN_GRACE_S = 5.0
 
 
-async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> None:
+async def serve(config: ServerConfig, worker_of: tuple[int, int] | None = None) -> None:
     # Imported here: TensorFlow takes seconds to import, and `lstm-serve --help` should not wait for it.
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_health.v1._async import HealthServicer
     from grpc_reflection.v1alpha import reflection
 
-    from lstm_stream.v1 import stream_pb2
+    from lstm_stream.v1 import stream_pb2, stream_pb2_grpc
     from server.api.native import StreamInferenceServicer
+    from server.api.triton import add_triton_service
     from server.dataplane import DataPlane
     from server.model.runner import ModelRunner
     from server.processor import StreamPolicy
     from server.state.store import StateStore
 
-    runner = ModelRunner(config.model, max_chunk_timesteps=config.max_chunk_timesteps)
-    runner.warm_up()
+    runner = ModelRunner(
+        config.model, max_chunk_timesteps=config.max_chunk_timesteps, xla=config.xla, max_batch=config.max_batch
+    )
+    if config.identity_model:
+        from server.model.identity import IdentityRunner
+
+        runner = IdentityRunner(runner.description, config.max_chunk_timesteps)  # type: ignore[assignment]
+    runner.warm_up(config.warmup_lengths())
     model = runner.description
     log.info(
         "model loaded",
@@ -47,36 +58,50 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
         ended_ttl_ms=int(config.ended_ttl_s * 1000),
         reset_on_model_change=config.reset_on_model_change,
     )
-    dataplane = DataPlane(runner, store, policy, max_batch=config.max_batch, max_delay_s=config.max_delay_ms / 1000)
+    dataplane = DataPlane(
+        runner, store, policy,
+        max_batch=config.max_batch, max_delay_s=config.max_delay_ms / 1000, max_in_flight=config.max_in_flight,
+    )
     dataplane.start()
 
     message_limit = 64 * 1024 * 1024
     server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", message_limit), ("grpc.max_send_message_length", message_limit)]
+        options=[
+            ("grpc.max_receive_message_length", message_limit),
+            ("grpc.max_send_message_length", message_limit),
+            # Workers share one port; a lone server must fail loudly if the port is taken.
+            ("grpc.so_reuseport", 1 if worker_of is not None else 0),
+        ]
     )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    from lstm_stream.v1 import stream_pb2_grpc
-
     stream_pb2_grpc.add_StreamInferenceServicer_to_server(StreamInferenceServicer(dataplane), server)
-    service_names = [
-        stream_pb2.DESCRIPTOR.services_by_name["StreamInference"].full_name,
-        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME,
-    ]
-    reflection.enable_server_reflection(service_names, server)
+    # The Triton / KServe v2 protocol on the same port, over the same data plane.
+    triton_service = add_triton_service(
+        server, dataplane, max_batch_size=config.max_batch, max_queue_delay_us=int(config.max_delay_ms * 1000),
+        sequence_idle_us=int(config.state_ttl_s * 1_000_000),
+    )
+    inference_services = [stream_pb2.DESCRIPTOR.services_by_name["StreamInference"].full_name, triton_service]
+    reflection.enable_server_reflection(
+        [*inference_services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
     port = server.add_insecure_port(config.address)
     if port == 0:
         raise OSError(f"could not listen on {config.address}")
     await server.start()
-    log.info("serving", extra={"fields": {"address": f"{config.host}:{port}", "port": port, "redis": config.redis_url}})
+    if config.metrics_port:
+        from server.metrics import serve_metrics
+
+        # Each worker is its own process with its own counters, so each gets its own port.
+        serve_metrics(config.metrics_port + (worker_of[0] if worker_of else 0), config.host)
+    log.info("serving", extra={"fields": {"address": f"{config.host}:{port}", "port": port, "redis": config.redis_url,
+                                          "worker": "/".join(map(str, worker_of)) if worker_of else None}})
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    if ready is not None:
-        ready.set()
 
     async def track_redis() -> None:
         # Health follows Redis: a load balancer should stop sending chunks to a replica that cannot save them.
@@ -88,7 +113,7 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
                 up = False
             if up != last:
                 status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
-                for name in ("", *service_names[:1]):
+                for name in ("", *inference_services):
                     await health.set(name, status)
                 if last is not None:
                     log.warning("redis %s", "reachable again" if up else "unreachable")
@@ -106,19 +131,65 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
     await dataplane.stop()
 
 
+def run_workers(config: ServerConfig, argv: list[str]) -> int:
+    """Start `workers` server processes on the shared port and supervise them.
+
+    Python serves gRPC on one core (the GIL); processes sharing the port with SO_REUSEPORT use the
+    others. They share nothing but Redis, which is all a stream's state needs. A worker that dies is
+    started again; SIGTERM or SIGINT stops them all.
+    """
+    command = [sys.executable, "-m", "server", *argv]
+    stopping = False
+
+    def start(index: int) -> subprocess.Popen:
+        env = {**os.environ, WORKER_ENV: f"{index}/{config.workers}", "LSTM_SERVE_REDIS_AUTOSTART": "false"}
+        return subprocess.Popen(command, env=env)
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for process in workers:
+            if process.poll() is None:
+                process.send_signal(signum)
+
+    workers = [start(index) for index in range(config.workers)]
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("started workers", extra={"fields": {"workers": config.workers, "pids": [p.pid for p in workers]}})
+    while not stopping:
+        for index, process in enumerate(workers):
+            code = process.poll()
+            if code is not None and not stopping:
+                if code == 2:  # a configuration error: every restart would fail the same way
+                    stop(signal.SIGTERM, None)
+                    break
+                log.warning("worker %d exited with %s; starting it again", index, code)
+                workers[index] = start(index)
+        time.sleep(0.2)
+    codes = [process.wait() for process in workers]
+    return max(codes, default=0)
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     config = load_config(argv)
     configure_logging(config.log_level, config.log_format)
+    worker_env = os.environ.get(WORKER_ENV)
+    redis_process = None
+    if worker_env is None:
+        try:
+            redis_process = ensure_redis(config.redis_url, config.redis_data_dir, config.redis_autostart)
+        except RedisUnavailable as exc:
+            log.error("no Redis: %s", exc)
+            sys.exit(2)
     try:
-        redis_process = ensure_redis(config.redis_url, config.redis_data_dir, config.redis_autostart)
-    except RedisUnavailable as exc:
-        log.error("no Redis: %s", exc)
-        sys.exit(2)
-    try:
+        if config.workers > 1 and worker_env is None:
+            sys.exit(run_workers(config, argv))
         from server.model.runner import ModelLoadError
 
+        worker_of = tuple(int(part) for part in worker_env.split("/")) if worker_env else None
         try:
-            asyncio.run(serve(config))
+            asyncio.run(serve(config, worker_of))  # type: ignore[arg-type]
         except ModelLoadError as exc:
             log.error("cannot serve this model: %s", exc)
             sys.exit(2)

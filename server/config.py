@@ -33,6 +33,9 @@ class ServerConfig:
     xla: bool = True
     warmup_timesteps: str = "1,20"
     reset_on_model_change: bool = False
+    workers: int = 1
+    metrics_port: int = 9464
+    identity_model: bool = False
     log_level: str = "INFO"
     log_format: str = "json"
 
@@ -65,6 +68,9 @@ _HELP = {
     "xla": "run batches through XLA-compiled calls, compiled per shape in the background",
     "warmup_timesteps": "chunk lengths whose XLA shapes are compiled at start-up, comma-separated",
     "reset_on_model_change": "reset slots written by another model instead of refusing them",
+    "metrics_port": "Prometheus metrics over HTTP on this port, at /metrics (0: off; worker i uses port + i)",
+    "workers": "server processes sharing the port (SO_REUSEPORT); each holds the model, none holds state",
+    "identity_model": "benchmark ceiling: skip the model call (outputs copy inputs), keep every other step",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "log_format": "json (one object a line) or text",
 }
@@ -128,6 +134,10 @@ def _check(config: ServerConfig, parser: argparse.ArgumentParser) -> None:
         parser.error("--max-batch must be at least 1")
     if config.max_chunk_timesteps < 1:
         parser.error("--max-chunk-timesteps must be at least 1")
+    if config.workers < 1:
+        parser.error("--workers must be at least 1")
+    if config.workers > 1 and config.port == 0:
+        parser.error("--workers above 1 needs a fixed --port: the workers share it")
     if config.max_in_flight < 1:
         parser.error("--max-in-flight must be at least 1")
     try:

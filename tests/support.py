@@ -92,10 +92,12 @@ class ServerProcess:
                  port: int | None = None, ready_timeout_s: float = 90) -> None:
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.metrics_port = free_port()
         self.log_path = Path(tempfile.mkstemp(prefix="lstm-serve-", suffix=".log")[1])
         command = [
             sys.executable, "-m", "server", "--model", str(model), "--port", str(self.port),
-            "--redis-url", redis_url, "--redis-autostart", "false", "--log-format", "json", *extra,
+            "--redis-url", redis_url, "--redis-autostart", "false", "--log-format", "json",
+            "--metrics-port", str(self.metrics_port), *extra,
         ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(self.log_path, "wb") as log:

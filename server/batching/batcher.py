@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from server import metrics
 from server.errors import ServiceError
 from server.types import Chunk, Prediction
 
@@ -135,6 +136,9 @@ class Batcher:
         return batch
 
     async def _run(self, batch: list[_Waiting]) -> None:
+        metrics.BATCH_SIZE.observe(len(batch))
+        metrics.QUEUED.set(len(self._queue))
+        started = asyncio.get_running_loop().time()
         try:
             results = await self._process([w.chunk for w in batch])
         except asyncio.CancelledError:
@@ -144,9 +148,11 @@ class Batcher:
         except Exception as exc:  # a bug must fail this batch's callers, never the batcher itself
             log.exception("batch failed")
             results = [ServiceError(grpc.StatusCode.INTERNAL, f"internal error: {exc}")] * len(batch)
+        metrics.BATCH_SECONDS.observe(asyncio.get_running_loop().time() - started)
         retry: list[_Waiting] = []
         for waiting, result in zip(batch, results, strict=True):
             if isinstance(result, Conflict):
+                metrics.CONFLICTS.inc()
                 waiting.conflicts += 1
                 if waiting.conflicts <= self.max_conflicts:
                     retry.append(waiting)
@@ -155,12 +161,16 @@ class Batcher:
                     grpc.StatusCode.ABORTED,
                     f"stream {waiting.chunk.stream_id!r} kept changing under this chunk (another writer); retry",
                 )
-            if waiting.future.done():
-                continue
             if isinstance(result, ServiceError):
-                waiting.future.set_exception(result)
+                metrics.CHUNKS.labels(result.code.name).inc()
+                if not waiting.future.done():
+                    waiting.future.set_exception(result)
             else:
-                waiting.future.set_result(result)
+                metrics.CHUNKS.labels("replayed" if result.replayed else "ok").inc()
+                if not result.replayed:
+                    metrics.TIMESTEPS.inc(waiting.chunk.timesteps)
+                if not waiting.future.done():
+                    waiting.future.set_result(result)
         # Conflicted chunks go back in front, in their order, ahead of their streams' later chunks.
         self._queue.extendleft(reversed(retry))
         self._busy.difference_update(w.chunk.stream_id for w in batch)
