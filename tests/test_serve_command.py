@@ -66,3 +66,20 @@ def test_no_redis_and_no_autostart_exits_with_advice(tmp_path) -> None:
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "install Redis" in result.stderr
+
+
+@pytest.mark.timeout(120)
+def test_a_taken_port_is_a_clear_error(redis_server) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for flags in (["--port", str(port), "--metrics-port", "0"],
+                      ["--port", str(free_port()), "--metrics-port", str(port)]):
+            command = [sys.executable, "-m", "server", "--redis-url", redis_server.url, "--redis-autostart", "false",
+                       "--xla", "false", *flags]
+            result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=90)
+            assert result.returncode == 2, result.stderr[-2000:]
+            assert "cannot" in result.stderr and str(port) in result.stderr and "Traceback" not in result.stderr

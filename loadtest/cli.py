@@ -1,0 +1,240 @@
+"""`lstm-loadtest`: a fleet of simulated sensors that measures the server and checks its answers.
+
+Exit codes: 0 ok; 1 verification failed; 2 usage error, connection error, or nothing answered;
+3 the tool itself failed (a traceback is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+from loadtest.config import DEFAULT_MODEL, ConfigError, LoadConfig, default_prefix
+from loadtest.run import EXIT_CRASH, EXIT_USAGE, run_load
+
+EXAMPLES = """\
+examples:
+  lstm-loadtest --target 127.0.0.1:50051 --streams 64 --chunk 20 --duration 30 --plot load.png
+  lstm-loadtest --streams 200 --rate 10 --api stream --duration 60 --json report.json
+  lstm-loadtest --streams 16 --chunks 4000 --verify
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lstm-loadtest",
+        description="Drive an lstm-serve server with simulated sensors (seeded, reproducible), measure "
+        "throughput and latency, and optionally verify every answer against Keras.",
+        epilog=EXAMPLES + "\nexit codes: 0 ok, 1 verification failed, 2 usage or connection error, 3 the tool failed",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    d = LoadConfig(stream_prefix="x")
+    load = parser.add_argument_group("load")
+    load.add_argument("--target", default=d.target, metavar="HOST:PORT",
+                      help=f"server address HOST:PORT (default {d.target})")
+    load.add_argument("--streams", type=int, default=d.streams, metavar="N",
+                      help=f"simulated sensors (default {d.streams})")
+    load.add_argument("--chunk", type=int, default=d.chunk_timesteps, dest="chunk_timesteps", metavar="T",
+                      help=f"timesteps per chunk (default {d.chunk_timesteps})")
+    load.add_argument("--api", choices=("unary", "stream"), default=d.api,
+                      help="unary Predict, or one bidirectional PredictStream per sensor (default unary)")
+    loop = load.add_mutually_exclusive_group()
+    loop.add_argument("--rate", type=float, metavar="R",
+                      help="open loop: each sensor sends this many chunks/s on a schedule")
+    loop.add_argument("--in-flight", type=int, dest="in_flight", metavar="K",
+                      help="closed loop: chunks in flight in all (default: one per stream)")
+    load.add_argument("--duration", type=float, dest="duration_s", metavar="S",
+                      help="measured seconds after the warm-up (default 10 unless --chunks is given)")
+    load.add_argument("--chunks", type=int, dest="total_chunks", metavar="N",
+                      help="total chunks of all streams, warm-up included (with --duration: whichever ends first)")
+    load.add_argument("--warmup", type=float, default=d.warmup_s, dest="warmup_s", metavar="S",
+                      help=f"seconds at the start excluded from the figures (default {d.warmup_s:g})")
+    load.add_argument("--channels", type=int, default=d.channels, metavar="N",
+                      help=f"gRPC channels (TCP connections) per process (default {d.channels})")
+    load.add_argument("--processes", type=int, default=d.processes, metavar="N",
+                      help="client processes; streams are split between them and the reports merged (default 1)")
+    load.add_argument("--seed", type=int, default=d.seed, metavar="S",
+                      help="sensor i uses signal seed S+i (default 0)")
+    load.add_argument("--stream-prefix", dest="stream_prefix", default=None, metavar="PREFIX",
+                      help="stream ids are PREFIX-0, PREFIX-1, ... (default: run-unique, lt-<random>)")
+    load.add_argument("--timeout", type=float, default=d.timeout_s, dest="timeout_s", metavar="S",
+                      help=f"deadline of one attempt of one chunk (default {d.timeout_s:g} s)")
+    load.add_argument("--max-retries", type=int, default=d.max_retries, dest="max_retries", metavar="N",
+                      help=f"resends of an UNAVAILABLE or DEADLINE_EXCEEDED chunk (default {d.max_retries})")
+    load.add_argument("--max-restarts", type=int, default=d.max_restarts, dest="max_restarts", metavar="N",
+                      help="after an error that ends a stream's sequence, start a new one this often, then stop "
+                      f"the stream (default {d.max_restarts})")
+    load.add_argument("--no-offsets", action="store_false", dest="use_offsets",
+                      help="send no start_offset (append where the stream stands); retries stay safe by request_id")
+    load.add_argument("--no-cleanup", action="store_false", dest="cleanup",
+                      help="leave the streams' state on the server after the run (default: ResetStream each)")
+    check = parser.add_argument_group("verification")
+    check.add_argument("--verify", action="store_true",
+                       help="keep what each stream sent and got, recompute it with Keras after the load, and exit 1 "
+                       "on any difference above the tolerance")
+    check.add_argument("--model", dest="model_path", default=None, metavar="PATH",
+                       help=f"the server's model file, for --verify (default {DEFAULT_MODEL})")
+    check.add_argument("--tolerance", type=float, default=d.tolerance, metavar="X",
+                       help=f"largest accepted absolute difference (default {d.tolerance:g})")
+    out = parser.add_argument_group("output")
+    out.add_argument("--json", type=Path, dest="json_path", metavar="PATH", help="write the report as JSON")
+    out.add_argument("--plot", type=Path, dest="plot_path", metavar="PATH",
+                     help="write a PNG: throughput over time and the latency distribution")
+    progress = out.add_mutually_exclusive_group()
+    progress.add_argument("--progress", action="store_true", default=None, help="live display (default on a terminal)")
+    progress.add_argument("--no-progress", action="store_false", dest="progress")
+    out.add_argument("--connect-timeout", type=float, default=d.connect_timeout_s, dest="connect_timeout_s",
+                     metavar="S", help=f"wait this long for the server (default {d.connect_timeout_s:g} s)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> LoadConfig:
+    duration = args.duration_s
+    if duration is None and args.total_chunks is None:
+        duration = 10.0
+    return LoadConfig(
+        target=args.target,
+        streams=args.streams,
+        chunk_timesteps=args.chunk_timesteps,
+        api=args.api,
+        rate=args.rate,
+        in_flight=args.in_flight,
+        duration_s=duration,
+        total_chunks=args.total_chunks,
+        warmup_s=args.warmup_s,
+        channels=args.channels,
+        processes=args.processes,
+        seed=args.seed,
+        stream_prefix=args.stream_prefix or default_prefix(),
+        timeout_s=args.timeout_s,
+        max_retries=args.max_retries,
+        use_offsets=args.use_offsets,
+        max_restarts=args.max_restarts,
+        verify=args.verify,
+        model_path=args.model_path,
+        tolerance=args.tolerance,
+        cleanup=args.cleanup,
+        progress=sys.stderr.isatty() if args.progress is None else args.progress,
+        connect_timeout_s=args.connect_timeout_s,
+    ).check()
+
+
+def print_verify(result: dict[str, Any], console: Console) -> None:
+    summary = (f"{result['streams']} streams, {result['sequences']} sequences, {result['timesteps']:,} timesteps, "
+               f"{result['rows_compared']:,} output rows; max abs diff {result['max_abs_diff']:.3g} "
+               f"(tolerance {result['tolerance']:g})")
+    if result["model_fingerprint_matches"] is False:
+        console.print(f"[yellow]warning: {escape(result['model_file'])} is not the model the server runs (the "
+                      "fingerprints differ); pass the server's model file with --model[/yellow]")
+    if result["passed"]:
+        console.print(f"[green]verify: OK[/green]: {summary}")
+        return
+    console.print(f"[red bold]verify: FAILED[/red bold]: {summary}")
+    for item in result["mismatches"][:20]:
+        console.print(
+            f"[red]stream {escape(item['stream_id'])}[/red] (sequence {item['segment']}): first mismatch at timestep "
+            f"{item['timestep']}: abs diff {item['abs_diff']:.3g}, expected {_values(item['expected'])}, got "
+            f"{_values(item['got'])}; max abs diff {item['max_abs_diff']:.3g}, {item['rows_over_tolerance']:,} of "
+            f"{item['rows']:,} rows over the tolerance"
+        )
+        drift = item["offset_drift"]
+        if drift:
+            console.print(f"    the server reported offset {drift['server_offset']} after timestep "
+                          f"{drift['after_timestep']} (expected {drift['expected_offset']}): its state was reset")
+    if len(result["mismatches"]) > 20:
+        console.print(f"[red]... and {len(result['mismatches']) - 20} more streams with mismatches[/red]")
+    for item in result["state_lost"][:20]:
+        where = "" if item["server_offset"] is None else f" (the server says the stream is at {item['server_offset']})"
+        console.print(f"[red]stream {escape(item['stream_id'])}[/red] (sequence {item['segment']}): the server lost "
+                      f"its state at timestep {item['timestep']}{where}: {item['code']}")
+    if len(result["state_lost"]) > 20:
+        console.print(f"[red]... and {len(result['state_lost']) - 20} more streams whose state was lost[/red]")
+
+
+def _values(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.5g}" for v in values) + "]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 on a usage error
+    # Off a terminal rich assumes 80 columns; the table and the verify lines read better wider.
+    err = Console(stderr=True, width=None if sys.stderr.isatty() else 120, highlight=False, markup=False)
+    out = Console(width=None if sys.stdout.isatty() else 120, highlight=False)
+    from loadtest.engine import ConnectError
+    from loadtest.verify import VerifyError
+
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    view = None
+    if config.progress:
+        from loadtest.progress import LiveView
+
+        view = LiveView(config, err)
+    err.print(f"lstm-loadtest: {config.streams} streams ({config.stream_prefix}-*) -> {config.target}, "
+              f"{config.api}, chunks of {config.chunk_timesteps}, "
+              + (f"open loop {config.rate:g} chunks/s per stream" if config.open_loop else "closed loop"))
+    try:
+        if view is not None:
+            with view:
+                report = run_load(config, view.update, lambda line: err.print(line))
+        else:
+            report = run_load(config, on_phase=lambda line: err.print(line))
+    except ConfigError as exc:
+        err.print(f"lstm-loadtest: error: {exc}")
+        return EXIT_USAGE
+    except ConnectError as exc:
+        err.print(f"lstm-loadtest: cannot connect: {exc}")
+        return EXIT_USAGE
+    except VerifyError as exc:
+        err.print(f"lstm-loadtest: cannot verify: {exc}")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        err.print("lstm-loadtest: interrupted twice: aborted without a report")
+        return 130
+    except Exception:
+        # Not 1: a script must never read a crash of the tool as "the server's answers were wrong".
+        err.print_exception()
+        return EXIT_CRASH
+
+    from loadtest.report import render
+
+    render(report, out)
+    if report["verify"] is not None:
+        print_verify(report["verify"], out)
+    if args.json_path:
+        args.json_path.parent.mkdir(parents=True, exist_ok=True)
+        args.json_path.write_text(json.dumps(_finite(report), indent=1, allow_nan=False) + "\n")
+        err.print(f"report written to {args.json_path}")
+    if args.plot_path:
+        from loadtest.plot import plot_report
+
+        plot_report(report, args.plot_path)
+        err.print(f"plot written to {args.plot_path}")
+    if report["totals"]["chunks"] == 0:
+        err.print("lstm-loadtest: no chunk was answered")
+    return int(report["exit_code"])
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no Infinity or NaN (a NaN output gives an infinite difference): write them as strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

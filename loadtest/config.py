@@ -1,0 +1,128 @@
+"""What one load run does: a typed config, checked once before anything connects."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+# The model the server ships with; --verify recomputes with it unless --model names another file.
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default.keras"
+APIS = ("unary", "stream")
+MAX_STREAM_ID_LENGTH = 128
+
+
+class ConfigError(ValueError):
+    """The config asks for something impossible; the message says what (exit code 2)."""
+
+
+def default_prefix() -> str:
+    # Run-unique, so two runs on one server never share a stream unless asked to.
+    return f"lt-{secrets.token_hex(4)}"
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """One load run. Exactly one of `rate` (open loop) or `in_flight` (closed loop) applies: with
+    `rate` set every stream sends `rate` chunks/s on a fixed schedule; otherwise `in_flight` chunks are
+    kept in flight in all (default: one per stream, the most a stream can have, since its chunks must
+    be applied in order)."""
+
+    target: str = "127.0.0.1:50051"
+    streams: int = 16
+    chunk_timesteps: int = 1
+    api: str = "unary"  # "unary": Predict; "stream": one PredictStream call per stream
+    rate: float | None = None  # open loop: chunks/s of each stream
+    in_flight: int | None = None  # closed loop: chunks in flight in all
+    duration_s: float | None = 10.0  # measured seconds, after the warm-up; None: until total_chunks
+    total_chunks: int | None = None  # chunks of all streams together, warm-up included
+    warmup_s: float = 1.0
+    channels: int = 4
+    processes: int = 1
+    seed: int = 0
+    stream_prefix: str = field(default_factory=default_prefix)
+    timeout_s: float = 10.0  # deadline of one attempt of one chunk
+    max_retries: int = 5  # resends of an UNAVAILABLE or DEADLINE_EXCEEDED chunk
+    use_offsets: bool = True  # send start_offset; otherwise a request_id per chunk keeps retries safe
+    max_restarts: int = 3  # after an unrecoverable error a stream starts a new sequence this often, then stops
+    verify: bool = False
+    model_path: str | None = None
+    tolerance: float = 1e-4
+    cleanup: bool = True  # ResetStream every stream after the run, so no slot waits for its idle expiry
+    progress: bool = False
+    connect_timeout_s: float = 5.0
+
+    @property
+    def open_loop(self) -> bool:
+        return self.rate is not None
+
+    @property
+    def model_file(self) -> Path:
+        return Path(self.model_path) if self.model_path else DEFAULT_MODEL
+
+    def stream_id(self, index: int) -> str:
+        return f"{self.stream_prefix}-{index}"
+
+    def chunk_budget(self, index: int) -> int | None:
+        """How many chunks stream `index` sends when the run is bounded by a chunk count."""
+        if self.total_chunks is None:
+            return None
+        share, extra = divmod(self.total_chunks, self.streams)
+        return share + (1 if index < extra else 0)
+
+    def check(self) -> LoadConfig:
+        problems = []
+        if self.streams < 1:
+            problems.append("streams must be at least 1")
+        if self.chunk_timesteps < 1:
+            problems.append("chunk timesteps must be at least 1")
+        if self.api not in APIS:
+            problems.append(f"api must be one of {', '.join(APIS)}, not {self.api!r}")
+        if self.rate is not None and self.in_flight is not None:
+            problems.append("give a rate (open loop) or an in-flight count (closed loop), not both")
+        if self.rate is not None and not self.rate > 0:
+            problems.append("rate must be positive")
+        if self.in_flight is not None and not 1 <= self.in_flight <= self.streams:
+            problems.append(
+                f"in-flight must be between 1 and the number of streams ({self.streams}): a stream's chunks "
+                "are applied in order, so each stream has at most one chunk in flight"
+            )
+        if self.in_flight is not None and self.in_flight < self.processes:
+            problems.append("in-flight must be at least the number of processes (each process keeps its share)")
+        if self.duration_s is None and self.total_chunks is None:
+            problems.append("give a duration or a total number of chunks")
+        if self.duration_s is not None and not self.duration_s > 0:
+            problems.append("duration must be positive")
+        if self.total_chunks is not None and self.total_chunks < 1:
+            problems.append("total chunks must be at least 1")
+        if self.warmup_s < 0:
+            problems.append("warm-up must not be negative")
+        if self.channels < 1:
+            problems.append("channels must be at least 1")
+        if not 1 <= self.processes <= max(1, self.streams):
+            problems.append("processes must be between 1 and the number of streams")
+        if self.processes > 4 * (os.cpu_count() or 1):
+            problems.append(f"{self.processes} processes is far more than this machine's {os.cpu_count()} cores")
+        if not self.timeout_s > 0 or not self.connect_timeout_s > 0:
+            problems.append("timeouts must be positive")
+        if self.max_retries < 0 or self.max_restarts < 0:
+            problems.append("max retries and max restarts must not be negative")
+        if not self.tolerance >= 0:
+            problems.append("tolerance must not be negative")
+        last_id = self.stream_id(self.streams - 1)
+        if len(last_id) > MAX_STREAM_ID_LENGTH:
+            problems.append(f"stream ids like {last_id!r} are longer than {MAX_STREAM_ID_LENGTH} characters")
+        if not self.stream_prefix or any(not ("!" <= c <= "~") or c in "{}" for c in self.stream_prefix):
+            problems.append("stream prefix must be printable ASCII without spaces or braces")
+        if self.verify and not self.model_file.is_file():
+            problems.append(f"--verify needs the server's model file; {str(self.model_file)!r} does not exist")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["model_path"] = str(self.model_file) if self.verify else self.model_path
+        return data

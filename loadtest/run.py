@@ -1,0 +1,66 @@
+"""The library entry point: `run_load(LoadConfig(...))` drives the server and returns the report dict."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from collections.abc import Callable
+from typing import Any
+
+from loadtest.config import ConfigError, LoadConfig
+from loadtest.engine import ConnectError, ModelInfo, fetch_model, run_local, run_processes
+from loadtest.recorder import Snapshot, merge
+from loadtest.report import build_report
+
+EXIT_OK = 0
+EXIT_VERIFY_FAILED = 1
+EXIT_USAGE = 2
+EXIT_CRASH = 3
+
+
+def check_against_model(config: LoadConfig, model: ModelInfo) -> None:
+    if config.chunk_timesteps > model.max_chunk_timesteps:
+        raise ConfigError(f"chunks of {config.chunk_timesteps} timesteps are more than the server takes "
+                          f"({model.max_chunk_timesteps})")
+
+
+def run_load(config: LoadConfig, on_snapshot: Callable[[Snapshot], None] | None = None,
+             on_phase: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the load (and --verify's recomputation after it); return the report.
+
+    Raises ConfigError for an impossible config and ConnectError when the server cannot be reached.
+    `report["exit_code"]` is 0, or 1 when verification failed, or 2 when no chunk was answered at all.
+    `on_snapshot` gets progress about twice a second; `on_phase` a line when the run changes phase.
+    """
+    config.check()
+    model = fetch_model(config.target, config.connect_timeout_s)
+    check_against_model(config, model)
+    started_at = dt.datetime.now(dt.UTC)
+    wall = time.monotonic()
+    if config.processes == 1:
+        recording, _ = asyncio.run(run_local(config, model, on_snapshot))
+    else:
+        parts, _ = run_processes(config, model, on_snapshot)
+        recording = merge(parts)
+    report = build_report(config, model, recording, started_at, time.monotonic() - wall)
+    exit_code = EXIT_OK
+    if report["totals"]["chunks"] == 0:
+        exit_code = EXIT_USAGE  # nothing got through: as good as no connection
+    if config.verify:
+        if on_phase is not None:
+            on_phase("verifying: recomputing every stream with Keras")
+        from loadtest.verify import verify_streams  # imports TensorFlow: only when asked
+
+        report["verify"] = verify_streams(config.model_file, model, recording["logs"], recording["broken"],
+                                          config.tolerance)
+        if not report["verify"]["passed"]:
+            exit_code = EXIT_VERIFY_FAILED
+    report["exit_code"] = exit_code
+    return report
+
+
+__all__ = [
+    "EXIT_CRASH", "EXIT_OK", "EXIT_USAGE", "EXIT_VERIFY_FAILED", "ConfigError", "ConnectError", "LoadConfig",
+    "run_load",
+]

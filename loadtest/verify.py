@@ -1,0 +1,221 @@
+"""--verify: after the load, recompute every stream with Keras and compare with what the server answered.
+
+For every sequence a stream sent (from its reset to its end, or to the error that broke it) the
+expected outputs are Keras' on the whole sequence from zero state, computed here from the model file.
+To get an output at every timestep in one pass, even for a last-step model, the model is cloned with
+every recurrent layer returning sequences (same weights, stateless, any batch size); a self-check
+proves the clone equals the original before it is trusted. Sequences run in padded batches: the
+models the server accepts are causal, so padding after a sequence cannot change its outputs.
+A last-step model answers one row per chunk: it is compared with Keras at the chunk's last timestep.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loadtest.engine import ModelInfo
+from loadtest.recorder import StreamLog
+
+# Largest padded batch, in timesteps x sequences, for one Keras call (bounds the memory it needs).
+BATCH_TIMESTEPS = 400_000
+MAX_BATCH = 64
+CLONE_TOLERANCE = 1e-5
+SHOWN_VALUES = 4
+
+
+class VerifyError(RuntimeError):
+    """The outputs cannot be recomputed (the model file cannot be loaded or cloned); exit code 2."""
+
+
+@dataclass
+class _Sequence:
+    stream_id: str
+    segment: int
+    x: np.ndarray  # [length, features]
+    got: np.ndarray  # [rows, output_size]
+    rows_at: np.ndarray  # the timestep of each row of `got`
+    chunk_ends: np.ndarray  # timesteps after each chunk (what the server's offsets should say)
+    server_offsets: np.ndarray
+
+
+def _sequences(logs: list[StreamLog], per_timestep: bool) -> list[_Sequence]:
+    sequences = []
+    for log in logs:
+        for number, segment in enumerate(log.segments):
+            if not segment.inputs:
+                continue
+            x = np.concatenate(segment.inputs)
+            got = np.concatenate(segment.outputs)
+            ends = np.cumsum([chunk.shape[0] for chunk in segment.inputs])
+            rows_at = np.arange(x.shape[0]) if per_timestep else ends - 1
+            sequences.append(_Sequence(log.stream_id, number, x, got, rows_at, ends,
+                                       np.asarray(segment.server_offsets, dtype=np.int64)))
+    return sequences
+
+
+class KerasReference:
+    """The model file as Keras runs it, giving outputs at every timestep of whole sequences."""
+
+    def __init__(self, model_path: Path, features: int) -> None:
+        os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import keras
+        import tensorflow as tf
+
+        self._keras = keras
+        try:
+            self.model = keras.models.load_model(model_path, compile=False)
+        except Exception as exc:  # Keras raises many types for a bad file; all mean the same here
+            raise VerifyError(f"cannot load {str(model_path)!r} with Keras: {exc}") from exc
+        self.features = features
+        self.sequence_model = self._clone()
+        self._call = tf.function(lambda x: self.sequence_model(x, training=False),
+                                 input_signature=[tf.TensorSpec([None, None, features], tf.float32)])
+        self._self_check()
+
+    def _clone(self) -> Any:
+        keras = self._keras
+
+        def clone_layer(layer: Any) -> Any:
+            config = layer.get_config()
+            if isinstance(layer, keras.layers.RNN):
+                config.update(return_sequences=True, stateful=False)
+            return type(layer).from_config(config)
+
+        try:
+            clone = keras.models.clone_model(self.model, input_tensors=keras.Input(shape=(None, self.features)),
+                                             clone_function=clone_layer)
+            clone.set_weights(self.model.get_weights())
+        except Exception as exc:
+            raise VerifyError(f"cannot rebuild the model to give outputs at every timestep: {exc}") from exc
+        return clone
+
+    def original(self, x: np.ndarray) -> np.ndarray:
+        """The unmodified model on whole sequences from zero state (a fixed-batch model gets padded rows)."""
+        keras = self._keras
+        batch = self.model.inputs[0].shape[0]
+        inputs = x
+        if batch is not None and batch != x.shape[0]:
+            inputs = np.zeros((batch, *x.shape[1:]), dtype=np.float32)
+            inputs[: x.shape[0]] = x
+        for layer in self.model.layers:
+            if getattr(layer, "stateful", False):
+                layer.reset_state()
+        y = keras.ops.convert_to_numpy(self.model(inputs, training=False))[: x.shape[0]]
+        for layer in self.model.layers:
+            if getattr(layer, "stateful", False):
+                layer.reset_state()
+        return y
+
+    def _self_check(self) -> None:
+        rng = np.random.default_rng(0)
+        batch = min(self.model.inputs[0].shape[0] or 2, 2)
+        x = rng.normal(size=(batch, 29, self.features)).astype(np.float32)
+        expected = self.original(x)
+        got = self(x)
+        if expected.ndim == 2:
+            got = got[:, -1]  # a last-step model: its output is the clone's last timestep
+        if got.shape != expected.shape or not float(np.max(np.abs(got - expected))) <= CLONE_TOLERANCE:
+            raise VerifyError("the model rebuilt to give every timestep's output does not reproduce the original; "
+                              "this model's outputs cannot be verified")
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """float32 [batch, time, features] -> [batch, time, output_size]."""
+        return self._call(x).numpy()
+
+
+def _batches(sequences: list[_Sequence]) -> list[list[_Sequence]]:
+    ordered = sorted(sequences, key=lambda s: s.x.shape[0], reverse=True)
+    batches: list[list[_Sequence]] = []
+    for sequence in ordered:
+        # Longest first: the first member of a batch sets its padded length.
+        if batches and len(batches[-1]) < MAX_BATCH and \
+                (len(batches[-1]) + 1) * batches[-1][0].x.shape[0] <= BATCH_TIMESTEPS:
+            batches[-1].append(sequence)
+        else:
+            batches.append([sequence])
+    return batches
+
+
+def _offset_note(sequence: _Sequence) -> dict[str, int] | None:
+    count = min(sequence.server_offsets.size, sequence.chunk_ends.size)
+    wrong = np.nonzero(sequence.server_offsets[:count] != sequence.chunk_ends[:count])[0]
+    if not wrong.size:
+        return None
+    k = int(wrong[0])
+    return {"after_timestep": int(sequence.chunk_ends[k]) - 1, "server_offset": int(sequence.server_offsets[k]),
+            "expected_offset": int(sequence.chunk_ends[k])}
+
+
+def verify_streams(model_path: Path, model: ModelInfo, logs: list[StreamLog], broken: list[dict[str, Any]],
+                   tolerance: float) -> dict[str, Any]:
+    """Compare every recorded answer with Keras; the returned dict is the report's `verify` section."""
+    started = time.monotonic()
+    reference = KerasReference(model_path, model.input_features)
+    fingerprint_matches = _fingerprint_matches(reference.model, model.fingerprint)
+    sequences = _sequences(logs, model.per_timestep_outputs)
+    worst = 0.0
+    rows = 0
+    mismatches: list[dict[str, Any]] = []
+    for batch in _batches(sequences):
+        length = batch[0].x.shape[0]
+        x = np.zeros((len(batch), length, model.input_features), dtype=np.float32)
+        for row, sequence in enumerate(batch):
+            x[row, : sequence.x.shape[0]] = sequence.x
+        y = reference(x)
+        for row, sequence in enumerate(batch):
+            expected = y[row, sequence.rows_at]
+            if expected.shape != sequence.got.shape:
+                raise VerifyError(f"stream {sequence.stream_id}: the server's outputs have shape {sequence.got.shape}, "
+                                  f"Keras gives {expected.shape}")
+            diff = np.max(np.abs(sequence.got - expected), axis=1)
+            diff = np.where(np.isnan(diff), np.inf, diff)
+            rows += diff.size
+            stream_worst = float(diff.max())
+            worst = max(worst, stream_worst)
+            bad = diff > tolerance
+            if bad.any():
+                first = int(np.argmax(bad))
+                mismatches.append({
+                    "stream_id": sequence.stream_id,
+                    "segment": sequence.segment,
+                    "timestep": int(sequence.rows_at[first]),
+                    "abs_diff": float(diff[first]),
+                    "max_abs_diff": stream_worst,
+                    "rows_over_tolerance": int(bad.sum()),
+                    "rows": int(diff.size),
+                    "expected": [float(v) for v in expected[first][:SHOWN_VALUES]],
+                    "got": [float(v) for v in sequence.got[first][:SHOWN_VALUES]],
+                    "offset_drift": _offset_note(sequence),
+                })
+    mismatches.sort(key=lambda m: (m["stream_id"], m["segment"]))
+    state_lost = [item for item in broken if item.get("state_lost")]
+    return {
+        "passed": not mismatches and not state_lost,
+        "tolerance": tolerance,
+        "max_abs_diff": worst,
+        "streams": len(logs),
+        "sequences": len(sequences),
+        "timesteps": int(sum(s.x.shape[0] for s in sequences)),
+        "rows_compared": rows,
+        "mismatches": mismatches,
+        "state_lost": state_lost,
+        "model_file": str(model_path),
+        "model_fingerprint_matches": fingerprint_matches,
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
+def _fingerprint_matches(keras_model: Any, server_fingerprint: str) -> bool | None:
+    """Whether the local file is the server's model (None when the server's digest is not at hand)."""
+    try:
+        from server.model.runner import fingerprint_model
+    except ImportError:
+        return None
+    return fingerprint_model(keras_model) == server_fingerprint
