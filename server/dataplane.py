@@ -6,6 +6,8 @@ the data flows: batcher -> store -> model -> store -> reply.
 
 from __future__ import annotations
 
+import asyncio
+
 from server.batching.batcher import Batcher
 from server.model.runner import ModelRunner
 from server.processor import BatchProcessor, StreamPolicy
@@ -51,7 +53,11 @@ class DataPlane:
 
     async def predict(self, chunk: Chunk) -> Prediction:
         """Run one validated chunk; raises ServiceError with the status the caller should see."""
-        return await self._batcher.predict(chunk)
+        return await self._batcher.submit(chunk)
+
+    def submit(self, chunk: Chunk) -> asyncio.Future[Prediction]:
+        """Queue one validated chunk without waiting: streaming edges keep many in flight."""
+        return self._batcher.submit(chunk)
 
     async def reset_stream(self, stream_id: str) -> bool:
         """Forget the stream's slot (Keras reset_states for this stream alone); True if it had one."""

@@ -43,7 +43,7 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
         rows, columns = prediction.outputs.shape
         return pb.PredictResponse(
             stream_id=prediction.stream_id or "",
-            outputs=prediction.outputs.reshape(-1),
+            outputs=prediction.outputs.reshape(-1).tolist(),  # a list converts in C; an array element-wise
             timesteps=rows,
             output_size=columns,
             offset=prediction.offset,
@@ -69,7 +69,7 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
             try:
                 async for request in requests:
                     try:
-                        task = asyncio.ensure_future(self.dataplane.predict(self._chunk(request)))
+                        task = self.dataplane.submit(self._chunk(request))
                     except ServiceError as exc:
                         task = asyncio.get_running_loop().create_future()
                         task.set_exception(exc)

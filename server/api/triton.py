@@ -294,7 +294,7 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
         submitted = _Submitted(request, asyncio.get_running_loop().create_future())
         try:
             chunk, submitted.batched = self._chunk(request)
-            submitted.answer = asyncio.ensure_future(self.dataplane.predict(chunk))
+            submitted.answer = self.dataplane.submit(chunk)
         except Exception as exc:  # a bad request: its failure is delivered like the data plane's
             submitted.answer.set_exception(as_service_error(exc))
         return submitted

@@ -82,11 +82,15 @@ class Batcher:
     def queued(self) -> int:
         return len(self._queue)
 
-    async def predict(self, chunk: Chunk) -> Prediction:
+    def submit(self, chunk: Chunk) -> asyncio.Future[Prediction]:
+        """Queue a chunk; the future gets its Prediction or ServiceError. No task per chunk: cheap."""
         future: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
         self._queue.append(_Waiting(chunk, future))
         self._changed.set()
-        return await future
+        return future
+
+    async def predict(self, chunk: Chunk) -> Prediction:
+        return await self.submit(chunk)
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
