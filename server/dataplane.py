@@ -25,7 +25,7 @@ class DataPlane:
         *,
         max_batch: int = 64,
         max_delay_s: float = 0.0,
-        max_in_flight: int = 2,
+        max_in_flight: int = 1,
     ) -> None:
         self.runner = runner
         self.store = store

@@ -2,7 +2,7 @@
 
 Verification passes on a healthy server, fails (exit 1, naming the streams) when the server's Redis is
 flushed or a stream is reset behind the tool's back, and survives a stalled Redis by retrying chunks
-that the server then applies only once. The JSON report has the fields docs/loadtest.md names and the
+that the server then applies only once. The JSON report has the fields the README names and the
 plot is a PNG. Figures themselves are not asserted.
 """
 
@@ -26,7 +26,7 @@ from tests.support import DEFAULT_MODEL, ROOT, RedisServer, ServerProcess, free_
 
 RUN_TIMEOUT_S = 120
 LATENCY_FIELDS = {"p50", "p90", "p99", "p99.9", "max"}
-# The report fields docs/loadtest.md documents.
+# The report fields the README documents (test_readme_names_every_report_field keeps the two in step).
 REPORT_FIELDS = {
     "chunks_per_s", "timesteps_per_s", "latency_ms", "errors", "errors_total", "retries", "replays",
     "failed_chunks", "broken_streams", "chunks", "timesteps", "duration_s", "warmup_s", "streams",
@@ -222,3 +222,9 @@ def test_sensors_are_the_seeded_training_signals() -> None:
 def test_a_chunk_budget_is_split_over_the_streams() -> None:
     config = LoadConfig(streams=4, total_chunks=10, duration_s=None)
     assert [config.chunk_budget(i) for i in range(4)] == [3, 3, 2, 2]
+
+
+def test_readme_names_every_report_field() -> None:
+    readme = (ROOT / "README.md").read_text()
+    missing = sorted(f for f in REPORT_FIELDS | VERIFY_FIELDS | LATENCY_FIELDS if f"`{f}`" not in readme)
+    assert not missing, f"README's JSON report table does not name: {missing}"

@@ -48,7 +48,7 @@ class Batcher:
         *,
         max_batch: int = 64,
         max_delay_s: float = 0.0,
-        max_in_flight: int = 2,
+        max_in_flight: int = 1,
         max_conflicts: int = 5,
     ) -> None:
         self._process = process

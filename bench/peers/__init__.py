@@ -1,0 +1,1 @@
+"""Servers the benchmark sets beside lstm-serve, driven through the same native API."""
