@@ -1,7 +1,7 @@
 """One command, one run: this server beside its no-model ceiling and the per-request `model.predict`
 peer, each driven by lstm-loadtest with the same load, on the same machine, one server at a time.
 
-    python -m bench.run                      # the full matrix, about 6 minutes
+    python -m bench.run                      # the full matrix, about 8 minutes
     python -m bench.run --duration 2 --quick # 64 streams only, a smoke run
 
 Servers (each with the default model and its own fresh Redis, append-only file on):

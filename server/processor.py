@@ -55,6 +55,7 @@ class _Planned:
     base_state: np.ndarray
     base_offset: int
     expected_version: bytes
+    digest: bytes  # of the chunk's data: saved so a retry of it can be recognised
 
 
 class BatchProcessor:
@@ -78,7 +79,8 @@ class BatchProcessor:
 
         planned: list[_Planned] = []
         for index, chunk in enumerate(chunks):
-            outcome = self._plan(index, chunk, slots.get(index))
+            digest = chunk_digest(chunk) if chunk.stream_id is not None else b""
+            outcome = self._plan(index, chunk, digest, slots.get(index))
             if isinstance(outcome, _Planned):
                 planned.append(outcome)
             else:
@@ -106,7 +108,7 @@ class BatchProcessor:
                 updated_unix_ms=now,
                 fingerprint=self._fingerprint,
                 last_start=plan.base_offset,
-                last_digest=chunk_digest(chunk),
+                last_digest=plan.digest,
                 last_request_id=request_id_digest(chunk.request_id),
                 state=state[:0] if chunk.end else state,
                 last_outputs=output,
@@ -121,9 +123,9 @@ class BatchProcessor:
                 results[plan.index] = CONFLICT
         return results  # type: ignore[return-value]
 
-    def _plan(self, index: int, chunk: Chunk, slot: Loaded) -> _Planned | BatchResult:
+    def _plan(self, index: int, chunk: Chunk, digest: bytes, slot: Loaded) -> _Planned | BatchResult:
         if chunk.stream_id is None:
-            return _Planned(index, chunk, self._zero_state, 0, b"")
+            return _Planned(index, chunk, self._zero_state, 0, b"", digest)
         if isinstance(slot, CorruptRecord):
             if not chunk.reset:
                 return ServiceError(
@@ -131,8 +133,8 @@ class BatchProcessor:
                     f"the saved state of stream {chunk.stream_id!r} is unreadable ({slot}); "
                     "send reset or call ResetStream to start it again",
                 )
-            return self._from_zero(index, chunk, slot.version)
-        if slot is not None and self._is_retry(chunk, slot):
+            return self._from_zero(index, chunk, digest, slot.version)
+        if slot is not None and self._is_retry(chunk, digest, slot):
             return Prediction(chunk.stream_id, slot.last_outputs, slot.offset, True, chunk.request_id)
         if chunk.must_exist and not chunk.reset and (slot is None or slot.ended):
             return ServiceError(
@@ -142,12 +144,12 @@ class BatchProcessor:
                 current_offset=0,
             )
         if slot is None:
-            return self._from_zero(index, chunk, b"")
+            return self._from_zero(index, chunk, digest, b"")
         if chunk.reset or slot.ended:
-            return self._from_zero(index, chunk, slot.version)
+            return self._from_zero(index, chunk, digest, slot.version)
         if slot.fingerprint != self._fingerprint:
             if self.policy.reset_on_model_change:
-                return self._from_zero(index, chunk, slot.version)
+                return self._from_zero(index, chunk, digest, slot.version)
             return ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"stream {chunk.stream_id!r} was saved by another model (fingerprint {slot.fingerprint.hex()}, "
@@ -159,15 +161,16 @@ class BatchProcessor:
             return offset_mismatch(chunk.stream_id, chunk.start_offset, slot.offset)
         if slot.state.size != self.runner.state_size:
             return ServiceError(grpc.StatusCode.DATA_LOSS, f"stream {chunk.stream_id!r}: saved state has wrong size")
-        return _Planned(index, chunk, slot.state, slot.offset, slot.version)
+        return _Planned(index, chunk, slot.state, slot.offset, slot.version, digest)
 
-    def _from_zero(self, index: int, chunk: Chunk, version: bytes) -> _Planned | ServiceError:
+    def _from_zero(self, index: int, chunk: Chunk, digest: bytes, version: bytes) -> _Planned | ServiceError:
         if chunk.start_offset not in (None, 0):
             return offset_mismatch(chunk.stream_id or "", chunk.start_offset, 0)
-        return _Planned(index, chunk, self._zero_state, 0, version)
+        return _Planned(index, chunk, self._zero_state, 0, version, digest)
 
-    def _is_retry(self, chunk: Chunk, slot: SlotRecord) -> bool:
-        if slot.last_digest != chunk_digest(chunk):
+    @staticmethod
+    def _is_retry(chunk: Chunk, digest: bytes, slot: SlotRecord) -> bool:
+        if slot.last_digest != digest:
             return False
         if chunk.start_offset is not None:
             return chunk.start_offset == slot.last_start

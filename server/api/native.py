@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -11,14 +10,12 @@ import numpy as np
 
 from lstm_stream.v1 import stream_pb2 as pb
 from lstm_stream.v1 import stream_pb2_grpc as pb_grpc
-from server.api.errors import as_service_error, unary_errors
+from server.api.errors import unary_errors
+from server.api.streaming import answer_in_order
 from server.dataplane import DataPlane
 from server.errors import ServiceError
 from server.types import Chunk, Prediction
 from server.validation import check_stream_id, make_chunk
-
-# How many chunks of one PredictStream connection may be in flight before reading pauses.
-STREAM_WINDOW = 64
 
 
 class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
@@ -58,44 +55,23 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
     async def PredictStream(
         self, requests: AsyncIterator[pb.PredictRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.PredictResponse]:
-        # Chunks are handed to the batcher as they arrive (it keeps each stream's order), and
-        # answered in request order; a bounded window keeps one connection from flooding memory.
-        pending: asyncio.Queue[tuple[pb.PredictRequest, asyncio.Future[Prediction] | None]] = asyncio.Queue(
-            STREAM_WINDOW
+        def start(request: pb.PredictRequest) -> asyncio.Future[Prediction]:
+            return self.dataplane.submit(self._chunk(request))
+
+        async def finish(answer: asyncio.Future[Prediction]) -> pb.PredictResponse:
+            return self._response(await answer)
+
+        async for response in answer_in_order(requests, start, finish, self._stream_error):
+            yield response
+
+    @staticmethod
+    def _stream_error(request: pb.PredictRequest, error: ServiceError) -> pb.PredictResponse:
+        return pb.PredictResponse(
+            stream_id=request.stream_id,
+            request_id=request.request_id,
+            offset=error.current_offset or 0,
+            error=pb.Error(code=error.code.value[0], message=error.message),
         )
-        done = object()
-
-        async def read() -> None:
-            try:
-                async for request in requests:
-                    try:
-                        task = self.dataplane.submit(self._chunk(request))
-                    except ServiceError as exc:
-                        task = asyncio.get_running_loop().create_future()
-                        task.set_exception(exc)
-                    await pending.put((request, task))
-            finally:
-                await pending.put(done)  # type: ignore[arg-type]
-
-        reader = asyncio.create_task(read())
-        try:
-            while (item := await pending.get()) is not done:
-                request, task = item  # type: ignore[misc]
-                try:
-                    yield self._response(await task)
-                except Exception as exc:
-                    error = as_service_error(exc)
-                    yield pb.PredictResponse(
-                        stream_id=request.stream_id,
-                        request_id=request.request_id,
-                        offset=error.current_offset or 0,
-                        error=pb.Error(code=error.code.value[0], message=error.message),
-                    )
-            await reader  # surfaces a broken request stream
-        finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
 
     @unary_errors
     async def ResetStream(

@@ -17,7 +17,6 @@ take it) and one output "OUTPUT" (FP32 [rows, output_size], with the leading 1 w
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.metadata
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -30,6 +29,7 @@ from lstm_stream.triton import grpc_service_pb2 as pb
 from lstm_stream.triton import grpc_service_pb2_grpc as pb_grpc
 from lstm_stream.triton import model_config_pb2 as config_pb
 from server.api.errors import as_service_error, unary_errors
+from server.api.streaming import answer_in_order
 from server.dataplane import DataPlane
 from server.errors import ServiceError, invalid_argument
 from server.types import Chunk, Prediction
@@ -51,9 +51,6 @@ START_OFFSET = "start_offset"  # int64: apply only at this offset (exactly-once,
 # Response parameters: the stream's offset after the request, and whether it was a replayed retry.
 SEQUENCE_OFFSET = "sequence_offset"
 REPLAYED = "replayed"
-
-# How many requests of one ModelStreamInfer connection may be in flight before reading pauses.
-STREAM_WINDOW = 64
 
 Context = grpc.aio.ServicerContext
 
@@ -315,34 +312,11 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        # As the native PredictStream: requests go to the batcher as they arrive, responses leave in
-        # request order, a failed request is answered with error_message and the stream goes on.
-        pending: asyncio.Queue[_Submitted | None] = asyncio.Queue(STREAM_WINDOW)
+        async def finish(submitted: _Submitted) -> pb.ModelStreamInferResponse:
+            return pb.ModelStreamInferResponse(infer_response=await self._finish(submitted))
 
-        async def read() -> None:
-            try:
-                async for request in requests:
-                    try:
-                        submitted = self._submit(request)
-                    except ServiceError as exc:  # unknown model: answered in order like any failure
-                        submitted = _Submitted(request, asyncio.get_running_loop().create_future())
-                        submitted.answer.set_exception(exc)
-                    await pending.put(submitted)
-            finally:
-                await pending.put(None)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (submitted := await pending.get()) is not None:
-                try:
-                    yield pb.ModelStreamInferResponse(infer_response=await self._finish(submitted))
-                except Exception as exc:
-                    yield self._stream_error(submitted.request, as_service_error(exc))
-            await reader  # surfaces a broken request stream
-        finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+        async for response in answer_in_order(requests, self._submit, finish, self._stream_error):
+            yield response
 
     def _stream_error(self, request: pb.ModelInferRequest, error: ServiceError) -> pb.ModelStreamInferResponse:
         # The stream carries no status code, so the message starts with it; the id lets clients match it.
