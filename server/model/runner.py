@@ -38,6 +38,16 @@ from server.types import ModelDescription, RecurrentLayerInfo
 
 log = logging.getLogger(__name__)
 
+
+class _DeliberateRetracing(logging.Filter):
+    """TensorFlow warns when a tf.function traces often; the XLA calls trace once per shape on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+logging.getLogger("tensorflow").addFilter(_DeliberateRetracing())
+
 RECURRENT_KINDS = {keras.layers.LSTM: "LSTM", keras.layers.GRU: "GRU", keras.layers.SimpleRNN: "SimpleRNN"}
 # Layers that cannot be served chunk by chunk: they look at several timesteps or both directions.
 _REFUSED_LAYERS = (keras.layers.Bidirectional,)
