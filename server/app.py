@@ -18,6 +18,7 @@ from server.state.launcher import RedisUnavailable, ensure_redis, stop_private_r
 
 log = logging.getLogger("server")
 
+
 class StartupError(Exception):
     """The server cannot start as configured; the message says what to change."""
 

@@ -78,10 +78,6 @@ class Batcher:
                 waiting.future.set_exception(ServiceError(grpc.StatusCode.UNAVAILABLE, "server is shutting down"))
         self._queue.clear()
 
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
-
     def submit(self, chunk: Chunk) -> asyncio.Future[Prediction]:
         """Queue a chunk; the future gets its Prediction or ServiceError. No task per chunk: cheap."""
         future: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
