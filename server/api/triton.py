@@ -160,13 +160,18 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
     # --- model identity -------------------------------------------------------------------------
 
     def _is_model(self, name: str, version: str) -> bool:
-        return name in (self.dataplane.model.name, MODEL_ALIAS) and version in ("", MODEL_VERSION)
+        return self._model_error(name, version) is None
 
     def _check_model(self, name: str, version: str) -> None:
+        if error := self._model_error(name, version):
+            raise error
+
+    def _model_error(self, name: str, version: str) -> ServiceError | None:
         if name not in (self.dataplane.model.name, MODEL_ALIAS):
-            raise _unknown_model(name)
+            return _unknown_model(name)
         if version not in ("", MODEL_VERSION):
-            raise _unknown_model(name, version)
+            return _unknown_model(name, version)
+        return None
 
     # --- request -> Chunk ----------------------------------------------------------------------
 
