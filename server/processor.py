@@ -2,7 +2,7 @@
 
 For a batch of chunks of distinct streams this costs one Redis round trip to load every slot, one
 compiled model call for every chunk that runs, and one compare-and-set round trip to save. The
-rules it applies per stream (DESIGN.md invariants 3, 4 and 7):
+rules it applies per stream (docs/invariants.md, invariants 3, 4 and 7):
 
 - `reset` starts from zero state at offset 0; otherwise the stream continues from its slot.
 - A retry of the last applied chunk (same data, and the same start offset or request id) is answered

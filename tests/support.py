@@ -49,7 +49,7 @@ class RedisServer:
     def __init__(self, appendonly: bool = True) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            raise RuntimeError("redis-server is not installed: run scripts/test.sh, which installs it")
+            raise RuntimeError("redis-server is not installed: run ./scripts/test, which installs it")
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="lstm-redis-")
         self.url = f"redis://127.0.0.1:{self.port}/0"

@@ -1,4 +1,7 @@
-"""Invariant 5: one compare-and-set per chunk; two replicas never both apply a chunk on the same base."""
+"""Invariant 5: one compare-and-set per chunk; two replicas never both apply a chunk on the same base.
+
+See docs/invariants.md.
+"""
 
 from __future__ import annotations
 

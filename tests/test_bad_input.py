@@ -1,4 +1,4 @@
-"""Invariant 6: bad input gets INVALID_ARGUMENT naming the field, and changes nothing."""
+"""Invariant 6 (docs/invariants.md): bad input gets INVALID_ARGUMENT naming the field, and changes nothing."""
 
 from __future__ import annotations
 

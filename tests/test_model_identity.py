@@ -1,4 +1,4 @@
-"""Invariant 7: a slot written by one model is never silently fed to another."""
+"""Invariant 7 (docs/invariants.md): a slot written by one model is never silently fed to another."""
 
 from __future__ import annotations
 

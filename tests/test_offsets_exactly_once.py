@@ -1,4 +1,4 @@
-"""Invariant 4: offsets, retries answered again without being applied twice, gaps refused."""
+"""Invariant 4 (docs/invariants.md): offsets, retries answered again without being applied twice, gaps refused."""
 
 from __future__ import annotations
 

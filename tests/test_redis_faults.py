@@ -1,4 +1,7 @@
-"""Invariant 8: Redis down means UNAVAILABLE, no crash, and service resumes by itself when it returns."""
+"""Invariant 8: Redis down means UNAVAILABLE, no crash, and service resumes by itself when it returns.
+
+See docs/invariants.md.
+"""
 
 from __future__ import annotations
 

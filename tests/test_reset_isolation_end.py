@@ -1,4 +1,7 @@
-"""Invariants 2 and 3, and `end`: streams never touch each other; a reset or an end starts a new sequence."""
+"""Invariants 2 and 3, and `end`: streams never touch each other; a reset or an end starts a new sequence.
+
+See docs/invariants.md.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The KServe v2 / Triton protocol, `inference.GRPCInferenceService`: protobuf in, DataPlane, protobuf out.
 
-Triton's sequence parameters map onto streams (docs/triton.md says this for users):
+Triton's sequence parameters map onto streams (README.md, "Coming from Triton", says this for users):
 
 - `sequence_id` (int64, uint64 or string; 0 or "" means none) is the stream id. An integer id is the
   stream id of its decimal form, so native clients reach the slot of Triton sequence 42 as "42".
