@@ -14,7 +14,8 @@ import time
 
 from server.config import ServerConfig, load_config
 from server.logs import configure_logging
-from server.state.launcher import RedisUnavailable, ensure_redis, stop_private_redis
+from server.state.connection import TopologyError
+from server.state.launcher import RedisUnavailable, check_redis, stop_private_redis
 
 log = logging.getLogger("server")
 
@@ -41,6 +42,8 @@ async def serve(config: ServerConfig, worker_of: tuple[int, int] | None = None) 
     from server.dataplane import DataPlane
     from server.model.runner import ModelRunner
     from server.processor import StreamPolicy
+    from server.state.connection import RedisTopology
+    from server.state.routing import WaitPolicy
     from server.state.store import StateStore
 
     runner = ModelRunner(
@@ -58,7 +61,10 @@ async def serve(config: ServerConfig, worker_of: tuple[int, int] | None = None) 
                           "input_features": model.input_features, "output_size": model.output_size,
                           "state_size": model.state_size, "per_timestep_outputs": model.per_timestep_outputs}},
     )
-    store = StateStore(config.redis_url, config.key_prefix)
+    store = StateStore(
+        RedisTopology.from_config(config), config.key_prefix,
+        wait=WaitPolicy(config.redis_wait_replicas, config.redis_wait_timeout_ms),
+    )
     policy = StreamPolicy(
         state_ttl_ms=int(config.state_ttl_s * 1000),
         ended_ttl_ms=int(config.ended_ttl_s * 1000),
@@ -112,6 +118,7 @@ async def serve(config: ServerConfig, worker_of: tuple[int, int] | None = None) 
             raise StartupError(f"cannot serve metrics on {config.host}:{metrics_port}: {exc}; "
                                "choose another --metrics-port, or 0 to turn metrics off") from exc
     log.info("serving", extra={"fields": {"address": f"{config.host}:{port}", "port": port, "redis": config.redis_url,
+                                          "redis_mode": RedisTopology.from_config(config).mode,
                                           "worker": "/".join(map(str, worker_of)) if worker_of else None}})
 
     stopping = asyncio.Event()
@@ -194,9 +201,12 @@ def main(argv: list[str] | None = None) -> None:
     redis_process = None
     if worker_env is None:
         try:
-            redis_process = ensure_redis(config.redis_url, config.redis_data_dir, config.redis_autostart)
+            redis_process = check_redis(config)
         except RedisUnavailable as exc:
             log.error("no Redis: %s", exc)
+            sys.exit(2)
+        except TopologyError as exc:
+            log.error("Redis is not as configured: %s", exc)
             sys.exit(2)
     try:
         if config.workers > 1 and worker_env is None:

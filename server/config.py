@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from server.state.connection import parse_sentinels
+
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default.keras"
 ENV_PREFIX = "LSTM_SERVE_"
 
@@ -23,6 +25,11 @@ class ServerConfig:
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_autostart: bool = True
     redis_data_dir: str = ".lstm-serve/redis"
+    redis_cluster: bool = False
+    redis_sentinels: str = ""
+    redis_sentinel_master: str = ""
+    redis_wait_replicas: int = 0
+    redis_wait_timeout_ms: int = 1000
     key_prefix: str = "lstm"
     state_ttl_s: float = 86_400.0
     ended_ttl_s: float = 300.0
@@ -57,6 +64,13 @@ _HELP = {
     "redis_url": "where stream state lives: redis://host:port/db",
     "redis_autostart": "when nothing answers at a loopback redis_url, start a private redis-server",
     "redis_data_dir": "data folder of the private redis-server (append-only file on)",
+    "redis_cluster": "--redis-url names any node of a Redis Cluster; keys are routed to the node that owns them",
+    "redis_sentinels": "find the Redis master through these sentinels, host:port[,host:port...] (--redis-url then "
+    "gives only credentials, db and TLS)",
+    "redis_sentinel_master": "name of the master the sentinels monitor (needed with --redis-sentinels)",
+    "redis_wait_replicas": "acknowledge a chunk only after Redis WAIT reports this many replicas hold its write "
+    "(0: acknowledge once the master has it)",
+    "redis_wait_timeout_ms": "how long WAIT may take; fewer replicas in time answer UNAVAILABLE (retry replays)",
     "key_prefix": "prefix of every Redis key this server writes",
     "state_ttl_s": "a stream's state expires after this many idle seconds",
     "ended_ttl_s": "after a chunk with end, its answer is kept this long for retries",
@@ -151,5 +165,19 @@ def _check(config: ServerConfig, parser: argparse.ArgumentParser) -> None:
         parser.error("--state-ttl-s and --ended-ttl-s must be positive")
     if not 0 <= config.port <= 65535:
         parser.error("--port must be between 0 and 65535")
+    try:
+        sentinels = parse_sentinels(config.redis_sentinels)
+    except ValueError as exc:
+        parser.error(f"--redis-sentinels: {exc}")
+    if sentinels and config.redis_cluster:
+        parser.error("--redis-cluster and --redis-sentinels exclude each other: a cluster fails over by itself")
+    if sentinels and not config.redis_sentinel_master:
+        parser.error("--redis-sentinels needs --redis-sentinel-master, the name the sentinels monitor")
+    if config.redis_sentinel_master and not sentinels:
+        parser.error("--redis-sentinel-master needs --redis-sentinels host:port[,host:port...]")
+    if config.redis_wait_replicas < 0:
+        parser.error("--redis-wait-replicas must not be negative")
+    if config.redis_wait_timeout_ms < 1:
+        parser.error("--redis-wait-timeout-ms must be at least 1 (Redis reads WAIT 0 as wait forever)")
     if config.log_format not in ("json", "text"):
         parser.error("--log-format must be json or text")

@@ -46,3 +46,13 @@ def redis_unavailable(detail: str) -> ServiceError:
         grpc.StatusCode.UNAVAILABLE,
         f"state store (Redis) unreachable: {detail}; the chunk was not applied, retry it",
     )
+
+
+def replication_unconfirmed(confirmed: int, wanted: int, timeout_ms: int) -> ServiceError:
+    """Redis WAIT came back short: the write is on the master, which could still lose it in a failover."""
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"the chunk was applied on the Redis master, but only {confirmed} of {wanted} replicas confirmed it "
+        f"within {timeout_ms} ms, so it is not acknowledged; retry it with its start_offset: the retry replays "
+        "the stored answer once replicas confirm, or applies the chunk again if a failover lost it",
+    )

@@ -85,6 +85,7 @@ class BatchProcessor:
                 planned.append(outcome)
             else:
                 results[index] = outcome
+        await self._confirm_replays(results)
         if not planned:
             return results  # type: ignore[return-value]
 
@@ -119,9 +120,21 @@ class BatchProcessor:
 
         applied = await self.store.save([write for _, write in writes])
         for (plan, _), ok in zip(writes, applied, strict=True):
-            if not ok:
+            if isinstance(ok, ServiceError):  # applied, but replicas did not confirm it in time
+                results[plan.index] = ok
+            elif not ok:
                 results[plan.index] = CONFLICT
         return results  # type: ignore[return-value]
+
+    async def _confirm_replays(self, results: list[BatchResult | None]) -> None:
+        """With --redis-wait-replicas, a replayed answer is acknowledged only once replicas hold it."""
+        if not self.store.waits_for_replicas:
+            return
+        replays = [i for i, r in enumerate(results) if isinstance(r, Prediction) and r.replayed]
+        confirmations = await self.store.confirm([results[i].stream_id for i in replays])  # type: ignore[union-attr]
+        for index, error in zip(replays, confirmations, strict=True):
+            if error is not None:
+                results[index] = error
 
     def _plan(self, index: int, chunk: Chunk, digest: bytes, slot: Loaded) -> _Planned | BatchResult:
         if chunk.stream_id is None:

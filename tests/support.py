@@ -136,3 +136,142 @@ class ServerProcess:
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
+
+
+# --- Redis Cluster and Sentinel topologies (issue 9) ------------------------------------------------
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too, so below 55536."""
+    for _ in range(200):
+        port = free_port()
+        if port < 55536:
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port pair (port, port + 10000) below 55536")
+
+
+class NodeProcess:
+    """One redis-server (node or sentinel) from a config file, so a test can SIGKILL it."""
+
+    def __init__(self, port: int, lines: list[str], *, sentinel: bool = False) -> None:
+        self.port = port
+        self.dir = tempfile.mkdtemp(prefix="lstm-redis-node-")
+        self.config = os.path.join(self.dir, "redis.conf")
+        with open(self.config, "w") as file:
+            file.write("\n".join([f"port {port}", "bind 127.0.0.1", f"dir {self.dir}", "save \"\"",
+                                  f"logfile {os.path.join(self.dir, 'redis.log')}", *lines]) + "\n")
+        command = [shutil.which("redis-server") or "redis-server", self.config, *(["--sentinel"] if sentinel else [])]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        wait_until(self._answers, 10, f"redis-server on port {port}")
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, decode_responses=True)
+
+    def _answers(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"redis-server on port {self.port} exited; see {self.dir}/redis.log")
+        try:
+            return bool(self.client().ping())
+        except redis.exceptions.ConnectionError:
+            return False
+
+    def log(self) -> str:
+        return Path(self.dir, "redis.log").read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(10)
+
+
+class RedisClusterNodes:
+    """A Redis Cluster of `masters` masters and no replicas, on loopback, ready (cluster_state:ok)."""
+
+    def __init__(self, masters: int = 3) -> None:
+        self.nodes = [
+            NodeProcess(free_cluster_port(), ["cluster-enabled yes", "cluster-config-file nodes.conf",
+                                              "cluster-node-timeout 3000", "appendonly no"])
+            for _ in range(masters)
+        ]
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run([shutil.which("redis-cli") or "redis-cli", "--cluster", "create", *addresses,
+                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        wait_until(self._ready, 30, "cluster_state:ok on every node", interval_s=0.1)
+        self.url = f"redis://127.0.0.1:{self.nodes[0].port}/0"
+
+    def _ready(self) -> bool:
+        for node in self.nodes:
+            client = node.client()
+            if client.cluster("info").get("cluster_state") != "ok":
+                return False
+            if len(client.cluster("slots")) != len(self.nodes):  # every node sees every master
+                return False
+        return True
+
+    def node_id(self, node: NodeProcess) -> str:
+        return node.client().execute_command("CLUSTER", "MYID")
+
+    def owner_of(self, slot: int) -> NodeProcess:
+        for start, end, master, *_ in self.nodes[0].client().execute_command("CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                return next(n for n in self.nodes if n.port == int(master[1]))
+        raise LookupError(slot)
+
+    def migrate_slot(self, slot: int, source: NodeProcess, target: NodeProcess) -> int:
+        """Move one slot and its keys from source to target, the way redis-cli --cluster reshard does:
+        IMPORTING/MIGRATING, MIGRATE of the keys in batches, then SETSLOT NODE everywhere. Returns keys moved."""
+        src, dst = source.client(), target.client()
+        source_id, target_id = self.node_id(source), self.node_id(target)
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        moved = 0
+        while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 10):
+            src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+            moved += len(keys)
+        for node in (target, source, *[n for n in self.nodes if n not in (source, target)]):
+            node.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        return moved
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+class SentinelGroup:
+    """A master, `replicas` replicas and `sentinels` sentinels on loopback; Sentinel fails over in a few seconds."""
+
+    MASTER_NAME = "lstm-master"
+
+    def __init__(self, replicas: int = 2, sentinels: int = 3, down_after_ms: int = 1000) -> None:
+        common = ["appendonly no", "repl-diskless-sync-delay 0", "repl-ping-replica-period 1"]
+        self.master = NodeProcess(free_port(), common)
+        self.replicas = [NodeProcess(free_port(), [*common, f"replicaof 127.0.0.1 {self.master.port}"])
+                         for _ in range(replicas)]
+        monitor = [
+            f"sentinel monitor {self.MASTER_NAME} 127.0.0.1 {self.master.port} 2",
+            f"sentinel down-after-milliseconds {self.MASTER_NAME} {down_after_ms}",
+            f"sentinel failover-timeout {self.MASTER_NAME} 4000",
+            f"sentinel parallel-syncs {self.MASTER_NAME} 2",
+        ]
+        self.sentinels = [NodeProcess(free_port(), monitor, sentinel=True) for _ in range(sentinels)]
+        self.addresses = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        wait_until(self._settled, 30, "sentinels that know every replica and each other", interval_s=0.1)
+
+    def _settled(self) -> bool:
+        for sentinel in self.sentinels:
+            state = sentinel.client().sentinel_master(self.MASTER_NAME)
+            if state["num-slaves"] < len(self.replicas) or state["num-other-sentinels"] < len(self.sentinels) - 1:
+                return False
+        return all(r.client().info("replication").get("master_link_status") == "up" for r in self.replicas)
+
+    def master_port(self) -> int:
+        _host, port = self.sentinels[0].client().sentinel_get_master_addr_by_name(self.MASTER_NAME)
+        return int(port)
+
+    def stop(self) -> None:
+        for node in (*self.sentinels, *self.replicas, self.master):
+            node.stop()

@@ -12,9 +12,12 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import redis
+
+from server.state.connection import RedisTopology, check_topology
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,24 @@ def ensure_redis(url: str, data_dir: str, autostart: bool, wait_s: float = 15.0)
         time.sleep(0.1)
     process.terminate()
     raise RedisUnavailable(f"the private redis-server did not answer within {wait_s:.0f} s; see {folder / 'redis.log'}")
+
+
+def check_redis(config: Any) -> subprocess.Popen | None:
+    """Start-up: Redis is reachable and is what the configuration says (one node, Sentinel or Cluster).
+
+    Returns the private redis-server process when one was started (one-node mode only); raises
+    RedisUnavailable or TopologyError (connection.py) with one line saying what to change.
+    """
+    topology = RedisTopology.from_config(config)
+    process = None
+    if topology.mode == "single":
+        process = ensure_redis(config.redis_url, config.redis_data_dir, config.redis_autostart)
+    try:
+        check_topology(topology)
+    except Exception:
+        stop_private_redis(process)
+        raise
+    return process
 
 
 def stop_private_redis(process: subprocess.Popen | None) -> None:

@@ -15,13 +15,15 @@ from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
 import grpc
-import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
-from server.errors import ServiceError, redis_unavailable
+from server.errors import ServiceError, redis_unavailable, replication_unconfirmed
+from server.state.connection import RedisTopology, connect
 from server.state.record import VERSION_SIZE, CorruptRecord, SlotRecord
+from server.state.routing import NodeRouter, WaitPolicy
 
-# KEYS: slot keys. ARGV: for each key, (expected version, new record, ttl ms).
+# KEYS: slot keys, all in one cluster slot (routing.py groups them). ARGV: for each key, (expected
+# version, new record, ttl ms).
 # Expected version "" means the key must not exist; a new record "" means delete the key.
 _COMPARE_AND_SET = f"""
 local results = {{}}
@@ -43,12 +45,30 @@ end
 return results
 """
 
+# KEYS: slot keys. A write that changes nothing (the same remaining time to live) but is replicated: a
+# WAIT after it on the same connection confirms that replicas hold everything written to these keys so
+# far, which is what a replayed answer needs before it may be acknowledged.
+_TOUCH = """
+local results = {}
+for i, key in ipairs(KEYS) do
+  local ttl = redis.call('PTTL', key)
+  if ttl > 0 then
+    redis.call('PEXPIRE', key, ttl)
+  end
+  results[i] = 1
+end
+return results
+"""
+
 # Connection-level trouble: the caller may retry later. Anything else from Redis is a bug here.
 _UNAVAILABLE_ERRORS = (
     redis_errors.ConnectionError,
     redis_errors.TimeoutError,
     redis_errors.BusyLoadingError,
     redis_errors.ReadOnlyError,
+    redis_errors.ClusterDownError,
+    redis_errors.TryAgainError,
+    redis_errors.MasterDownError,
     OSError,
 )
 
@@ -81,16 +101,13 @@ Loaded = SlotRecord | CorruptRecord | None
 
 
 class StateStore:
-    def __init__(self, redis_url: str, key_prefix: str = "lstm", *, timeout_s: float = 2.0) -> None:
-        self.redis_url = redis_url
+    def __init__(self, redis: str | RedisTopology, key_prefix: str = "lstm", *, timeout_s: float = 2.0,
+                 wait: WaitPolicy | None = None) -> None:
+        topology = redis if isinstance(redis, RedisTopology) else RedisTopology(redis, timeout_s=timeout_s)
+        self.redis_url = topology.url
         self.key_prefix = key_prefix
-        self._redis = aioredis.Redis.from_url(
-            redis_url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            health_check_interval=30,
-        )
-        self._compare_and_set = self._redis.register_script(_COMPARE_AND_SET)
+        self._redis = connect(topology)
+        self._router = NodeRouter(self._redis, wait or WaitPolicy())
 
     def key(self, stream_id: str) -> str:
         return f"{self.key_prefix}:{{{stream_id}}}"
@@ -101,10 +118,10 @@ class StateStore:
 
     @_redis_errors_as_status
     async def load(self, stream_ids: Sequence[str]) -> list[Loaded]:
-        """Every slot of a batch in one MGET; None where a stream has no slot."""
+        """Every slot of a batch, one round trip per node; None where a stream has no slot."""
         if not stream_ids:
             return []
-        raw = await self._redis.mget([self.key(s) for s in stream_ids])
+        raw = await self._router.read([self.key(s) for s in stream_ids])
         return [self._decode(data) for data in raw]
 
     @staticmethod
@@ -117,16 +134,37 @@ class StateStore:
             return exc
 
     @_redis_errors_as_status
-    async def save(self, writes: Sequence[SlotWrite]) -> list[bool]:
-        """Compare-and-set every write of a batch in one script call; True where it was applied."""
+    async def save(self, writes: Sequence[SlotWrite]) -> list[bool | ServiceError]:
+        """Compare-and-set every write of a batch, one round trip per node; True where it was applied,
+        False where the version had moved, an error where it was applied but too few replicas confirmed."""
         if not writes:
             return []
-        keys = [self.key(w.stream_id) for w in writes]
-        args: list[bytes | int] = []
-        for write in writes:
-            args += [write.expected_version, write.record.encode() if write.record else b"", write.ttl_ms]
-        applied = await self._compare_and_set(keys=keys, args=args)
-        return [bool(flag) for flag in applied]
+        items = [
+            (self.key(w.stream_id), (w.expected_version, w.record.encode() if w.record else b"", w.ttl_ms))
+            for w in writes
+        ]
+        done = await self._router.run_script(_COMPARE_AND_SET, items)
+        outcome: list[bool | ServiceError] = [bool(flag) for flag in done.results]
+        for index, replicas in done.unconfirmed.items():
+            if outcome[index]:
+                outcome[index] = self._unconfirmed(replicas)
+        return outcome
+
+    @property
+    def waits_for_replicas(self) -> bool:
+        return self._router.wait.replicas > 0
+
+    @_redis_errors_as_status
+    async def confirm(self, stream_ids: Sequence[str]) -> list[ServiceError | None]:
+        """Before a stored answer is replayed with WAIT on: None where replicas hold the stream's slot."""
+        if not stream_ids or not self.waits_for_replicas:
+            return [None] * len(stream_ids)
+        done = await self._router.run_script(_TOUCH, [(self.key(s), ()) for s in stream_ids])
+        return [self._unconfirmed(done.unconfirmed[i]) if i in done.unconfirmed else None
+                for i in range(len(stream_ids))]
+
+    def _unconfirmed(self, replicas: int) -> ServiceError:
+        return replication_unconfirmed(replicas, self._router.wait.replicas, self._router.wait.timeout_ms)
 
     @_redis_errors_as_status
     async def delete(self, stream_id: str) -> bool:

@@ -1,0 +1,153 @@
+"""Building the Redis client the configuration asks for: one node, a Sentinel-managed master, or a Cluster.
+
+Every mode is redis-py's own client, so MOVED/ASK redirects, cluster node discovery and Sentinel's
+master lookup after a failover are redis-py's work, not ours:
+
+- one node: `redis.asyncio.Redis` from `--redis-url`;
+- Sentinel: `redis.asyncio.sentinel.Sentinel(...).master_for(NAME)`; each new connection asks the
+  sentinels where the master is, so after a failover the server finds the promoted replica by itself;
+- Cluster: `redis.asyncio.cluster.RedisCluster` seeded with `--redis-url` (any node).
+
+The URL carries the credentials (`redis://user:password@host:port/db`) and TLS (`rediss://`) in every
+mode; in Sentinel mode its host and port are not used (the sentinels name the master) and the
+sentinels themselves are reached with the same TLS setting but without the master's password.
+The start-up check (`check_topology`) is synchronous: it runs before the event loop, and a wrong
+topology is a configuration error (exit code 2), not a runtime fault.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import SSLConnection, parse_url
+from redis.asyncio.sentinel import Sentinel
+
+AsyncClient = aioredis.Redis | RedisCluster
+Mode = Literal["single", "sentinel", "cluster"]
+
+
+class TopologyError(RuntimeError):
+    """Redis is not what the configuration says it is; the message says what to change."""
+
+
+def parse_sentinels(text: str) -> tuple[tuple[str, int], ...]:
+    """'host:port,host:port' -> ((host, port), ...); ValueError naming the bad entry."""
+    addresses = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        host, sep, port = part.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected host:port, got {part!r}")
+        addresses.append((host.strip("[]"), int(port)))
+    return tuple(addresses)
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTopology:
+    url: str
+    cluster: bool = False
+    sentinels: tuple[tuple[str, int], ...] = ()
+    sentinel_master: str = ""
+    timeout_s: float = 2.0
+
+    @classmethod
+    def from_config(cls, config: Any) -> RedisTopology:
+        return cls(
+            url=config.redis_url,
+            cluster=config.redis_cluster,
+            sentinels=parse_sentinels(config.redis_sentinels),
+            sentinel_master=config.redis_sentinel_master,
+        )
+
+    @property
+    def mode(self) -> Mode:
+        if self.cluster:
+            return "cluster"
+        return "sentinel" if self.sentinels else "single"
+
+    def describe(self) -> str:
+        if self.mode == "sentinel":
+            where = ",".join(f"{h}:{p}" for h, p in self.sentinels)
+            return f"master {self.sentinel_master!r} of sentinels {where}"
+        return self.url
+
+    def _timeouts(self) -> dict[str, Any]:
+        return {"socket_timeout": self.timeout_s, "socket_connect_timeout": self.timeout_s}
+
+    def _sentinel_options(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(options for master connections, options for sentinel connections) from the URL."""
+        options = parse_url(self.url)
+        options.pop("host", None)
+        options.pop("port", None)
+        tls = options.pop("connection_class", None) is SSLConnection
+        tls_options = {k: v for k, v in options.items() if k.startswith("ssl_")}
+        master = {**options, **self._timeouts(), "ssl": tls}
+        sentinel = {**tls_options, **self._timeouts(), "ssl": tls}
+        return master, sentinel
+
+
+def connect(topology: RedisTopology) -> AsyncClient:
+    """The asyncio client for this topology. It connects lazily: nothing is sent until the first command."""
+    if topology.mode == "cluster":
+        return RedisCluster.from_url(topology.url, **topology._timeouts())
+    if topology.mode == "sentinel":
+        master, sentinel = topology._sentinel_options()
+        return Sentinel(topology.sentinels, sentinel_kwargs=sentinel).master_for(
+            topology.sentinel_master, health_check_interval=30, **master
+        )
+    return aioredis.Redis.from_url(topology.url, health_check_interval=30, **topology._timeouts())
+
+
+def check_topology(topology: RedisTopology) -> None:
+    """Refuse, with one line saying what to change, a topology that cannot work (TopologyError)."""
+    if topology.mode == "sentinel":
+        _check_sentinels(topology)
+        return
+    client = redis.Redis.from_url(topology.url, **topology._timeouts())
+    try:
+        info = client.info("cluster")
+    except redis.exceptions.AuthenticationError as exc:
+        raise TopologyError(f"Redis at {topology.url} refused the credentials in --redis-url: {exc}") from exc
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+        raise TopologyError(f"nothing answers at {topology.url}: {exc}") from exc
+    finally:
+        client.close()
+    enabled = bool(info.get("cluster_enabled"))
+    if topology.cluster and not enabled:
+        raise TopologyError(
+            f"--redis-cluster is set but the Redis at {topology.url} is not a cluster node (cluster_enabled:0); "
+            "drop --redis-cluster, or point --redis-url at a node of a Redis Cluster"
+        )
+    if not topology.cluster and enabled:
+        raise TopologyError(
+            f"the Redis at {topology.url} is a Redis Cluster node; add --redis-cluster "
+            "(LSTM_SERVE_REDIS_CLUSTER=true) so that keys are routed to the node that owns them"
+        )
+
+
+def _check_sentinels(topology: RedisTopology) -> None:
+    _, options = topology._sentinel_options()
+    failures, known_masters = [], set()
+    for host, port in topology.sentinels:
+        client = redis.Redis(host=host, port=port, **options)
+        try:
+            if client.sentinel_get_master_addr_by_name(topology.sentinel_master):
+                return
+            known_masters.update(client.sentinel_masters())
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            failures.append(f"{host}:{port} ({exc})")
+        except redis.exceptions.ResponseError as exc:  # a plain Redis, not a sentinel
+            failures.append(f"{host}:{port} (not a sentinel: {exc})")
+        finally:
+            client.close()
+    if len(failures) == len(topology.sentinels):
+        raise TopologyError("no sentinel reachable: " + "; ".join(failures))
+    raise TopologyError(
+        f"the sentinels do not monitor a master named {topology.sentinel_master!r} "
+        f"(they monitor: {', '.join(sorted(known_masters)) or 'none'}); fix --redis-sentinel-master"
+    )
