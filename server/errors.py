@@ -48,11 +48,14 @@ def redis_unavailable(detail: str) -> ServiceError:
     )
 
 
-def replication_unconfirmed(confirmed: int, wanted: int, timeout_ms: int) -> ServiceError:
-    """Redis WAIT came back short: the write is on the master, which could still lose it in a failover."""
+def replication_unconfirmed(confirmed: int | None, wanted: int, timeout_ms: int) -> ServiceError:
+    """Redis WAIT came back short (or, with None, could not follow a write that was redirected to another
+    cluster node): the write is on the master, which could still lose it in a failover."""
+    why = (f"only {confirmed} of {wanted} replicas confirmed it within {timeout_ms} ms" if confirmed is not None
+           else "its slot was moving between cluster nodes, so no replica confirmation was asked for")
     return ServiceError(
         grpc.StatusCode.UNAVAILABLE,
-        f"the chunk was applied on the Redis master, but only {confirmed} of {wanted} replicas confirmed it "
-        f"within {timeout_ms} ms, so it is not acknowledged; retry it with its start_offset: the retry replays "
-        "the stored answer once replicas confirm, or applies the chunk again if a failover lost it",
+        f"the chunk was applied on the Redis master, but {why}, so it is not acknowledged; retry it with its "
+        "start_offset: the retry replays the stored answer once replicas confirm it, or applies the chunk again "
+        "if a failover lost it",
     )

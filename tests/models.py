@@ -77,3 +77,19 @@ def keras_whole_sequence(model_path: Path | str, x: np.ndarray) -> np.ndarray:
             layer.reset_state()
     y = keras.ops.convert_to_numpy(model(inputs, training=False))[0]
     return y if y.ndim == 2 else y.reshape(1, -1)
+
+
+def keras_whole_sequences(model_path: Path | str, sequences: list[np.ndarray]) -> list[np.ndarray]:
+    """keras_whole_sequence for many sequences in one model call: each is padded at its end to the longest.
+
+    Valid for per-timestep models without a fixed batch size (the default model): a recurrent model is
+    causal, so the padding after a sequence's last step cannot change any of its outputs.
+    """
+    model = _load(str(model_path))
+    length = max(len(x) for x in sequences)
+    inputs = np.zeros((len(sequences), length, sequences[0].shape[1]), dtype=np.float32)
+    for row, x in enumerate(sequences):
+        inputs[row, : len(x)] = x
+    y = keras.ops.convert_to_numpy(model(inputs, training=False))
+    assert y.ndim == 3, "keras_whole_sequences needs a per-timestep model"
+    return [y[row, : len(x)] for row, x in enumerate(sequences)]

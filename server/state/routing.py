@@ -21,6 +21,8 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from server.state.connection import AsyncClient
 
+_REDIRECTS = (redis_errors.MovedError, redis_errors.AskError, redis_errors.TryAgainError)
+
 
 @dataclass(slots=True)
 class ScriptResults:
@@ -28,7 +30,8 @@ class ScriptResults:
     back short to the number of replicas that did confirm."""
 
     results: list[Any]
-    unconfirmed: dict[int, int] = field(default_factory=dict)
+    # None: the write was redirected to another node (a slot migrating), so no WAIT covered it.
+    unconfirmed: dict[int, int | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,14 +61,22 @@ class NodeRouter:
         if not items:
             return ScriptResults([])
         sha = hashlib.sha1(script.encode()).hexdigest()
-        groups = self._groups(items)
         results: list[Any] = [None] * len(items)
-        unconfirmed: dict[int, int] = {}
-        pending = groups
+        unconfirmed: dict[int, int | None] = {}
+        pending = await self._groups(items)
         for attempt in range(2):
             answers, waits = await self._send(sha, items, pending)
             missing = []
             for group, answer in zip(pending, answers, strict=True):
+                redirected = isinstance(answer, _REDIRECTS)
+                if redirected:
+                    # Only when WAIT is on (redis-py follows redirects itself otherwise): the call did not
+                    # run, so send it again through redis-py, which follows MOVED/ASK. That write went to
+                    # another node than the WAIT, so it is applied but unconfirmed; its retry confirms it.
+                    try:
+                        answer = await self.client.execute_command(*self._call(sha, items, group))
+                    except redis_errors.NoScriptError as exc:
+                        answer = exc
                 if isinstance(answer, redis_errors.NoScriptError) and attempt == 0:
                     missing.append(group)
                     continue
@@ -73,11 +84,14 @@ class NodeRouter:
                     raise answer
                 for index, value in zip(group.indices, answer, strict=True):
                     results[index] = value
+                if redirected:
+                    unconfirmed.update(dict.fromkeys(group.indices))
+                    continue
                 confirmed = waits.get(group.node)
                 if isinstance(confirmed, Exception):
                     raise confirmed
                 if confirmed is not None and confirmed < self.wait.replicas:
-                    unconfirmed.update((index, confirmed) for index in group.indices)
+                    unconfirmed.update(dict.fromkeys(group.indices, confirmed))
             if not missing:
                 break
             # A fresh node (a promoted replica, a restarted or added master) has an empty script cache;
@@ -86,14 +100,15 @@ class NodeRouter:
             pending = missing
         return ScriptResults(results, unconfirmed)
 
-    def _groups(self, items: Sequence[tuple[str, Sequence[Any]]]) -> list[_Group]:
+    async def _groups(self, items: Sequence[tuple[str, Sequence[Any]]]) -> list[_Group]:
         if not self.cluster:
             return [_Group("", list(range(len(items))))]
+        await self.client.initialize()  # type: ignore[union-attr]  # the slot map, once; a no-op afterwards
         by_slot: dict[int, _Group] = {}
         for index, (key, _) in enumerate(items):
             slot = self.client.keyslot(key)  # type: ignore[union-attr]
             if slot not in by_slot:
-                node: ClusterNode = self.client.nodes_manager.get_node_from_slot(slot)  # type: ignore[union-attr]
+                node: ClusterNode = self.client.get_node_from_key(key)  # type: ignore[union-attr]
                 by_slot[slot] = _Group(node.name, [])
             by_slot[slot].indices.append(index)
         return list(by_slot.values())
@@ -103,15 +118,23 @@ class NodeRouter:
         """One pipeline: the script calls, then one WAIT per node that took writes."""
         async with self.client.pipeline(transaction=False) as pipe:
             for group in groups:
-                keys = [items[i][0] for i in group.indices]
-                args = [arg for i in group.indices for arg in items[i][1]]
-                pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)  # the cluster pipeline has no evalsha()
+                pipe.execute_command(*self._call(sha, items, group))  # the cluster pipeline has no evalsha()
             nodes = list(dict.fromkeys(group.node for group in groups)) if self.wait.replicas else []
             for node in nodes:
                 target = {"target_nodes": self.client.get_node(node_name=node)} if self.cluster else {}  # type: ignore[union-attr]
                 pipe.execute_command("WAIT", self.wait.replicas, self.wait.timeout_ms, **target)
-            answers = await pipe.execute(raise_on_error=False)
+            if self.cluster:
+                # With WAIT, a redirected write must not be followed by redis-py behind our back: the WAIT
+                # queued here would then ask the wrong node. run_script resends it and reports it unconfirmed.
+                answers = await pipe.execute(raise_on_error=False, allow_redirections=not self.wait.replicas)
+            else:
+                answers = await pipe.execute(raise_on_error=False)
         return answers[: len(groups)], dict(zip(nodes, answers[len(groups):], strict=True))
+
+    @staticmethod
+    def _call(sha: str, items: Sequence[tuple[str, Sequence[Any]]], group: _Group) -> list[Any]:
+        keys = [items[i][0] for i in group.indices]
+        return ["EVALSHA", sha, len(keys), *keys, *(arg for i in group.indices for arg in items[i][1])]
 
 
 @dataclass(slots=True)

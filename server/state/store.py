@@ -163,7 +163,7 @@ class StateStore:
         return [self._unconfirmed(done.unconfirmed[i]) if i in done.unconfirmed else None
                 for i in range(len(stream_ids))]
 
-    def _unconfirmed(self, replicas: int) -> ServiceError:
+    def _unconfirmed(self, replicas: int | None) -> ServiceError:
         return replication_unconfirmed(replicas, self._router.wait.replicas, self._router.wait.timeout_ms)
 
     @_redis_errors_as_status

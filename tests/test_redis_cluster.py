@@ -1,0 +1,238 @@
+"""Issue 9, Redis Cluster: a three-master cluster built in the test, the server routing by node and slot.
+
+- Invariant 1 (docs/invariants.md), continuation, holds through the cluster on both protocols (native
+  and Triton via tritonclient), and the streams spread over every master (the `{stream_id}` hash tag).
+- GetStream, ResetStream, expiry and ended sequences work on a cluster.
+- WAIT goes to each node that took the batch's writes, once per node, and only there.
+- Invariants 8 and 11: slots that hold streams migrate between masters in the middle of a load
+  (MOVED/ASK, followed by redis-py) and `lstm-loadtest --verify`, retrying by offset, loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import subprocess
+import sys
+import threading
+import uuid
+
+import numpy as np
+import pytest
+import redis
+import tritonclient.grpc as triton
+
+from loadtest import EXIT_OK, LoadConfig, run_load
+from lstm_stream.v1 import stream_pb2 as pb
+from server.state.connection import RedisTopology
+from server.state.record import SlotRecord, new_version
+from server.state.routing import WaitPolicy
+from server.state.store import SlotWrite, StateStore
+from tests.models import TOLERANCE, keras_whole_sequences
+from tests.support import DEFAULT_MODEL, ROOT, RedisClusterNodes, ServerProcess, wait_until
+from tests.test_continuation import make_streams, run_all
+
+pytestmark = pytest.mark.timeout(420)
+STATE_TTL_S = 600
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    nodes = RedisClusterNodes(masters=3)
+    yield nodes
+    nodes.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster_server(cluster: RedisClusterNodes):
+    server = ServerProcess(cluster.url, DEFAULT_MODEL, "--redis-cluster", "--state-ttl-s", str(STATE_TTL_S))
+    yield server
+    server.stop()
+
+
+def stream_keys(node) -> int:
+    return sum(1 for _ in node.client().scan_iter(match="lstm:*", count=1000))
+
+
+def triton_sequences(address: str, count: int, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Sequences split at random over Triton's sequence parameters: id -> (inputs, concatenated outputs)."""
+    rng = np.random.default_rng(seed)
+    done = {}
+    with triton.InferenceServerClient(url=address) as client:
+        for n in range(count):
+            length = int(rng.integers(2, 120))
+            x = rng.normal(0, 1.5, size=(length, 1)).astype(np.float32)
+            bounds = [0, *sorted(set(rng.integers(1, length, size=3).tolist())), length]
+            sequence_id = f"cluster-triton-{uuid.uuid4().hex[:6]}-{n}"
+            got = []
+            for number, (a, b) in enumerate(itertools.pairwise(bounds)):
+                chunk = triton.InferInput("INPUT", [b - a, 1], "FP32")
+                chunk.set_data_from_numpy(x[a:b])
+                result = client.infer("default", [chunk], sequence_id=sequence_id, sequence_start=number == 0,
+                                      sequence_end=b == length, client_timeout=30)
+                got.append(result.as_numpy("OUTPUT"))
+            done[sequence_id] = (x, np.concatenate(got))
+    return done
+
+
+def test_continuation_through_a_cluster_on_both_protocols(cluster, cluster_server: ServerProcess) -> None:
+    before = [stream_keys(node) for node in cluster.nodes]
+    streams = make_streams(seed=9, features=1, prefix=f"cluster-{uuid.uuid4().hex[:6]}")
+    native = asyncio.run(run_all(cluster_server.address, streams))
+    # Stream ids live in the key's hash tag; counted before the Triton sequences end (and leave only a
+    # short-lived answer behind).
+    held = [stream_keys(node) - b for node, b in zip(cluster.nodes, before, strict=True)]
+    triton_runs = triton_sequences(cluster_server.address, count=12, seed=9)
+
+    got = {**native, **{sid: y for sid, (_, y) in triton_runs.items()}}
+    inputs = {**{sid: x for sid, (x, _) in streams.items()}, **{sid: x for sid, (x, _) in triton_runs.items()}}
+    expected = dict(zip(inputs, keras_whole_sequences(DEFAULT_MODEL, list(inputs.values())), strict=True))
+    worst = 0.0
+    for stream_id, y in got.items():
+        assert y.shape == expected[stream_id].shape, stream_id
+        diff = float(np.max(np.abs(y - expected[stream_id])))
+        assert diff <= TOLERANCE, f"{stream_id}: max abs diff {diff}"
+        worst = max(worst, diff)
+    print(f"max abs diff over {len(got)} streams ({len(triton_runs)} over Triton): {worst:.3g}; "
+          f"streams per master: {held}")
+    # The hash tag spreads the streams over every master.
+    assert all(count > 0 for count in held), held
+    assert sum(held) == len(streams)
+
+
+def test_get_reset_expiry_and_ended_streams_on_a_cluster(cluster_server: ServerProcess) -> None:
+    from tests.client import predict
+
+    stub = cluster_server.stub
+    ids = [f"cluster-ops-{uuid.uuid4().hex[:6]}-{n}" for n in range(12)]  # several slots, so several nodes
+    for stream_id in ids:
+        predict(stub, stream_id, np.ones((4, 1), np.float32), reset=True)
+    for stream_id in ids:
+        status = stub.GetStream(pb.GetStreamRequest(stream_id=stream_id), timeout=10)
+        assert status.exists and status.offset == 4
+        assert 0 < status.expires_in_ms <= STATE_TTL_S * 1000
+    assert stub.ResetStream(pb.ResetStreamRequest(stream_id=ids[0]), timeout=10)
+    assert not stub.GetStream(pb.GetStreamRequest(stream_id=ids[0]), timeout=10).exists
+    last = np.full((2, 1), 0.5, np.float32)
+    ended = predict(stub, ids[1], last, end=True, start_offset=4)
+    assert not stub.GetStream(pb.GetStreamRequest(stream_id=ids[1]), timeout=10).exists
+    again = predict(stub, ids[1], last, end=True, start_offset=4)  # the kept answer of the ended stream
+    assert again.replayed and list(again.outputs) == list(ended.outputs)
+
+
+def test_cluster_node_without_the_cluster_flag_is_refused(cluster: RedisClusterNodes) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "--port", "0", "--metrics-port", "0", "--log-format", "text",
+         "--redis-url", cluster.url],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert result.returncode == 2, result.stderr
+    assert "is a Redis Cluster node; add --redis-cluster" in result.stderr
+
+
+def _record() -> SlotRecord:
+    return SlotRecord(version=new_version(), offset=1, updated_unix_ms=1, fingerprint=b"\0" * 8, last_start=0,
+                      last_digest=b"\0" * 16, last_request_id=b"\0" * 16, state=np.zeros(2, np.float32),
+                      last_outputs=np.zeros((1, 1), np.float32), ended=False)
+
+
+def test_wait_goes_once_to_each_node_that_took_writes(cluster: RedisClusterNodes) -> None:
+    # No replicas in this cluster, so WAIT 1 comes back with 0: every applied write is unconfirmed.
+    prefix = f"w{uuid.uuid4().hex[:6]}"
+    ids = [f"s{n}" for n in range(30)]
+    owners = {cluster.owner_of(redis.crc.key_slot(f"{prefix}:{{{s}}}".encode())).port for s in ids}
+    assert len(owners) == 3
+
+    def calls(command: str) -> dict[int, int]:
+        stats = {node.port: node.client().info("commandstats") for node in cluster.nodes}
+        return {port: s.get(f"cmdstat_{command}", {}).get("calls", 0) for port, s in stats.items()}
+
+    async def save() -> list:
+        store = StateStore(RedisTopology(cluster.url, cluster=True), key_prefix=prefix,
+                           wait=WaitPolicy(replicas=1, timeout_ms=20))
+        try:
+            await store.save([SlotWrite("warm-up", b"", _record(), 60_000)])  # the first call loads the script
+            waits_before.update(calls("wait"))
+            scripts_before.update(calls("evalsha"))
+            return await store.save([SlotWrite(s, b"", _record(), 60_000) for s in ids])
+        finally:
+            await store.close()
+
+    waits_before: dict[int, int] = {}
+    scripts_before: dict[int, int] = {}
+    outcome = asyncio.run(save())
+    waits = {port: n - waits_before[port] for port, n in calls("wait").items()}
+    scripts = {port: n - scripts_before[port] for port, n in calls("evalsha").items()}
+    assert waits == {port: 1 for port in owners}
+    slots_per_node = {port: len({redis.crc.key_slot(f"{prefix}:{{{s}}}".encode()) for s in ids
+                                 if cluster.owner_of(redis.crc.key_slot(f"{prefix}:{{{s}}}".encode())).port == port})
+                      for port in owners}
+    assert scripts == slots_per_node  # one compare-and-set call per slot
+    assert all(getattr(result, "code", None) is not None and "0 of 1 replicas" in result.message for result in outcome)
+
+
+def test_a_write_redirected_mid_migration_is_not_acknowledged_without_wait(cluster: RedisClusterNodes) -> None:
+    # With WAIT on, a write that is redirected (ASK: its key already moved to the importing node) lands on
+    # another node than the queued WAIT asked: it is applied, and answered UNAVAILABLE until confirmed.
+    prefix = f"ask{uuid.uuid4().hex[:6]}"
+    key = f"{prefix}:{{moving}}"
+    slot = redis.crc.key_slot(key.encode())
+    source = cluster.owner_of(slot)
+    target = next(node for node in cluster.nodes if node is not source)
+
+    async def scenario() -> tuple[list, object]:
+        plain = StateStore(RedisTopology(cluster.url, cluster=True), key_prefix=prefix)
+        waiting = StateStore(RedisTopology(cluster.url, cluster=True), key_prefix=prefix,
+                             wait=WaitPolicy(replicas=1, timeout_ms=20))
+        try:
+            first = _record()
+            assert await plain.save([SlotWrite("moving", b"", first, 60_000)]) == [True]
+            source_client, target_client = source.client(), target.client()
+            target_client.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", cluster.node_id(source))
+            source_client.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", cluster.node_id(target))
+            source_client.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", key)
+            outcome = await waiting.save([SlotWrite("moving", first.version, _record(), 60_000)])
+            for node in cluster.nodes:
+                node.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", cluster.node_id(target))
+            return outcome, (await plain.load(["moving"]))[0]
+        finally:
+            await plain.close()
+            await waiting.close()
+
+    outcome, stored = asyncio.run(scenario())
+    assert getattr(outcome[0], "code", None) is not None, outcome
+    assert "its slot was moving between cluster nodes" in outcome[0].message
+    assert stored is not None and stored.version != b"" and target.client().exists(key)
+
+
+def test_slot_migration_in_the_middle_of_a_load_loses_nothing(cluster, cluster_server: ServerProcess) -> None:
+    prefix = f"mig-{uuid.uuid4().hex[:6]}"
+    config = LoadConfig(target=cluster_server.address, streams=16, chunk_timesteps=3, total_chunks=1200,
+                        duration_s=None, warmup_s=0, timeout_s=5, max_retries=30, stream_prefix=prefix,
+                        verify=True, model_path=str(DEFAULT_MODEL))
+    source, target = cluster.nodes[0], cluster.nodes[1]
+    def slot_of(n: int) -> int:
+        return redis.crc.key_slot(f"lstm:{{{prefix}-{n}}}".encode())
+
+    slots = sorted({slot_of(n) for n in range(config.streams) if cluster.owner_of(slot_of(n)) is source})
+    assert slots, "no stream of the load on the first master"
+    result: dict = {}
+    load = threading.Thread(target=lambda: result.update(report=run_load(config)), daemon=True)
+    load.start()
+    first = f"{prefix}-{next(n for n in range(config.streams) if slot_of(n) in slots)}"
+    wait_until(lambda: not load.is_alive() or cluster_server.stub.GetStream(
+        pb.GetStreamRequest(stream_id=first), timeout=5).offset >= 9, 60, "the load to get going")
+    moved, rounds = 0, 0
+    while load.is_alive() and rounds < 20:  # back and forth until the load is done
+        here, there = (source, target) if rounds % 2 == 0 else (target, source)
+        moved += sum(cluster.migrate_slot(slot, here, there) for slot in slots)
+        rounds += 1
+    load.join(120)
+    report = result["report"]
+    print(f"migrations: {rounds} rounds of {len(slots)} slots, {moved} keys moved; retries {report['retries']}, "
+          f"errors {report['errors']}, {report['chunks_per_s']:.0f} chunks/s")
+    assert moved > 0 and rounds >= 1
+    assert report["exit_code"] == EXIT_OK, report["verify"]
+    assert report["verify"]["passed"] and not report["broken_streams"]
+    assert report["totals"]["chunks"] == config.total_chunks

@@ -1,0 +1,64 @@
+"""Issue 9: a Redis topology that does not match the configuration stops the server at start-up with
+one clear line and exit code 2 (a configuration error: `--workers` does not restart it), before the
+model is loaded. Invariant 8 (docs/invariants.md) covers faults at run time, not these."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.support import ROOT, RedisServer, SentinelGroup, free_port
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def serve(*flags: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "server", "--port", "0", "--metrics-port", "0", "--log-format", "text", *flags]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_cluster_flag_against_a_plain_redis(redis_server: RedisServer) -> None:
+    result = serve("--redis-url", redis_server.url, "--redis-cluster")
+    assert result.returncode == 2, result.stderr
+    assert "is not a cluster node (cluster_enabled:0)" in result.stderr
+    assert "drop --redis-cluster" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def sentinels():
+    group = SentinelGroup(replicas=0, sentinels=1)
+    yield group
+    group.stop()
+
+
+def test_unknown_sentinel_master(sentinels: SentinelGroup) -> None:
+    result = serve("--redis-sentinels", sentinels.addresses, "--redis-sentinel-master", "no-such-master")
+    assert result.returncode == 2, result.stderr
+    assert "do not monitor a master named 'no-such-master'" in result.stderr
+    assert f"they monitor: {SentinelGroup.MASTER_NAME}" in result.stderr
+
+
+def test_no_sentinel_reachable() -> None:
+    nobody = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+    result = serve("--redis-sentinels", nobody, "--redis-sentinel-master", "mymaster")
+    assert result.returncode == 2, result.stderr
+    assert "no sentinel reachable" in result.stderr
+    assert nobody.split(",")[1] in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--redis-sentinels", "127.0.0.1:1"), "--redis-sentinels needs --redis-sentinel-master"),
+        (("--redis-sentinels", "127.0.0.1"), "--redis-sentinels: expected host:port, got '127.0.0.1'"),
+        (("--redis-cluster", "--redis-sentinels", "127.0.0.1:1", "--redis-sentinel-master", "m"), "exclude each other"),
+        (("--redis-wait-timeout-ms", "0",), "--redis-wait-timeout-ms must be at least 1"),
+    ],
+)
+def test_inconsistent_flags(flags: tuple[str, ...], message: str) -> None:
+    result = serve(*flags)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
