@@ -46,7 +46,17 @@ def test_unconfirmed_chunk_is_unavailable_then_replayed_once_a_replica_holds_it(
         replica = NodeProcess(free_port(), ["appendonly no", f"replicaof 127.0.0.1 {master.port}"])
         wait_until(lambda: replica.client().info("replication").get("master_link_status") == "up", 30,
                    "the replica to sync")
-        replayed = predict(server.stub, "waited", first, reset=True, start_offset=0)
+
+        def replay_once_confirmed() -> object:
+            # WAIT's 100 ms can be short for a fresh replica on a busy machine: until then the honest
+            # answer is still UNAVAILABLE, and the test retries as a client would.
+            try:
+                return predict(server.stub, "waited", first, reset=True, start_offset=0)
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.UNAVAILABLE and "replicas confirmed" in error.details()
+                return None
+
+        replayed = wait_until(replay_once_confirmed, 30, "the replica to confirm the chunk", interval_s=0.2)
         assert replayed.replayed and replayed.offset == 5
         assert replica.client().exists("lstm:{waited}")
         continued = predict(server.stub, "waited", second, start_offset=5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import grpc
@@ -10,10 +11,14 @@ import numpy as np
 import pytest
 
 from server.state.record import HEADER_SIZE, SlotRecord, new_version
-from server.state.store import SlotWrite, StateStore
+from server.state.store import APPLIED, REFUSED, SlotWrite, StateStore
 from tests.client import predict, request, status_of
 
 pytestmark = pytest.mark.timeout(60)
+
+
+def soon() -> float:
+    return time.monotonic() + 5
 
 
 def record(offset: int, state_size: int = 256) -> SlotRecord:
@@ -38,20 +43,20 @@ def test_compare_and_set_lets_exactly_one_writer_win(redis_server) -> None:
     async def scenario() -> None:
         store = StateStore(redis_server.url, key_prefix=f"t{uuid.uuid4().hex[:6]}")
         first = record(1)
-        assert await store.save([SlotWrite("s", b"", first, 60_000)]) == [True]
+        assert await store.save([SlotWrite("s", b"", first, 60_000)], soon()) == [APPLIED]
         # Two writers that both loaded `first` race; one compare-and-set wins, the other is refused.
         results = await asyncio.gather(
-            store.save([SlotWrite("s", first.version, record(2), 60_000)]),
-            store.save([SlotWrite("s", first.version, record(3), 60_000)]),
+            store.save([SlotWrite("s", first.version, record(2), 60_000)], soon()),
+            store.save([SlotWrite("s", first.version, record(3), 60_000)], soon()),
         )
-        assert sorted(r[0] for r in results) == [False, True]
-        (loaded,) = await store.load(["s"])
+        assert sorted(r[0] is APPLIED for r in results) == [False, True]
+        (loaded,) = await store.load(["s"], soon())
         assert loaded.offset in (2, 3)
         # Creating over an existing slot, or deleting with a stale version, is refused too.
-        assert await store.save([SlotWrite("s", b"", record(9), 60_000)]) == [False]
-        assert await store.save([SlotWrite("s", first.version, None, 60_000)]) == [False]
-        assert await store.save([SlotWrite("s", loaded.version, None, 60_000)]) == [True]
-        assert await store.load(["s", "missing"]) == [None, None]
+        assert await store.save([SlotWrite("s", b"", record(9), 60_000)], soon()) == [REFUSED]
+        assert await store.save([SlotWrite("s", first.version, None, 60_000)], soon()) == [REFUSED]
+        assert await store.save([SlotWrite("s", loaded.version, None, 60_000)], soon()) == [APPLIED]
+        assert await store.load(["s", "missing"], soon()) == [None, None]
         await store.close()
 
     asyncio.run(scenario())
@@ -60,15 +65,15 @@ def test_compare_and_set_lets_exactly_one_writer_win(redis_server) -> None:
 def test_one_batch_saves_independently_per_stream(redis_server) -> None:
     async def scenario() -> None:
         store = StateStore(redis_server.url, key_prefix=f"t{uuid.uuid4().hex[:6]}")
-        await store.save([SlotWrite("a", b"", record(1), 60_000)])
+        await store.save([SlotWrite("a", b"", record(1), 60_000)], soon())
         applied = await store.save([
             SlotWrite("a", b"stale!!!", record(5), 60_000),
             SlotWrite("b", b"", record(7), 60_000),
-        ])
-        assert applied == [False, True]
-        a, b = await store.load(["a", "b"])
+        ], soon())
+        assert applied == [REFUSED, APPLIED]
+        a, b = await store.load(["a", "b"], soon())
         assert (a.offset, b.offset) == (1, 7)
-        _, ttl = await store.inspect("b")
+        _, ttl = await store.inspect("b", soon())
         assert 0 < ttl <= 60_000
         await store.close()
 

@@ -24,7 +24,9 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import SSLConnection, parse_url
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
 
 AsyncClient = aioredis.Redis | RedisCluster
 Mode = Literal["single", "sentinel", "cluster"]
@@ -92,15 +94,22 @@ class RedisTopology:
 
 
 def connect(topology: RedisTopology) -> AsyncClient:
-    """The asyncio client for this topology. It connects lazily: nothing is sent until the first command."""
+    """The asyncio client for this topology. It connects lazily: nothing is sent until the first command.
+
+    No socket timeout and, on one node and with Sentinel, no automatic resends: the store bounds every
+    call by its caller's deadline and decides itself what may be resent (store.py). The cluster client
+    keeps its own retries: they refresh the slot map after a node fails, and a resent save is harmless
+    (saves are idempotent)."""
+    async_options: dict[str, Any] = {"socket_timeout": None, "socket_connect_timeout": topology.timeout_s}
     if topology.mode == "cluster":
-        return RedisCluster.from_url(topology.url, **topology._timeouts())
+        return RedisCluster.from_url(topology.url, **async_options)
+    no_resend = {**async_options, "retry": Retry(NoBackoff(), 0), "health_check_interval": 30}
     if topology.mode == "sentinel":
         master, sentinel = topology._sentinel_options()
         return Sentinel(topology.sentinels, sentinel_kwargs=sentinel).master_for(
-            topology.sentinel_master, health_check_interval=30, **master
+            topology.sentinel_master, **{**master, **no_resend}
         )
-    return aioredis.Redis.from_url(topology.url, health_check_interval=30, **topology._timeouts())
+    return aioredis.Redis.from_url(topology.url, **no_resend)
 
 
 def check_topology(topology: RedisTopology) -> None:

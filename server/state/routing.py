@@ -1,12 +1,16 @@
-"""A batch's Redis commands, one round trip per node, and Redis WAIT where replicas must confirm.
+"""Which Redis node a batch's keys live on, and one round trip per node for their reads and scripts.
 
-The store hands this module every key of a batch at once. On one node (or a Sentinel-managed
-master) that is one MGET, or one script call followed by WAIT in the same pipeline. On a Redis
-Cluster a script may only touch keys of one slot, so writes are grouped by slot (one script call per
-slot) and redis-py's cluster pipeline sends each node its calls in one round trip, the nodes
-concurrently; it also follows MOVED/ASK while a slot migrates. WAIT is per connection (it waits for
-the replication offset of that connection's own last write), so in a cluster it is queued once per
-node that took writes, targeted at that node: it travels on the same connection, after the scripts.
+On one node (or a Sentinel-managed master) a batch is one group. On a Redis Cluster a script or a
+multi-key command may only touch keys of one slot, so each node's keys are split by slot: one MGET
+(or one script call) per slot, all of a node's calls in one redis-py cluster pipeline, which is one
+round trip to that node. The store runs the nodes concurrently, each under its own deadline and
+retries (store.py). redis-py finds the nodes and follows MOVED/ASK while a slot migrates.
+
+Redis WAIT (`--redis-wait-replicas`) is per connection: it waits for the replication offset of that
+connection's own last write. So it is queued in the same pipeline, after the node's script calls,
+targeted at that node: it travels on the same connection. With WAIT on, a redirected call is not
+left to redis-py inside the pipeline (the WAIT would then vouch for the wrong node): it is resent
+through redis-py on its own and reported unconfirmed, and its retry confirms it.
 """
 
 from __future__ import annotations
@@ -17,21 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis import exceptions as redis_errors
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import RedisCluster
 
 from server.state.connection import AsyncClient
 
-_REDIRECTS = (redis_errors.MovedError, redis_errors.AskError, redis_errors.TryAgainError)
-
-
-@dataclass(slots=True)
-class ScriptResults:
-    """Per item, the script's answer for its key; `unconfirmed` maps the items whose node's WAIT came
-    back short to the number of replicas that did confirm."""
-
-    results: list[Any]
-    # None: the write was redirected to another node (a slot migrating), so no WAIT covered it.
-    unconfirmed: dict[int, int | None] = field(default_factory=dict)
+_REDIRECTS = (redis_errors.MovedError, redis_errors.AskError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,104 +34,104 @@ class WaitPolicy:
     timeout_ms: int = 1000
 
 
+@dataclass(slots=True)
+class NodeGroup:
+    """The keys of a batch that one node holds, by slot (indices into the batch's key list)."""
+
+    node: str  # "host:port" of a cluster master; "" on one node
+    slots: list[list[int]] = field(default_factory=list)
+
+    @property
+    def indices(self) -> list[int]:
+        return [i for slot in self.slots for i in slot]
+
+
+@dataclass(slots=True)
+class ScriptResults:
+    """The script's answer per key (in `NodeGroup.indices` order); `unconfirmed` maps the batch indices
+    whose writes WAIT did not confirm to the number of replicas that did (None: no WAIT could cover it)."""
+
+    results: list[Any]
+    unconfirmed: dict[int, int | None] = field(default_factory=dict)
+
+
 class NodeRouter:
     def __init__(self, client: AsyncClient, wait: WaitPolicy) -> None:
         self.client = client
         self.wait = wait
         self.cluster = isinstance(client, RedisCluster)
 
-    async def read(self, keys: Sequence[str]) -> list[bytes | None]:
-        """GET of every key: one MGET on one node; on a cluster one MGET per slot, batched per node."""
-        if self.cluster:
-            return await self.client.mget_nonatomic(keys)  # type: ignore[union-attr]
-        return await self.client.mget(keys)
+    async def groups(self, keys: Sequence[str]) -> list[NodeGroup]:
+        if not self.cluster:
+            return [NodeGroup("", [list(range(len(keys)))])]
+        client: RedisCluster = self.client  # type: ignore[assignment]
+        await client.initialize()  # the slot map, once; a no-op afterwards
+        by_node: dict[str, dict[int, list[int]]] = {}
+        for index, key in enumerate(keys):
+            node = client.get_node_from_key(key).name
+            by_node.setdefault(node, {}).setdefault(client.keyslot(key), []).append(index)
+        return [NodeGroup(node, list(slots.values())) for node, slots in by_node.items()]
 
-    async def run_script(self, script: str, items: Sequence[tuple[str, Sequence[Any]]]) -> ScriptResults:
-        """Run the script over (key, per-key ARGV) items, grouped so that each call's keys share a slot.
+    async def read(self, keys: Sequence[str], group: NodeGroup) -> list[tuple[list[bytes | None], int]]:
+        """Per slot of the group: (MGET of its keys, EXISTS count of its keys), in one round trip."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for slot in group.slots:
+                slot_keys = [keys[i] for i in slot]
+                pipe.execute_command("MGET", *slot_keys)
+                pipe.execute_command("EXISTS", *slot_keys)
+            answers = await pipe.execute()
+        return [(answers[2 * n], int(answers[2 * n + 1])) for n in range(len(group.slots))]
 
-        The script takes KEYS[i] with its arguments at ARGV[(i-1)*width + 1 ...] and returns one
-        value per key, in KEYS order.
+    async def run_script(self, script: str, items: Sequence[tuple[str, Sequence[Any]]],
+                         group: NodeGroup) -> ScriptResults:
+        """The script over the group's (key, per-key ARGV) items, one call per slot, then WAIT.
+
+        The script takes KEYS[i] with its arguments at ARGV[(i-1)*width + 1 ...] and returns one value
+        per key, in KEYS order. Errors are raised as redis-py raises them (the caller decides on retries).
         """
-        if not items:
-            return ScriptResults([])
         sha = hashlib.sha1(script.encode()).hexdigest()
-        results: list[Any] = [None] * len(items)
-        unconfirmed: dict[int, int | None] = {}
-        pending = await self._groups(items)
-        for attempt in range(2):
-            answers, waits = await self._send(sha, items, pending)
-            missing = []
-            for group, answer in zip(pending, answers, strict=True):
-                redirected = isinstance(answer, _REDIRECTS)
-                if redirected:
-                    # Only when WAIT is on (redis-py follows redirects itself otherwise): the call did not
-                    # run, so send it again through redis-py, which follows MOVED/ASK. That write went to
-                    # another node than the WAIT, so it is applied but unconfirmed; its retry confirms it.
-                    try:
-                        answer = await self.client.execute_command(*self._call(sha, items, group))
-                    except redis_errors.NoScriptError as exc:
-                        answer = exc
-                if isinstance(answer, redis_errors.NoScriptError) and attempt == 0:
-                    missing.append(group)
-                    continue
-                if isinstance(answer, Exception):
-                    raise answer
-                for index, value in zip(group.indices, answer, strict=True):
-                    results[index] = value
-                if redirected:
-                    unconfirmed.update(dict.fromkeys(group.indices))
-                    continue
-                confirmed = waits.get(group.node)
-                if isinstance(confirmed, Exception):
-                    raise confirmed
-                if confirmed is not None and confirmed < self.wait.replicas:
-                    unconfirmed.update(dict.fromkeys(group.indices, confirmed))
-            if not missing:
-                break
+        answers, confirmed = await self._send(sha, items, group)
+        if any(isinstance(a, redis_errors.NoScriptError) for a in answers):
             # A fresh node (a promoted replica, a restarted or added master) has an empty script cache;
-            # NOSCRIPT means the call did not run, so loading the script and sending it again is safe.
+            # NOSCRIPT means no call ran, so loading the script and sending them again is safe.
             await self.client.script_load(script)
-            pending = missing
+            answers, confirmed = await self._send(sha, items, group)
+        results: list[Any] = []
+        unconfirmed: dict[int, int | None] = {}
+        for slot, answer in zip(group.slots, answers, strict=True):
+            if isinstance(answer, _REDIRECTS):
+                # Only with WAIT on (redis-py follows redirects itself otherwise): this call did not run;
+                # redis-py sends it again to the slot's new node, which the WAIT above did not ask.
+                answer = await self.client.execute_command(*self._call(sha, items, slot))
+                unconfirmed.update(dict.fromkeys(slot))
+            elif isinstance(answer, Exception):
+                raise answer
+            elif confirmed is not None and confirmed < self.wait.replicas:
+                unconfirmed.update(dict.fromkeys(slot, confirmed))
+            results.extend(answer)
         return ScriptResults(results, unconfirmed)
 
-    async def _groups(self, items: Sequence[tuple[str, Sequence[Any]]]) -> list[_Group]:
-        if not self.cluster:
-            return [_Group("", list(range(len(items))))]
-        await self.client.initialize()  # type: ignore[union-attr]  # the slot map, once; a no-op afterwards
-        by_slot: dict[int, _Group] = {}
-        for index, (key, _) in enumerate(items):
-            slot = self.client.keyslot(key)  # type: ignore[union-attr]
-            if slot not in by_slot:
-                node: ClusterNode = self.client.get_node_from_key(key)  # type: ignore[union-attr]
-                by_slot[slot] = _Group(node.name, [])
-            by_slot[slot].indices.append(index)
-        return list(by_slot.values())
-
     async def _send(self, sha: str, items: Sequence[tuple[str, Sequence[Any]]],
-                    groups: list[_Group]) -> tuple[list[Any], dict[str, Any]]:
-        """One pipeline: the script calls, then one WAIT per node that took writes."""
+                    group: NodeGroup) -> tuple[list[Any], int | None]:
+        """One pipeline to the group's node: a script call per slot, then WAIT when replicas must confirm."""
         async with self.client.pipeline(transaction=False) as pipe:
-            for group in groups:
-                pipe.execute_command(*self._call(sha, items, group))  # the cluster pipeline has no evalsha()
-            nodes = list(dict.fromkeys(group.node for group in groups)) if self.wait.replicas else []
-            for node in nodes:
-                target = {"target_nodes": self.client.get_node(node_name=node)} if self.cluster else {}  # type: ignore[union-attr]
+            for slot in group.slots:
+                pipe.execute_command(*self._call(sha, items, slot))  # the cluster pipeline has no evalsha()
+            if self.wait.replicas:
+                target = {"target_nodes": self.client.get_node(node_name=group.node)} if self.cluster else {}  # type: ignore[union-attr]
                 pipe.execute_command("WAIT", self.wait.replicas, self.wait.timeout_ms, **target)
             if self.cluster:
-                # With WAIT, a redirected write must not be followed by redis-py behind our back: the WAIT
-                # queued here would then ask the wrong node. run_script resends it and reports it unconfirmed.
                 answers = await pipe.execute(raise_on_error=False, allow_redirections=not self.wait.replicas)
             else:
                 answers = await pipe.execute(raise_on_error=False)
-        return answers[: len(groups)], dict(zip(nodes, answers[len(groups):], strict=True))
+        if not self.wait.replicas:
+            return answers, None
+        confirmed = answers[-1]
+        if isinstance(confirmed, Exception):
+            raise confirmed
+        return answers[:-1], int(confirmed)
 
     @staticmethod
-    def _call(sha: str, items: Sequence[tuple[str, Sequence[Any]]], group: _Group) -> list[Any]:
-        keys = [items[i][0] for i in group.indices]
-        return ["EVALSHA", sha, len(keys), *keys, *(arg for i in group.indices for arg in items[i][1])]
-
-
-@dataclass(slots=True)
-class _Group:
-    node: str  # cluster node name ("host:port"); "" on one node
-    indices: list[int]
+    def _call(sha: str, items: Sequence[tuple[str, Sequence[Any]]], slot: list[int]) -> list[Any]:
+        keys = [items[i][0] for i in slot]
+        return ["EVALSHA", sha, len(keys), *keys, *(arg for i in slot for arg in items[i][1])]
