@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 
 import numpy as np
@@ -28,7 +29,7 @@ from lstm_stream.v1 import stream_pb2 as pb
 from server.state.connection import RedisTopology
 from server.state.record import SlotRecord, new_version
 from server.state.routing import WaitPolicy
-from server.state.store import SlotWrite, StateStore
+from server.state.store import APPLIED, SlotWrite, StateStore
 from tests.models import TOLERANCE, keras_whole_sequences
 from tests.support import DEFAULT_MODEL, ROOT, RedisClusterNodes, ServerProcess, wait_until
 from tests.test_continuation import make_streams, run_all
@@ -131,6 +132,10 @@ def test_cluster_node_without_the_cluster_flag_is_refused(cluster: RedisClusterN
     assert "is a Redis Cluster node; add --redis-cluster" in result.stderr
 
 
+def _deadline() -> float:
+    return time.monotonic() + 30
+
+
 def _record() -> SlotRecord:
     return SlotRecord(version=new_version(), offset=1, updated_unix_ms=1, fingerprint=b"\0" * 8, last_start=0,
                       last_digest=b"\0" * 16, last_request_id=b"\0" * 16, state=np.zeros(2, np.float32),
@@ -152,10 +157,11 @@ def test_wait_goes_once_to_each_node_that_took_writes(cluster: RedisClusterNodes
         store = StateStore(RedisTopology(cluster.url, cluster=True), key_prefix=prefix,
                            wait=WaitPolicy(replicas=1, timeout_ms=20))
         try:
-            await store.save([SlotWrite("warm-up", b"", _record(), 60_000)])  # the first call loads the script
+            # The first call loads the script (NOSCRIPT, then a resend): not counted.
+            await store.save([SlotWrite("warm-up", b"", _record(), 60_000)], _deadline())
             waits_before.update(calls("wait"))
             scripts_before.update(calls("evalsha"))
-            return await store.save([SlotWrite(s, b"", _record(), 60_000) for s in ids])
+            return await store.save([SlotWrite(s, b"", _record(), 60_000) for s in ids], _deadline())
         finally:
             await store.close()
 
@@ -187,15 +193,15 @@ def test_a_write_redirected_mid_migration_is_not_acknowledged_without_wait(clust
                              wait=WaitPolicy(replicas=1, timeout_ms=20))
         try:
             first = _record()
-            assert await plain.save([SlotWrite("moving", b"", first, 60_000)]) == [True]
+            assert await plain.save([SlotWrite("moving", b"", first, 60_000)], _deadline()) == [APPLIED]
             source_client, target_client = source.client(), target.client()
             target_client.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", cluster.node_id(source))
             source_client.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", cluster.node_id(target))
             source_client.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", key)
-            outcome = await waiting.save([SlotWrite("moving", first.version, _record(), 60_000)])
+            outcome = await waiting.save([SlotWrite("moving", first.version, _record(), 60_000)], _deadline())
             for node in cluster.nodes:
                 node.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", cluster.node_id(target))
-            return outcome, (await plain.load(["moving"]))[0]
+            return outcome, (await plain.load(["moving"], _deadline()))[0]
         finally:
             await plain.close()
             await waiting.close()
