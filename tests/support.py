@@ -157,8 +157,11 @@ def free_cluster_port() -> int:
 class NodeProcess:
     """One redis-server (node or sentinel) from a config file, so a test can SIGKILL it."""
 
-    def __init__(self, port: int, lines: list[str], *, sentinel: bool = False) -> None:
+    def __init__(self, port: int, lines: list[str], *, sentinel: bool = False, password: str | None = None,
+                 client_options: dict | None = None) -> None:
         self.port = port
+        self.password = password
+        self.client_options = client_options or {}
         self.dir = tempfile.mkdtemp(prefix="lstm-redis-node-")
         self.config = os.path.join(self.dir, "redis.conf")
         with open(self.config, "w") as file:
@@ -169,7 +172,8 @@ class NodeProcess:
         wait_until(self._answers, 10, f"redis-server on port {port}")
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, decode_responses=True)
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, decode_responses=True,
+                           password=self.password, **self.client_options)
 
     def _answers(self) -> bool:
         if self.process.poll() is not None:
@@ -191,17 +195,20 @@ class NodeProcess:
 class RedisClusterNodes:
     """A Redis Cluster of `masters` masters and no replicas, on loopback, ready (cluster_state:ok)."""
 
-    def __init__(self, masters: int = 3) -> None:
+    def __init__(self, masters: int = 3, password: str | None = None) -> None:
+        auth = [f"requirepass {password}", f"masterauth {password}"] if password else []
         self.nodes = [
             NodeProcess(free_cluster_port(), ["cluster-enabled yes", "cluster-config-file nodes.conf",
-                                              "cluster-node-timeout 3000", "appendonly no"])
+                                              "cluster-node-timeout 3000", "appendonly no", *auth], password=password)
             for _ in range(masters)
         ]
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
-        subprocess.run([shutil.which("redis-cli") or "redis-cli", "--cluster", "create", *addresses,
-                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        subprocess.run([shutil.which("redis-cli") or "redis-cli", *(["-a", password] if password else []),
+                        "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
         wait_until(self._ready, 30, "cluster_state:ok on every node", interval_s=0.1)
-        self.url = f"redis://127.0.0.1:{self.nodes[0].port}/0"
+        credentials = f":{password}@" if password else ""
+        self.url = f"redis://{credentials}127.0.0.1:{self.nodes[0].port}/0"
 
     def _ready(self) -> bool:
         for node in self.nodes:
@@ -246,13 +253,17 @@ class SentinelGroup:
 
     MASTER_NAME = "lstm-master"
 
-    def __init__(self, replicas: int = 2, sentinels: int = 3, down_after_ms: int = 1000) -> None:
+    def __init__(self, replicas: int = 2, sentinels: int = 3, down_after_ms: int = 1000,
+                 password: str | None = None) -> None:
         common = ["appendonly no", "repl-diskless-sync-delay 0", "repl-ping-replica-period 1"]
-        self.master = NodeProcess(free_port(), common)
-        self.replicas = [NodeProcess(free_port(), [*common, f"replicaof 127.0.0.1 {self.master.port}"])
-                         for _ in range(replicas)]
+        if password:
+            common += [f"requirepass {password}", f"masterauth {password}"]
+        self.master = NodeProcess(free_port(), common, password=password)
+        self.replicas = [NodeProcess(free_port(), [*common, f"replicaof 127.0.0.1 {self.master.port}"],
+                                     password=password) for _ in range(replicas)]
         monitor = [
             f"sentinel monitor {self.MASTER_NAME} 127.0.0.1 {self.master.port} 2",
+            *([f"sentinel auth-pass {self.MASTER_NAME} {password}"] if password else []),
             f"sentinel down-after-milliseconds {self.MASTER_NAME} {down_after_ms}",
             f"sentinel failover-timeout {self.MASTER_NAME} 4000",
             f"sentinel parallel-syncs {self.MASTER_NAME} 2",

@@ -1,0 +1,99 @@
+"""Issue 9: credentials and TLS work in every Redis mode.
+
+- one node over TLS (`rediss://`, a CA made in the test) as an ACL user (`user:password@`);
+- a Redis Cluster whose nodes require a password;
+- a Sentinel-managed master and replica that require a password (the sentinels do not: they are
+  reached without the master's credentials, which the URL carries for the master alone).
+A chunk continues its stream in each, and a wrong password stops the server at start-up (exit 2).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from tests.client import predict
+from tests.support import ROOT, NodeProcess, RedisClusterNodes, SentinelGroup, free_port
+
+pytestmark = pytest.mark.timeout(240)
+PASSWORD = "s3cret-pass"
+
+
+def continue_a_stream(server) -> None:
+    stream = f"auth-{uuid.uuid4().hex[:6]}"
+    x = np.ones((3, 1), np.float32)
+    assert predict(server.stub, stream, x, reset=True).offset == 3
+    assert predict(server.stub, stream, x, start_offset=3).offset == 6
+
+
+def make_tls_files(folder: Path) -> dict[str, Path]:
+    """A CA and a certificate for 127.0.0.1 signed by it, as PEM files."""
+    def name(text: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("test CA")).issuer_name(name("test CA"))
+          .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now - dt.timedelta(minutes=5))
+          .not_valid_after(now + dt.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
+    cert = (x509.CertificateBuilder().subject_name(name("127.0.0.1")).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(2).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False).sign(ca_key, hashes.SHA256()))
+    files = {"ca": folder / "ca.pem", "cert": folder / "redis.pem", "key": folder / "redis.key"}
+    files["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    files["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    return files
+
+
+def test_one_node_over_tls_as_an_acl_user(start_server, tmp_path: Path) -> None:
+    tls = make_tls_files(tmp_path)
+    port = free_port()
+    node = NodeProcess(port, [
+        "port 0", f"tls-port {port}", f"tls-cert-file {tls['cert']}", f"tls-key-file {tls['key']}",
+        f"tls-ca-cert-file {tls['ca']}", "tls-auth-clients no", "appendonly no",
+        f"user lstm on >{PASSWORD} ~lstm:* &* +@all", "user default off",
+    ], client_options={"username": "lstm", "ssl": True, "ssl_ca_certs": str(tls["ca"])}, password=PASSWORD)
+    try:
+        url = f"rediss://lstm:{PASSWORD}@127.0.0.1:{port}/0?ssl_ca_certs={tls['ca']}"
+        continue_a_stream(start_server(redis_url=url))
+        wrong = subprocess.run(
+            [sys.executable, "-m", "server", "--port", "0", "--metrics-port", "0", "--log-format", "text",
+             "--redis-autostart", "false", "--redis-url", url.replace(PASSWORD, "wrong")],
+            cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        assert wrong.returncode == 2, wrong.stderr
+    finally:
+        node.stop()
+
+
+def test_cluster_with_a_password(start_server) -> None:
+    cluster = RedisClusterNodes(masters=3, password=PASSWORD)
+    try:
+        continue_a_stream(start_server("--redis-cluster", redis_url=cluster.url))
+    finally:
+        cluster.stop()
+
+
+def test_sentinel_with_a_password(start_server) -> None:
+    group = SentinelGroup(replicas=1, sentinels=1, password=PASSWORD)
+    try:
+        continue_a_stream(start_server("--redis-sentinels", group.addresses, "--redis-sentinel-master",
+                                       group.MASTER_NAME, redis_url=f"redis://:{PASSWORD}@127.0.0.1/0"))
+    finally:
+        group.stop()
