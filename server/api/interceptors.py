@@ -238,6 +238,11 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                 drain._readers.add(reader)
             try:
                 if gated and drain.refusing:
+                    # Read the client's first request (not applied) before refusing, so its write is done
+                    # when the status arrives (see _StreamReader: a write racing the status reads INTERNAL).
+                    with contextlib.suppress(TimeoutError, StopAsyncIteration):
+                        async with asyncio.timeout(_StreamReader.QUIET_S):
+                            await requests.__aiter__().__anext__()
                     await _abort(context, draining())
                 async for response in behavior(reader, context):
                     if arrivals:
