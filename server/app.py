@@ -345,6 +345,9 @@ def _serve_until_stopped(config: ServerConfig, worker_env: str | None) -> int:
     worker_of = tuple(int(part) for part in worker_env.split("/")) if worker_env else None
     try:
         asyncio.run(serve(config, worker_of))  # type: ignore[arg-type]
+        # Closing the loop put back the default handlers: a late signal must not kill the exit under way.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     except ModelLoadError as exc:
         log.error("cannot serve this model: %s", exc)
         return 2
