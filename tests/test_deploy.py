@@ -174,3 +174,51 @@ def test_compose_profiles_load_through_envoy_and_scrape_every_replica(compose: d
     assert mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
     datasource = load_yaml("deploy/grafana/provisioning/datasources/prometheus.yml")["datasources"][0]
     assert datasource["url"] == "http://prometheus:9090"
+
+
+def k8s_documents() -> dict[tuple[str, str], dict[str, Any]]:
+    documents = {}
+    for path in sorted((ROOT / "deploy" / "k8s").glob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            if document and "metadata" in document:
+                documents[(document["kind"], document["metadata"]["name"])] = document
+    return documents
+
+
+def test_k8s_manifests_map_the_same_pieces(envoy: dict[str, Any], tmp_path: Path) -> None:
+    documents = k8s_documents()
+    kustomization = load_yaml("deploy/k8s/kustomization.yaml")
+    assert sorted(kustomization["resources"]) == sorted(p.name for p in (ROOT / "deploy" / "k8s").glob("*.yaml")
+                                                         if p.name != "kustomization.yaml")
+
+    deployment = documents[("Deployment", "lstm-serve")]
+    assert deployment["spec"]["replicas"] >= 2
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    config = server_config({item["name"]: item["value"] for item in container["env"]})
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports == {"grpc": config.port, "metrics": config.metrics_port}
+    assert container["readinessProbe"]["grpc"]["port"] == config.port
+    assert container["startupProbe"]["grpc"]["port"] == config.port
+    assert pod["securityContext"]["runAsUser"] == 10001
+
+    headless = documents[("Service", "lstm-serve-headless")]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    redis_url = urlparse(config.redis_url)
+    assert ("Service", redis_url.hostname) in documents and redis_url.port == 6379
+    assert "--appendonly" in documents[("StatefulSet", "redis")]["spec"]["template"]["spec"]["containers"][0]["args"]
+
+    # Envoy's ConfigMap is deploy/envoy.yaml with the upstream name changed to the headless Service.
+    in_cluster = yaml.safe_load(documents[("ConfigMap", "envoy")]["data"]["envoy.yaml"])
+    expected = yaml.safe_load((ROOT / "deploy" / "envoy.yaml").read_text())
+    address = expected["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"][0][
+        "endpoint"]["address"]["socket_address"]
+    address["address"] = headless["metadata"]["name"]
+    assert in_cluster == expected
+    (tmp_path / "envoy.yaml").write_text(documents[("ConfigMap", "envoy")]["data"]["envoy.yaml"])
+    result = subprocess.run([str(TOOLS / "envoy"), "--mode", "validate", "-c", str(tmp_path / "envoy.yaml")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    public = documents[("Service", "lstm-serve")]
+    assert public["spec"]["ports"][0]["port"] == 50051
