@@ -2,9 +2,10 @@
 
 lstm-loadtest --verify runs through Envoy while one replica is SIGKILLed and started again, and then
 while each replica in turn gets SIGTERM and is started again (a rolling restart). Every stream must
-verify against Keras, with nothing lost or applied twice (invariant 9, docs/invariants.md: a retried
-chunk is answered, never applied twice); calls may fail only as UNAVAILABLE, which the client retries
-with its start_offset; and both replicas must have served chunks (read from their /metrics).
+verify against Keras (invariant 1, docs/invariants.md), with nothing lost (invariant 8) or applied
+twice (invariant 4: a retried chunk is answered again, never applied twice); calls may fail only as
+UNAVAILABLE, which the client retries with its start_offset (invariant 11); and both replicas must have
+served chunks (read from their /metrics).
 """
 
 from __future__ import annotations
