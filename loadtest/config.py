@@ -50,6 +50,8 @@ class LoadConfig:
     verify: bool = False
     model_path: str | None = None
     tolerance: float = 1e-4
+    # Exit 4 when a chunk failed for good (a sequence broke); retries that were answered are not failures.
+    fail_on_errors: bool = True
     cleanup: bool = True  # ResetStream every stream after the run, so no slot waits for its idle expiry
     progress: bool = False
     connect_timeout_s: float = 5.0
