@@ -50,6 +50,11 @@ def server_config(environment: dict[str, str]) -> ServerConfig:
     return load_config([], {key: str(value) for key, value in environment.items()})
 
 
+def envoy_detection_s() -> float:
+    (health,) = load_yaml("deploy/envoy.yaml")["static_resources"]["clusters"][0]["health_checks"]
+    return float(health["interval"].removesuffix("s")) * health["unhealthy_threshold"]
+
+
 def dockerfile_instructions() -> list[tuple[str, str]]:
     text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
     return [tuple(line.split(None, 1)) for line in text.splitlines()  # type: ignore[misc]
@@ -116,6 +121,10 @@ def test_compose_replicas_are_configured_only_through_options_the_server_has(com
     assert {int(port) for port in server["expose"]} == {config.port, config.metrics_port}
     assert server["healthcheck"]["test"] == ["CMD", "python", "-m", "server.healthcheck"]
     assert local_address({k: str(v) for k, v in server["environment"].items()}) == f"127.0.0.1:{config.port}"
+    # Docker's SIGKILL must come after the server's own shutdown grace, and the drain delay must outlast
+    # Envoy's detection of NOT_SERVING (interval x unhealthy threshold).
+    assert int(server["stop_grace_period"].removesuffix("s")) > config.shutdown_grace_s
+    assert config.drain_delay_s > envoy_detection_s()
 
 
 def test_compose_envoy_publishes_only_the_grpc_port_and_reaches_every_replica(
@@ -169,10 +178,10 @@ def test_compose_profiles_load_through_envoy_and_scrape_every_replica(compose: d
     assert discovery["port"] == config.metrics_port
 
     mounts = dict(volume.split(":")[:2] for volume in services["grafana"]["volumes"])
-    provider = load_yaml("deploy/grafana/provisioning/dashboards/lstm-serve.yml")["providers"][0]
+    provider = load_yaml("deploy/grafana/provisioning/dashboards/lstm-serve.yaml")["providers"][0]
     assert mounts["./deploy/grafana/dashboards"] == provider["options"]["path"]
     assert mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
-    datasource = load_yaml("deploy/grafana/provisioning/datasources/prometheus.yml")["datasources"][0]
+    datasource = load_yaml("deploy/grafana/provisioning/datasources/prometheus.yaml")["datasources"][0]
     assert datasource["url"] == "http://prometheus:9090"
 
 
@@ -201,6 +210,7 @@ def test_k8s_manifests_map_the_same_pieces(envoy: dict[str, Any], tmp_path: Path
     assert container["readinessProbe"]["grpc"]["port"] == config.port
     assert container["startupProbe"]["grpc"]["port"] == config.port
     assert pod["securityContext"]["runAsUser"] == 10001
+    assert pod["terminationGracePeriodSeconds"] > config.shutdown_grace_s
 
     headless = documents[("Service", "lstm-serve-headless")]
     assert headless["spec"]["clusterIP"] == "None"

@@ -65,9 +65,10 @@ def served(topology: Topology, index: int) -> int:
 
 
 def test_loadtest_through_envoy_survives_a_killed_replica_and_a_rolling_restart(tmp_path: Path) -> None:
-    # --xla false: a replica starts in seconds (no XLA compilations), which keeps the restarts short.
-    topology = Topology(replicas=2, workdir=tmp_path / "topology", server_args=["--xla", "false"],
-                        envoy_concurrency=1)
+    # --xla false: a replica starts in seconds (no XLA compilations), which keeps the restarts short; a
+    # drain delay of 3 s still outlasts Envoy's detection of NOT_SERVING (2 checks 1 s apart).
+    topology = Topology(replicas=2, workdir=tmp_path / "topology",
+                        server_args=["--xla", "false", "--drain-delay-s", "3"], envoy_concurrency=1)
     report_path = tmp_path / "report.json"
     totals = [0, 0]
     load = None
