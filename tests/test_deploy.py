@@ -232,3 +232,11 @@ def test_k8s_manifests_map_the_same_pieces(envoy: dict[str, Any], tmp_path: Path
     assert result.returncode == 0, result.stdout + result.stderr
     public = documents[("Service", "lstm-serve")]
     assert public["spec"]["ports"][0]["port"] == 50051
+
+
+def test_dockerignore_keeps_environments_caches_and_test_output_out_and_the_package_in() -> None:
+    patterns = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")}
+    assert {"**/.venv", ".git", "**/__pycache__", ".pytest_cache", ".ruff_cache", ".lstm-serve"} <= patterns
+    needed = {"pyproject.toml", "README.md", "server", "lstm_stream", "loadtest", "sensorsim", "models"}
+    assert not needed & patterns, "the image build needs these"
