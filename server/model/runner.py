@@ -396,4 +396,6 @@ class _XlaShapes:
             "cause": "warm-up" if key in self._warm_up else "traffic", "compiled_shapes": len(self._ready)}})
 
     def close(self) -> None:
-        self._compiler.shutdown(wait=False, cancel_futures=True)
+        # Queued shapes are dropped; a compile already running cannot be interrupted, and the interpreter
+        # would wait for its thread at exit anyway: wait here, so the server's last log line stays last.
+        self._compiler.shutdown(wait=True, cancel_futures=True)
