@@ -9,20 +9,20 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/lstm-serve/bin:$PATH
 RUN python -m venv /opt/lstm-serve
 
-# The project as a wheel, built where the source is; only the wheel goes on.
+# The project as a wheel, and its dependency list, made where the source is; only these two go on.
 FROM base AS wheel
 WORKDIR /src
 COPY . .
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['loadtest']))" > /requirements.txt \
+ && pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 FROM base
-# Dependencies first, in their own layer: read from pyproject.toml alone, so a source change reuses them.
-# (All of them come as wheels: no compiler, no headers, no pip cache left in the image.)
-COPY pyproject.toml /tmp/pyproject.toml
-RUN python -c "import tomllib; p = tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']; \
-print('\n'.join(p['dependencies'] + p['optional-dependencies']['loadtest']))" > /tmp/requirements.txt \
- && pip install --no-cache-dir --requirement /tmp/requirements.txt \
- && rm /tmp/pyproject.toml /tmp/requirements.txt
+# Dependencies first, in their own layer, keyed on the dependency list alone: a change to the source,
+# or to anything else in pyproject.toml, reuses it. (All come as wheels: no compiler, no headers, no
+# pip cache left in the image.)
+COPY --from=wheel /requirements.txt /tmp/requirements.txt
+RUN pip install --no-cache-dir --requirement /tmp/requirements.txt && rm /tmp/requirements.txt
 # Then the project itself (the default model is package data inside it).
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-deps /wheels/*.whl

@@ -89,10 +89,11 @@ def test_the_image_runs_lstm_serve_as_a_numeric_user_with_its_own_health_check()
     (health,) = [arg for op, arg in final if op == "HEALTHCHECK"]
     assert health.split("CMD", 1)[1].strip() == '["python", "-m", "server.healthcheck"]'
     assert ("ENTRYPOINT", '["lstm-serve"]') in final
-    # Dependencies are installed from pyproject.toml alone, before the source reaches the image.
+    # Dependencies are installed from their list alone, in a layer before the project's own.
     ops = [(op, arg) for op, arg in final if op in ("COPY", "RUN")]
-    assert ops[0] == ("COPY", "pyproject.toml /tmp/pyproject.toml"), ops
-    assert "--requirement" in ops[1][1]
+    assert ops[0] == ("COPY", "--from=wheel /requirements.txt /tmp/requirements.txt"), ops
+    assert "--requirement /tmp/requirements.txt" in ops[1][1]
+    assert "/wheels/*.whl" in ops[2][1] and "--no-deps" in ops[2][1]
 
 
 def test_compose_redis_keeps_an_append_only_file_on_a_named_volume(compose: dict[str, Any]) -> None:
