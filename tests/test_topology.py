@@ -114,6 +114,7 @@ def test_loadtest_through_envoy_survives_a_killed_replica_and_a_rolling_restart(
     assert report["verify"]["streams"] == 8 and not report["verify"]["state_lost"]
     assert report["failed_chunks"] == 0 and report["broken_streams"] == [], report["broken_streams"]
     assert set(report["totals"]["errors"]) <= {"UNAVAILABLE"}, report["totals"]["errors"]
+    assert report["retries"] == sum(report["totals"]["errors"].values())  # every failed attempt was retried
     assert report["totals"]["chunks"] > 0
     assert all(total > 0 for total in totals), totals
     print(f"chunks per replica {totals}, errors {report['totals']['errors']}, retries {report['retries']}, "
