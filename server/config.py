@@ -11,7 +11,9 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default.keras"
+# Package data (server/model/default.keras, a link to models/default.keras in a checkout), so that a
+# non-editable install (pip install ., the container image) finds the model inside site-packages too.
+DEFAULT_MODEL = Path(__file__).resolve().parent / "model" / "default.keras"
 ENV_PREFIX = "LSTM_SERVE_"
 
 
