@@ -35,7 +35,10 @@ def redis() -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="module")
 def server(redis: RedisServer) -> Iterator[ServerProcess]:
-    process = ServerProcess(redis.url, DEFAULT_MODEL, "--request-deadline-s", "30")
+    # Set through the environment, so that the same test runs against servers without the option.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LSTM_SERVE_REQUEST_DEADLINE_S", "30")
+        process = ServerProcess(redis.url, DEFAULT_MODEL)
     yield process
     process.stop()
 
