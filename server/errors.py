@@ -151,3 +151,25 @@ def replication_unconfirmed(confirmed: int | None, wanted: int, timeout_ms: int)
         "if a failover lost it",
         outcome=OUTCOME_UNKNOWN,  # applied, but whether it survives a failover is not known
     )
+
+
+def draining() -> ServiceError:
+    # UNAVAILABLE: clients and Envoy retry it, and the load balancer has already been told (health
+    # NOT_SERVING) to send the next attempt to another replica.
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        "this replica is draining (shutting down); the request was not applied: retry it, another replica will "
+        "answer",
+    )
+
+
+def stream_drained() -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        "this replica is draining (shutting down): every chunk answered on this stream was applied, later ones "
+        "were not; reopen the stream and resend from the last answered offset",
+    )
+
+
+def shutting_down() -> ServiceError:
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; the chunk was not applied, retry it")
