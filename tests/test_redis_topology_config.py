@@ -62,3 +62,10 @@ def test_no_sentinel_reachable() -> None:
 def test_inconsistent_flags(flags: tuple[str, ...], message: str) -> None:
     result = serve(*flags)
     assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_readme_documents_the_redis_topology_options() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for name in ("redis_cluster", "redis_sentinels", "redis_sentinel_master", "redis_wait_replicas",
+                 "redis_wait_timeout_ms"):
+        assert f"`--{name.replace('_', '-')}`" in readme and f"`LSTM_SERVE_{name.upper()}`" in readme, name
