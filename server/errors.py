@@ -137,3 +137,25 @@ def saved_by_other_model(stream_id: str, saved: str, serving: str) -> ServiceErr
         "its state cannot be continued by this model. Send reset or call ResetStream to start the stream "
         "again, or run the server with --reset-on-model-change",
     )
+
+
+def draining() -> ServiceError:
+    # UNAVAILABLE: clients and Envoy retry it, and the load balancer has already been told (health
+    # NOT_SERVING) to send the next attempt to another replica.
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        "this replica is draining (shutting down); the request was not applied: retry it, another replica will "
+        "answer",
+    )
+
+
+def stream_drained() -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        "this replica is draining (shutting down): every chunk answered on this stream was applied, later ones "
+        "were not; reopen the stream and resend from the last answered offset",
+    )
+
+
+def shutting_down() -> ServiceError:
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; the chunk was not applied, retry it")
