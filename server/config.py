@@ -69,7 +69,8 @@ _HELP = {
     "model": "path of the Keras 3 .keras model to serve (default: the shipped sensor forecaster)",
     "host": "address to listen on (0.0.0.0 for every interface)",
     "port": "gRPC port (0 picks a free one and logs it)",
-    "redis_url": "where stream state lives: redis://host:port/db",
+    "redis_url": "where stream state lives: redis://[user:password@]host:port/db, rediss:// for TLS (any node of a "
+    "cluster with --redis-cluster; with --redis-sentinels only its credentials, db and TLS are used)",
     "redis_autostart": "when nothing answers at a loopback redis_url, start a private redis-server",
     "redis_data_dir": "data folder of the private redis-server (append-only file on)",
     "redis_cluster": "--redis-url names any node of a Redis Cluster; keys are routed to the node that owns them",
