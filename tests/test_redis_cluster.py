@@ -1,7 +1,8 @@
 """Issue 9, Redis Cluster: a three-master cluster built in the test, the server routing by node and slot.
 
-- Invariant 1 (docs/invariants.md), continuation, holds through the cluster on both protocols (native
-  and Triton via tritonclient), and the streams spread over every master (the `{stream_id}` hash tag).
+- Invariant 1 (docs/invariants.md), continuation, holds through the cluster on both protocols (native,
+  and Triton via tritonclient in a child process), and the streams spread over every master (the
+  `{stream_id}` hash tag).
 - GetStream, ResetStream, expiry and ended sequences work on a cluster.
 - WAIT goes to each node that took the batch's writes, once per node, and only there.
 - Invariants 8 and 11: slots that hold streams migrate between masters in the middle of a load
@@ -11,7 +12,7 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
+import json
 import os
 import subprocess
 import sys
@@ -22,7 +23,6 @@ import uuid
 import numpy as np
 import pytest
 import redis
-import tritonclient.grpc as triton
 
 from loadtest import EXIT_OK, LoadConfig, run_load
 from lstm_stream.v1 import stream_pb2 as pb
@@ -57,24 +57,12 @@ def stream_keys(node) -> int:
 
 
 def triton_sequences(address: str, count: int, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Sequences split at random over Triton's sequence parameters: id -> (inputs, concatenated outputs)."""
-    rng = np.random.default_rng(seed)
-    done = {}
-    with triton.InferenceServerClient(url=address) as client:
-        for n in range(count):
-            length = int(rng.integers(2, 120))
-            x = rng.normal(0, 1.5, size=(length, 1)).astype(np.float32)
-            bounds = [0, *sorted(set(rng.integers(1, length, size=3).tolist())), length]
-            sequence_id = f"cluster-triton-{uuid.uuid4().hex[:6]}-{n}"
-            got = []
-            for number, (a, b) in enumerate(itertools.pairwise(bounds)):
-                chunk = triton.InferInput("INPUT", [b - a, 1], "FP32")
-                chunk.set_data_from_numpy(x[a:b])
-                result = client.infer("default", [chunk], sequence_id=sequence_id, sequence_start=number == 0,
-                                      sequence_end=b == length, client_timeout=30)
-                got.append(result.as_numpy("OUTPUT"))
-            done[sequence_id] = (x, np.concatenate(got))
-    return done
+    """Sequences split at random over Triton's sequence parameters, sent by tritonclient in a process of
+    its own (tests/triton_sequences.py says why): id -> (inputs, concatenated outputs)."""
+    result = subprocess.run([sys.executable, "-m", "tests.triton_sequences", address, str(count), str(seed)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=180, check=True)
+    runs = json.loads(result.stdout)
+    return {sid: (np.asarray(r["x"], np.float32), np.asarray(r["y"], np.float32)) for sid, r in runs.items()}
 
 
 def test_continuation_through_a_cluster_on_both_protocols(cluster, cluster_server: ServerProcess) -> None:
