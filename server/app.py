@@ -13,7 +13,7 @@ import sys
 import time
 
 from server.config import ServerConfig, load_config
-from server.logs import configure_logging
+from server.logs import configure_logging, redact_url
 from server.state.launcher import RedisUnavailable, ensure_redis, stop_private_redis
 
 log = logging.getLogger("server")
@@ -37,11 +37,20 @@ async def serve(config: ServerConfig, worker_of: tuple[int, int] | None = None) 
 
     from lstm_stream.v1 import stream_pb2, stream_pb2_grpc
     from server.api.native import StreamInferenceServicer
+    from server.api.security import Security, SecurityConfigError
     from server.api.triton import add_triton_service
     from server.dataplane import DataPlane
     from server.model.runner import ModelRunner
     from server.processor import StreamPolicy
+    from server.state.live import LiveStreams
     from server.state.store import StateStore
+    from server.tenants import ChunkRate
+
+    # Before the model loads (seconds): a bad key file or certificate should fail at once.
+    try:
+        security = Security(config)
+    except SecurityConfigError as exc:
+        raise StartupError(str(exc)) from None
 
     runner = ModelRunner(
         config.model, max_chunk_timesteps=config.max_chunk_timesteps, xla=config.xla, max_batch=config.max_batch
@@ -64,14 +73,20 @@ async def serve(config: ServerConfig, worker_of: tuple[int, int] | None = None) 
         ended_ttl_ms=int(config.ended_ttl_s * 1000),
         reset_on_model_change=config.reset_on_model_change,
     )
+    tenants = security.tenants
     dataplane = DataPlane(
         runner, store, policy,
         max_batch=config.max_batch, max_delay_s=config.max_delay_ms / 1000, max_in_flight=config.max_in_flight,
+        # Per-tenant limits (invariants 12 and 13), only with API keys.
+        chunk_rate=ChunkRate(tenants.limits) if tenants else None,
+        live=LiveStreams(store.client, config.key_prefix, policy.state_ttl_ms,
+                         lambda tenant: tenants.limits(tenant).max_streams) if tenants else None,
     )
     dataplane.start()
 
     message_limit = 64 * 1024 * 1024
     server = grpc.aio.server(
+        interceptors=security.interceptors(),
         options=[
             ("grpc.max_receive_message_length", message_limit),
             ("grpc.max_send_message_length", message_limit),
@@ -93,7 +108,7 @@ async def serve(config: ServerConfig, worker_of: tuple[int, int] | None = None) 
         server,
     )
     try:
-        port = server.add_insecure_port(config.address)
+        port = security.add_port(server, config.address)
     except RuntimeError as exc:  # grpc raises this when the address is taken or invalid
         raise StartupError(f"cannot listen on {config.address}: {exc}; is another server running there?") from exc
     await server.start()
@@ -107,17 +122,19 @@ async def serve(config: ServerConfig, worker_of: tuple[int, int] | None = None) 
         # Each worker is its own process with its own counters, so each gets its own port.
         metrics_port = config.metrics_port + (worker_of[0] if worker_of else 0)
         try:
-            serve_metrics(metrics_port, config.host)
+            serve_metrics(metrics_port, config.metrics_host)
         except OSError as exc:
-            raise StartupError(f"cannot serve metrics on {config.host}:{metrics_port}: {exc}; "
+            raise StartupError(f"cannot serve metrics on {config.metrics_host}:{metrics_port}: {exc}; "
                                "choose another --metrics-port, or 0 to turn metrics off") from exc
-    log.info("serving", extra={"fields": {"address": f"{config.host}:{port}", "port": port, "redis": config.redis_url,
+    log.info("serving", extra={"fields": {"address": f"{config.host}:{port}", "port": port,
+                                          "redis": redact_url(config.redis_url), **security.describe(),
                                           "worker": "/".join(map(str, worker_of)) if worker_of else None}})
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    security_watch = security.start()  # SIGHUP and file changes re-read keys and certificates
 
     async def track_redis() -> None:
         # Health follows Redis: a load balancer should stop sending chunks to a replica that cannot save them.
@@ -142,6 +159,8 @@ async def serve(config: ServerConfig, worker_of: tuple[int, int] | None = None) 
     tracker.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await tracker
+    if security_watch:
+        security_watch.cancel()
     await health.enter_graceful_shutdown()
     await server.stop(SHUTDOWN_GRACE_S)
     await dataplane.stop()
@@ -168,9 +187,15 @@ def run_workers(config: ServerConfig, argv: list[str]) -> int:
             if process.poll() is None:
                 process.send_signal(signum)
 
+    def forward(signum: int, _frame: object) -> None:
+        for process in workers:
+            if process.poll() is None:
+                process.send_signal(signum)
+
     workers = [start(index) for index in range(config.workers)]
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, forward)  # each worker re-reads its keys and certificates
     log.info("started workers", extra={"fields": {"workers": config.workers, "pids": [p.pid for p in workers]}})
     while not stopping:
         for index, process in enumerate(workers):

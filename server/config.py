@@ -38,6 +38,15 @@ class ServerConfig:
     identity_model: bool = False
     log_level: str = "INFO"
     log_format: str = "json"
+    # Security (README.md "Security", docs/security.md).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    api_keys: str = ""
+    tenant_max_streams: int = 0
+    tenant_chunks_per_s: float = 0.0
+    redis_url_file: str = ""
+    metrics_host: str = "127.0.0.1"
 
     @property
     def address(self) -> str:
@@ -74,6 +83,16 @@ _HELP = {
     "identity_model": "benchmark ceiling: skip the model call (outputs copy inputs), keep every other step",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "log_format": "json (one object a line) or text",
+    "tls_cert": "PEM certificate chain: the gRPC port then serves TLS only (re-read on SIGHUP or change)",
+    "tls_key": "PEM private key of --tls-cert (unencrypted; keep the file readable only by the server)",
+    "tls_client_ca": "PEM CA bundle: require client certificates signed by it (mutual TLS)",
+    "api_keys": "file of `TENANT KEY` lines: every call needs `authorization: Bearer KEY`, and each tenant "
+    "gets its own stream namespace (re-read on SIGHUP or change)",
+    "tenant_max_streams": "live streams each tenant may hold (0: no limit; a key file line can override it)",
+    "tenant_chunks_per_s": "chunks/s each tenant may send to each server process (0: no limit; a key file line "
+    "can override it)",
+    "redis_url_file": "read the Redis URL from this file instead (keeps a password out of `ps` and the flags)",
+    "metrics_host": "address the metrics endpoint listens on (0.0.0.0 for every interface)",
 }
 
 
@@ -125,9 +144,25 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
                 values[item.name] = kind(env_value)
             except (ValueError, argparse.ArgumentTypeError) as exc:
                 parser.error(f"{ENV_PREFIX}{item.name.upper()}={env_value!r}: {exc}")
+    if values.get("redis_url_file"):
+        if "redis_url" in values:
+            parser.error("give the Redis URL once: --redis-url or --redis-url-file, not both")
+        values["redis_url"] = _read_redis_url(values["redis_url_file"], parser)
     config = ServerConfig(**values)
     _check(config, parser)
     return config
+
+
+def _read_redis_url(path: str, parser: argparse.ArgumentParser) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            url = handle.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        parser.error(f"--redis-url-file {path}: cannot read it ({exc.__class__.__name__})")
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        # Never echo the content: it holds a password.
+        parser.error(f"--redis-url-file {path}: expected one redis://, rediss:// or unix:// URL")
+    return url
 
 
 def _check(config: ServerConfig, parser: argparse.ArgumentParser) -> None:
@@ -153,3 +188,11 @@ def _check(config: ServerConfig, parser: argparse.ArgumentParser) -> None:
         parser.error("--port must be between 0 and 65535")
     if config.log_format not in ("json", "text"):
         parser.error("--log-format must be json or text")
+    if bool(config.tls_cert) != bool(config.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    if config.tls_client_ca and not config.tls_cert:
+        parser.error("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    if (config.tenant_max_streams or config.tenant_chunks_per_s) and not config.api_keys:
+        parser.error("--tenant-max-streams and --tenant-chunks-per-s limit tenants, which need --api-keys")
+    if config.tenant_max_streams < 0 or not 0 <= config.tenant_chunks_per_s < float("inf"):
+        parser.error("--tenant-max-streams and --tenant-chunks-per-s must be 0 (no limit) or positive")

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import asyncio
 
+from server import metrics
 from server.batching.batcher import Batcher
+from server.errors import tenant_rate_exceeded
 from server.model.runner import ModelRunner
 from server.processor import BatchProcessor, StreamPolicy
+from server.state.live import LiveStreams
 from server.state.record import CorruptRecord
 from server.state.store import StateStore
+from server.tenants import ChunkRate
 from server.types import Chunk, ModelDescription, Prediction, StreamStatus
 
 
@@ -26,10 +30,15 @@ class DataPlane:
         max_batch: int = 64,
         max_delay_s: float = 0.0,
         max_in_flight: int = 1,
+        chunk_rate: ChunkRate | None = None,
+        live: LiveStreams | None = None,
     ) -> None:
         self.runner = runner
         self.store = store
-        self._processor = BatchProcessor(runner, store, policy)
+        # Per-tenant limits (invariants 12 and 13): chunks/s in this process, live streams in Redis.
+        self._chunk_rate = chunk_rate
+        self._live = live
+        self._processor = BatchProcessor(runner, store, policy, live)
         self._batcher = Batcher(
             self._processor, max_batch=max_batch, max_delay_s=max_delay_s, max_in_flight=max_in_flight
         )
@@ -53,18 +62,26 @@ class DataPlane:
 
     async def predict(self, chunk: Chunk) -> Prediction:
         """Run one validated chunk; raises ServiceError with the status the caller should see."""
-        return await self._batcher.submit(chunk)
+        return await self.submit(chunk)
 
     def submit(self, chunk: Chunk) -> asyncio.Future[Prediction]:
-        """Queue one validated chunk without waiting: streaming edges keep many in flight."""
+        """Queue one validated chunk without waiting: streaming edges keep many in flight.
+
+        Raises ServiceError (RESOURCE_EXHAUSTED) at once when the chunk's tenant is over its chunks/s."""
+        if self._chunk_rate is not None and chunk.tenant and not self._chunk_rate.allow(chunk.tenant):
+            metrics.TENANT_CHUNKS.labels(chunk.tenant, "RESOURCE_EXHAUSTED").inc()
+            raise tenant_rate_exceeded(chunk.tenant, self._chunk_rate.limit(chunk.tenant))
         return self._batcher.submit(chunk)
 
-    async def reset_stream(self, stream_id: str) -> bool:
+    async def reset_stream(self, stream_id: str, tenant: str = "") -> bool:
         """Forget the stream's slot (Keras reset_states for this stream alone); True if it had one."""
-        return await self.store.delete(stream_id)
+        existed = await self.store.delete(stream_id, tenant)
+        if self._live is not None and tenant:
+            await self._live.forget(tenant, stream_id)
+        return existed
 
-    async def stream_status(self, stream_id: str) -> StreamStatus:
-        slot, ttl_ms = await self.store.inspect(stream_id)
+    async def stream_status(self, stream_id: str, tenant: str = "") -> StreamStatus:
+        slot, ttl_ms = await self.store.inspect(stream_id, tenant)
         if slot is None or isinstance(slot, CorruptRecord) or slot.ended:
             return StreamStatus(stream_id, exists=False)
         return StreamStatus(

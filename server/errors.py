@@ -46,3 +46,32 @@ def redis_unavailable(detail: str) -> ServiceError:
         grpc.StatusCode.UNAVAILABLE,
         f"state store (Redis) unreachable: {detail}; the chunk was not applied, retry it",
     )
+
+
+# --- API keys and tenants (invariant 13, docs/invariants.md). No message ever carries a key. ---
+
+def missing_api_key() -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.UNAUTHENTICATED,
+        "this server needs an API key: send the metadata `authorization: Bearer <key>` with every call",
+    )
+
+
+def unknown_api_key() -> ServiceError:
+    return ServiceError(grpc.StatusCode.UNAUTHENTICATED, "the API key in `authorization` is not known to this server")
+
+
+def tenant_rate_exceeded(tenant: str, chunks_per_s: float) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"tenant {tenant!r} is over its limit of {chunks_per_s:g} chunks/s on this server; the chunk was not "
+        "applied, send it again later",
+    )
+
+
+def tenant_streams_exceeded(tenant: str, max_streams: int) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"tenant {tenant!r} already has its limit of {max_streams} live streams; the chunk was not applied. "
+        "End (`end`) or reset (ResetStream) streams it no longer uses, or wait until idle ones expire",
+    )

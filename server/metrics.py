@@ -18,6 +18,11 @@ BATCH_SECONDS = Histogram("lstm_serve_batch_seconds", "Time of one batch: load, 
 QUEUED = Gauge("lstm_serve_queued_chunks", "Chunks waiting for a batch")
 CONFLICTS = Counter("lstm_serve_conflicts_total", "Chunks run again because their slot changed under them")
 
+# Only with API keys (--api-keys): one series per tenant of the key file and status code ("OK" for an
+# answered chunk, replayed retries included; RESOURCE_EXHAUSTED for chunks over the tenant's limits).
+TENANT_CHUNKS = Counter("lstm_serve_tenant_chunks_total", "Chunks answered per tenant, by gRPC status code name",
+                        ["tenant", "code"])
+
 
 def serve_metrics(port: int, host: str) -> None:
     start_http_server(port, addr=host)

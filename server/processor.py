@@ -23,8 +23,9 @@ import grpc
 import numpy as np
 
 from server.batching.batcher import CONFLICT, BatchResult
-from server.errors import ServiceError, offset_mismatch
+from server.errors import ServiceError, offset_mismatch, tenant_streams_exceeded
 from server.model.runner import ModelRunner
+from server.state.live import Change, LiveChange, LiveStreams
 from server.state.record import (
     CorruptRecord,
     SlotRecord,
@@ -59,10 +60,13 @@ class _Planned:
 
 
 class BatchProcessor:
-    def __init__(self, runner: ModelRunner, store: StateStore, policy: StreamPolicy) -> None:
+    def __init__(
+        self, runner: ModelRunner, store: StateStore, policy: StreamPolicy, live: LiveStreams | None = None
+    ) -> None:
         self.runner = runner
         self.store = store
         self.policy = policy
+        self.live = live  # per-tenant live-stream limits; None without API keys or without such limits
         self._fingerprint = fingerprint_bytes(runner.description.fingerprint)
         self._zero_state = runner.zero_states(1)[0]
         # One thread owns the model: calls never overlap, and the event loop stays free meanwhile.
@@ -74,7 +78,9 @@ class BatchProcessor:
     async def __call__(self, chunks: Sequence[Chunk]) -> list[BatchResult]:
         results: list[BatchResult | None] = [None] * len(chunks)
         stateful = [i for i, chunk in enumerate(chunks) if chunk.stream_id is not None]
-        loaded = await self.store.load([chunks[i].stream_id for i in stateful])  # type: ignore[misc]
+        loaded = await self.store.load(
+            [chunks[i].stream_id for i in stateful], [chunks[i].tenant for i in stateful]  # type: ignore[misc]
+        )
         slots: dict[int, Loaded] = dict(zip(stateful, loaded, strict=True))
 
         planned: list[_Planned] = []
@@ -85,6 +91,8 @@ class BatchProcessor:
                 planned.append(outcome)
             else:
                 results[index] = outcome
+        if self.live is not None and planned:
+            planned = await self._admit(planned, slots, results)
         if not planned:
             return results  # type: ignore[return-value]
 
@@ -115,13 +123,33 @@ class BatchProcessor:
                 ended=chunk.end,
             )
             ttl = self.policy.ended_ttl_ms if chunk.end else self.policy.state_ttl_ms
-            writes.append((plan, SlotWrite(chunk.stream_id, plan.expected_version, record, ttl)))
+            writes.append((plan, SlotWrite(chunk.stream_id, plan.expected_version, record, ttl, chunk.tenant)))
 
         applied = await self.store.save([write for _, write in writes])
         for (plan, _), ok in zip(writes, applied, strict=True):
             if not ok:
                 results[plan.index] = CONFLICT
         return results  # type: ignore[return-value]
+
+    async def _admit(
+        self, planned: list[_Planned], slots: dict[int, Loaded], results: list[BatchResult | None]
+    ) -> list[_Planned]:
+        """Refuse (RESOURCE_EXHAUSTED) a chunk that would start a stream past its tenant's live-stream limit."""
+        assert self.live is not None
+        counted = [plan for plan in planned if plan.chunk.stream_id is not None and plan.chunk.tenant]
+        changes = []
+        for plan in counted:
+            slot = slots.get(plan.index)
+            live = slot is not None and not (isinstance(slot, SlotRecord) and slot.ended)
+            # A stream that ends with this chunk holds no state afterwards, so it never needs a place.
+            change = Change.END if plan.chunk.end else Change.CONTINUE if live else Change.NEW
+            changes.append(LiveChange(plan.chunk.tenant, plan.chunk.stream_id, change))  # type: ignore[arg-type]
+        allowed = await self.live.apply(changes, now_unix_ms())
+        refused = {plan.index for plan, ok in zip(counted, allowed, strict=True) if not ok}
+        for plan in counted:
+            if plan.index in refused:
+                results[plan.index] = tenant_streams_exceeded(plan.chunk.tenant, self.live.limit_of(plan.chunk.tenant))
+        return [plan for plan in planned if plan.index not in refused]
 
     def _plan(self, index: int, chunk: Chunk, digest: bytes, slot: Loaded) -> _Planned | BatchResult:
         if chunk.stream_id is None:

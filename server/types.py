@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# (tenant, stream_id): what makes a stream one stream. The tenant is "" on a server without API keys.
+StreamKey = tuple[str, str]
+
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
@@ -28,10 +31,17 @@ class Chunk:
     # Refuse (FAILED_PRECONDITION) instead of starting from zero when the stream has no state and the
     # chunk does not reset: Triton's rule that a sequence must begin with its START flag.
     must_exist: bool = False
+    # The API key's tenant (invariant 13, docs/invariants.md); "" when the server has no keys.
+    tenant: str = ""
 
     @property
     def timesteps(self) -> int:
         return int(self.values.shape[0])
+
+    @property
+    def stream(self) -> StreamKey | None:
+        """The stream's identity: two tenants' streams with the same id are two streams."""
+        return None if self.stream_id is None else (self.tenant, self.stream_id)
 
 
 @dataclass(frozen=True, slots=True)

@@ -88,6 +88,7 @@ def make_chunk(
     reset: bool = False,
     end: bool = False,
     request_id: str = "",
+    tenant: str = "",
 ) -> Chunk:
     """Validate native-API fields into a Chunk (other protocols call the check_* pieces directly)."""
     if stream_id is not None:
@@ -96,4 +97,4 @@ def make_chunk(
     if len(request_id) > 256:
         raise invalid_argument("request_id", f"is {len(request_id)} characters long; at most 256")
     array = check_values(values, timesteps, features, max_timesteps)
-    return Chunk(stream_id, array, start_offset, reset, end, request_id)
+    return Chunk(stream_id, array, start_offset, reset, end, request_id, tenant=tenant)

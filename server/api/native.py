@@ -10,6 +10,7 @@ import numpy as np
 
 from lstm_stream.v1 import stream_pb2 as pb
 from lstm_stream.v1 import stream_pb2_grpc as pb_grpc
+from server.api.auth import TENANT
 from server.api.errors import unary_errors
 from server.api.streaming import answer_in_order
 from server.dataplane import DataPlane
@@ -33,6 +34,7 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
             reset=request.reset,
             end=request.end,
             request_id=request.request_id,
+            tenant=TENANT.get(),
         )
 
     @staticmethod
@@ -77,12 +79,12 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
     async def ResetStream(
         self, request: pb.ResetStreamRequest, context: grpc.aio.ServicerContext
     ) -> pb.ResetStreamResponse:
-        existed = await self.dataplane.reset_stream(check_stream_id(request.stream_id))
+        existed = await self.dataplane.reset_stream(check_stream_id(request.stream_id), TENANT.get())
         return pb.ResetStreamResponse(existed=existed)
 
     @unary_errors
     async def GetStream(self, request: pb.GetStreamRequest, context: grpc.aio.ServicerContext) -> pb.StreamInfo:
-        status = await self.dataplane.stream_status(check_stream_id(request.stream_id))
+        status = await self.dataplane.stream_status(check_stream_id(request.stream_id), TENANT.get())
         return pb.StreamInfo(
             stream_id=status.stream_id,
             exists=status.exists,

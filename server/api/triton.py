@@ -28,6 +28,7 @@ import numpy as np
 from lstm_stream.triton import grpc_service_pb2 as pb
 from lstm_stream.triton import grpc_service_pb2_grpc as pb_grpc
 from lstm_stream.triton import model_config_pb2 as config_pb
+from server.api.auth import TENANT
 from server.api.errors import as_service_error, unary_errors
 from server.api.streaming import answer_in_order
 from server.dataplane import DataPlane
@@ -254,10 +255,10 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
         values, batched = self._values(request)
         if stream_id is None:
             # Outside a sequence every request is its own whole sequence (Keras stateful=False).
-            return Chunk(None, values, request_id=request.id), batched
+            return Chunk(None, values, request_id=request.id, tenant=TENANT.get()), batched
         # The Triton `id` is only echoed, never used for retry detection: Triton clients often reuse
         # one id, and a repeated identical chunk must then run again, not be answered from storage.
-        chunk = Chunk(stream_id, values, start_offset, reset, end, must_exist=not implicit)
+        chunk = Chunk(stream_id, values, start_offset, reset, end, must_exist=not implicit, tenant=TENANT.get())
         return chunk, batched
 
     # --- Prediction -> response ----------------------------------------------------------------

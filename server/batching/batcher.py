@@ -20,7 +20,7 @@ import grpc
 
 from server import metrics
 from server.errors import ServiceError
-from server.types import Chunk, Prediction
+from server.types import Chunk, Prediction, StreamKey
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ class Batcher:
         self._queue: deque[_Waiting] = deque()
         # Set when a chunk arrives or a batch finishes: either can make a new batch possible.
         self._changed = asyncio.Event()
-        self._busy: set[str] = set()  # streams with a chunk in a running batch
+        # Streams with a chunk in a running batch, as (tenant, stream_id): invariant 13, docs/invariants.md.
+        self._busy: set[StreamKey] = set()
         self._running: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
 
@@ -105,7 +106,7 @@ class Batcher:
                 self._changed.clear()
                 await self._changed.wait()
                 continue
-            self._busy.update(w.chunk.stream_id for w in batch if w.chunk.stream_id is not None)
+            self._busy.update(w.chunk.stream for w in batch if w.chunk.stream_id is not None)
             task = asyncio.create_task(self._run(batch))
             self._running.add(task)
             task.add_done_callback(self._finished)
@@ -118,19 +119,19 @@ class Batcher:
         """Up to max_batch chunks of distinct, idle streams, oldest first; the rest keep their order."""
         batch: list[_Waiting] = []
         kept: deque[_Waiting] = deque()
-        streams: set[str] = set(self._busy)
+        streams: set[StreamKey | None] = set(self._busy)
         while self._queue:
             waiting = self._queue.popleft()
             if waiting.future.done():  # the caller went away before its chunk was run
                 continue
-            stream_id = waiting.chunk.stream_id
-            if len(batch) >= self.max_batch or (stream_id is not None and stream_id in streams):
+            stream = waiting.chunk.stream  # None: one-shot inference, never waits for another chunk
+            if len(batch) >= self.max_batch or (stream is not None and stream in streams):
                 kept.append(waiting)
-                if stream_id is not None:
-                    streams.add(stream_id)  # later chunks of this stream must stay behind it
+                if stream is not None:
+                    streams.add(stream)  # later chunks of this stream must stay behind it
                 continue
-            if stream_id is not None:
-                streams.add(stream_id)
+            if stream is not None:
+                streams.add(stream)
             batch.append(waiting)
         self._queue = kept
         return batch
@@ -161,6 +162,9 @@ class Batcher:
                     grpc.StatusCode.ABORTED,
                     f"stream {waiting.chunk.stream_id!r} kept changing under this chunk (another writer); retry",
                 )
+            if waiting.chunk.tenant:
+                code = result.code.name if isinstance(result, ServiceError) else "OK"
+                metrics.TENANT_CHUNKS.labels(waiting.chunk.tenant, code).inc()
             if isinstance(result, ServiceError):
                 metrics.CHUNKS.labels(result.code.name).inc()
                 if not waiting.future.done():
@@ -173,4 +177,4 @@ class Batcher:
                     waiting.future.set_result(result)
         # Conflicted chunks go back in front, in their order, ahead of their streams' later chunks.
         self._queue.extendleft(reversed(retry))
-        self._busy.difference_update(w.chunk.stream_id for w in batch)
+        self._busy.difference_update(w.chunk.stream for w in batch)

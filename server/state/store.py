@@ -1,9 +1,12 @@
 """Redis state store: one key per stream, loaded and saved a whole batch per round trip.
 
-Key layout: `<prefix>:{<stream_id>}`. The braces are a Redis Cluster hash tag, so everything kept
-for one stream lands on one cluster slot. Saves are compare-and-set on the record's version token
-(a Lua script, so the check and the write are one atomic step on the server): a crash at any instant
-leaves the old record or the new one, and two replicas can never both apply a chunk to the same base.
+Key layout: `<prefix>:{<stream_id>}`, or `<prefix>:<tenant>:{<stream_id>}` with API keys: each tenant
+its own namespace (invariant 13, docs/invariants.md). A tenant name is 1-64 of [A-Za-z0-9_.-], never a
+brace, so no tenant's key can equal another tenant's or a key without tenant. The braces are a Redis
+Cluster hash tag, so everything kept for one stream lands on one cluster slot. Saves are
+compare-and-set on the record's version token (a Lua script, so the check and the write are one
+atomic step on the server): a crash at any instant leaves the old record or the new one, and two
+replicas can never both apply a chunk to the same base.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ class SlotWrite:
     expected_version: bytes  # b"" when the key must not exist
     record: SlotRecord | None  # None deletes the slot
     ttl_ms: int
+    tenant: str = ""  # "" on a server without API keys
 
 
 Loaded = SlotRecord | CorruptRecord | None
@@ -92,19 +96,30 @@ class StateStore:
         )
         self._compare_and_set = self._redis.register_script(_COMPARE_AND_SET)
 
-    def key(self, stream_id: str) -> str:
+    def key(self, stream_id: str, tenant: str = "") -> str:
+        if tenant:
+            return f"{self.key_prefix}:{tenant}:{{{stream_id}}}"
         return f"{self.key_prefix}:{{{stream_id}}}"
+
+    @property
+    def client(self) -> aioredis.Redis:
+        """The Redis connection, for the tenant bookkeeping that shares it (server/state/live.py)."""
+        return self._redis
 
     @_redis_errors_as_status
     async def ping(self) -> bool:
         return bool(await self._redis.ping())
 
     @_redis_errors_as_status
-    async def load(self, stream_ids: Sequence[str]) -> list[Loaded]:
-        """Every slot of a batch in one MGET; None where a stream has no slot."""
+    async def load(self, stream_ids: Sequence[str], tenants: Sequence[str] | None = None) -> list[Loaded]:
+        """Every slot of a batch in one MGET; None where a stream has no slot. `tenants`: each stream's."""
         if not stream_ids:
             return []
-        raw = await self._redis.mget([self.key(s) for s in stream_ids])
+        if tenants is None:
+            keys = [self.key(s) for s in stream_ids]
+        else:
+            keys = [self.key(s, t) for s, t in zip(stream_ids, tenants, strict=True)]
+        raw = await self._redis.mget(keys)
         return [self._decode(data) for data in raw]
 
     @staticmethod
@@ -121,7 +136,7 @@ class StateStore:
         """Compare-and-set every write of a batch in one script call; True where it was applied."""
         if not writes:
             return []
-        keys = [self.key(w.stream_id) for w in writes]
+        keys = [self.key(w.stream_id, w.tenant) for w in writes]
         args: list[bytes | int] = []
         for write in writes:
             args += [write.expected_version, write.record.encode() if write.record else b"", write.ttl_ms]
@@ -129,15 +144,16 @@ class StateStore:
         return [bool(flag) for flag in applied]
 
     @_redis_errors_as_status
-    async def delete(self, stream_id: str) -> bool:
-        return bool(await self._redis.delete(self.key(stream_id)))
+    async def delete(self, stream_id: str, tenant: str = "") -> bool:
+        return bool(await self._redis.delete(self.key(stream_id, tenant)))
 
     @_redis_errors_as_status
-    async def inspect(self, stream_id: str) -> tuple[Loaded, int]:
+    async def inspect(self, stream_id: str, tenant: str = "") -> tuple[Loaded, int]:
         """The slot and its remaining time to live in ms (-2 when missing, as PTTL says)."""
+        key = self.key(stream_id, tenant)
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.get(self.key(stream_id))
-            pipe.pttl(self.key(stream_id))
+            pipe.get(key)
+            pipe.pttl(key)
             data, ttl = await pipe.execute()
         return self._decode(data), int(ttl)
 
