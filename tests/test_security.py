@@ -16,6 +16,8 @@ from __future__ import annotations
 import queue
 import secrets
 import signal
+import subprocess
+import sys
 import tempfile
 import urllib.request
 import uuid
@@ -36,7 +38,7 @@ from lstm_stream.v1 import stream_pb2 as pb
 from lstm_stream.v1 import stream_pb2_grpc
 from tests.certs import CertificateAuthority
 from tests.client import outputs, request
-from tests.support import DEFAULT_MODEL, RedisServer, ServerProcess, wait_until
+from tests.support import DEFAULT_MODEL, RedisServer, ServerProcess, free_port, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -352,6 +354,107 @@ def test_chunk_rate_applies_to_its_tenant_only(native, guarded: ServerProcess) -
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{guarded.metrics_port}/metrics", timeout=5).read().decode()
     assert 'lstm_serve_tenant_chunks_total{code="RESOURCE_EXHAUSTED",tenant="delta"}' in metrics
     assert 'lstm_serve_tenant_chunks_total{code="OK",tenant="alpha"}' in metrics
+
+
+# --- Envoy in front: it terminates the clients' TLS and passes `authorization` through -------------------------
+
+ENVOY_CONFIG = """
+static_resources:
+  listeners:
+    - name: grpc
+      address: {socket_address: {address: 127.0.0.1, port_value: %(listen_port)d}}
+      filter_chains:
+        - transport_socket:
+            name: envoy.transport_sockets.tls
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+              require_client_certificate: true
+              common_tls_context:
+                alpn_protocols: ["h2"]
+                tls_certificates:
+                  - {certificate_chain: {filename: "%(server_cert)s"}, private_key: {filename: "%(server_key)s"}}
+                validation_context: {trusted_ca: {filename: "%(ca)s"}}
+          filters:
+            - name: envoy.filters.network.http_connection_manager
+              typed_config:
+                "@type": %(manager_type)s
+                stat_prefix: grpc
+                codec_type: AUTO
+                route_config:
+                  virtual_hosts:
+                    - name: lstm_serve
+                      domains: ["*"]
+                      routes: [{match: {prefix: "/"}, route: {cluster: lstm_serve, timeout: 0s}}]
+                http_filters:
+                  - name: envoy.filters.http.router
+                    typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+  clusters:
+    - name: lstm_serve
+      type: STATIC
+      connect_timeout: 2s
+      typed_extension_protocol_options:
+        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+          explicit_http_config: {http2_protocol_options: {}}
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+          common_tls_context:
+            alpn_protocols: ["h2"]
+            tls_certificates:
+              - {certificate_chain: {filename: "%(client_cert)s"}, private_key: {filename: "%(client_key)s"}}
+            validation_context: {trusted_ca: {filename: "%(ca)s"}}
+      health_checks:
+        - {timeout: 1s, interval: 1s, unhealthy_threshold: 2, healthy_threshold: 1, grpc_health_check: {}}
+      load_assignment:
+        cluster_name: lstm_serve
+        endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1,
+                                                                           port_value: %(server_port)d}}}}]}]
+"""
+
+
+def test_envoy_terminates_tls_and_passes_the_api_key_through(pki: Pki, guarded: ServerProcess) -> None:
+    client_cert, client_key = pki.client.write(pki.folder, "envoy-client")
+    listen_port = free_port()
+    config = pki.folder / "envoy.yaml"
+    config.write_text(ENVOY_CONFIG % {
+        "listen_port": listen_port, "server_port": guarded.port, "ca": pki.ca_path, "server_cert": pki.server_cert,
+        "server_key": pki.server_key, "client_cert": client_cert, "client_key": client_key,
+        "manager_type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+                        "HttpConnectionManager",
+    })
+    envoy_log = pki.folder / "envoy.log"
+    with open(envoy_log, "wb") as log:
+        envoy = subprocess.Popen([str(Path(sys.executable).parent / "envoy"), "-c", str(config), "--concurrency", "1",
+                                  "--disable-hot-restart", "--log-level", "warn"], stdout=log, stderr=subprocess.STDOUT)
+    address = f"127.0.0.1:{listen_port}"
+    try:
+        with grpc.secure_channel(address, pki.credentials()) as channel:
+            stub = stream_pb2_grpc.StreamInferenceStub(channel)
+
+            def answers() -> bool:
+                assert envoy.poll() is None, envoy_log.read_text()
+                try:
+                    stub.GetModel(pb.GetModelRequest(), metadata=bearer("alpha"), timeout=5)
+                    return True
+                except grpc.RpcError:
+                    return False
+
+            wait_until(answers, 30, "Envoy to route to the server")
+            stream = new_id("via-envoy")
+            assert stub.Predict(request(stream, sequence(9, 3)), metadata=bearer("beta"), timeout=TIMEOUT_S).offset == 3
+            assert code_of(stub.Predict, request(stream, sequence(9, 3)), timeout=TIMEOUT_S)[0] == \
+                grpc.StatusCode.UNAUTHENTICATED
+            # The tenant is the key's, through Envoy as directly: beta's stream, not alpha's.
+            direct = guarded.stub.GetStream(pb.GetStreamRequest(stream_id=stream), metadata=bearer("beta"),
+                                            timeout=TIMEOUT_S)
+            assert direct.offset == 3
+        # Envoy's listener wants a client certificate too.
+        assert health_of(address, pki.credentials(client=None)) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        envoy.terminate()
+        envoy.wait(10)
 
 
 # --- secrets never in the output (last: after every call above) ---------------------------------------------
