@@ -199,6 +199,13 @@ def test_native_calls_need_a_known_key(native, metadata) -> None:
                                 timeout=TIMEOUT_S).exists
 
 
+def test_grpc_call_credentials_carry_the_key_as_the_readme_shows(pki: Pki, guarded: ServerProcess) -> None:
+    key = grpc.access_token_call_credentials(KEYS["alpha"])  # sends `authorization: Bearer <key>`
+    with grpc.secure_channel(guarded.address, grpc.composite_channel_credentials(pki.credentials(), key)) as channel:
+        model = stream_pb2_grpc.StreamInferenceStub(channel).GetModel(pb.GetModelRequest(), timeout=TIMEOUT_S)
+    assert model.input_features == 1
+
+
 def test_triton_calls_need_a_known_key(triton_stub) -> None:
     infer = triton_pb2.ModelInferRequest(model_name="default", inputs=[
         triton_pb2.ModelInferRequest.InferInputTensor(

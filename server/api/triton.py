@@ -8,6 +8,8 @@ Triton's sequence parameters map onto streams (README.md, "Coming from Triton", 
 - A request that continues a sequence without state is refused (FAILED_PRECONDITION), Triton's rule
   that a sequence begins with START, unless it sets the parameter `implicit_sequence_start`.
 - A request without a sequence is one-shot inference from zero state that saves nothing.
+- With API keys, sequence ids live in the caller's tenant namespace, as native stream ids do
+  (invariant 13, docs/invariants.md): the tenant comes from server/api/auth.py's TENANT.
 
 The model is served under its Keras name and under the alias "default", version "1", with one input
 "INPUT" (FP32 [timesteps, features], or [1, timesteps, features] as Triton's batched sequence models
