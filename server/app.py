@@ -51,6 +51,8 @@ async def serve(config: ServerConfig, worker_of: tuple[int, int] | None = None) 
         security = Security(config)
     except SecurityConfigError as exc:
         raise StartupError(str(exc)) from None
+    # SIGHUP means "reload" (security.start() handles it once serving); until then it must not stop us.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     runner = ModelRunner(
         config.model, max_chunk_timesteps=config.max_chunk_timesteps, xla=config.xla, max_batch=config.max_batch

@@ -1,11 +1,11 @@
 """TLS, mutual TLS, API keys and tenants against running servers (invariants 12 and 13, docs/invariants.md).
 
-Two servers for the whole module (TensorFlow start-up costs seconds each):
-- `guarded`: mutual TLS, API keys for four tenants (two with limits), Redis with a password that the
-  server reads from a file. Plaintext, client certificates, keys on both protocols, tenant namespaces,
-  per-tenant limits, and no secret in its output.
-- `rotating`: TLS without client certificates and API keys; its certificate and key file are replaced
-  while it runs (SIGHUP, then a change alone), and connections opened before keep working.
+Two servers in all (TensorFlow start-up costs seconds each):
+- `guarded`, shared by the module: mutual TLS, API keys for four tenants (two with limits), Redis with
+  a password that the server reads from a file. Plaintext, client certificates, keys on both
+  protocols, tenant namespaces, per-tenant limits, Envoy in front, and no secret in its output.
+- one in the rotation test: TLS without client certificates, API keys; its certificate and key file
+  are replaced while it runs (SIGHUP, then a change alone), and connections opened before keep working.
 
 This process imports tritonclient's generated `inference.*` messages (like tests/test_triton_protocol.py),
 so it never imports the server's own `lstm_stream.triton`.
