@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from server.api.auth import bearer_token
 from server.api.tls import ReloadingCredentials, TlsFileError
@@ -192,6 +193,12 @@ def test_tls_files_are_checked_before_use(tmp_path: Path) -> None:
     assert credentials._fetch() is not None and credentials._fetch() is None  # handed over once
     with pytest.raises(TlsFileError, match="cannot read"):
         ReloadingCredentials(str(tmp_path / "missing.crt"), str(key))
+    # An encrypted key is refused with a message, never with a passphrase prompt on the terminal.
+    encrypted = serialization.load_pem_private_key(other.key_pem, None).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"pw"))
+    key.write_bytes(encrypted)
+    with pytest.raises(TlsFileError, match="is encrypted"):
+        ReloadingCredentials(str(cert), str(key))
 
 
 def test_configuration_of_secrets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -66,7 +66,7 @@ class ReloadingCredentials:
         # would only find out at the first handshake, and refuse every client from then on.
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         try:
-            context.load_cert_chain(self.cert_path, self.key_path)
+            context.load_cert_chain(self.cert_path, self.key_path, password=self._encrypted_key)
             if self.client_ca_path:
                 context.load_verify_locations(cafile=self.client_ca_path)
         except (ssl.SSLError, OSError) as exc:
@@ -82,6 +82,12 @@ class ReloadingCredentials:
         return grpc.ssl_server_certificate_configuration(
             [(key, cert)], root_certificates=after[2] if self.client_ca_path else None
         )
+
+    def _encrypted_key(self) -> bytes:
+        # Without this callback OpenSSL would prompt for a passphrase on the terminal, and grpc cannot
+        # use an encrypted key anyway.
+        raise TlsFileError(f"{self.key_path} is encrypted; give the key without a passphrase "
+                           "(`openssl pkey -in KEY -out KEY.plain`) and protect the file instead")
 
     @staticmethod
     def _read_file(path: str) -> bytes:
