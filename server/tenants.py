@@ -59,23 +59,25 @@ def _digest(secret: bytes, key: str) -> bytes:
 
 
 def _limit(text: str, line_number: int) -> tuple[str, float]:
+    # Messages here never repeat what the line says: a key written in the wrong column would be logged.
     name, _, value = text.partition("=")
     if name not in ("max_streams", "chunks_per_s"):
-        raise KeyFileError(f"line {line_number}: unknown option {name!r}; expected max_streams=N or chunks_per_s=R")
+        raise KeyFileError(f"line {line_number}: after the key only max_streams=N and chunks_per_s=R may follow")
     try:
         number = float(int(value)) if name == "max_streams" else float(value)
     except ValueError:
-        raise KeyFileError(f"line {line_number}: {name} must be a number, got {value!r}") from None
+        raise KeyFileError(f"line {line_number}: {name} must be a number") from None
     if not 0 <= number < math.inf:
         raise KeyFileError(f"line {line_number}: {name} must be 0 (no limit) or a positive number")
     return name, number
 
 
 def parse_key_file(text: str, defaults: TenantLimits = TenantLimits()) -> Directory:
+    """Parse a key file; a KeyFileError names the line and what is wrong, never a field's content."""
     secret = os.urandom(32)
     tenants_by_digest: dict[bytes, str] = {}
     limits: dict[str, TenantLimits] = {}
-    limit_lines: dict[str, int] = {}
+    limit_lines: dict[str, int] = {}  # the line that gave a tenant's limits
     for line_number, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -86,31 +88,29 @@ def parse_key_file(text: str, defaults: TenantLimits = TenantLimits()) -> Direct
         tenant, key, options = parts[0], parts[1], parts[2:]
         if not TENANT_NAME.fullmatch(tenant):
             raise KeyFileError(
-                f"line {line_number}: tenant name {tenant!r} must be 1-64 characters of A-Z, a-z, 0-9, '_', '.', '-'"
+                f"line {line_number}: a tenant name is 1-64 characters of A-Z, a-z, 0-9, '_', '.', '-'"
             )
         if len(key) < MIN_KEY_LENGTH or not _KEY_CHARS.fullmatch(key):
             raise KeyFileError(
-                f"line {line_number}: the key of tenant {tenant!r} must be at least {MIN_KEY_LENGTH} printable "
-                "characters without spaces (for example `openssl rand -hex 32`)"
+                f"line {line_number}: a key is at least {MIN_KEY_LENGTH} printable characters without spaces "
+                "or '#' (for example `openssl rand -hex 32`)"
             )
         digest = _digest(secret, key)
         if digest in tenants_by_digest:
-            raise KeyFileError(f"line {line_number}: this key is already listed (for tenant "
-                               f"{tenants_by_digest[digest]!r}); a key must name one tenant")
+            raise KeyFileError(f"line {line_number}: this key is listed twice; a key belongs to one tenant")
         tenants_by_digest[digest] = tenant
         values = dict(_limit(option, line_number) for option in options)
         tenant_limits = TenantLimits(
             max_streams=int(values.get("max_streams", defaults.max_streams)),
             chunks_per_s=float(values.get("chunks_per_s", defaults.chunks_per_s)),
         )
-        if tenant in limits and options and limits[tenant] != tenant_limits:
-            raise KeyFileError(
-                f"line {line_number}: tenant {tenant!r} has other limits on line {limit_lines[tenant]}; "
-                "give them once"
-            )
-        if tenant not in limits or options:
-            limits[tenant] = tenant_limits
-            limit_lines[tenant] = line_number
+        if options:
+            if tenant in limit_lines and limits[tenant] != tenant_limits:
+                raise KeyFileError(f"line {line_number}: this tenant has other limits on line "
+                                   f"{limit_lines[tenant]}; give them once")
+            limits[tenant], limit_lines[tenant] = tenant_limits, line_number
+        else:
+            limits.setdefault(tenant, tenant_limits)
     if not tenants_by_digest:
         raise KeyFileError("no keys in the file: every call would be refused")
     return Directory(secret, tenants_by_digest, limits)

@@ -43,8 +43,8 @@ def test_key_file_maps_keys_to_tenants_with_their_limits() -> None:
     directory = parse_key_file(
         "# who may call\n"
         f"\n  team-a   {KEY_A}   # first key\n"
-        f"team-a {KEY_A2}\n"
-        f"Team_B.2 {KEY_B} max_streams=10 chunks_per_s=2.5\n",
+        f"Team_B.2 {KEY_B} max_streams=10 chunks_per_s=2.5\n"
+        f"team-a {KEY_A2}\n",
         TenantLimits(max_streams=100, chunks_per_s=0),
     )
     assert directory.tenant_of(KEY_A) == "team-a" and directory.tenant_of(KEY_A2) == "team-a"
@@ -53,20 +53,24 @@ def test_key_file_maps_keys_to_tenants_with_their_limits() -> None:
     assert directory.tenant_of("") is None
     assert directory.limits == {"team-a": TenantLimits(100, 0.0), "Team_B.2": TenantLimits(10, 2.5)}
     assert KEY_A.encode() not in repr(directory).encode()  # only keyed digests are kept
+    # Limits given on any one of a tenant's lines hold for all its keys.
+    directory = parse_key_file(f"t {KEY_A}\nt {KEY_B} max_streams=3\nt {KEY_A2}\n")
+    assert directory.limits == {"t": TenantLimits(3, 0.0)}
 
 
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
-        (f"a:b {KEY_A}", "tenant name 'a:b'"),
-        (f"a{{b}} {KEY_A}", "tenant name"),
-        (f"{'x' * 65} {KEY_A}", "tenant name"),
+        (f"a:b {KEY_A}", "line 1: a tenant name is"),
+        (f"a{{b}} {KEY_A}", "a tenant name is"),
+        (f"{'x' * 65} {KEY_A}", "a tenant name is"),
         ("team short-key", "at least 16"),
-        (f"team {KEY_A}\nother {KEY_A}", "line 2: this key is already listed"),
+        (f"{KEY_A} team", "line 1: a key is at least 16"),  # columns swapped: the key is not echoed
+        (f"team {KEY_A}\nother {KEY_A}", "line 2: this key is listed twice"),
         (f"team {KEY_A} max_streams=lots", "max_streams must be a number"),
         (f"team {KEY_A} chunks_per_s=-1", "0 (no limit) or a positive"),
-        (f"team {KEY_A} burst=3", "unknown option 'burst'"),
-        (f"team {KEY_A} max_streams=1\nteam {KEY_B} max_streams=2", "line 2: tenant 'team' has other limits"),
+        (f"team {KEY_A} {KEY_B}", "after the key only max_streams=N"),
+        (f"team {KEY_A} max_streams=1\nteam {KEY_B} max_streams=2", "line 2: this tenant has other limits on line 1"),
         (f"{KEY_A}", "line 1: expected `TENANT KEY"),
         ("# nobody\n", "no keys"),
     ],
