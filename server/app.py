@@ -84,6 +84,7 @@ async def serve(config: ServerConfig, worker_of: tuple[int, int] | None = None) 
         state_ttl_ms=int(config.state_ttl_s * 1000),
         ended_ttl_ms=int(config.ended_ttl_s * 1000),
         reset_on_model_change=config.reset_on_model_change,
+        request_deadline_s=config.request_deadline_s,
     )
     dataplane = DataPlane(
         runner, store, policy,
@@ -120,6 +121,35 @@ async def serve(config: ServerConfig, worker_of: tuple[int, int] | None = None) 
         port = server.add_insecure_port(config.address)
     except RuntimeError as exc:  # grpc raises this when the address is taken or invalid
         raise StartupError(f"cannot listen on {config.address}: {exc}; is another server running there?") from exc
+    redis_up: list[bool] = []  # the last answer, once there is one
+
+    async def check_redis() -> None:
+        # Health follows Redis: a load balancer should stop sending chunks to a replica that cannot save them.
+        started = time.perf_counter()
+        try:
+            up = await store.ping()
+            metrics.REDIS_PING_SECONDS.observe(time.perf_counter() - started)
+        except Exception:
+            up = False
+        metrics.REDIS_UP.set(1 if up else 0)
+        metrics.READY.set(1 if up else 0)
+        if redis_up and redis_up[-1] == up:
+            return
+        status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *inference_services):
+            await health.set(name, status)
+        if redis_up:
+            log.warning("redis %s", "reachable again" if up else "unreachable")
+        redis_up[:] = [up]
+
+    async def track_redis() -> None:
+        while True:
+            await asyncio.sleep(HEALTH_POLL_S)
+            await check_redis()
+
+    # Every service name has its status before the port opens: no caller sees SERVING (the health
+    # servicer's default for "") or NOT_FOUND before the first answer from Redis.
+    await check_redis()
     await server.start()
     # TensorFlow leaves hundreds of thousands of objects behind at start-up; a full garbage collection
     # walks them all (pauses of 100-200 ms under load). Freezing them takes them out of every collection.
@@ -147,27 +177,6 @@ async def serve(config: ServerConfig, worker_of: tuple[int, int] | None = None) 
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
-
-    async def track_redis() -> None:
-        # Health follows Redis: a load balancer should stop sending chunks to a replica that cannot save them.
-        last = None
-        while True:
-            started = time.perf_counter()
-            try:
-                up = await store.ping()
-                metrics.REDIS_PING_SECONDS.observe(time.perf_counter() - started)
-            except Exception:
-                up = False
-            metrics.REDIS_UP.set(1 if up else 0)
-            metrics.READY.set(1 if up else 0)
-            if up != last:
-                status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
-                for name in ("", *inference_services):
-                    await health.set(name, status)
-                if last is not None:
-                    log.warning("redis %s", "reachable again" if up else "unreachable")
-                last = up
-            await asyncio.sleep(HEALTH_POLL_S)
 
     tracker = asyncio.create_task(track_redis())
     await stopping.wait()
@@ -337,6 +346,9 @@ def _serve_until_stopped(config: ServerConfig, worker_env: str | None) -> int:
     worker_of = tuple(int(part) for part in worker_env.split("/")) if worker_env else None
     try:
         asyncio.run(serve(config, worker_of))  # type: ignore[arg-type]
+        # Closing the loop put back the default handlers: a late signal must not kill the exit under way.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     except ModelLoadError as exc:
         log.error("cannot serve this model: %s", exc)
         return 2
