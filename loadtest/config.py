@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-# The model the server ships with; --verify recomputes with it unless --model names another file.
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default.keras"
+from server.config import DEFAULT_MODEL  # the model the server ships with; --verify recomputes with it by default
+
 APIS = ("unary", "stream")
 MAX_STREAM_ID_LENGTH = 128
 

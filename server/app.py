@@ -84,6 +84,7 @@ async def serve(config: ServerConfig, worker_of: tuple[int, int] | None = None) 
         state_ttl_ms=int(config.state_ttl_s * 1000),
         ended_ttl_ms=int(config.ended_ttl_s * 1000),
         reset_on_model_change=config.reset_on_model_change,
+        request_deadline_s=config.request_deadline_s,
     )
     dataplane = DataPlane(
         runner, store, policy,
