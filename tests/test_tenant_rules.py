@@ -111,23 +111,26 @@ def test_chunk_rate_is_a_token_bucket_per_tenant() -> None:
 def test_live_streams_count_admits_refreshes_ends_and_expires(redis_server) -> None:
     async def scenario() -> None:
         store = StateStore(redis_server.url, key_prefix=f"t{uuid.uuid4().hex[:6]}")
-        live = LiveStreams(store.client, store.key_prefix, state_ttl_ms=60_000,
-                           limit_of=lambda tenant: 2 if tenant == "small" else 0)
+        live = LiveStreams(store, state_ttl_ms=60_000, limit_of=lambda tenant: 2 if tenant == "small" else 0)
         now = int(time.time() * 1000)
+        deadline = time.monotonic() + 10
+
+        async def apply(changes: list[LiveChange], at_ms: int = now) -> list[bool]:
+            return await live.apply(changes, at_ms, deadline)
 
         def change(stream: str, kind: Change, tenant: str = "small") -> LiveChange:
             return LiveChange(tenant, stream, kind)
 
-        assert await live.apply([change("a", Change.NEW), change("b", Change.NEW), change("c", Change.NEW),
-                                 change("x", Change.NEW, "big")], now) == [True, True, False, True]
+        assert await apply([change("a", Change.NEW), change("b", Change.NEW), change("c", Change.NEW),
+                            change("x", Change.NEW, "big")]) == [True, True, False, True]
         # A live stream is never refused, even at the limit; a repeated NEW of it neither.
-        assert await live.apply([change("a", Change.CONTINUE), change("b", Change.NEW)], now) == [True, True]
-        assert await live.apply([change("a", Change.END), change("c", Change.NEW)], now) == [True, True]
-        assert await live.apply([change("d", Change.NEW)], now) == [False]
-        await live.forget("small", "b")
-        assert await live.apply([change("d", Change.NEW)], now) == [True]
+        assert await apply([change("a", Change.CONTINUE), change("b", Change.NEW)]) == [True, True]
+        assert await apply([change("a", Change.END), change("c", Change.NEW)]) == [True, True]
+        assert await apply([change("d", Change.NEW)]) == [False]
+        await live.forget("small", "b", deadline)
+        assert await apply([change("d", Change.NEW)]) == [True]
         # Idle past the state TTL: pruned, as the streams' own states would have expired.
-        assert await live.apply([change("e", Change.NEW), change("f", Change.NEW)], now + 60_001) == [True, True]
+        assert await apply([change("e", Change.NEW), change("f", Change.NEW)], now + 60_001) == [True, True]
         assert await store.client.zcard(live.key("small")) == 2
         assert not await store.client.exists(live.key("big"))  # unlimited tenants are not counted
         await store.close()

@@ -18,9 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-import redis.asyncio as aioredis
-
-from server.state.store import _redis_errors_as_status
+from server.state.store import StateStore
 
 # KEYS[1]: the tenant's set. ARGV: now ms, prune-below ms, limit, ttl ms, then (op, stream id) pairs.
 # Returns 1 for each pair that may run, 0 for a new stream past the limit.
@@ -63,20 +61,20 @@ class LiveChange:
 
 
 class LiveStreams:
-    def __init__(
-        self, redis: aioredis.Redis, key_prefix: str, state_ttl_ms: int, limit_of: Callable[[str], int]
-    ) -> None:
-        self._redis = redis
-        self._key_prefix = key_prefix
+    """Every call is idempotent (a repeated admission finds its stream already counted), so the store
+    resends it until the caller's deadline, like its own reads (invariant 9)."""
+
+    def __init__(self, store: StateStore, state_ttl_ms: int, limit_of: Callable[[str], int]) -> None:
+        self._store = store
+        self._redis = store.client
         self._state_ttl_ms = state_ttl_ms
         self.limit_of = limit_of  # the tenant's max_streams; 0: not limited, and not counted
-        self._update = redis.register_script(_UPDATE)
+        self._update = self._redis.register_script(_UPDATE)
 
     def key(self, tenant: str) -> str:
-        return f"{self._key_prefix}:{tenant}:live"
+        return f"{self._store.key_prefix}:{tenant}:live"
 
-    @_redis_errors_as_status
-    async def apply(self, changes: Sequence[LiveChange], now_ms: int) -> list[bool]:
+    async def apply(self, changes: Sequence[LiveChange], now_ms: int, deadline: float) -> list[bool]:
         """Record a batch's changes; False where a new stream is refused for its tenant's limit."""
         by_tenant: dict[str, list[int]] = {}
         for index, change in enumerate(changes):
@@ -85,20 +83,26 @@ class LiveStreams:
         allowed = [True] * len(changes)
         if not by_tenant:
             return allowed
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for tenant, indexes in by_tenant.items():
-                args: list[str | int] = [now_ms, now_ms - self._state_ttl_ms, self.limit_of(tenant), self._state_ttl_ms]
-                for index in indexes:
-                    args += [changes[index].change.value, changes[index].stream_id]
-                await self._update(keys=[self.key(tenant)], args=args, client=pipe)
-            replies = await pipe.execute()
+        calls = []
+        for tenant, indexes in by_tenant.items():
+            args: list[str | int] = [now_ms, now_ms - self._state_ttl_ms, self.limit_of(tenant), self._state_ttl_ms]
+            for index in indexes:
+                args += [changes[index].change.value, changes[index].stream_id]
+            calls.append((self.key(tenant), args))
+
+        async def update() -> list[list[int]]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key, args in calls:
+                    await self._update(keys=[key], args=args, client=pipe)
+                return await pipe.execute()
+
+        replies = await self._store.run(update, deadline)
         for indexes, reply in zip(by_tenant.values(), replies, strict=True):
             for index, ok in zip(indexes, reply, strict=True):
                 allowed[index] = bool(ok)
         return allowed
 
-    @_redis_errors_as_status
-    async def forget(self, tenant: str, stream_id: str) -> None:
+    async def forget(self, tenant: str, stream_id: str, deadline: float) -> None:
         """ResetStream dropped the stream's state: it is no longer live."""
         if self.limit_of(tenant) > 0:
-            await self._redis.zrem(self.key(tenant), stream_id)
+            await self._store.run(lambda: self._redis.zrem(self.key(tenant), stream_id), deadline)
