@@ -13,6 +13,7 @@ so it never imports the server's own `lstm_stream.triton`.
 
 from __future__ import annotations
 
+import os
 import queue
 import secrets
 import signal
@@ -38,7 +39,7 @@ from lstm_stream.v1 import stream_pb2 as pb
 from lstm_stream.v1 import stream_pb2_grpc
 from tests.certs import CertificateAuthority
 from tests.client import outputs, request
-from tests.support import DEFAULT_MODEL, RedisServer, ServerProcess, free_port, wait_until
+from tests.support import DEFAULT_MODEL, ROOT, RedisServer, ServerProcess, free_port, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -173,6 +174,21 @@ def test_mutual_tls_accepts_only_clients_signed_by_the_ca(pki: Pki, guarded: Ser
     assert health_of(guarded.address, pki.credentials(client="foreign")) == grpc.StatusCode.UNAVAILABLE
     # A client that does not trust the server's CA refuses the server.
     assert health_of(guarded.address, pki.credentials(trust=pki.other_ca.pem)) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_container_health_check_speaks_mutual_tls(pki: Pki, guarded: ServerProcess) -> None:
+    client_cert, client_key = pki.client.write(pki.folder, "probe")
+    environ = {key: value for key, value in os.environ.items() if not key.startswith("LSTM_SERVE_")}
+
+    def probe(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "server.healthcheck", "--address", guarded.address, *args],
+                              cwd=ROOT, env=environ, capture_output=True, text=True, timeout=30)
+
+    ok = probe("--tls-ca", str(pki.ca_path), "--client-cert", str(client_cert), "--client-key", str(client_key),
+               "--server-name", "localhost")
+    assert ok.returncode == 0 and ok.stdout.strip().endswith("SERVING"), ok
+    assert probe("--timeout", "2").returncode == 1  # plaintext
+    assert probe("--tls-ca", str(pki.ca_path), "--timeout", "2").returncode == 1  # no client certificate
 
 
 # --- API keys, both protocols, unary and streaming ----------------------------------------------------------
