@@ -18,8 +18,11 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from lstm_stream.triton import grpc_service_pb2 as triton_pb
-from lstm_stream.triton import grpc_service_pb2_grpc as triton_grpc
+# tritonclient's generated messages, not lstm_stream.triton: one test process can register the
+# `inference` package only once, and tests/test_triton_protocol.py imports tritonclient's.
+from tritonclient.grpc import service_pb2 as triton_pb
+from tritonclient.grpc import service_pb2_grpc as triton_grpc
+
 from lstm_stream.v1 import stream_pb2 as pb
 from server import metrics as server_metrics
 from tests.client import predict, request, status_of
