@@ -191,7 +191,8 @@ class AsyncStream:
     async def send(self, values: Any) -> np.ndarray:
         """Send one chunk `[timesteps, features]` (or 1-D for a one-feature model); returns its outputs
         `[timesteps, outputs]` (one row for a last-step model). Longer chunks than the server takes are
-        split; retried within the deadline; a replayed answer counts as the answer."""
+        split; retried within the deadline; a replayed answer counts as the answer. If a split chunk
+        fails part-way, `offset` tells how much of it was applied."""
         return await self._send(values, end=False)
 
     async def end(self, values: Any = None) -> np.ndarray | None:
@@ -344,6 +345,8 @@ class _Pipe:
         parts: list[np.ndarray] = []
         try:
             while True:
+                for piece in self.pending:
+                    piece.sent_at = None  # to be resent on this call; its attempt's clock starts then
                 call = client._stub.PredictStream(metadata=client._metadata)
                 writer = asyncio.create_task(self.write(call, self.pending[0].seq if self.pending else self.next_seq))
                 if head_budget is not None:
@@ -358,6 +361,8 @@ class _Pipe:
                     if head_budget is None:
                         head_budget = Budget(policy)
                         head_budget.attempt_timeout_s()
+                    if head.sent_at is None:
+                        await asyncio.sleep(0)  # let the writer put it on the wire first
                     wait = (head.sent_at or time.monotonic()) + policy.attempt_timeout_s - time.monotonic()
                     try:
                         response = await asyncio.wait_for(call.read(), max(0.001, min(wait, head_budget.remaining_s())))

@@ -25,7 +25,6 @@ import numpy as np
 from lstm_stream.client.errors import (
     ClientError,
     InvalidInput,
-    RequestRejected,
     ServerUnavailable,
     StreamPositionError,
 )
@@ -102,10 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 def load_values(path: Path) -> np.ndarray:
     """A [timesteps, features] float32 array from a .npy or CSV file; InvalidInput says what is wrong."""
     try:
-        if path.suffix.lower() == ".npy":
-            values = np.load(path, allow_pickle=False)
-        else:
-            values = _read_csv(path)
+        values = np.load(path, allow_pickle=False) if path.suffix.lower() == ".npy" else _read_csv(path)
     except OSError as exc:
         raise InvalidInput(f"{path}: cannot read: {exc.strerror or exc}") from None
     except ValueError as exc:
