@@ -10,6 +10,7 @@ a StreamPositionError saying where the server stands; resume() and start_new() a
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 
 import numpy as np
@@ -17,7 +18,7 @@ import pytest
 
 from lstm_stream.client import AsyncClient, Client, InvalidInput, RequestRejected, StreamPositionError
 from tests.models import TOLERANCE, build_gru_stateful, keras_whole_sequence
-from tests.support import DEFAULT_MODEL
+from tests.support import DEFAULT_MODEL, ROOT
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -27,7 +28,7 @@ def random_split(rng: np.random.Generator, x: np.ndarray, most: int) -> list[np.
     return np.split(x, cuts)
 
 
-def sequences(features: int, seed: int, count: int = 4) -> list[np.ndarray]:
+def sequences(features: int, seed: int, count: int = 3) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.normal(0, 1.5, size=(int(rng.integers(40, 120)), features)).astype(np.float32) for _ in range(count)]
 
@@ -141,3 +142,16 @@ def test_api_key_reaches_the_server_as_a_bearer_token(default_server) -> None:
         stream = client.stream(f"cl-key-{uuid.uuid4().hex[:6]}")
         got = np.concatenate([stream.send(x[:5]), *stream.pipe([x[5:]])])
         assert_keras(DEFAULT_MODEL, x, got, "with an api key")
+
+
+@pytest.mark.timeout(60)
+def test_the_readme_examples_run_and_rerun(default_server, capsys) -> None:
+    """The quick-start example (and the client README's) run as written, twice: a rerun starts anew."""
+    for readme in (ROOT / "README.md", ROOT / "clients" / "python" / "README.md"):
+        found = re.search(r"```python\n(import numpy as np\nfrom lstm_stream.client import Client\n.*?)```",
+                          readme.read_text(), re.S)
+        assert found, f"{readme} has no client example"
+        code = compile(found.group(1).replace("127.0.0.1:50051", default_server.address), str(readme), "exec")
+        for _ in range(2):
+            exec(code, {})
+    assert "200 " in capsys.readouterr().out
