@@ -13,6 +13,9 @@ from pathlib import Path
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default.keras"
 ENV_PREFIX = "LSTM_SERVE_"
+# Added to the largest valid chunk's float bytes for the derived message size limit: protobuf tags and
+# lengths, stream and request ids (256 bytes each), Triton's names, shape and parameters.
+MESSAGE_HEADROOM_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,10 +41,24 @@ class ServerConfig:
     identity_model: bool = False
     log_level: str = "INFO"
     log_format: str = "json"
+    # Bounded resources, invariant 12 (docs/invariants.md).
+    max_message_bytes: int = 0
+    max_concurrent_rpcs: int = 1024
+    max_queued_chunks: int = 10_000
+    stream_window: int = 64
+    stream_window_bytes: int = 1024 * 1024
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def message_limits(self, input_features: int, output_size: int) -> tuple[int, int]:
+        """(receive, send) limits in bytes: the largest valid chunk or answer plus headroom, unless set."""
+        if self.max_message_bytes:
+            return self.max_message_bytes, self.max_message_bytes
+        receive = self.max_chunk_timesteps * input_features * 4 + MESSAGE_HEADROOM_BYTES
+        send = self.max_chunk_timesteps * output_size * 4 + MESSAGE_HEADROOM_BYTES
+        return receive, max(receive, send)
 
     def warmup_lengths(self) -> tuple[int, ...]:
         lengths = tuple(int(part) for part in self.warmup_timesteps.split(",") if part.strip())
@@ -74,6 +91,14 @@ _HELP = {
     "identity_model": "benchmark ceiling: skip the model call (outputs copy inputs), keep every other step",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "log_format": "json (one object a line) or text",
+    "max_message_bytes": "largest gRPC message accepted or sent (0: derived, max_chunk_timesteps x features x 4 "
+    f"bytes + {MESSAGE_HEADROOM_BYTES // 1024} KiB); a larger one is refused with RESOURCE_EXHAUSTED",
+    "max_concurrent_rpcs": "calls served at once, open streams included; more are refused with RESOURCE_EXHAUSTED",
+    "max_queued_chunks": "chunks waiting for a batch; more are refused with RESOURCE_EXHAUSTED",
+    "stream_window": "requests one stream connection may have read but not yet answered; then reading pauses "
+    "(HTTP/2 flow control pushes back on the client)",
+    "stream_window_bytes": "bytes of requests one stream connection may have read but not yet answered "
+    "(at least one request is always read)",
 }
 
 
@@ -151,5 +176,10 @@ def _check(config: ServerConfig, parser: argparse.ArgumentParser) -> None:
         parser.error("--state-ttl-s and --ended-ttl-s must be positive")
     if not 0 <= config.port <= 65535:
         parser.error("--port must be between 0 and 65535")
+    if config.max_message_bytes < 0:
+        parser.error("--max-message-bytes must not be negative (0: derived from --max-chunk-timesteps)")
+    for name in ("max_concurrent_rpcs", "max_queued_chunks", "stream_window", "stream_window_bytes"):
+        if getattr(config, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if config.log_format not in ("json", "text"):
         parser.error("--log-format must be json or text")

@@ -26,12 +26,14 @@ class DataPlane:
         max_batch: int = 64,
         max_delay_s: float = 0.0,
         max_in_flight: int = 1,
+        max_queued: int = 10_000,
     ) -> None:
         self.runner = runner
         self.store = store
         self._processor = BatchProcessor(runner, store, policy)
         self._batcher = Batcher(
-            self._processor, max_batch=max_batch, max_delay_s=max_delay_s, max_in_flight=max_in_flight
+            self._processor, max_batch=max_batch, max_delay_s=max_delay_s, max_in_flight=max_in_flight,
+            max_queued=max_queued,
         )
 
     @property

@@ -46,3 +46,12 @@ def redis_unavailable(detail: str) -> ServiceError:
         grpc.StatusCode.UNAVAILABLE,
         f"state store (Redis) unreachable: {detail}; the chunk was not applied, retry it",
     )
+
+
+def queue_full(limit: int) -> ServiceError:
+    """Invariant 12 (docs/invariants.md): the batcher holds at most `limit` chunks; past that, refuse, not queue."""
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"server busy: {limit} chunks are already waiting for a batch (--max-queued-chunks); "
+        "the chunk was not applied, retry it after a short wait",
+    )

@@ -29,7 +29,7 @@ from lstm_stream.triton import grpc_service_pb2 as pb
 from lstm_stream.triton import grpc_service_pb2_grpc as pb_grpc
 from lstm_stream.triton import model_config_pb2 as config_pb
 from server.api.errors import as_service_error, unary_errors
-from server.api.streaming import answer_in_order
+from server.api.streaming import StreamWindow, abandon_future, answer_in_order
 from server.dataplane import DataPlane
 from server.errors import ServiceError, invalid_argument
 from server.types import Chunk, Prediction
@@ -148,9 +148,11 @@ class _Submitted:
 
 class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
-        self, dataplane: DataPlane, *, max_batch_size: int = 1, max_queue_delay_us: int = 0, sequence_idle_us: int = 0
+        self, dataplane: DataPlane, window: StreamWindow, *, max_batch_size: int = 1, max_queue_delay_us: int = 0,
+        sequence_idle_us: int = 0,
     ) -> None:
         self.dataplane = dataplane
+        self.window = window
         self.max_batch_size = max_batch_size
         self.max_queue_delay_us = max_queue_delay_us
         self.sequence_idle_us = sequence_idle_us
@@ -320,7 +322,12 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def finish(submitted: _Submitted) -> pb.ModelStreamInferResponse:
             return pb.ModelStreamInferResponse(infer_response=await self._finish(submitted))
 
-        async for response in answer_in_order(requests, self._submit, finish, self._stream_error):
+        def abandon(submitted: _Submitted) -> None:
+            abandon_future(submitted.answer)
+
+        async for response in answer_in_order(
+            requests, self._submit, finish, self._stream_error, abandon, self.window
+        ):
             yield response
 
     def _stream_error(self, request: pb.ModelInferRequest, error: ServiceError) -> pb.ModelStreamInferResponse:
@@ -434,6 +441,7 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
 def add_triton_service(
     server: grpc.aio.Server,
     dataplane: DataPlane,
+    window: StreamWindow,
     *,
     max_batch_size: int = 1,
     max_queue_delay_us: int = 0,
@@ -445,6 +453,7 @@ def add_triton_service(
     """
     servicer = TritonServicer(
         dataplane,
+        window,
         max_batch_size=max_batch_size,
         max_queue_delay_us=max_queue_delay_us,
         sequence_idle_us=sequence_idle_us,
