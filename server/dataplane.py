@@ -7,6 +7,7 @@ the data flows: batcher -> store -> model -> store -> reply.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 from server.batching.batcher import Batcher
 from server.model.runner import ModelRunner
@@ -60,6 +61,10 @@ class DataPlane:
     def submit(self, chunk: Chunk) -> asyncio.Future[Prediction]:
         """Queue one validated chunk without waiting: streaming edges keep many in flight."""
         return self._batcher.submit(chunk)
+
+    def abandon(self, answers: Sequence[asyncio.Future[Prediction]]) -> None:
+        """The caller is gone (a broken stream): chunks not yet started are dropped, never run later."""
+        self._batcher.abandon(answers)
 
     async def reset_stream(self, stream_id: str) -> bool:
         """Forget the stream's slot (Keras reset_states for this stream alone); True if it had one."""

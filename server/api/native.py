@@ -11,7 +11,7 @@ import numpy as np
 from lstm_stream.v1 import stream_pb2 as pb
 from lstm_stream.v1 import stream_pb2_grpc as pb_grpc
 from server.api.errors import unary_errors
-from server.api.streaming import StreamWindow, abandon_future, answer_in_order
+from server.api.streaming import StreamWindow, answer_in_order
 from server.dataplane import DataPlane
 from server.errors import ServiceError
 from server.types import Chunk, Prediction
@@ -63,7 +63,7 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
             return self._response(await answer)
 
         async for response in answer_in_order(
-            requests, start, finish, self._stream_error, abandon_future, self.window
+            requests, start, finish, self._stream_error, self.dataplane.abandon, self.window
         ):
             yield response
 

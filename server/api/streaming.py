@@ -43,20 +43,12 @@ Handle = TypeVar("Handle")
 Response = TypeVar("Response")
 
 
-def abandon_future(answer: asyncio.Future) -> None:
-    """Tell the batcher nobody waits for this answer: a cancelled future's chunk is dropped if not started."""
-    if not answer.done():
-        answer.cancel()
-    elif not answer.cancelled():
-        answer.exception()  # retrieved: an unread error is not worth asyncio's "never retrieved" log line
-
-
 async def answer_in_order(
     requests: AsyncIterator[Request],
     start: Callable[[Request], Handle],
     finish: Callable[[Handle], Awaitable[Response]],
     fail: Callable[[Request, ServiceError], Response],
-    abandon: Callable[[Handle], None],
+    abandon: Callable[[list[Handle]], None],
     window: StreamWindow,
 ) -> AsyncIterator[Response]:
     """`start` validates and submits a request without waiting (raising ServiceError for a bad one),
@@ -110,5 +102,5 @@ async def answer_in_order(
         with contextlib.suppress(asyncio.CancelledError):
             await reader
         # The call ended before these were answered (a broken stream): nobody will read their answers.
-        for handle in unanswered:
-            abandon(handle)
+        if unanswered:
+            abandon(list(unanswered))

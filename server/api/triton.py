@@ -29,7 +29,7 @@ from lstm_stream.triton import grpc_service_pb2 as pb
 from lstm_stream.triton import grpc_service_pb2_grpc as pb_grpc
 from lstm_stream.triton import model_config_pb2 as config_pb
 from server.api.errors import as_service_error, unary_errors
-from server.api.streaming import StreamWindow, abandon_future, answer_in_order
+from server.api.streaming import StreamWindow, answer_in_order
 from server.dataplane import DataPlane
 from server.errors import ServiceError, invalid_argument
 from server.types import Chunk, Prediction
@@ -322,8 +322,8 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def finish(submitted: _Submitted) -> pb.ModelStreamInferResponse:
             return pb.ModelStreamInferResponse(infer_response=await self._finish(submitted))
 
-        def abandon(submitted: _Submitted) -> None:
-            abandon_future(submitted.answer)
+        def abandon(unanswered: list[_Submitted]) -> None:
+            self.dataplane.abandon([submitted.answer for submitted in unanswered])
 
         async for response in answer_in_order(
             requests, self._submit, finish, self._stream_error, abandon, self.window

@@ -96,9 +96,25 @@ class Batcher:
         self._changed.set()
         return future
 
+    def abandon(self, futures: Sequence[asyncio.Future[Prediction]]) -> None:
+        """Nobody will read these answers (a broken stream): drop their chunks that have not started.
+
+        A chunk in a running batch finishes (applied once or not at all); the ones still queued are
+        removed now, so they never run later and their memory is freed at once (invariants 11, 12)."""
+        live = False
+        for future in futures:
+            if not future.done():
+                future.cancel()
+                live = True
+            elif not future.cancelled():
+                future.exception()  # retrieved: an unread error is not worth asyncio's "never retrieved" log
+        if live:
+            self._drop_abandoned()
+
     def _drop_abandoned(self) -> None:
         kept = deque(w for w in self._queue if not w.future.done())
         metrics.CHUNKS.labels("dropped").inc(len(self._queue) - len(kept))
+        metrics.QUEUED.set(len(kept))
         self._queue = kept
 
     async def predict(self, chunk: Chunk) -> Prediction:
