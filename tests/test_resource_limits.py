@@ -109,7 +109,7 @@ def test_a_non_reading_abuser_cannot_grow_server_memory(start_server) -> None:
     assert predict(stub, normal, x, start_offset=0).offset == 20
     before = rss_mib(server)
 
-    big = pb.PredictRequest(stream_id="abuse", values=np.ones(2 * MiB, np.float32), timesteps=1)  # 8 MiB
+    big = pb.PredictRequest(stream_id="abuse", values=np.ones(4 * MiB, np.float32), timesteps=1)  # 16 MiB
     near_limit = pb.PredictRequest(stream_id="abuse", values=np.ones(15_000, np.float32), timesteps=1)  # 60 KB
     stop = threading.Event()
     outcomes: dict[str, int] = {}
@@ -135,7 +135,7 @@ def test_a_non_reading_abuser_cannot_grow_server_memory(start_server) -> None:
                 call.cancel()
                 outcomes[str(code)] = outcomes.get(str(code), 0) + 1
 
-    abusers = [threading.Thread(target=abuse, args=(big, 60), daemon=True) for _ in range(2)]
+    abusers = [threading.Thread(target=abuse, args=(big, 30), daemon=True) for _ in range(3)]
     abusers += [threading.Thread(target=abuse, args=(near_limit, 2000), daemon=True) for _ in range(2)]
     for thread in abusers:
         thread.start()
@@ -155,5 +155,7 @@ def test_a_non_reading_abuser_cannot_grow_server_memory(start_server) -> None:
     print(f"server RSS: before {before:.0f} MiB, during abuse {during:.0f} MiB, after {after:.0f} MiB; "
           f"{served} normal calls answered; abuser calls ended {outcomes}")
     assert served >= 3
-    assert during - before < 200 and after - before < 200, (before, during, after)
+    # Generous: 40-140 MiB of growth measured with the limits (allocator arenas, gRPC buffers, the normal
+    # client's work); 1,200 MiB without them.
+    assert during - before < 300 and after - before < 300, (before, during, after)
     assert server.process.poll() is None
