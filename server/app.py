@@ -40,6 +40,7 @@ async def serve(config: ServerConfig, worker_of: tuple[int, int] | None = None) 
     from server.api.native import StreamInferenceServicer
     from server.api.streaming import StreamWindow
     from server.api.triton import add_triton_service
+    from server.api.wire import add_servicer
     from server.dataplane import DataPlane
     from server.model.runner import ModelRunner
     from server.processor import StreamPolicy
@@ -88,7 +89,9 @@ async def serve(config: ServerConfig, worker_of: tuple[int, int] | None = None) 
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     window = StreamWindow(config.stream_window, config.stream_window_bytes)
-    stream_pb2_grpc.add_StreamInferenceServicer_to_server(StreamInferenceServicer(dataplane, window), server)
+    # Malformed bytes get INVALID_ARGUMENT rather than grpc's UNKNOWN (server/api/wire.py).
+    native = StreamInferenceServicer(dataplane, window)
+    add_servicer(stream_pb2_grpc.add_StreamInferenceServicer_to_server, native, server)
     # The Triton / KServe v2 protocol on the same port, over the same data plane.
     triton_service = add_triton_service(
         server, dataplane, window,

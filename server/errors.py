@@ -55,3 +55,9 @@ def queue_full(limit: int) -> ServiceError:
         f"server busy: {limit} chunks are already waiting for a batch (--max-queued-chunks); "
         "the chunk was not applied, retry it after a short wait",
     )
+
+
+def malformed_message(problem: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid protobuf message for this method ({problem})"
+    )

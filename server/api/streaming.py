@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from server.api.errors import as_service_error
-from server.errors import ServiceError
+from server.api.wire import Malformed
+from server.errors import ServiceError, malformed_message
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,12 +70,16 @@ async def answer_in_order(
                     await room.wait()
                 held[0] += 1
                 held[1] += size
-                try:
-                    handle: Handle | ServiceError = start(request)
-                except ServiceError as exc:
-                    handle = exc
+                handle: Handle | ServiceError
+                if isinstance(request, Malformed):  # answered like any bad request; the stream goes on
+                    handle, request = malformed_message(request.problem), request.empty
                 else:
-                    unanswered.append(handle)
+                    try:
+                        handle = start(request)
+                    except ServiceError as exc:
+                        handle = exc
+                    else:
+                        unanswered.append(handle)
                 pending.put_nowait((request, handle, size))
         finally:
             pending.put_nowait(None)

@@ -30,6 +30,7 @@ from lstm_stream.triton import grpc_service_pb2_grpc as pb_grpc
 from lstm_stream.triton import model_config_pb2 as config_pb
 from server.api.errors import as_service_error, unary_errors
 from server.api.streaming import StreamWindow, answer_in_order
+from server.api.wire import add_servicer
 from server.dataplane import DataPlane
 from server.errors import ServiceError, invalid_argument
 from server.types import Chunk, Prediction
@@ -458,5 +459,5 @@ def add_triton_service(
         max_queue_delay_us=max_queue_delay_us,
         sequence_idle_us=sequence_idle_us,
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    add_servicer(pb_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, server)
     return pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
