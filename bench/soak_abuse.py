@@ -74,6 +74,9 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=32, help="lstm-loadtest sensors (default 32)")
     parser.add_argument("--chunk", type=int, default=20, help="timesteps per chunk (default 20)")
     parser.add_argument("--abusers", type=int, default=4, help="non-reading abusive connections (default 4)")
+    parser.add_argument("--abuse", choices=("both", "huge", "near", "none"), default="both",
+                        help="which abusers: 16 MiB messages, ~60 KB ones, both alternating, or none")
+    parser.add_argument("--server-arg", action="append", default=[], help="extra lstm-serve argument (repeat)")
     parser.add_argument("--json", type=Path, help="write the samples and summary as JSON")
     args = parser.parse_args()
 
@@ -83,7 +86,7 @@ def main() -> None:
     with open(log_path, "wb") as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "server", "--port", str(port), "--redis-url", redis.url, "--redis-autostart",
-             "false", "--metrics-port", "0", "--log-level", "WARNING"],
+             "false", "--metrics-port", "0", "--log-level", "WARNING", *args.server_arg],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
         )
     address = f"127.0.0.1:{port}"
@@ -111,7 +114,8 @@ def main() -> None:
         baseline = rss_mib(server.pid)
         huge = pb.PredictRequest(stream_id="abuse-huge", values=np.ones(4 * MiB, np.float32), timesteps=1)
         near = pb.PredictRequest(stream_id="abuse-near", values=np.ones(15_000, np.float32), timesteps=1)
-        abusers = [Abuser(address, huge if i % 2 == 0 else near, stop) for i in range(args.abusers)]
+        kinds = {"both": [huge, near], "huge": [huge], "near": [near], "none": []}[args.abuse]
+        abusers = [Abuser(address, kinds[i % len(kinds)], stop) for i in range(args.abusers if kinds else 0)]
         for abuser in abusers:
             abuser.start()
         started = time.monotonic()

@@ -82,6 +82,9 @@ async def serve(config: ServerConfig, worker_of: tuple[int, int] | None = None) 
         options=[
             ("grpc.max_receive_message_length", receive_limit),
             ("grpc.max_send_message_length", send_limit),
+            # Off by default: with it, grpc grows each stream's HTTP/2 receive window to the measured
+            # bandwidth-delay product, so a client could push many MiB the server never asked for.
+            ("grpc.http2.bdp_probe", 1 if config.http2_bdp_probe else 0),
             # Workers share one port; a lone server must fail loudly if the port is taken.
             ("grpc.so_reuseport", 1 if worker_of is not None else 0),
         ]

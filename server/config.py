@@ -47,6 +47,7 @@ class ServerConfig:
     max_queued_chunks: int = 10_000
     stream_window: int = 64
     stream_window_bytes: int = 1024 * 1024
+    http2_bdp_probe: bool = False
 
     @property
     def address(self) -> str:
@@ -99,6 +100,8 @@ _HELP = {
     "(HTTP/2 flow control pushes back on the client)",
     "stream_window_bytes": "bytes of requests one stream connection may have read but not yet answered "
     "(at least one request is always read)",
+    "http2_bdp_probe": "let gRPC grow HTTP/2 flow-control windows to the measured bandwidth-delay product: faster "
+    "large transfers over long links, but each connection may then hold several MiB the server has not read",
 }
 
 
