@@ -1,6 +1,7 @@
-"""Invariant 11 (docs/invariants.md), resume after a break: when a PredictStream breaks, chunks of it
-not yet started are dropped (never run later), a chunk in a running batch finishes, so the stream's
-offset stops at a chunk boundary; retrying every chunk in order with its offset gives every output.
+"""Invariant 11 (docs/invariants.md), resume after a break: when a PredictStream (or Triton's
+ModelStreamInfer) breaks, chunks of it not yet started are dropped (never run later), a chunk in a
+running batch finishes, so the stream's offset stops at a chunk boundary; retrying every chunk in
+order with its offset gives every output.
 
 The break is made deterministic by pausing Redis (SIGSTOP) so the stream's first chunk holds its batch
 while the rest wait in the batcher's queue; the call is cancelled there, then Redis continues.
@@ -20,6 +21,8 @@ import grpc
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.grpc import service_pb2 as triton_pb2
+from tritonclient.grpc import service_pb2_grpc as triton_pb2_grpc
 
 from lstm_stream.v1 import stream_pb2 as pb
 from tests.client import outputs, request
@@ -51,24 +54,66 @@ def metric(server: ServerProcess, name: str, **labels: str) -> float:
     return 0.0
 
 
-def test_a_broken_stream_drops_its_queued_chunks_and_resumes_exactly(start_server, paused_redis) -> None:
+class Native:
+    """The native PredictStream."""
+
+    def __init__(self, server: ServerProcess) -> None:
+        self.call = server.stub.PredictStream
+
+    @staticmethod
+    def message(stream: str, x: np.ndarray, start: int) -> pb.PredictRequest:
+        return request(stream, x, start_offset=start)
+
+    @staticmethod
+    def reply(reply: pb.PredictResponse) -> tuple[str, bool, np.ndarray]:
+        return reply.error.message if reply.HasField("error") else "", reply.replayed, outputs(reply)
+
+
+class Triton:
+    """Triton's ModelStreamInfer, with tritonclient's messages (the same wire format as the server's)."""
+
+    def __init__(self, server: ServerProcess) -> None:
+        self.channel = grpc.insecure_channel(server.address)
+        self.call = triton_pb2_grpc.GRPCInferenceServiceStub(self.channel).ModelStreamInfer
+
+    @staticmethod
+    def message(stream: str, x: np.ndarray, start: int) -> triton_pb2.ModelInferRequest:
+        message = triton_pb2.ModelInferRequest(model_name="default", raw_input_contents=[x.astype("<f4").tobytes()])
+        message.inputs.add(name="INPUT", datatype="FP32", shape=list(x.shape))
+        message.parameters["sequence_id"].string_param = stream
+        message.parameters["start_offset"].int64_param = start
+        message.parameters["sequence_start"].bool_param = start == 0
+        return message
+
+    @staticmethod
+    def reply(reply: triton_pb2.ModelStreamInferResponse) -> tuple[str, bool, np.ndarray]:
+        response = reply.infer_response
+        replayed = "replayed" in response.parameters and response.parameters["replayed"].bool_param
+        values = np.frombuffer(response.raw_output_contents[0], "<f4").reshape(-1, 1) if not reply.error_message \
+            else np.zeros((0, 1), np.float32)
+        return reply.error_message, replayed, values
+
+
+@pytest.mark.parametrize("protocol", [Native, Triton], ids=["native", "triton"])
+def test_a_broken_stream_drops_its_queued_chunks_and_resumes_exactly(start_server, paused_redis, protocol) -> None:
     server = start_server(redis_url=paused_redis.url)
     stub = server.stub
+    api = protocol(server)
     stream = f"broken-{uuid.uuid4().hex[:8]}"
     x = np.random.default_rng(31).normal(size=(CHUNKS * STEPS, 1)).astype(np.float32)
-    messages = [request(stream, x[i * STEPS:(i + 1) * STEPS], start_offset=i * STEPS) for i in range(CHUNKS)]
+    messages = [api.message(stream, x[i * STEPS:(i + 1) * STEPS], i * STEPS) for i in range(CHUNKS)]
     dropped_before = metric(server, "lstm_serve_chunks_total", outcome="dropped")
     batches_before = metric(server, "lstm_serve_batch_seconds_count")
     hold_open = threading.Event()
 
-    def send() -> Iterator[pb.PredictRequest]:
+    def send() -> Iterator[object]:
         yield from messages
         hold_open.wait(60)  # the client keeps its side open: the call breaks only by the cancel below
 
     # Redis stays paused for well under the store's 2 s socket timeout, so the held batch succeeds.
     os.kill(paused_redis.process.pid, signal.SIGSTOP)
     try:
-        call = stub.PredictStream(send(), timeout=60)
+        call = api.call(send(), timeout=60)
         # Chunk 0 holds a batch (its load waits on Redis); the other chunks of the stream wait behind it.
         with contextlib.suppress(TimeoutError):  # bounded: on a slow machine fewer may be queued
             wait_until(lambda: metric(server, "lstm_serve_queued_chunks") >= CHUNKS - 1, 0.6, "chunks queued")
@@ -91,10 +136,11 @@ def test_a_broken_stream_drops_its_queued_chunks_and_resumes_exactly(start_serve
     # The client reconnects and retries every chunk in order with its offset: the last applied chunk
     # replays, earlier ones would be refused with the current offset, the rest are applied.
     got = []
-    for message, reply in zip(messages, stub.PredictStream(iter(messages), timeout=60), strict=True):
-        assert not reply.HasField("error"), reply.error
-        assert reply.replayed == (message.start_offset + STEPS == offset)
-        got.append(outputs(reply))
+    for index, reply in enumerate(api.call(iter(messages), timeout=60)):
+        error, replayed, values = api.reply(reply)
+        assert not error, error
+        assert replayed == (index * STEPS + STEPS == offset)
+        got.append(values)
     expected = keras_whole_sequence(DEFAULT_MODEL, x)
     assert np.max(np.abs(np.concatenate(got) - expected)) <= TOLERANCE
     assert stub.GetStream(pb.GetStreamRequest(stream_id=stream), timeout=30).offset == CHUNKS * STEPS
