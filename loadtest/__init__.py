@@ -11,9 +11,10 @@ from loadtest.config import ConfigError, LoadConfig
 from loadtest.engine import ConnectError
 from loadtest.plot import plot_report
 from loadtest.report import render
-from loadtest.run import EXIT_CRASH, EXIT_OK, EXIT_USAGE, EXIT_VERIFY_FAILED, run_load
+from loadtest.run import EXIT_CRASH, EXIT_FAILED_CHUNKS, EXIT_OK, EXIT_USAGE, EXIT_VERIFY_FAILED, run_load
 
 __all__ = [
-    "EXIT_CRASH", "EXIT_OK", "EXIT_USAGE", "EXIT_VERIFY_FAILED", "ConfigError", "ConnectError", "LoadConfig",
+    "EXIT_CRASH", "EXIT_FAILED_CHUNKS", "EXIT_OK", "EXIT_USAGE", "EXIT_VERIFY_FAILED", "ConfigError", "ConnectError",
+    "LoadConfig",
     "plot_report", "render", "run_load",
 ]

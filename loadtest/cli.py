@@ -1,7 +1,8 @@
 """`lstm-loadtest`: a fleet of simulated sensors that measures the server and checks its answers.
 
 Exit codes: 0 ok; 1 verification failed; 2 usage error, connection error, or nothing answered;
-3 the tool itself failed (a traceback is printed).
+3 the tool itself failed (a traceback is printed); 4 a chunk failed for good, so a sequence broke
+(--no-fail-on-errors turns this one off). A chunk answered after retries is not a failure.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lstm-loadtest",
         description="Drive an lstm-serve server with simulated sensors (seeded, reproducible), measure "
         "throughput and latency, and optionally verify every answer against Keras.",
-        epilog=EXAMPLES + "\nexit codes: 0 ok, 1 verification failed, 2 usage or connection error, 3 the tool failed",
+        epilog=EXAMPLES + "\nexit codes: 0 ok, 1 verification failed, 2 usage or connection error, 3 the tool failed, "
+        "4 a chunk failed for good (a sequence broke)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     d = LoadConfig(stream_prefix="x")
@@ -75,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="send no start_offset (append where the stream stands); retries stay safe by request_id")
     load.add_argument("--no-cleanup", action="store_false", dest="cleanup",
                       help="leave the streams' state on the server after the run (default: ResetStream each)")
+    load.add_argument("--fail-on-errors", action=argparse.BooleanOptionalAction, default=d.fail_on_errors,
+                      dest="fail_on_errors",
+                      help="exit 4 when any chunk failed for good (refused, or still failing after its retries), "
+                      "so a sequence broke; chunks answered after a retry are not failures (default on)")
     check = parser.add_argument_group("verification")
     check.add_argument("--verify", action="store_true",
                        help="keep what each stream sent and got, recompute it with Keras after the load, and exit 1 "
@@ -120,6 +126,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         verify=args.verify,
         model_path=args.model_path,
         tolerance=args.tolerance,
+        fail_on_errors=args.fail_on_errors,
         cleanup=args.cleanup,
         progress=sys.stderr.isatty() if args.progress is None else args.progress,
         connect_timeout_s=args.connect_timeout_s,

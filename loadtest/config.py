@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-# The model the server ships with; --verify recomputes with it unless --model names another file.
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default.keras"
+from server.config import DEFAULT_MODEL  # the model the server ships with; --verify recomputes with it by default
+
 APIS = ("unary", "stream")
 MAX_STREAM_ID_LENGTH = 128
 
@@ -50,6 +50,8 @@ class LoadConfig:
     verify: bool = False
     model_path: str | None = None
     tolerance: float = 1e-4
+    # Exit 4 when a chunk failed for good (a sequence broke); retries that were answered are not failures.
+    fail_on_errors: bool = True
     cleanup: bool = True  # ResetStream every stream after the run, so no slot waits for its idle expiry
     progress: bool = False
     connect_timeout_s: float = 5.0

@@ -17,6 +17,7 @@ EXIT_OK = 0
 EXIT_VERIFY_FAILED = 1
 EXIT_USAGE = 2
 EXIT_CRASH = 3
+EXIT_FAILED_CHUNKS = 4
 
 
 def check_against_model(config: LoadConfig, model: ModelInfo) -> None:
@@ -30,7 +31,9 @@ def run_load(config: LoadConfig, on_snapshot: Callable[[Snapshot], None] | None 
     """Run the load (and --verify's recomputation after it); return the report.
 
     Raises ConfigError for an impossible config and ConnectError when the server cannot be reached.
-    `report["exit_code"]` is 0, or 1 when verification failed, or 2 when no chunk was answered at all.
+    `report["exit_code"]` is 0; 1 when verification failed; 2 when no chunk was answered at all; 4 (with
+    `fail_on_errors`) when a chunk failed for good, so a sequence broke. A chunk whose retry was answered
+    is not a failure: its failed attempts are counted under `errors` and `retries` only.
     `on_snapshot` gets progress about twice a second; `on_phase` a line when the run changes phase.
     """
     config.check()
@@ -56,11 +59,14 @@ def run_load(config: LoadConfig, on_snapshot: Callable[[Snapshot], None] | None 
                                           config.tolerance)
         if not report["verify"]["passed"]:
             exit_code = EXIT_VERIFY_FAILED
+    if exit_code == EXIT_OK and config.fail_on_errors and (report["failed_chunks"] or report["broken_streams"]):
+        exit_code = EXIT_FAILED_CHUNKS
     report["exit_code"] = exit_code
     return report
 
 
 __all__ = [
-    "EXIT_CRASH", "EXIT_OK", "EXIT_USAGE", "EXIT_VERIFY_FAILED", "ConfigError", "ConnectError", "LoadConfig",
+    "EXIT_CRASH", "EXIT_FAILED_CHUNKS", "EXIT_OK", "EXIT_USAGE", "EXIT_VERIFY_FAILED", "ConfigError", "ConnectError",
+    "LoadConfig",
     "run_load",
 ]

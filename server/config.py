@@ -11,7 +11,9 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default.keras"
+# Package data (server/model/default.keras, a link to models/default.keras in a checkout), so that a
+# non-editable install (pip install ., the container image) finds the model inside site-packages too.
+DEFAULT_MODEL = Path(__file__).resolve().parent / "model" / "default.keras"
 ENV_PREFIX = "LSTM_SERVE_"
 # Added to the largest valid chunk's float bytes for the derived message size limit: protobuf tags and
 # lengths, stream and request ids (256 bytes each), Triton's names, shape and parameters.
@@ -29,6 +31,7 @@ class ServerConfig:
     key_prefix: str = "lstm"
     state_ttl_s: float = 86_400.0
     ended_ttl_s: float = 300.0
+    request_deadline_s: float = 10.0
     max_chunk_timesteps: int = 1024
     max_batch: int = 64
     max_delay_ms: float = 0.0
@@ -48,6 +51,11 @@ class ServerConfig:
     stream_window: int = 64
     stream_window_bytes: int = 1024 * 1024
     http2_bdp_probe: bool = False
+    # Drain on SIGTERM (README "Shutdown and draining"). The delay covers a load balancer noticing
+    # NOT_SERVING: Envoy's active health check (interval 1 s x unhealthy threshold 2) plus a margin.
+    # The grace bounds the whole shutdown; 15 s fits Kubernetes' default 30 s termination grace.
+    drain_delay_s: float = 5.0
+    shutdown_grace_s: float = 15.0
 
     @property
     def address(self) -> str:
@@ -78,6 +86,9 @@ _HELP = {
     "key_prefix": "prefix of every Redis key this server writes",
     "state_ttl_s": "a stream's state expires after this many idle seconds",
     "ended_ttl_s": "after a chunk with end, its answer is kept this long for retries",
+    "request_deadline_s": "longest the server works on one call when its caller sets no deadline or a longer "
+    "one: how long it keeps retrying a stalled or restarting Redis, and finding out whether a save whose "
+    "answer was lost landed, before it answers UNAVAILABLE",
     "max_chunk_timesteps": "most timesteps one chunk may carry",
     "max_batch": "most chunks (of distinct streams) in one model call",
     "max_delay_ms": "extra wait for more chunks before a batch runs (0: run as soon as a batch slot is free; "
@@ -102,6 +113,10 @@ _HELP = {
     "(at least one request is always read)",
     "http2_bdp_probe": "let gRPC grow HTTP/2 flow-control windows to the measured bandwidth-delay product: faster "
     "large transfers over long links, but each connection may then hold several MiB the server has not read",
+    "drain_delay_s": "on SIGTERM, health reads NOT_SERVING at once and calls are still served this long, so load "
+    "balancers stop routing here; then new calls get UNAVAILABLE and open streams are ended",
+    "shutdown_grace_s": "most seconds from SIGTERM to exit, drain delay included; accepted chunks are finished "
+    "within it, calls still running when it ends are cancelled",
 }
 
 
@@ -175,6 +190,8 @@ def _check(config: ServerConfig, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--warmup-timesteps must be comma-separated positive integers, got {config.warmup_timesteps!r}")
     if config.max_delay_ms < 0:
         parser.error("--max-delay-ms must not be negative")
+    if not config.request_deadline_s > 0:
+        parser.error("--request-deadline-s must be positive")
     if config.state_ttl_s <= 0 or config.ended_ttl_s <= 0:
         parser.error("--state-ttl-s and --ended-ttl-s must be positive")
     if not 0 <= config.port <= 65535:
@@ -184,5 +201,10 @@ def _check(config: ServerConfig, parser: argparse.ArgumentParser) -> None:
     for name in ("max_concurrent_rpcs", "max_queued_chunks", "stream_window", "stream_window_bytes"):
         if getattr(config, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if config.drain_delay_s < 0 or config.shutdown_grace_s <= 0:
+        parser.error("--drain-delay-s must not be negative and --shutdown-grace-s must be positive")
+    if config.drain_delay_s >= config.shutdown_grace_s:
+        parser.error(f"--drain-delay-s ({config.drain_delay_s:g}) must be shorter than --shutdown-grace-s "
+                     f"({config.shutdown_grace_s:g}): the grace includes the drain delay")
     if config.log_format not in ("json", "text"):
         parser.error("--log-format must be json or text")

@@ -7,13 +7,16 @@ the data flows: batcher -> store -> model -> store -> reply.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 from collections.abc import Sequence
 
 from server.batching.batcher import Batcher
+from server.errors import slot_wrong_type
 from server.model.runner import ModelRunner
 from server.processor import BatchProcessor, StreamPolicy
 from server.state.record import CorruptRecord
-from server.state.store import StateStore
+from server.state.store import StateStore, WrongType
 from server.types import Chunk, ModelDescription, Prediction, StreamStatus
 
 
@@ -31,6 +34,7 @@ class DataPlane:
     ) -> None:
         self.runner = runner
         self.store = store
+        self.request_deadline_s = policy.request_deadline_s
         self._processor = BatchProcessor(runner, store, policy)
         self._batcher = Batcher(
             self._processor, max_batch=max_batch, max_delay_s=max_delay_s, max_in_flight=max_in_flight,
@@ -54,24 +58,35 @@ class DataPlane:
         self.runner.close()
         await self.store.close()
 
-    async def predict(self, chunk: Chunk) -> Prediction:
-        """Run one validated chunk; raises ServiceError with the status the caller should see."""
-        return await self._batcher.submit(chunk)
+    def deadline(self, time_remaining: float | None) -> float:
+        """The time.monotonic() by which a call must be answered, from its gRPC `time_remaining()` (None:
+        no deadline), capped by --request-deadline-s. A tenth of it, at most 0.1 s, is left for the answer
+        to travel back, so the caller hears what happened rather than DEADLINE_EXCEEDED (invariant 9)."""
+        budget = self.request_deadline_s if time_remaining is None else min(time_remaining, self.request_deadline_s)
+        return time.monotonic() + budget - min(0.1, budget / 10)
 
-    def submit(self, chunk: Chunk) -> asyncio.Future[Prediction]:
+    async def predict(self, chunk: Chunk, time_remaining: float | None = None) -> Prediction:
+        """Run one validated chunk; raises ServiceError with the status the caller should see."""
+        return await self.submit(chunk, time_remaining)
+
+    def submit(self, chunk: Chunk, time_remaining: float | None = None) -> asyncio.Future[Prediction]:
         """Queue one validated chunk without waiting: streaming edges keep many in flight."""
+        if chunk.deadline is None:
+            chunk = dataclasses.replace(chunk, deadline=self.deadline(time_remaining))
         return self._batcher.submit(chunk)
 
     def abandon(self, answers: Sequence[asyncio.Future[Prediction]]) -> None:
         """The caller is gone (a broken stream): chunks not yet started are dropped, never run later."""
         self._batcher.abandon(answers)
 
-    async def reset_stream(self, stream_id: str) -> bool:
+    async def reset_stream(self, stream_id: str, time_remaining: float | None = None) -> bool:
         """Forget the stream's slot (Keras reset_states for this stream alone); True if it had one."""
-        return await self.store.delete(stream_id)
+        return await self.store.delete(stream_id, self.deadline(time_remaining))
 
-    async def stream_status(self, stream_id: str) -> StreamStatus:
-        slot, ttl_ms = await self.store.inspect(stream_id)
+    async def stream_status(self, stream_id: str, time_remaining: float | None = None) -> StreamStatus:
+        slot, ttl_ms = await self.store.inspect(stream_id, self.deadline(time_remaining))
+        if isinstance(slot, WrongType):
+            raise slot_wrong_type(stream_id, slot.key, slot.redis_type)
         if slot is None or isinstance(slot, CorruptRecord) or slot.ended:
             return StreamStatus(stream_id, exists=False)
         return StreamStatus(

@@ -1,7 +1,8 @@
 """One exception type for every failure a caller should see, carrying its gRPC status code.
 
 The protocol edges map it in one place (a decorator for unary calls, an `error` field for streams);
-the data path below them raises it and never imports protocol code.
+the data path below them raises it and never imports protocol code. Each error a caller can see is
+named here by a factory, so the README's error table can be checked against this one module.
 """
 
 from __future__ import annotations
@@ -9,20 +10,30 @@ from __future__ import annotations
 import grpc
 
 OFFSET_METADATA_KEY = "x-stream-offset"
+# On chunk errors from the state store: "not-applied" (certain) or "unknown" (invariant 9).
+OUTCOME_METADATA_KEY = "x-chunk-outcome"
+NOT_APPLIED = "not-applied"
+OUTCOME_UNKNOWN = "unknown"
 
 
 class ServiceError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str, *, current_offset: int | None = None) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, *, current_offset: int | None = None,
+                 outcome: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         # Set on FAILED_PRECONDITION for an offset mismatch: the stream's offset now.
         self.current_offset = current_offset
+        # Set on state-store errors of a chunk: NOT_APPLIED or OUTCOME_UNKNOWN.
+        self.outcome = outcome
 
     def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
-        if self.current_offset is None:
-            return ()
-        return ((OFFSET_METADATA_KEY, str(self.current_offset)),)
+        metadata: tuple[tuple[str, str], ...] = ()
+        if self.current_offset is not None:
+            metadata += ((OFFSET_METADATA_KEY, str(self.current_offset)),)
+        if self.outcome is not None:
+            metadata += ((OUTCOME_METADATA_KEY, self.outcome),)
+        return metadata
 
     def __repr__(self) -> str:
         return f"ServiceError({self.code.name}, {self.message!r})"
@@ -33,19 +44,121 @@ def invalid_argument(field: str, problem: str) -> ServiceError:
 
 
 def offset_mismatch(stream_id: str, requested: int, current: int) -> ServiceError:
+    if requested < current:
+        # Invariant 10: an earlier chunk of this sequence arriving late (or one of an older sequence).
+        why = ("it is a late duplicate of an already applied chunk or a chunk of an earlier sequence; "
+               "it was not applied")
+    else:
+        why = "it was not applied"
     return ServiceError(
         grpc.StatusCode.FAILED_PRECONDITION,
-        f"stream {stream_id!r} is at offset {current}, but the chunk starts at offset {requested}; "
+        f"stream {stream_id!r} is at offset {current}, but the chunk starts at offset {requested}: {why}; "
         f"resend from offset {current}, or send reset to start a new sequence",
         current_offset=current,
     )
 
 
-def redis_unavailable(detail: str) -> ServiceError:
+def late_duplicate(stream_id: str, current: int, which: str) -> ServiceError:
+    """Invariant 10: a delayed copy of an earlier chunk of the current sequence changes nothing."""
+    return ServiceError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"stream {stream_id!r}: this chunk is a late duplicate of {which}, already applied; it was not applied "
+        f"again. The stream is at offset {current}. To start the stream again with the same data on purpose, "
+        "send it with a new request_id, or call ResetStream first",
+        current_offset=current,
+    )
+
+
+def redis_unavailable(detail: str, action: str = "the chunk was not applied, retry it",
+                      outcome: str | None = NOT_APPLIED) -> ServiceError:
+    """Redis did not answer or refused, and nothing was written (a chunk's load failed, or Redis refused its
+    save): retrying is always safe. Reads and resets pass their own `action` and no outcome."""
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE, f"state store (Redis) unavailable: {detail}; {action}", outcome=outcome
+    )
+
+
+def outcome_unknown(stream_id: str, detail: str) -> ServiceError:
+    """Invariant 9: Redis stopped answering in the middle of a save and did not answer again before the
+    deadline. UNAVAILABLE, because the remedy is the same as for an outage: retry; the retry is safe with
+    start_offset or request_id (answered `replayed` if the first attempt was applied)."""
     return ServiceError(
         grpc.StatusCode.UNAVAILABLE,
-        f"state store (Redis) unreachable: {detail}; the chunk was not applied, retry it",
+        f"state store (Redis) stopped answering while saving stream {stream_id!r} ({detail}), and the deadline "
+        "passed before the server could find out whether the chunk was applied: the outcome is unknown. "
+        "Retrying it with its start_offset or request_id is safe: if it was applied, the retry is answered "
+        "with replayed=true and not applied twice",
+        outcome=OUTCOME_UNKNOWN,
     )
+
+
+def slot_wrong_type(stream_id: str, key: str, redis_type: str) -> ServiceError:
+    """Something other than this server wrote another kind of value under the stream's key."""
+    return ServiceError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"stream {stream_id!r} cannot be saved: its Redis key {key!r} holds a {redis_type}, not a stream record "
+        "(another program writes under this key prefix?); the chunk was not applied. Delete the key "
+        "(ResetStream does) or choose another --key-prefix",
+        outcome=NOT_APPLIED,
+    )
+
+
+def slot_unreadable(stream_id: str, problem: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.DATA_LOSS,
+        f"the saved state of stream {stream_id!r} is unreadable ({problem}); "
+        "send reset or call ResetStream to start it again",
+    )
+
+
+def deadline_passed(stream_id: str | None) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        f"the deadline of the chunk of stream {stream_id!r} passed before it could run; it was not applied",
+        outcome=NOT_APPLIED,
+    )
+
+
+def stream_not_started(stream_id: str) -> ServiceError:
+    """Triton's rule: a sequence must begin with its START flag (Chunk.must_exist)."""
+    return ServiceError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"stream {stream_id!r} has no state (never started, ended, reset or expired); "
+        "its first chunk must start the sequence",
+        current_offset=0,
+    )
+
+
+def saved_by_other_model(stream_id: str, saved: str, serving: str) -> ServiceError:
+    """Invariant 7: a slot written by another model is never fed to this one."""
+    return ServiceError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"stream {stream_id!r} was saved by another model (fingerprint {saved}, this server runs {serving}); "
+        "its state cannot be continued by this model. Send reset or call ResetStream to start the stream "
+        "again, or run the server with --reset-on-model-change",
+    )
+
+
+def draining() -> ServiceError:
+    # UNAVAILABLE: clients and Envoy retry it, and the load balancer has already been told (health
+    # NOT_SERVING) to send the next attempt to another replica.
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        "this replica is draining (shutting down); the request was not applied: retry it, another replica will "
+        "answer",
+    )
+
+
+def stream_drained() -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        "this replica is draining (shutting down): every chunk answered on this stream was applied, later ones "
+        "were not; reopen the stream and resend from the last answered offset",
+    )
+
+
+def shutting_down() -> ServiceError:
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; the chunk was not applied, retry it")
 
 
 def queue_full(limit: int) -> ServiceError:
@@ -54,6 +167,7 @@ def queue_full(limit: int) -> ServiceError:
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         f"server busy: {limit} chunks are already waiting for a batch (--max-queued-chunks); "
         "the chunk was not applied, retry it after a short wait",
+        outcome=NOT_APPLIED,
     )
 
 

@@ -1,22 +1,75 @@
 """Prometheus metrics, served over HTTP on --metrics-port (0 turns them off).
 
-Counted where the data path already has the numbers in hand: per chunk outcome in the processor's
-caller (the batcher), per batch size and stage time, so the cost is a few counter increments a batch.
+Where each number comes from:
+- every call and every streamed message, by protocol, method and gRPC code, and its server-side
+  latency: the interceptor at the edge (server/api/interceptors.py), so nothing refused before the
+  data plane (INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE while draining) escapes the count;
+- batch sizes, batch times and the wait in the batcher's queue: the batcher;
+- queued and in-flight chunks: read from the batcher at scrape time (`Gauge.set_function`), so a
+  scrape sees the queue as it is, not as it was at the last batch;
+- Redis up and its round-trip time: the health tracker's ping (server/app.py);
+- compiles: the model runner. The dashboard deploy/grafana/dashboards/lstm-serve.json uses these names.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from collections.abc import Callable
 
-CHUNKS = Counter("lstm_serve_chunks_total", "Chunks answered, by outcome (ok, replayed or a gRPC code name)",
+from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+# --- the edge: every call and streamed message --------------------------------------------------
+REQUESTS = Counter(
+    "lstm_serve_requests_total",
+    "Answers by protocol (native, triton, health, reflection), method and gRPC code: one per unary call, "
+    "one per message of a stream (an error inside a stream message counts under its own code)",
+    ["protocol", "method", "code"],
+)
+REQUEST_SECONDS = Histogram(
+    "lstm_serve_request_seconds",
+    "Server-side time from a request's arrival to its answer (a unary call, or one message of a stream)",
+    ["protocol", "method"], buckets=_LATENCY_BUCKETS,
+)
+STREAMS = Counter("lstm_serve_streams_total", "Bidirectional streams ended, by final gRPC status",
+                  ["protocol", "method", "code"])
+OPEN_STREAMS = Gauge("lstm_serve_open_streams", "Bidirectional streams open now", ["protocol"])
+IN_FLIGHT_CALLS = Gauge("lstm_serve_in_flight_calls", "Calls being handled now (streams included)", ["protocol"])
+READY = Gauge("lstm_serve_ready", "1 while health says SERVING (model loaded, Redis answers, not draining)")
+
+# --- the batcher ----------------------------------------------------------------------------------
+CHUNKS = Counter("lstm_serve_chunks_total",
+                 "Valid chunks the batcher answered, by outcome (ok, replayed, dropped: a broken stream's chunk "
+                 "never started, or a gRPC code name); requests refused before the batcher are in "
+                 "lstm_serve_requests_total",
                  ["outcome"])
 TIMESTEPS = Counter("lstm_serve_timesteps_total", "Timesteps run through the model")
 BATCH_SIZE = Histogram("lstm_serve_batch_chunks", "Chunks per model call",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 BATCH_SECONDS = Histogram("lstm_serve_batch_seconds", "Time of one batch: load, model, save",
-                          buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0))
-QUEUED = Gauge("lstm_serve_queued_chunks", "Chunks waiting for a batch")
+                          buckets=_LATENCY_BUCKETS)
+QUEUE_WAIT_SECONDS = Histogram("lstm_serve_queue_wait_seconds",
+                               "Time a chunk waited in the batcher's queue before its batch started",
+                               buckets=_LATENCY_BUCKETS)
+QUEUED = Gauge("lstm_serve_queued_chunks", "Chunks waiting for a batch (read at scrape time)")
+IN_FLIGHT_CHUNKS = Gauge("lstm_serve_in_flight_chunks", "Chunks in batches running now (read at scrape time)")
 CONFLICTS = Counter("lstm_serve_conflicts_total", "Chunks run again because their slot changed under them")
+
+# --- Redis, the model, compiles ---------------------------------------------------------------------
+REDIS_UP = Gauge("lstm_serve_redis_up", "1 while the state store answers the health tracker's PING")
+REDIS_PING_SECONDS = Histogram("lstm_serve_redis_ping_seconds", "Round-trip time of the health tracker's PING",
+                               buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0))
+MODEL = Info("lstm_serve_model", "The model served: name, fingerprint and shapes")
+COMPILES = Counter("lstm_serve_compiles_total", "XLA compilations, by shape (masked, batch bucket, timesteps)",
+                   ["masked", "batch", "timesteps"])
+COMPILE_SECONDS = Counter("lstm_serve_compile_seconds_total", "Seconds spent compiling, by shape",
+                          ["masked", "batch", "timesteps"])
+
+
+def watch_batcher(queued: Callable[[], int], in_flight: Callable[[], int]) -> None:
+    """Sample the batcher's queue and running chunks whenever Prometheus scrapes."""
+    QUEUED.set_function(queued)
+    IN_FLIGHT_CHUNKS.set_function(in_flight)
 
 
 def serve_metrics(port: int, host: str) -> None:

@@ -2,48 +2,74 @@
 
 For a batch of chunks of distinct streams this costs one Redis round trip to load every slot, one
 compiled model call for every chunk that runs, and one compare-and-set round trip to save. The
-rules it applies per stream (docs/invariants.md, invariants 3, 4 and 7):
+rules it applies per stream (docs/invariants.md, invariants 3, 4, 7, 9 and 10):
 
 - `reset` starts from zero state at offset 0; otherwise the stream continues from its slot.
-- A retry of the last applied chunk (same data, and the same start offset or request id) is answered
-  with the stored response, `replayed=True`, and the state is not advanced again.
+- A retry of the last applied chunk (same data, and the same start offset or request id; for a reset
+  chunk, the same request id or none) is answered with the stored response, `replayed=True`, and the
+  state is not advanced again.
+- A late duplicate of an earlier chunk of the current sequence changes nothing (invariant 10): a reset
+  chunk equal to the one that started the sequence (same data and request id), or a chunk without a
+  start offset whose request id and data match one of the sequence's last RECENT_REQUESTS chunks with
+  a request id, is refused (FAILED_PRECONDITION); a chunk naming an offset before the stream's is
+  refused by the offset rule.
 - A chunk naming a start offset other than the stream's offset is refused (FAILED_PRECONDITION).
 - A slot written by a different model is never fed to this one: refused, or reset when configured.
 - `end` runs the chunk, then drops the state; a short-lived record keeps its answer for retries.
+- Every answer matches the state (invariant 9): a chunk is answered OK only once Redis confirmed its
+  save; the store finds out what happened to a save whose answer was lost, until the batch's deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import grpc
 import numpy as np
 
 from server.batching.batcher import CONFLICT, BatchResult
-from server.errors import ServiceError, offset_mismatch
+from server.config import ServerConfig
+from server.errors import (
+    ServiceError,
+    deadline_passed,
+    late_duplicate,
+    offset_mismatch,
+    saved_by_other_model,
+    slot_unreadable,
+    slot_wrong_type,
+    stream_not_started,
+)
 from server.model.runner import ModelRunner
 from server.state.record import (
+    RECENT_REQUESTS,
+    REQUEST_DIGEST_SIZE,
     CorruptRecord,
     SlotRecord,
     chunk_digest,
     fingerprint_bytes,
     new_version,
+    request_digest,
     request_id_digest,
 )
-from server.state.store import Loaded, SlotWrite, StateStore, now_unix_ms
+from server.state.store import APPLIED, REFUSED, Loaded, SlotWrite, StateStore, WrongType, now_unix_ms
 from server.types import Chunk, Prediction
+
+_DEFAULTS = ServerConfig()
+RECENT_BYTES = RECENT_REQUESTS * REQUEST_DIGEST_SIZE
 
 
 @dataclass(frozen=True, slots=True)
 class StreamPolicy:
-    state_ttl_ms: int = 86_400_000
+    state_ttl_ms: int = int(_DEFAULTS.state_ttl_s * 1000)
     # How long an ended stream's last answer is kept for retries of its final chunk.
-    ended_ttl_ms: int = 300_000
+    ended_ttl_ms: int = int(_DEFAULTS.ended_ttl_s * 1000)
     # True: a slot written by another model is reset instead of refused.
-    reset_on_model_change: bool = False
+    reset_on_model_change: bool = _DEFAULTS.reset_on_model_change
+    # How long a batch may wait for Redis when none of its chunks carries a deadline.
+    request_deadline_s: float = _DEFAULTS.request_deadline_s
 
 
 @dataclass(slots=True)
@@ -56,6 +82,11 @@ class _Planned:
     base_offset: int
     expected_version: bytes
     digest: bytes  # of the chunk's data: saved so a retry of it can be recognised
+    # What the new record keeps to recognise late duplicates (invariant 10): the chunk that started the
+    # sequence, and the recent request digests before this chunk.
+    first_digest: bytes = b""
+    first_request_id: bytes = b""
+    recent_requests: bytes = b""
 
 
 class BatchProcessor:
@@ -73,12 +104,20 @@ class BatchProcessor:
 
     async def __call__(self, chunks: Sequence[Chunk]) -> list[BatchResult]:
         results: list[BatchResult | None] = [None] * len(chunks)
+        # Redis is waited for as long as any caller of the batch waits (a caller that gave up meanwhile
+        # loses nothing: its chunk is applied once or not at all, and its retry is recognised).
+        deadlines = [c.deadline for c in chunks if c.deadline is not None]
+        deadline = max(deadlines) if deadlines else time.monotonic() + self.policy.request_deadline_s
         stateful = [i for i, chunk in enumerate(chunks) if chunk.stream_id is not None]
-        loaded = await self.store.load([chunks[i].stream_id for i in stateful])  # type: ignore[misc]
+        loaded = await self.store.load([chunks[i].stream_id for i in stateful], deadline)  # type: ignore[misc]
         slots: dict[int, Loaded] = dict(zip(stateful, loaded, strict=True))
 
         planned: list[_Planned] = []
+        now = time.monotonic()
         for index, chunk in enumerate(chunks):
+            if chunk.deadline is not None and chunk.deadline <= now:
+                results[index] = deadline_passed(chunk.stream_id)  # its caller is gone: do not run it
+                continue
             digest = chunk_digest(chunk) if chunk.stream_id is not None else b""
             outcome = self._plan(index, chunk, digest, slots.get(index))
             if isinstance(outcome, _Planned):
@@ -102,6 +141,9 @@ class BatchProcessor:
             results[plan.index] = Prediction(chunk.stream_id, output, offset, False, chunk.request_id)
             if chunk.stream_id is None:
                 continue  # one-shot inference: nothing to save
+            recent = plan.recent_requests
+            if chunk.request_id:
+                recent = (recent + request_digest(chunk.request_id, plan.digest))[-RECENT_BYTES:]
             record = SlotRecord(
                 version=new_version(),
                 offset=offset,
@@ -113,36 +155,38 @@ class BatchProcessor:
                 state=state[:0] if chunk.end else state,
                 last_outputs=output,
                 ended=chunk.end,
+                first_digest=plan.first_digest,
+                first_request_id=plan.first_request_id,
+                recent_requests=recent,
             )
             ttl = self.policy.ended_ttl_ms if chunk.end else self.policy.state_ttl_ms
             writes.append((plan, SlotWrite(chunk.stream_id, plan.expected_version, record, ttl)))
 
-        applied = await self.store.save([write for _, write in writes])
-        for (plan, _), ok in zip(writes, applied, strict=True):
-            if not ok:
-                results[plan.index] = CONFLICT
+        saved = await self.store.save([write for _, write in writes], deadline)
+        for (plan, _), result in zip(writes, saved, strict=True):
+            if result is APPLIED:
+                continue  # the prediction stands
+            # REFUSED: another writer was first; the chunk runs again on the fresh state, where the rules
+            # above tell a retry or a late duplicate from a new chunk. A ServiceError: that stream alone.
+            results[plan.index] = CONFLICT if result is REFUSED else result
         return results  # type: ignore[return-value]
 
     def _plan(self, index: int, chunk: Chunk, digest: bytes, slot: Loaded) -> _Planned | BatchResult:
         if chunk.stream_id is None:
             return _Planned(index, chunk, self._zero_state, 0, b"", digest)
+        stream_id = chunk.stream_id
+        if isinstance(slot, WrongType):
+            return slot_wrong_type(stream_id, slot.key, slot.redis_type)
         if isinstance(slot, CorruptRecord):
             if not chunk.reset:
-                return ServiceError(
-                    grpc.StatusCode.DATA_LOSS,
-                    f"the saved state of stream {chunk.stream_id!r} is unreadable ({slot}); "
-                    "send reset or call ResetStream to start it again",
-                )
+                return slot_unreadable(stream_id, str(slot))
             return self._from_zero(index, chunk, digest, slot.version)
         if slot is not None and self._is_retry(chunk, digest, slot):
-            return Prediction(chunk.stream_id, slot.last_outputs, slot.offset, True, chunk.request_id)
+            return Prediction(stream_id, slot.last_outputs, slot.offset, True, chunk.request_id)
+        if slot is not None and not slot.ended and (duplicate := self._late_duplicate(chunk, digest, slot)):
+            return duplicate
         if chunk.must_exist and not chunk.reset and (slot is None or slot.ended):
-            return ServiceError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"stream {chunk.stream_id!r} has no state (never started, ended, reset or expired); "
-                "its first chunk must start the sequence",
-                current_offset=0,
-            )
+            return stream_not_started(stream_id)
         if slot is None:
             return self._from_zero(index, chunk, digest, b"")
         if chunk.reset or slot.ended:
@@ -150,23 +194,22 @@ class BatchProcessor:
         if slot.fingerprint != self._fingerprint:
             if self.policy.reset_on_model_change:
                 return self._from_zero(index, chunk, digest, slot.version)
-            return ServiceError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"stream {chunk.stream_id!r} was saved by another model (fingerprint {slot.fingerprint.hex()}, "
-                f"this server runs {self._fingerprint.hex()}); its state cannot be continued by this model. "
-                "Send reset or call ResetStream to start the stream again, or run the server with "
-                "--reset-on-model-change",
-            )
+            return saved_by_other_model(stream_id, slot.fingerprint.hex(), self._fingerprint.hex())
         if chunk.start_offset is not None and chunk.start_offset != slot.offset:
-            return offset_mismatch(chunk.stream_id, chunk.start_offset, slot.offset)
+            return offset_mismatch(stream_id, chunk.start_offset, slot.offset)
         if slot.state.size != self.runner.state_size:
-            return ServiceError(grpc.StatusCode.DATA_LOSS, f"stream {chunk.stream_id!r}: saved state has wrong size")
-        return _Planned(index, chunk, slot.state, slot.offset, slot.version, digest)
+            return slot_unreadable(
+                stream_id, f"the saved state has {slot.state.size} values, the model needs {self.runner.state_size}"
+            )
+        return _Planned(index, chunk, slot.state, slot.offset, slot.version, digest,
+                        slot.first_digest, slot.first_request_id, slot.recent_requests)
 
     def _from_zero(self, index: int, chunk: Chunk, digest: bytes, version: bytes) -> _Planned | ServiceError:
+        """The chunk starts a new sequence: it is the one whose late copies are recognised (invariant 10)."""
         if chunk.start_offset not in (None, 0):
             return offset_mismatch(chunk.stream_id or "", chunk.start_offset, 0)
-        return _Planned(index, chunk, self._zero_state, 0, version, digest)
+        return _Planned(index, chunk, self._zero_state, 0, version, digest, digest,
+                        request_id_digest(chunk.request_id), b"")
 
     @staticmethod
     def _is_retry(chunk: Chunk, digest: bytes, slot: SlotRecord) -> bool:
@@ -174,4 +217,20 @@ class BatchProcessor:
             return False
         if chunk.start_offset is not None:
             return chunk.start_offset == slot.last_start
+        if chunk.reset:
+            # The digest covers the reset flag, so the last chunk was this reset (at offset 0): the same
+            # request id, or none on both, makes it a retry rather than a second restart.
+            return request_id_digest(chunk.request_id) == slot.last_request_id
         return bool(chunk.request_id) and request_id_digest(chunk.request_id) == slot.last_request_id
+
+    @staticmethod
+    def _late_duplicate(chunk: Chunk, digest: bytes, slot: SlotRecord) -> ServiceError | None:
+        """Invariant 10 for chunks the offset rule cannot tell: a reset, or a chunk without a start offset."""
+        stream_id = chunk.stream_id or ""
+        if chunk.reset:
+            if digest == slot.first_digest and request_id_digest(chunk.request_id) == slot.first_request_id:
+                return late_duplicate(stream_id, slot.offset, "the chunk that started the current sequence")
+        elif (chunk.start_offset is None and chunk.request_id
+              and slot.has_recent_request(request_digest(chunk.request_id, digest))):
+            return late_duplicate(stream_id, slot.offset, f"a recent chunk with request_id {chunk.request_id!r}")
+        return None

@@ -28,6 +28,10 @@ class Chunk:
     # Refuse (FAILED_PRECONDITION) instead of starting from zero when the stream has no state and the
     # chunk does not reset: Triton's rule that a sequence must begin with its START flag.
     must_exist: bool = False
+    # time.monotonic() by which the caller needs its answer: the caller's gRPC deadline, capped by
+    # --request-deadline-s (also used when it set none). The server keeps retrying Redis until then, and
+    # finds out whether a save whose answer was lost landed (invariant 9, docs/invariants.md).
+    deadline: float | None = None
 
     @property
     def timesteps(self) -> int:

@@ -97,7 +97,9 @@ class ServerProcess:
         command = [
             sys.executable, "-m", "server", "--model", str(model), "--port", str(self.port),
             "--redis-url", redis_url, "--redis-autostart", "false", "--log-format", "json",
-            "--metrics-port", str(self.metrics_port), *extra,
+            "--metrics-port", str(self.metrics_port),
+            # No load balancer to wait for in tests: stop promptly (extra flags may set it again).
+            "--drain-delay-s", "0", *extra,
         ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(self.log_path, "wb") as log:

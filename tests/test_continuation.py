@@ -1,4 +1,4 @@
-"""Invariant 1 (docs/invariants.md), continuation: a stream cut into chunks gets exactly what Keras gives the whole sequence.
+"""Invariant 1 (docs/invariants.md): a stream cut into chunks gets exactly what Keras gives the whole sequence.
 
 50 streams of random lengths, cut at random points, sent at once: half chunk by chunk over unary
 Predict, half interleaved over a few PredictStream connections, so every batch mixes streams, chunk

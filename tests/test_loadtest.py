@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loadtest import EXIT_OK, EXIT_USAGE, EXIT_VERIFY_FAILED, LoadConfig, run_load
+from loadtest import EXIT_FAILED_CHUNKS, EXIT_OK, EXIT_USAGE, EXIT_VERIFY_FAILED, LoadConfig, run_load
 from lstm_stream.v1 import stream_pb2 as pb
 from tests.models import build_gru_stateful, build_last_step
 from tests.support import DEFAULT_MODEL, ROOT, RedisServer, ServerProcess, free_port, wait_until
@@ -228,3 +228,25 @@ def test_readme_names_every_report_field() -> None:
     readme = (ROOT / "README.md").read_text()
     missing = sorted(f for f in REPORT_FIELDS | VERIFY_FIELDS | LATENCY_FIELDS if f"`{f}`" not in readme)
     assert not missing, f"README's JSON report table does not name: {missing}"
+
+
+@pytest.mark.parametrize(("flags", "expected"), [((), EXIT_FAILED_CHUNKS), (("--no-fail-on-errors",), EXIT_OK)],
+                         ids=["fail-on-errors", "no-fail-on-errors"])
+def test_a_broken_sequence_fails_the_run_by_default(default_server: ServerProcess, tmp_path: Path, flags,
+                                                    expected: int) -> None:
+    # A stream reset behind the tool's back: with offsets the server refuses its next chunk
+    # (FAILED_PRECONDITION), the sequence breaks, and a CI run must not read that as a pass.
+    prefix = f"lt-exit-{os.getpid()}-{len(flags)}"
+    json_path = tmp_path / "report.json"
+    process = start_cli("--target", default_server.address, "--streams", "2", "--chunk", "2", "--duration", "3",
+                        "--warmup", "0", "--max-restarts", "0", "--stream-prefix", prefix, "--json", str(json_path),
+                        *flags)
+    victim = f"{prefix}-1"
+    wait_until(lambda: process.poll() is not None or offset_of(default_server, victim) >= 20, 60,
+               "the load to get going")
+    default_server.stub.ResetStream(pb.ResetStreamRequest(stream_id=victim), timeout=5)
+    code, out, err = finish(process)
+    assert code == expected, out + err
+    report = json.loads(json_path.read_text())
+    assert report["exit_code"] == expected
+    assert [(b["stream_id"], b["code"]) for b in report["broken_streams"]] == [(victim, "FAILED_PRECONDITION")]

@@ -51,13 +51,13 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
 
     @unary_errors
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
-        return self._response(await self.dataplane.predict(self._chunk(request)))
+        return self._response(await self.dataplane.predict(self._chunk(request), context.time_remaining()))
 
     async def PredictStream(
         self, requests: AsyncIterator[pb.PredictRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.PredictResponse]:
         def start(request: pb.PredictRequest) -> asyncio.Future[Prediction]:
-            return self.dataplane.submit(self._chunk(request))
+            return self.dataplane.submit(self._chunk(request), context.time_remaining())
 
         async def finish(answer: asyncio.Future[Prediction]) -> pb.PredictResponse:
             return self._response(await answer)
@@ -80,12 +80,12 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
     async def ResetStream(
         self, request: pb.ResetStreamRequest, context: grpc.aio.ServicerContext
     ) -> pb.ResetStreamResponse:
-        existed = await self.dataplane.reset_stream(check_stream_id(request.stream_id))
+        existed = await self.dataplane.reset_stream(check_stream_id(request.stream_id), context.time_remaining())
         return pb.ResetStreamResponse(existed=existed)
 
     @unary_errors
     async def GetStream(self, request: pb.GetStreamRequest, context: grpc.aio.ServicerContext) -> pb.StreamInfo:
-        status = await self.dataplane.stream_status(check_stream_id(request.stream_id))
+        status = await self.dataplane.stream_status(check_stream_id(request.stream_id), context.time_remaining())
         return pb.StreamInfo(
             stream_id=status.stream_id,
             exists=status.exists,

@@ -293,13 +293,13 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # --- the inference path, shared by ModelInfer and ModelStreamInfer ---------------------------
 
-    def _submit(self, request: pb.ModelInferRequest) -> _Submitted:
+    def _submit(self, request: pb.ModelInferRequest, time_remaining: float | None = None) -> _Submitted:
         """Validate and hand to the data plane now, so a stream's chunks reach the batcher in order."""
         self._check_model(request.model_name, request.model_version)
         submitted = _Submitted(request, asyncio.get_running_loop().create_future())
         try:
             chunk, submitted.batched = self._chunk(request)
-            submitted.answer = self.dataplane.submit(chunk)
+            submitted.answer = self.dataplane.submit(chunk, time_remaining)
         except Exception as exc:  # a bad request: its failure is delivered like the data plane's
             submitted.answer.set_exception(as_service_error(exc))
         return submitted
@@ -315,7 +315,7 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @unary_errors
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
-        return await self._finish(self._submit(request))
+        return await self._finish(self._submit(request, context.time_remaining()))
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: Context
@@ -323,12 +323,13 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def finish(submitted: _Submitted) -> pb.ModelStreamInferResponse:
             return pb.ModelStreamInferResponse(infer_response=await self._finish(submitted))
 
+        def start(request: pb.ModelInferRequest) -> _Submitted:
+            return self._submit(request, context.time_remaining())
+
         def abandon(unanswered: list[_Submitted]) -> None:
             self.dataplane.abandon([submitted.answer for submitted in unanswered])
 
-        async for response in answer_in_order(
-            requests, self._submit, finish, self._stream_error, abandon, self.window
-        ):
+        async for response in answer_in_order(requests, start, finish, self._stream_error, abandon, self.window):
             yield response
 
     def _stream_error(self, request: pb.ModelInferRequest, error: ServiceError) -> pb.ModelStreamInferResponse:

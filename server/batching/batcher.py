@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from server import metrics
-from server.errors import ServiceError, queue_full
+from server.errors import ServiceError, queue_full, shutting_down
 from server.types import Chunk, Prediction
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class _Waiting:
     chunk: Chunk
     future: asyncio.Future[Prediction]
     conflicts: int = field(default=0)
+    queued_at: float = field(default_factory=time.monotonic)  # for the queue-wait histogram
 
 
 class Batcher:
@@ -64,6 +66,8 @@ class Batcher:
         self._busy: set[str] = set()  # streams with a chunk in a running batch
         self._running: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
+        self._in_flight_chunks = 0
+        metrics.watch_batcher(lambda: len(self._queue), lambda: self._in_flight_chunks)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._serve(), name="batcher")
@@ -77,7 +81,10 @@ class Batcher:
             await asyncio.wait(self._running, timeout=10)
         for waiting in self._queue:
             if not waiting.future.done():
-                waiting.future.set_exception(ServiceError(grpc.StatusCode.UNAVAILABLE, "server is shutting down"))
+                waiting.future.set_exception(shutting_down())
+                # Its caller may be gone (a broken stream): mark the exception seen, so asyncio does not
+                # log "Future exception was never retrieved" at exit. A caller still waiting gets it anyway.
+                waiting.future.exception()
         self._queue.clear()
 
     def submit(self, chunk: Chunk) -> asyncio.Future[Prediction]:
@@ -92,7 +99,6 @@ class Batcher:
                 raise queue_full(self.max_queued)
         future: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
         self._queue.append(_Waiting(chunk, future))
-        metrics.QUEUED.set(len(self._queue))
         self._changed.set()
         return future
 
@@ -114,7 +120,6 @@ class Batcher:
     def _drop_abandoned(self) -> None:
         kept = deque(w for w in self._queue if not w.future.done())
         metrics.CHUNKS.labels("dropped").inc(len(self._queue) - len(kept))
-        metrics.QUEUED.set(len(kept))
         self._queue = kept
 
     async def predict(self, chunk: Chunk) -> Prediction:
@@ -172,17 +177,22 @@ class Batcher:
 
     async def _run(self, batch: list[_Waiting]) -> None:
         metrics.BATCH_SIZE.observe(len(batch))
-        metrics.QUEUED.set(len(self._queue))
         started = asyncio.get_running_loop().time()
+        now = time.monotonic()
+        for waiting in batch:
+            metrics.QUEUE_WAIT_SECONDS.observe(now - waiting.queued_at)
+        self._in_flight_chunks += len(batch)
         try:
             results = await self._process([w.chunk for w in batch])
         except asyncio.CancelledError:
-            results = [ServiceError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")] * len(batch)
+            results = [shutting_down()] * len(batch)
         except ServiceError as exc:
             results = [exc] * len(batch)
         except Exception as exc:  # a bug must fail this batch's callers, never the batcher itself
             log.exception("batch failed")
             results = [ServiceError(grpc.StatusCode.INTERNAL, f"internal error: {exc}")] * len(batch)
+        finally:
+            self._in_flight_chunks -= len(batch)
         metrics.BATCH_SECONDS.observe(asyncio.get_running_loop().time() - started)
         retry: list[_Waiting] = []
         for waiting, result in zip(batch, results, strict=True):

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from server import metrics
 from server.types import ModelDescription, RecurrentLayerInfo
 
 log = logging.getLogger(__name__)
@@ -49,8 +51,35 @@ class _DeliberateRetracing(logging.Filter):
 logging.getLogger("tensorflow").addFilter(_DeliberateRetracing())
 
 RECURRENT_KINDS = {keras.layers.LSTM: "LSTM", keras.layers.GRU: "GRU", keras.layers.SimpleRNN: "SimpleRNN"}
-# Layers that cannot be served chunk by chunk: they look at several timesteps or both directions.
-_REFUSED_LAYERS = (keras.layers.Bidirectional,)
+
+
+def _layer_types(*names: str) -> tuple[type, ...]:
+    return tuple(kind for name in names if isinstance(kind := getattr(keras.layers, name, None), type))
+
+
+# Layers that cannot be served chunk by chunk, and why (the start-up error names the layer and this).
+_NEEDS_FUTURE = (
+    "reads the sequence backwards as well as forwards: its output at a timestep depends on later timesteps, "
+    "which a stream has not received yet"
+)
+_MIXES_TIMESTEPS = (
+    "mixes timesteps within a chunk: its output at a timestep depends on neighbouring timesteps, so the outputs "
+    "would depend on where the chunk boundaries fall. Only the recurrent layers (LSTM, GRU, SimpleRNN) may "
+    "carry information across timesteps; the others must work on each timestep alone (Dense, Dropout, "
+    "normalization, activations, TimeDistributed)"
+)
+_BIDIRECTIONAL = _layer_types("Bidirectional")
+_TIME_MIXING = _layer_types(
+    "Conv1D", "Conv1DTranspose", "SeparableConv1D", "DepthwiseConv1D", "MaxPooling1D", "AveragePooling1D",
+    "GlobalMaxPooling1D", "GlobalAveragePooling1D", "Attention", "AdditiveAttention", "MultiHeadAttention",
+    "GroupQueryAttention", "ZeroPadding1D", "Cropping1D", "UpSampling1D", "Flatten", "Reshape", "Permute",
+)
+# Known to work on each timestep alone; any other non-recurrent layer is named when the self-check fails.
+_PER_TIMESTEP = _layer_types(
+    "Dense", "EinsumDense", "Dropout", "GaussianNoise", "GaussianDropout", "AlphaDropout", "Activation", "ReLU",
+    "LeakyReLU", "PReLU", "ELU", "Softmax", "LayerNormalization", "BatchNormalization", "Normalization",
+    "TimeDistributed", "Masking", "Rescaling", "Identity", "InputLayer",
+)
 SELF_CHECK_TOLERANCE = 1e-4
 
 
@@ -74,7 +103,10 @@ def _stateless_copy(layer: keras.layers.Layer, input_shape: tuple) -> keras.laye
     """The same recurrent layer, same weights, but taking and returning its states explicitly."""
     config = layer.get_config()
     if config.get("go_backwards"):
-        raise ModelLoadError(f"layer {layer.name!r} runs backwards in time; a stream can only go forwards")
+        raise ModelLoadError(
+            f"layer {layer.name!r} ({type(layer).__name__}, go_backwards=True) runs backwards in time: its output "
+            "at a timestep depends on later timesteps, which a stream has not received yet"
+        )
     config.update(stateful=False, return_state=True)
     copy = type(layer).from_config(config)
     copy.build(input_shape)
@@ -164,8 +196,10 @@ class ModelRunner:
         for layer in model.layers:
             if isinstance(layer, keras.layers.InputLayer):
                 continue
-            if isinstance(layer, _REFUSED_LAYERS):
-                raise ModelLoadError(f"layer {layer.name!r} ({type(layer).__name__}) cannot be streamed")
+            if isinstance(layer, _BIDIRECTIONAL):
+                raise ModelLoadError(f"layer {layer.name!r} ({type(layer).__name__}) {_NEEDS_FUTURE}")
+            if isinstance(layer, _TIME_MIXING):
+                raise ModelLoadError(f"layer {layer.name!r} ({type(layer).__name__}) {_MIXES_TIMESTEPS}")
             if isinstance(layer, keras.layers.RNN):
                 if type(layer) not in RECURRENT_KINDS:
                     raise ModelLoadError(
@@ -256,9 +290,13 @@ class ModelRunner:
         expected = with_keras if self.per_timestep_outputs else with_keras.reshape(batch, 1, -1)
         diff = float(np.max(np.abs(chunked - expected)))
         if not diff <= SELF_CHECK_TOLERANCE:
+            suspects = [f"{s.layer.name!r} ({type(s.layer).__name__})" for s in self._steps
+                        if not s.state_sizes and not isinstance(s.layer, _PER_TIMESTEP)]
+            which = (f"; the layers not known to work on each timestep alone: {', '.join(suspects)}" if suspects
+                     else "")
             raise ModelLoadError(
-                f"chunked calls differ from Keras on the whole sequence by {diff:.3g}: the model has a layer "
-                "that mixes timesteps, so it cannot be served one chunk at a time"
+                f"chunked calls differ from Keras on the whole sequence by {diff:.3g}: a layer mixes timesteps "
+                f"within a chunk, so the model cannot be served one chunk at a time{which}"
             )
         log.info("model self-check passed", extra={"fields": {"max_abs_diff": diff}})
 
@@ -309,6 +347,7 @@ class _XlaShapes:
         self._queued: set[tuple[bool, int, int]] = set()
         self._lock = threading.Lock()
         self._compiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xla-compile")
+        self._warm_up: set[tuple[bool, int, int]] = set()  # shapes asked for at start-up
 
     def _bucket(self, batch: int) -> int:
         return 1 << (batch - 1).bit_length()
@@ -327,6 +366,7 @@ class _XlaShapes:
         for steps in timesteps:
             bucket = 1
             while bucket <= self._max_batch and steps <= self.MAX_TIMESTEPS:
+                self._warm_up.add((False, bucket, steps))
                 self._schedule((False, bucket, steps))
                 bucket *= 2
 
@@ -342,8 +382,20 @@ class _XlaShapes:
         args = [tf.zeros([batch, timesteps, self._features]), tf.zeros([batch, self._state_size])]
         if masked:
             args.append(tf.ones([batch, timesteps], tf.bool))
+        started = time.perf_counter()
         self.function(*args)  # the first call of a shape traces and compiles it
+        seconds = time.perf_counter() - started
         self._ready.add(key)
+        labels = (str(masked).lower(), str(batch), str(timesteps))
+        metrics.COMPILES.labels(*labels).inc()
+        metrics.COMPILE_SECONDS.labels(*labels).inc(seconds)
+        # One line per compile: a run that is slow at first and fast the second time shows why here. A
+        # chunk length compiled while serving belongs in --warmup-timesteps (README, "Compiled shapes").
+        log.info("compiled", extra={"fields": {
+            "masked": masked, "batch": batch, "timesteps": timesteps, "seconds": round(seconds, 3),
+            "cause": "warm-up" if key in self._warm_up else "traffic", "compiled_shapes": len(self._ready)}})
 
     def close(self) -> None:
-        self._compiler.shutdown(wait=False, cancel_futures=True)
+        # Queued shapes are dropped; a compile already running cannot be interrupted, and the interpreter
+        # would wait for its thread at exit anyway: wait here, so the server's last log line stays last.
+        self._compiler.shutdown(wait=True, cancel_futures=True)

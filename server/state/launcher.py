@@ -31,12 +31,36 @@ class RedisUnavailable(RuntimeError):
     """No Redis can be had; the message says what to do."""
 
 
+def _where(url: str) -> str:
+    """host:port of a URL, for messages: never the password a URL may carry."""
+    parsed = urlparse(url)
+    try:
+        return f"{parsed.hostname or 'localhost'}:{parsed.port or 6379}" if parsed.scheme != "unix" else parsed.path
+    except ValueError:
+        return parsed.hostname or "?"
+
+
 def _answers(url: str) -> bool:
-    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    """True when Redis answers PING at url, False when nothing does; RedisUnavailable (start-up exits 2) for a
+    URL that is not a Redis URL, or when what answers there is not Redis or refuses us."""
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    except ValueError as exc:  # redis-py's own parser: wrong scheme, bad port
+        raise RedisUnavailable(
+            f"--redis-url is not a Redis URL ({exc}); expected redis://[:password@]host[:port][/db], "
+            "rediss://... (TLS) or unix:///path/to/redis.sock"
+        ) from None
     try:
         return bool(client.ping())
+    except redis.exceptions.AuthenticationError as exc:
+        raise RedisUnavailable(f"Redis at {_where(url)} refused the credentials in --redis-url: {exc}") from None
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
         return False
+    except redis.exceptions.RedisError as exc:  # a reply that is not RESP, or an error reply to PING
+        raise RedisUnavailable(
+            f"something answers at {_where(url)} but it is not a Redis server we can use ({exc}); "
+            "check the host and port of --redis-url"
+        ) from None
     finally:
         client.close()
 

@@ -1,9 +1,12 @@
 """The binary record of one stream's slot, and the only code that knows its layout.
 
+Format 2 (written since late duplicates are recognised, invariant 10 in docs/invariants.md):
+
     offset  size  field
-    0       8     version: a random token, new on every write; the compare-and-set compares it
+    0       8     version: a random token, new on every write; the compare-and-set compares it, and a
+                  save whose answer was lost is resolved by looking for it (invariant 9)
     8       2     magic b"LS"
-    10      1     format (1)
+    10      1     format (2)
     11      1     flags: bit 0 = the sequence ended (state dropped, record kept only to answer retries)
     12      8     offset: timesteps consumed since the last reset (uint64)
     20      8     updated_unix_ms (int64)
@@ -14,10 +17,18 @@
     68      4     state length in float32 values (uint32)
     72      4     rows of the last response's outputs (uint32)
     76      4     columns of the last response's outputs (uint32)
-    80      ...   state float32[state length], then last outputs float32[rows * columns]
+    80      16    digest of the data of the chunk that started the current sequence
+    96      8     digest of that chunk's request_id (zeros when it had none)
+    104     4     number of recent request digests that follow the outputs (uint32, at most RECENT_REQUESTS)
+    108     ...   state float32[state length], then last outputs float32[rows * columns], then the recent
+                  request digests, 8 bytes each, oldest first
+
+Format 1 is format 2 without the bytes from 80 to 108 and without recent request digests; it is still
+read (an upgraded server keeps every stream), and written back as format 2 on the stream's next chunk.
 
 All little-endian. Keeping the last response lets a retry be answered identically without running
-the model again or advancing the state twice.
+the model again or advancing the state twice; keeping the chunk that started the sequence and the
+recent request ids lets a late copy of an earlier chunk be recognised and refused.
 """
 
 from __future__ import annotations
@@ -31,12 +42,17 @@ import numpy as np
 
 from server.types import Chunk
 
-_HEADER = struct.Struct("<8s2sBBQq8sQ16s8sIII")
+_HEADER_1 = struct.Struct("<8s2sBBQq8sQ16s8sIII")
+_HEADER = struct.Struct("<8s2sBBQq8sQ16s8sIII16s8sI")
 HEADER_SIZE = _HEADER.size
 _MAGIC = b"LS"
-_FORMAT = 1
+_FORMAT = 2
 _FLAG_ENDED = 1
 VERSION_SIZE = 8
+REQUEST_DIGEST_SIZE = 8
+# Request digests of the current sequence kept to recognise late duplicates of append-mode chunks
+# (invariant 10): 16 x 8 bytes beside about 1 KiB of state on the default model.
+RECENT_REQUESTS = 16
 
 
 class CorruptRecord(ValueError):
@@ -58,8 +74,14 @@ def chunk_digest(chunk: Chunk) -> bytes:
 
 def request_id_digest(request_id: str) -> bytes:
     if not request_id:
-        return bytes(8)
-    return hashlib.blake2b(request_id.encode(), digest_size=8).digest()
+        return bytes(REQUEST_DIGEST_SIZE)
+    return hashlib.blake2b(request_id.encode(), digest_size=REQUEST_DIGEST_SIZE).digest()
+
+
+def request_digest(request_id: str, data_digest: bytes) -> bytes:
+    """One chunk's identity among the recent ones: its request_id and its data (a reused id with other
+    data is another chunk, not a duplicate)."""
+    return hashlib.blake2b(request_id.encode() + data_digest, digest_size=REQUEST_DIGEST_SIZE).digest()
 
 
 def new_version() -> bytes:
@@ -78,33 +100,53 @@ class SlotRecord:
     state: np.ndarray  # float32 [state_size]; empty when ended
     last_outputs: np.ndarray  # float32 [rows, output_size]
     ended: bool = False
+    # The chunk that started the current sequence (zeros when unknown: a record of format 1).
+    first_digest: bytes = bytes(16)
+    first_request_id: bytes = bytes(REQUEST_DIGEST_SIZE)
+    # request_digest() of the sequence's last RECENT_REQUESTS chunks that carried a request_id.
+    recent_requests: bytes = b""
 
     def encode(self) -> bytes:
         rows, columns = self.last_outputs.shape
         header = _HEADER.pack(
             self.version, _MAGIC, _FORMAT, _FLAG_ENDED if self.ended else 0, self.offset,
             self.updated_unix_ms, self.fingerprint, self.last_start, self.last_digest,
-            self.last_request_id, self.state.size, rows, columns,
+            self.last_request_id, self.state.size, rows, columns, self.first_digest, self.first_request_id,
+            len(self.recent_requests) // REQUEST_DIGEST_SIZE,
         )
         return b"".join((header, self.state.astype("<f4", copy=False).tobytes(),
-                         self.last_outputs.astype("<f4", copy=False).tobytes()))
+                         self.last_outputs.astype("<f4", copy=False).tobytes(), self.recent_requests))
+
+    def has_recent_request(self, digest: bytes) -> bool:
+        recent = self.recent_requests
+        return any(recent[i:i + REQUEST_DIGEST_SIZE] == digest for i in range(0, len(recent), REQUEST_DIGEST_SIZE))
 
     @classmethod
     def decode(cls, data: bytes) -> SlotRecord:
-        if len(data) < HEADER_SIZE:
+        if len(data) < _HEADER_1.size:
             raise CorruptRecord(f"{len(data)} bytes is shorter than a record header", data[:VERSION_SIZE])
-        (version, magic, fmt, flags, offset, updated, fingerprint, last_start, last_digest,
-         last_request_id, state_len, rows, columns) = _HEADER.unpack_from(data)
-        if magic != _MAGIC or fmt != _FORMAT:
-            raise CorruptRecord("not a slot record of format 1", version)
-        if len(data) != HEADER_SIZE + 4 * (state_len + rows * columns):
+        fmt = data[10] if data[8:10] == _MAGIC else None
+        if fmt == 1:
+            (version, _, _, flags, offset, updated, fingerprint, last_start, last_digest,
+             last_request_id, state_len, rows, columns) = _HEADER_1.unpack_from(data)
+            first_digest, first_request_id, recent_count, body_at = bytes(16), bytes(8), 0, _HEADER_1.size
+        elif fmt == _FORMAT and len(data) >= HEADER_SIZE:
+            (version, _, _, flags, offset, updated, fingerprint, last_start, last_digest, last_request_id,
+             state_len, rows, columns, first_digest, first_request_id, recent_count) = _HEADER.unpack_from(data)
+            body_at = HEADER_SIZE
+        else:
+            raise CorruptRecord("not a slot record of format 1 or 2", data[:VERSION_SIZE])
+        floats = state_len + rows * columns
+        recent_at = body_at + 4 * floats
+        if len(data) != recent_at + REQUEST_DIGEST_SIZE * recent_count:
             raise CorruptRecord("record length does not match its header", version)
-        body = np.frombuffer(data, dtype="<f4", offset=HEADER_SIZE)
+        body = np.frombuffer(data, dtype="<f4", offset=body_at, count=floats)
         return cls(
             version=version, offset=offset, updated_unix_ms=updated, fingerprint=fingerprint,
             last_start=last_start, last_digest=last_digest, last_request_id=last_request_id,
             state=body[:state_len], last_outputs=body[state_len:].reshape(rows, columns),
-            ended=bool(flags & _FLAG_ENDED),
+            ended=bool(flags & _FLAG_ENDED), first_digest=first_digest, first_request_id=first_request_id,
+            recent_requests=bytes(data[recent_at:]),
         )
 
 

@@ -3,39 +3,70 @@
 Key layout: `<prefix>:{<stream_id>}`. The braces are a Redis Cluster hash tag, so everything kept
 for one stream lands on one cluster slot. Saves are compare-and-set on the record's version token
 (a Lua script, so the check and the write are one atomic step on the server): a crash at any instant
-leaves the old record or the new one, and two replicas can never both apply a chunk to the same base.
+leaves the old record or the new one, and two replicas can never both apply a chunk to the same base
+(invariant 5 in docs/invariants.md).
+
+Every call is bounded by the caller's deadline, not by a socket timeout (invariant 9): a Redis that
+stalls for less than the deadline costs latency, not an error.
+
+- Reads (loads, inspections) and idempotent writes (deletes) are retried with backoff until the deadline.
+- A save is idempotent too: each record carries the random version it writes, and the script answers
+  "already applied" when it finds that version in place. So when a save's answer is lost (timeout,
+  dropped connection), the same script is sent again until Redis answers or the deadline passes:
+  Redis' answer then says for every key whether the chunk was applied. A copy of the script still
+  queued in Redis from the lost attempt can no longer apply later: it finds the new version, or another
+  one, where it expects the old. Only when Redis stays silent until the deadline is the outcome unknown.
+- Each key of a batch is written on its own (`redis.pcall`): a key that cannot be written (a value of
+  another type under a stream's name, an out-of-memory Redis) fails that stream alone, with its own
+  error, and every other stream of the batch is saved normally. A stream's record is one SET: all or
+  nothing per stream.
+
+`save` and `load` group their keys (`_groups`) and run one script call or MGET per group; today there
+is one group. A Redis Cluster splits it per node and slot, keeping the per-key results.
 """
 
 from __future__ import annotations
 
-import functools
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import ParamSpec, TypeVar
+from typing import TypeVar
 
-import grpc
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
-from server.errors import ServiceError, redis_unavailable
+from server.errors import ServiceError, outcome_unknown, redis_unavailable, slot_wrong_type
 from server.state.record import VERSION_SIZE, CorruptRecord, SlotRecord
 
-# KEYS: slot keys. ARGV: for each key, (expected version, new record, ttl ms).
-# Expected version "" means the key must not exist; a new record "" means delete the key.
-_COMPARE_AND_SET = f"""
+# KEYS: slot keys. ARGV: for each key, (expected version, new record, version of the new record, ttl ms).
+# Expected version "" means the key must not exist; a new record "" means delete the key (its version "").
+# Per key: 1 written now; 2 already written (the version is in place: an earlier send of this same save
+# got through); 0 refused (the key holds another version); "WRONGTYPE <type>" or "ERR <error>" when the key
+# could not be read or written. Every Redis call is pcall'd, so one key's failure never stops the others.
+_SAVE = f"""
 local results = {{}}
 for i, key in ipairs(KEYS) do
-  local expected = ARGV[3 * i - 2]
-  local record = ARGV[3 * i - 1]
-  local current = redis.call('GETRANGE', key, 0, {VERSION_SIZE - 1})
-  if current == expected then
+  local expected, record, mine, ttl = ARGV[4 * i - 3], ARGV[4 * i - 2], ARGV[4 * i - 1], ARGV[4 * i]
+  local current = redis.pcall('GETRANGE', key, 0, {VERSION_SIZE - 1})
+  if type(current) == 'table' then
+    results[i] = 'WRONGTYPE ' .. redis.call('TYPE', key)['ok']
+  elseif current == expected then
+    local done
     if record == '' then
-      redis.call('DEL', key)
+      done = redis.pcall('DEL', key)
     else
-      redis.call('SET', key, record, 'PX', ARGV[3 * i])
+      done = redis.pcall('SET', key, record, 'PX', ttl)
     end
-    results[i] = 1
+    if type(done) == 'table' and done['err'] then
+      results[i] = 'ERR ' .. done['err']
+    else
+      results[i] = 1
+    end
+  elseif current == mine then
+    results[i] = 2
   else
     results[i] = 0
   end
@@ -43,30 +74,43 @@ end
 return results
 """
 
-# Connection-level trouble: the caller may retry later. Anything else from Redis is a bug here.
-_UNAVAILABLE_ERRORS = (
+# Errors after which the command surely did not run, and which pass by themselves: retried until the deadline.
+_TRANSIENT_REPLIES = ("LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN", "NOREPLICAS")
+# Errors after which a command may or may not have reached Redis and run.
+_LOST_ANSWER_ERRORS = (
     redis_errors.ConnectionError,
     redis_errors.TimeoutError,
-    redis_errors.BusyLoadingError,
-    redis_errors.ReadOnlyError,
+    TimeoutError,
     OSError,
 )
+# Retry pacing: first pause, longest pause, and the least time one attempt is given even when the
+# deadline is (almost) gone, so that a chunk that already ran is still saved when Redis is healthy.
+_FIRST_BACKOFF_S = 0.02
+_MAX_BACKOFF_S = 0.5
+_MIN_ATTEMPT_S = 0.25
 
-P = ParamSpec("P")
-R = TypeVar("R")
+P = TypeVar("P")
 
 
-def _redis_errors_as_status(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    @functools.wraps(method)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await method(*args, **kwargs)
-        except _UNAVAILABLE_ERRORS as exc:
-            raise redis_unavailable(str(exc) or type(exc).__name__) from exc
-        except redis_errors.RedisError as exc:
-            raise ServiceError(grpc.StatusCode.INTERNAL, f"state store error: {exc}") from exc
+class Applied:
+    """A save result: the record is in Redis (written now, or by an earlier send of the same save)."""
 
-    return wrapper
+
+class Refused:
+    """A save result: the key holds another version (another writer was first); nothing was written."""
+
+
+APPLIED = Applied()
+REFUSED = Refused()
+SaveResult = Applied | Refused | ServiceError
+
+
+@dataclass(frozen=True, slots=True)
+class WrongType:
+    """The stream's key holds a value of another Redis type (a hash, a list ...): not ours to touch."""
+
+    key: str
+    redis_type: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,35 +121,123 @@ class SlotWrite:
     ttl_ms: int
 
 
-Loaded = SlotRecord | CorruptRecord | None
+Loaded = SlotRecord | CorruptRecord | WrongType | None
+
+
+class _GaveUp(Exception):
+    """The deadline passed without an answer from Redis (or Redis refused the command)."""
+
+    def __init__(self, detail: str, *, maybe_ran: bool) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        # True when some attempt may have reached Redis and run: the outcome of a write is unknown.
+        self.maybe_ran = maybe_ran
+
+
+def _is_transient(exc: redis_errors.ResponseError) -> bool:
+    return isinstance(exc, redis_errors.BusyLoadingError) or str(exc).startswith(_TRANSIENT_REPLIES)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError | redis_errors.TimeoutError):
+        return "no answer in time"
+    return str(exc) or type(exc).__name__
+
+
+def connect(redis_url: str, *, connect_timeout_s: float = 2.0) -> aioredis.Redis:
+    """The Redis client. No socket timeout and no automatic retries: every call here is bounded by its
+    caller's deadline, and a save is only ever resent by this module, knowing what a resend means."""
+    return aioredis.Redis.from_url(
+        redis_url,
+        socket_timeout=None,
+        socket_connect_timeout=connect_timeout_s,
+        health_check_interval=30,
+        retry=Retry(NoBackoff(), 0),
+    )
 
 
 class StateStore:
     def __init__(self, redis_url: str, key_prefix: str = "lstm", *, timeout_s: float = 2.0) -> None:
         self.redis_url = redis_url
         self.key_prefix = key_prefix
-        self._redis = aioredis.Redis.from_url(
-            redis_url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            health_check_interval=30,
-        )
-        self._compare_and_set = self._redis.register_script(_COMPARE_AND_SET)
+        # Bounds calls that have no caller behind them (health checks) and each connection attempt.
+        self.timeout_s = timeout_s
+        self._redis = connect(redis_url, connect_timeout_s=timeout_s)
+        self._save_script = self._redis.register_script(_SAVE)
 
     def key(self, stream_id: str) -> str:
         return f"{self.key_prefix}:{{{stream_id}}}"
 
-    @_redis_errors_as_status
-    async def ping(self) -> bool:
-        return bool(await self._redis.ping())
+    def _groups(self, stream_ids: Sequence[str]) -> list[list[int]]:
+        """Indices of the keys that one script call or one MGET may carry together: all of them on one
+        Redis node. (Redis Cluster: one group per node and slot.)"""
+        return [list(range(len(stream_ids)))]
 
-    @_redis_errors_as_status
-    async def load(self, stream_ids: Sequence[str]) -> list[Loaded]:
-        """Every slot of a batch in one MGET; None where a stream has no slot."""
+    async def _attempt(self, call: Callable[[], Awaitable[P]], deadline: float, *, write: bool = False) -> P:
+        """call() until Redis answers, backing off between attempts, until the deadline (monotonic)."""
+        maybe_ran = False
+        pause = _FIRST_BACKOFF_S
+        while True:
+            try:
+                async with asyncio.timeout(max(deadline - time.monotonic(), _MIN_ATTEMPT_S)):
+                    return await call()
+            except _LOST_ANSWER_ERRORS as exc:
+                maybe_ran = maybe_ran or write
+                problem = exc
+            except redis_errors.ResponseError as exc:
+                if not _is_transient(exc):
+                    raise _GaveUp(f"Redis refused the command: {exc}", maybe_ran=maybe_ran) from exc
+                problem = exc
+            except redis_errors.RedisError as exc:  # authentication, unusable URL, protocol trouble
+                raise _GaveUp(_describe(exc), maybe_ran=maybe_ran) from exc
+            if time.monotonic() + pause >= deadline:
+                raise _GaveUp(_describe(problem), maybe_ran=maybe_ran) from problem
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, _MAX_BACKOFF_S)
+
+    async def ping(self) -> bool:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return bool(await self._redis.ping())
+        except (*_LOST_ANSWER_ERRORS, redis_errors.RedisError):
+            return False
+
+    async def load(self, stream_ids: Sequence[str], deadline: float) -> list[Loaded]:
+        """Every slot of a batch in one MGET per group; None where a stream has no slot.
+
+        Raises ServiceError (UNAVAILABLE, nothing applied) when Redis does not answer before the deadline."""
         if not stream_ids:
             return []
-        raw = await self._redis.mget([self.key(s) for s in stream_ids])
-        return [self._decode(data) for data in raw]
+        keys = [self.key(s) for s in stream_ids]
+        loaded: list[Loaded] = [None] * len(keys)
+        for group in self._groups(stream_ids):
+            group_keys = [keys[i] for i in group]
+            try:
+                values = await self._attempt(lambda k=group_keys: self._load_group(k), deadline)
+            except _GaveUp as exc:
+                raise redis_unavailable(exc.detail) from exc
+            for i, value in zip(group, values, strict=True):
+                loaded[i] = value
+        return loaded
+
+    async def _load_group(self, keys: list[str]) -> list[Loaded]:
+        # MGET answers nil for a key of another type; EXISTS counts it, so such keys cost one more look.
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.mget(keys)
+            pipe.exists(*keys)
+            raw, existing = await pipe.execute()
+        loaded = [self._decode(data) for data in raw]
+        if existing > sum(data is not None for data in raw):
+            missing = [i for i, data in enumerate(raw) if data is None]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for i in missing:
+                    pipe.type(keys[i])
+                types = await pipe.execute()
+            for i, kind in zip(missing, types, strict=True):
+                kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+                if kind != "none":
+                    loaded[i] = WrongType(keys[i], kind)
+        return loaded
 
     @staticmethod
     def _decode(data: bytes | None) -> Loaded:
@@ -116,29 +248,74 @@ class StateStore:
         except CorruptRecord as exc:
             return exc
 
-    @_redis_errors_as_status
-    async def save(self, writes: Sequence[SlotWrite]) -> list[bool]:
-        """Compare-and-set every write of a batch in one script call; True where it was applied."""
+    async def save(self, writes: Sequence[SlotWrite], deadline: float) -> list[SaveResult]:
+        """Compare-and-set every write of a batch, one script call per group; one result per write:
+        APPLIED, REFUSED (another version in place; nothing written), or the ServiceError of that stream
+        (not applied, or the outcome unknown when Redis stayed silent until the deadline)."""
+        results: list[SaveResult] = [REFUSED] * len(writes)
+        for group in self._groups([w.stream_id for w in writes]):
+            for i, result in zip(group, await self._save_group([writes[i] for i in group], deadline), strict=True):
+                results[i] = result
+        return results
+
+    async def _save_group(self, writes: Sequence[SlotWrite], deadline: float) -> list[SaveResult]:
         if not writes:
             return []
         keys = [self.key(w.stream_id) for w in writes]
         args: list[bytes | int] = []
         for write in writes:
-            args += [write.expected_version, write.record.encode() if write.record else b"", write.ttl_ms]
-        applied = await self._compare_and_set(keys=keys, args=args)
-        return [bool(flag) for flag in applied]
+            record = write.record
+            args += [write.expected_version, record.encode() if record else b"", record.version if record else b"",
+                     write.ttl_ms]
+        try:
+            replies = await self._attempt(lambda: self._save_script(keys=keys, args=args), deadline, write=True)
+        except _GaveUp as exc:
+            if exc.maybe_ran:
+                return [outcome_unknown(w.stream_id, exc.detail) for w in writes]
+            return [redis_unavailable(exc.detail) for _ in writes]
+        return [self._save_result(w, k, r) for w, k, r in zip(writes, keys, replies, strict=True)]
 
-    @_redis_errors_as_status
-    async def delete(self, stream_id: str) -> bool:
-        return bool(await self._redis.delete(self.key(stream_id)))
+    @staticmethod
+    def _save_result(write: SlotWrite, key: str, reply: int | bytes) -> SaveResult:
+        if reply in (1, 2):
+            return APPLIED
+        if reply == 0:
+            return REFUSED
+        text = reply.decode(errors="replace") if isinstance(reply, bytes) else str(reply)
+        if text.startswith("WRONGTYPE "):
+            return slot_wrong_type(write.stream_id, key, text.removeprefix("WRONGTYPE "))
+        # The key was readable and held the expected version, but Redis refused the write (out of memory,
+        # read-only replica, too few replicas): nothing was written for this stream.
+        return redis_unavailable(f"Redis refused to write the stream's key: {text.removeprefix('ERR ')}")
 
-    @_redis_errors_as_status
-    async def inspect(self, stream_id: str) -> tuple[Loaded, int]:
+    async def delete(self, stream_id: str, deadline: float) -> bool:
+        """Remove the slot (any type of value under the key); True if there was one. DEL is idempotent,
+        so it is resent until the deadline."""
+        try:
+            return bool(await self._attempt(lambda: self._redis.delete(self.key(stream_id)), deadline))
+        except _GaveUp as exc:
+            raise redis_unavailable(exc.detail, action="the stream may or may not have been reset; retry it",
+                                    outcome=None) from exc
+
+    async def inspect(self, stream_id: str, deadline: float) -> tuple[Loaded, int]:
         """The slot and its remaining time to live in ms (-2 when missing, as PTTL says)."""
+        try:
+            return await self._attempt(lambda: self._inspect(stream_id), deadline)
+        except _GaveUp as exc:
+            raise redis_unavailable(exc.detail, action="retry it", outcome=None) from exc
+
+    async def _inspect(self, stream_id: str) -> tuple[Loaded, int]:
+        key = self.key(stream_id)
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.get(self.key(stream_id))
-            pipe.pttl(self.key(stream_id))
-            data, ttl = await pipe.execute()
+            pipe.get(key)
+            pipe.pttl(key)
+            pipe.type(key)
+            data, ttl, kind = await pipe.execute(raise_on_error=False)
+        if isinstance(data, redis_errors.ResponseError) and str(data).startswith("WRONGTYPE"):
+            kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+            return WrongType(key, kind), int(ttl)
+        if isinstance(data, BaseException):
+            raise data
         return self._decode(data), int(ttl)
 
     async def close(self) -> None:

@@ -1,0 +1,121 @@
+"""The compose topology as processes (scripts/topology.py): Redis, two replicas, Envoy with deploy/envoy.yaml.
+
+lstm-loadtest --verify runs through Envoy while one replica is SIGKILLed and started again, and then
+while each replica in turn gets SIGTERM and is started again (a rolling restart). Every stream must
+verify against Keras (invariant 1, docs/invariants.md), with nothing lost (invariant 8) or applied
+twice (invariant 4: a retried chunk is answered again, never applied twice); calls may fail only as
+UNAVAILABLE, which the client retries with its start_offset (invariant 11); and both replicas must have
+served chunks (read from their /metrics).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from scripts.topology import ENVOY_CONFIG, Topology, local_envoy_config
+from tests.support import DEFAULT_MODEL, ROOT, wait_until
+
+pytestmark = pytest.mark.timeout(300)
+
+OK_CHUNKS = re.compile(r'^lstm_serve_chunks_total\{[^}]*outcome="(?:ok|replayed)"[^}]*\} ([0-9.e+]+)$', re.M)
+
+
+def without_addresses(config: dict[str, Any]) -> dict[str, Any]:
+    config = copy.deepcopy(config)
+    config["admin"]["address"]["socket_address"] = None
+    config["static_resources"]["listeners"][0]["address"]["socket_address"] = None
+    config["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"] = None
+    return config
+
+
+def test_the_local_envoy_config_changes_only_the_addresses(tmp_path: Path) -> None:
+    deployed = yaml.safe_load(ENVOY_CONFIG.read_text())
+    before = copy.deepcopy(deployed)
+    local = local_envoy_config(deployed, ("127.0.0.1", 41000), ("127.0.0.1", 41001),
+                               [("127.0.0.1", 41010), ("127.0.0.1", 41011)])
+    assert deployed == before, "the deployed configuration must not be modified in place"
+    assert without_addresses(local) == without_addresses(deployed)
+    assert local["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 41001}
+    assert local["static_resources"]["listeners"][0]["address"]["socket_address"] == {
+        "address": "127.0.0.1", "port_value": 41000}
+    endpoints = local["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert [e["endpoint"]["address"]["socket_address"] for e in endpoints] == [
+        {"address": "127.0.0.1", "port_value": 41010}, {"address": "127.0.0.1", "port_value": 41011}]
+    path = tmp_path / "envoy.yaml"
+    path.write_text(yaml.safe_dump(local))
+    envoy = Path(sys.executable).parent / "envoy"
+    result = subprocess.run([str(envoy), "--mode", "validate", "-c", str(path)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def served(topology: Topology, index: int) -> int:
+    return int(sum(float(value) for value in OK_CHUNKS.findall(topology.metrics(index))))
+
+
+def test_loadtest_through_envoy_survives_a_killed_replica_and_a_rolling_restart(tmp_path: Path) -> None:
+    # --xla false: a replica starts in seconds (no XLA compilations), which keeps the restarts short; a
+    # drain delay of 3 s still outlasts Envoy's detection of NOT_SERVING (2 checks 1 s apart).
+    topology = Topology(replicas=2, workdir=tmp_path / "topology",
+                        server_args=["--xla", "false", "--drain-delay-s", "3"], envoy_concurrency=1)
+    report_path = tmp_path / "report.json"
+    totals = [0, 0]
+    load = None
+    try:
+        topology.start()
+        # Open loop, so the load leaves CPU for the restarts; it runs until SIGINT, then reports and verifies.
+        load = subprocess.Popen(
+            [sys.executable, "-m", "loadtest", "--no-progress", "--target", topology.address, "--streams", "8",
+             "--chunk", "5", "--rate", "25", "--duration", "240", "--warmup", "0", "--max-retries", "10",
+             "--verify", "--model", str(DEFAULT_MODEL), "--json", str(report_path)],
+            cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True,
+        )
+        wait_until(lambda: served(topology, 0) > 20 and served(topology, 1) > 20, 60, "both replicas to serve")
+
+        # SIGKILL in the middle of the run: chunks in flight on it fail as UNAVAILABLE and are retried.
+        totals[0] += served(topology, 0)
+        topology.stop_replica(0, signal.SIGKILL)
+        topology.start_replica(0)
+        topology.wait_in_rotation(0)
+        wait_until(lambda: served(topology, 0) > 0, 30, "the restarted replica to serve again")
+
+        # Rolling restart: SIGTERM each replica in turn, start it again, wait until Envoy routes to it.
+        for index in (1, 0):
+            totals[index] += served(topology, index)
+            assert topology.stop_replica(index, signal.SIGTERM) is not None
+            topology.start_replica(index)
+            topology.wait_in_rotation(index)
+            wait_until(lambda i=index: served(topology, i) > 0, 30, f"replica {index} to serve again")
+        totals = [total + served(topology, index) for index, total in enumerate(totals)]
+
+        load.send_signal(signal.SIGINT)  # ends the load; lstm-loadtest still verifies and writes its report
+        output, _ = load.communicate(timeout=120)
+        assert load.returncode == 0, output
+    finally:
+        if load is not None and load.poll() is None:
+            load.kill()
+            load.communicate()
+        topology.stop()
+
+    report = json.loads(report_path.read_text())
+    assert report["verify"]["passed"], report["verify"]
+    assert report["verify"]["streams"] == 8 and not report["verify"]["state_lost"]
+    assert report["failed_chunks"] == 0 and report["broken_streams"] == [], report["broken_streams"]
+    assert set(report["totals"]["errors"]) <= {"UNAVAILABLE"}, report["totals"]["errors"]
+    assert report["retries"] == sum(report["totals"]["errors"].values())  # every failed attempt was retried
+    assert report["totals"]["chunks"] > 0
+    assert all(total > 0 for total in totals), totals
+    print(f"chunks per replica {totals}, errors {report['totals']['errors']}, retries {report['retries']}, "
+          f"replays {report['replays']}")
