@@ -21,14 +21,13 @@ import grpc
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from tritonclient.grpc import service_pb2 as triton_pb2
-from tritonclient.grpc import service_pb2_grpc as triton_pb2_grpc
 
 from lstm_stream.v1 import stream_pb2 as pb
 from tests.client import outputs, request
 from tests.models import TOLERANCE, keras_whole_sequence
-from tests.support import DEFAULT_MODEL, RedisServer, ServerProcess, wait_until
+from tests.support import DEFAULT_MODEL, RedisServer, ServerProcess, triton_messages, wait_until
 
+triton_pb2, triton_pb2_grpc = triton_messages()
 pytestmark = pytest.mark.timeout(180)
 
 CHUNKS = 24
@@ -70,7 +69,7 @@ class Native:
 
 
 class Triton:
-    """Triton's ModelStreamInfer, with tritonclient's messages (the same wire format as the server's)."""
+    """Triton's ModelStreamInfer (messages from tests.support.triton_messages())."""
 
     def __init__(self, server: ServerProcess) -> None:
         self.channel = grpc.insecure_channel(server.address)

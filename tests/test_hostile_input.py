@@ -6,8 +6,8 @@ not match the shape, bytes that are no protobuf at all, oversized messages), eve
 clean status (never UNKNOWN or INTERNAL), an error never changes any stream's state, and the server
 stays up.
 
-Triton messages come from tritonclient's generated module (the same wire format as the server's):
-this test process may import tritonclient elsewhere, so it never imports `lstm_stream.triton`.
+Triton messages come from `tests.support.triton_messages()`: tritonclient's copy or the server's own
+(the same wire format), whichever this test process loaded first.
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tritonclient.grpc import service_pb2 as triton_pb2
-from tritonclient.grpc import service_pb2_grpc as triton_pb2_grpc
 
 from lstm_stream.v1 import stream_pb2 as pb
 from lstm_stream.v1 import stream_pb2_grpc as pb_grpc
-from tests.support import DEFAULT_MODEL, RedisServer, ServerProcess
+from tests.support import DEFAULT_MODEL, RedisServer, ServerProcess, triton_messages
 
+triton_pb2, triton_pb2_grpc = triton_messages()
 pytestmark = pytest.mark.timeout(300)
 
 CALL_TIMEOUT_S = 30
