@@ -23,14 +23,19 @@ FROM base
 # pip cache left in the image.)
 COPY --from=wheel /requirements.txt /tmp/requirements.txt
 RUN pip install --no-cache-dir --requirement /tmp/requirements.txt && rm /tmp/requirements.txt
-# Then the project itself (the default model is package data inside it).
-RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-deps /wheels/*.whl
+# Then the project itself (the default model is package data inside it). COPY, not RUN --mount: a
+# COPY's cache key is the wheel's content on every builder (buildah reuses a RUN --mount layer after
+# the mounted wheel changed); the wheel left in that layer is 1.5 MB.
+COPY --from=wheel /wheels /tmp/wheels
+RUN pip install --no-cache-dir --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels
 
 RUN groupadd --system --gid 10001 lstm \
  && useradd --system --uid 10001 --gid 10001 --home-dir /home/lstm --create-home --shell /usr/sbin/nologin lstm
 USER 10001:10001
 WORKDIR /home/lstm
+# TensorFlow imports matplotlib when it is installed (it is: lstm-loadtest's plots): build its font
+# cache once here rather than at every container start.
+RUN python -c "import matplotlib.font_manager"
 
 ENV KERAS_BACKEND=tensorflow \
     TF_CPP_MIN_LOG_LEVEL=2 \

@@ -93,7 +93,8 @@ def test_the_image_runs_lstm_serve_as_a_numeric_user_with_its_own_health_check()
     ops = [(op, arg) for op, arg in final if op in ("COPY", "RUN")]
     assert ops[0] == ("COPY", "--from=wheel /requirements.txt /tmp/requirements.txt"), ops
     assert "--requirement /tmp/requirements.txt" in ops[1][1]
-    assert "/wheels/*.whl" in ops[2][1] and "--no-deps" in ops[2][1]
+    assert ops[2] == ("COPY", "--from=wheel /wheels /tmp/wheels"), ops
+    assert "/tmp/wheels/*.whl" in ops[3][1] and "--no-deps" in ops[3][1]
 
 
 def test_compose_redis_keeps_an_append_only_file_on_a_named_volume(compose: dict[str, Any]) -> None:

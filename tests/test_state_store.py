@@ -174,3 +174,25 @@ def test_no_answer_from_redis_within_the_deadline() -> None:
         asyncio.run(scenario())
     finally:
         own.stop()
+
+
+def test_a_redis_out_of_memory_is_unavailable_not_applied() -> None:
+    from tests.support import RedisServer
+
+    own = RedisServer(appendonly=False)
+
+    async def scenario() -> None:
+        store = StateStore(own.url, key_prefix="t")
+        assert await store.save([SlotWrite("a", b"", record(1), 60_000)], soon()) == [APPLIED]
+        own.client().config_set("maxmemory", "1")  # every write is refused from now on (noeviction)
+        (result,) = await store.save([SlotWrite("b", b"", record(2), 60_000)], soon())
+        assert result.code == grpc.StatusCode.UNAVAILABLE and "not applied" in result.message, result
+        assert dict(result.trailing_metadata())["x-chunk-outcome"] == "not-applied"
+        a, b = await store.load(["a", "b"], soon())
+        assert a.offset == 1 and b is None
+        await store.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        own.stop()

@@ -75,7 +75,15 @@ return results
 """
 
 # Errors after which the command surely did not run, and which pass by themselves: retried until the deadline.
-_TRANSIENT_REPLIES = ("LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN", "NOREPLICAS")
+# (redis-py turns the known ones into classes; the others keep their code at the start of the message.)
+_TRANSIENT_ERRORS = (
+    redis_errors.BusyLoadingError,  # LOADING: a restarted Redis reading its append-only file
+    redis_errors.TryAgainError,
+    redis_errors.ClusterDownError,
+    redis_errors.MasterDownError,
+    redis_errors.ReadOnlyError,  # a replica during a failover
+)
+_TRANSIENT_REPLIES = ("BUSY", "NOREPLICAS")
 # Errors after which a command may or may not have reached Redis and run.
 _LOST_ANSWER_ERRORS = (
     redis_errors.ConnectionError,
@@ -135,7 +143,7 @@ class _GaveUp(Exception):
 
 
 def _is_transient(exc: redis_errors.ResponseError) -> bool:
-    return isinstance(exc, redis_errors.BusyLoadingError) or str(exc).startswith(_TRANSIENT_REPLIES)
+    return isinstance(exc, _TRANSIENT_ERRORS) or str(exc).startswith(_TRANSIENT_REPLIES)
 
 
 def _describe(exc: BaseException) -> str:
