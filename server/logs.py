@@ -16,7 +16,6 @@ import os
 import sys
 import threading
 import time
-from urllib.parse import parse_qsl, urlencode, urlsplit
 
 # Native (absl-format) lines start with their severity letter: I0000 00:00:... file.cc:12] text.
 # Carried one level lower than their own: TensorFlow prints harmless notices at E (for example
@@ -48,24 +47,6 @@ class TextFormatter(logging.Formatter):
         text = super().format(record)
         fields = getattr(record, "fields", None)
         return f"{text} {json.dumps(fields, default=str)}" if fields else text
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password (in the user part or a `password=` query field) replaced by `***`:
-    what logs and messages show of a Redis URL. The user name stays: it helps to debug ACLs."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return "<unparseable URL>"
-    if password is not None:
-        user_info, _, host = parts.netloc.rpartition("@")
-        url = url.replace(parts.netloc, f"{user_info.partition(':')[0]}:***@{host}", 1)
-    if "password" in parts.query.lower():
-        pairs = parse_qsl(parts.query, keep_blank_values=True)
-        fields = [(k, "***" if k.lower() == "password" else v) for k, v in pairs]
-        url = url[: url.index("?") + 1] + urlencode(fields, safe="*/")
-    return url
 
 
 def configure_logging(level: str, fmt: str) -> None:

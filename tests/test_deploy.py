@@ -240,5 +240,5 @@ def test_dockerignore_keeps_environments_caches_and_test_output_out_and_the_pack
     patterns = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")}
     assert {"**/.venv", ".git", "**/__pycache__", ".pytest_cache", ".ruff_cache", ".lstm-serve"} <= patterns
-    needed = {"pyproject.toml", "README.md", "server", "lstm_stream", "loadtest", "sensorsim", "models"}
+    needed = {"pyproject.toml", "README.md", "server", "clients", "loadtest", "sensorsim", "models"}
     assert not needed & patterns, "the image build needs these"

@@ -1,5 +1,5 @@
 """The security pieces on their own, in process: the key file, key lookup, the per-tenant chunk rate, the
-live-stream count in a real Redis, tenant key layout and batching, URL redaction, the TLS files and
+live-stream count in a real Redis, tenant key layout and batching, the TLS files and
 the configuration checks (invariants 12 and 13, docs/invariants.md). tests/test_security.py runs them
 in real servers."""
 
@@ -23,7 +23,6 @@ from server.api.tls import ReloadingCredentials, TlsFileError
 from server.batching.batcher import Batcher
 from server.config import load_config
 from server.errors import ServiceError
-from server.logs import redact_url
 from server.state.live import Change, LiveChange, LiveStreams
 from server.state.store import StateStore
 from server.tenants import ChunkRate, KeyFileError, TenantLimits, parse_key_file
@@ -172,13 +171,6 @@ def test_same_stream_id_of_two_tenants_is_two_streams_that_may_share_a_batch() -
 
 
 # --- secrets out of logs, TLS files, configuration ------------------------------------------------------------
-
-
-def test_redact_url_hides_passwords_only() -> None:
-    assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
-    assert redact_url("redis://:s3cret@redis:6379/0") == "redis://:***@redis:6379/0"
-    assert redact_url("rediss://app:p@ss:w@redis:6380/1") == "rediss://app:***@redis:6380/1"
-    assert redact_url("unix:///run/redis.sock?db=1&password=s3cret") == "unix:///run/redis.sock?db=1&password=***"
 
 
 def test_tls_files_are_checked_before_use(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 import redis
 
-from server.logs import redact_url
+from server.redact import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +70,16 @@ def ensure_redis(url: str, data_dir: str, autostart: bool, wait_s: float = 15.0)
     if _answers(url):
         return None
     where = urlparse(url)
-    shown = redact_url(url)  # the password never reaches a message
     if not autostart:
-        raise RedisUnavailable(f"nothing answers at {shown} (autostart is off); {HOW_TO_GET_REDIS}")
+        raise RedisUnavailable(f"nothing answers at {redact_url(url)} (autostart is off); {HOW_TO_GET_REDIS}")
     if where.scheme != "redis" or (where.hostname or "") not in LOOPBACK_HOSTS:
         raise RedisUnavailable(
-            f"nothing answers at {shown}; a private Redis is only started for a redis:// URL on this machine. "
+            f"nothing answers at {redact_url(url)}; a private Redis is only started for a redis:// URL on this "
+            "machine. "
             + HOW_TO_GET_REDIS
         )
     binary = shutil.which("redis-server")
+    shown = redact_url(url)
     if binary is None:
         raise RedisUnavailable(f"nothing answers at {shown} and redis-server is not installed; {HOW_TO_GET_REDIS}")
     folder = Path(data_dir).resolve()
@@ -100,7 +101,7 @@ def ensure_redis(url: str, data_dir: str, autostart: bool, wait_s: float = 15.0)
         if _answers(url):
             log.warning(
                 "no Redis answered, so a private redis-server was started for this server",
-                extra={"fields": {"redis_url": shown, "data_dir": str(folder), "pid": process.pid,
+                extra={"fields": {"redis_url": redact_url(url), "data_dir": str(folder), "pid": process.pid,
                                   "appendonly": True}},
             )
             return process
