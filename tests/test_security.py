@@ -222,6 +222,17 @@ def test_grpc_call_credentials_carry_the_key_as_the_readme_shows(pki: Pki, guard
     assert model.input_features == 1
 
 
+def test_the_project_client_carries_tls_and_the_key(pki: Pki, guarded: ServerProcess) -> None:
+    from lstm_stream.client import Client  # clients/python: the library the README points users to
+
+    client_cert, client_key = pki.client.write(pki.folder, "library")
+    with Client(guarded.address, tls_ca=str(pki.ca_path), client_cert=(str(client_cert), str(client_key)),
+                api_key=KEYS["beta"]) as client:
+        stream = client.stream(new_id("library"))
+        assert stream.send(sequence(10, 4)).shape[0] == 4
+        assert stream.info().offset == 4
+
+
 def test_triton_calls_need_a_known_key(triton_stub) -> None:
     infer = triton_pb2.ModelInferRequest(model_name="default", inputs=[
         triton_pb2.ModelInferRequest.InferInputTensor(
