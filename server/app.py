@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from server.config import ServerConfig, load_config
 from server.logs import carry_native_stderr, configure_logging
+from server.redact import redact_url
 from server.state.launcher import RedisUnavailable, ensure_redis, stop_private_redis
 
 log = logging.getLogger("server")
@@ -53,7 +54,9 @@ async def serve(config: ServerConfig, worker_of: tuple[int, int] | None = None) 
     from server import metrics
     from server.api.interceptors import Drain, EdgeInterceptor
     from server.api.native import StreamInferenceServicer
+    from server.api.streaming import StreamWindow
     from server.api.triton import add_triton_service
+    from server.api.wire import add_servicer
     from server.dataplane import DataPlane
     from server.model.runner import ModelRunner
     from server.processor import StreamPolicy
@@ -89,27 +92,38 @@ async def serve(config: ServerConfig, worker_of: tuple[int, int] | None = None) 
     dataplane = DataPlane(
         runner, store, policy,
         max_batch=config.max_batch, max_delay_s=config.max_delay_ms / 1000, max_in_flight=config.max_in_flight,
+        max_queued=config.max_queued_chunks,
     )
     dataplane.start()
 
-    message_limit = 64 * 1024 * 1024
+    # Invariant 12 (docs/invariants.md): no message larger than the largest valid chunk (plus headroom),
+    # a bounded number of calls at once; past either grpc answers RESOURCE_EXHAUSTED for that call only.
+    receive_limit, send_limit = config.message_limits(model.input_features, model.output_size)
     drain = Drain()
     server = grpc.aio.server(
         # First: counts every call, the drain's refusals included.
         interceptors=[EdgeInterceptor(drain)],
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         options=[
-            ("grpc.max_receive_message_length", message_limit),
-            ("grpc.max_send_message_length", message_limit),
+            ("grpc.max_receive_message_length", receive_limit),
+            ("grpc.max_send_message_length", send_limit),
+            # Off by default: with it, grpc grows each stream's HTTP/2 receive window to the measured
+            # bandwidth-delay product, so a client could push many MiB the server never asked for.
+            ("grpc.http2.bdp_probe", 1 if config.http2_bdp_probe else 0),
             # Workers share one port; a lone server must fail loudly if the port is taken.
             ("grpc.so_reuseport", 1 if worker_of is not None else 0),
         ]
     )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    stream_pb2_grpc.add_StreamInferenceServicer_to_server(StreamInferenceServicer(dataplane), server)
+    window = StreamWindow(config.stream_window, config.stream_window_bytes)
+    # Malformed bytes get INVALID_ARGUMENT rather than grpc's UNKNOWN (server/api/wire.py).
+    native = StreamInferenceServicer(dataplane, window)
+    add_servicer(stream_pb2_grpc.add_StreamInferenceServicer_to_server, native, server)
     # The Triton / KServe v2 protocol on the same port, over the same data plane.
     triton_service = add_triton_service(
-        server, dataplane, max_batch_size=config.max_batch, max_queue_delay_us=int(config.max_delay_ms * 1000),
+        server, dataplane, window,
+        max_batch_size=config.max_batch, max_queue_delay_us=int(config.max_delay_ms * 1000),
         sequence_idle_us=int(config.state_ttl_s * 1_000_000),
     )
     inference_services = [stream_pb2.DESCRIPTOR.services_by_name["StreamInference"].full_name, triton_service]
@@ -165,7 +179,8 @@ async def serve(config: ServerConfig, worker_of: tuple[int, int] | None = None) 
         except OSError as exc:
             raise StartupError(f"cannot serve metrics on {config.host}:{metrics_port}: {exc}; "
                                "choose another --metrics-port, or 0 to turn metrics off") from exc
-    log.info("serving", extra={"fields": {"address": f"{config.host}:{port}", "port": port, "redis": config.redis_url,
+    log.info("serving", extra={"fields": {"address": f"{config.host}:{port}", "port": port,
+                                          "redis": redact_url(config.redis_url),
                                           "worker": "/".join(map(str, worker_of)) if worker_of else None}})
 
     stopping = asyncio.Event()

@@ -15,6 +15,9 @@ from pathlib import Path
 # non-editable install (pip install ., the container image) finds the model inside site-packages too.
 DEFAULT_MODEL = Path(__file__).resolve().parent / "model" / "default.keras"
 ENV_PREFIX = "LSTM_SERVE_"
+# Added to the largest valid chunk's float bytes for the derived message size limit: protobuf tags and
+# lengths, stream and request ids (256 bytes each), Triton's names, shape and parameters.
+MESSAGE_HEADROOM_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +44,13 @@ class ServerConfig:
     identity_model: bool = False
     log_level: str = "INFO"
     log_format: str = "json"
+    # Bounded resources, invariant 12 (docs/invariants.md).
+    max_message_bytes: int = 0
+    max_concurrent_rpcs: int = 1024
+    max_queued_chunks: int = 10_000
+    stream_window: int = 64
+    stream_window_bytes: int = 1024 * 1024
+    http2_bdp_probe: bool = False
     # Drain on SIGTERM (README "Shutdown and draining"). The delay covers a load balancer noticing
     # NOT_SERVING: Envoy's active health check (interval 1 s x unhealthy threshold 2) plus a margin.
     # The grace bounds the whole shutdown; 15 s fits Kubernetes' default 30 s termination grace.
@@ -50,6 +60,14 @@ class ServerConfig:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def message_limits(self, input_features: int, output_size: int) -> tuple[int, int]:
+        """(receive, send) limits in bytes: the largest valid chunk or answer plus headroom, unless set."""
+        if self.max_message_bytes:
+            return self.max_message_bytes, self.max_message_bytes
+        receive = self.max_chunk_timesteps * input_features * 4 + MESSAGE_HEADROOM_BYTES
+        send = self.max_chunk_timesteps * output_size * 4 + MESSAGE_HEADROOM_BYTES
+        return receive, max(receive, send)
 
     def warmup_lengths(self) -> tuple[int, ...]:
         lengths = tuple(int(part) for part in self.warmup_timesteps.split(",") if part.strip())
@@ -85,6 +103,16 @@ _HELP = {
     "identity_model": "benchmark ceiling: skip the model call (outputs copy inputs), keep every other step",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "log_format": "json (one object a line) or text",
+    "max_message_bytes": "largest gRPC message accepted or sent (0: derived, max_chunk_timesteps x features x 4 "
+    f"bytes + {MESSAGE_HEADROOM_BYTES // 1024} KiB); a larger one is refused with RESOURCE_EXHAUSTED",
+    "max_concurrent_rpcs": "calls served at once, open streams included; more are refused with RESOURCE_EXHAUSTED",
+    "max_queued_chunks": "chunks waiting for a batch; more are refused with RESOURCE_EXHAUSTED",
+    "stream_window": "requests one stream connection may have read but not yet answered; then reading pauses "
+    "(HTTP/2 flow control pushes back on the client)",
+    "stream_window_bytes": "bytes of requests one stream connection may have read but not yet answered "
+    "(at least one request is always read)",
+    "http2_bdp_probe": "let gRPC grow HTTP/2 flow-control windows to the measured bandwidth-delay product: faster "
+    "large transfers over long links, but each connection may then hold several MiB the server has not read",
     "drain_delay_s": "on SIGTERM, health reads NOT_SERVING at once and calls are still served this long, so load "
     "balancers stop routing here; then new calls get UNAVAILABLE and open streams are ended",
     "shutdown_grace_s": "most seconds from SIGTERM to exit, drain delay included; accepted chunks are finished "
@@ -168,6 +196,11 @@ def _check(config: ServerConfig, parser: argparse.ArgumentParser) -> None:
         parser.error("--state-ttl-s and --ended-ttl-s must be positive")
     if not 0 <= config.port <= 65535:
         parser.error("--port must be between 0 and 65535")
+    if config.max_message_bytes < 0:
+        parser.error("--max-message-bytes must not be negative (0: derived from --max-chunk-timesteps)")
+    for name in ("max_concurrent_rpcs", "max_queued_chunks", "stream_window", "stream_window_bytes"):
+        if getattr(config, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if config.drain_delay_s < 0 or config.shutdown_grace_s <= 0:
         parser.error("--drain-delay-s must not be negative and --shutdown-grace-s must be positive")
     if config.drain_delay_s >= config.shutdown_grace_s:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Sequence
 
 from server.batching.batcher import Batcher
 from server.errors import slot_wrong_type
@@ -29,13 +30,15 @@ class DataPlane:
         max_batch: int = 64,
         max_delay_s: float = 0.0,
         max_in_flight: int = 1,
+        max_queued: int = 10_000,
     ) -> None:
         self.runner = runner
         self.store = store
         self.request_deadline_s = policy.request_deadline_s
         self._processor = BatchProcessor(runner, store, policy)
         self._batcher = Batcher(
-            self._processor, max_batch=max_batch, max_delay_s=max_delay_s, max_in_flight=max_in_flight
+            self._processor, max_batch=max_batch, max_delay_s=max_delay_s, max_in_flight=max_in_flight,
+            max_queued=max_queued,
         )
 
     @property
@@ -71,6 +74,10 @@ class DataPlane:
         if chunk.deadline is None:
             chunk = dataclasses.replace(chunk, deadline=self.deadline(time_remaining))
         return self._batcher.submit(chunk)
+
+    def abandon(self, answers: Sequence[asyncio.Future[Prediction]]) -> None:
+        """The caller is gone (a broken stream): chunks not yet started are dropped, never run later."""
+        self._batcher.abandon(answers)
 
     async def reset_stream(self, stream_id: str, time_remaining: float | None = None) -> bool:
         """Forget the stream's slot (Keras reset_states for this stream alone); True if it had one."""

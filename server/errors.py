@@ -159,3 +159,19 @@ def stream_drained() -> ServiceError:
 
 def shutting_down() -> ServiceError:
     return ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; the chunk was not applied, retry it")
+
+
+def queue_full(limit: int) -> ServiceError:
+    """Invariant 12 (docs/invariants.md): the batcher holds at most `limit` chunks; past that, refuse, not queue."""
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"server busy: {limit} chunks are already waiting for a batch (--max-queued-chunks); "
+        "the chunk was not applied, retry it after a short wait",
+        outcome=NOT_APPLIED,
+    )
+
+
+def malformed_message(problem: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid protobuf message for this method ({problem})"
+    )

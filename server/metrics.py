@@ -39,8 +39,9 @@ READY = Gauge("lstm_serve_ready", "1 while health says SERVING (model loaded, Re
 
 # --- the batcher ----------------------------------------------------------------------------------
 CHUNKS = Counter("lstm_serve_chunks_total",
-                 "Valid chunks the batcher answered, by outcome (ok, replayed or a gRPC code name); requests "
-                 "refused before the batcher are in lstm_serve_requests_total",
+                 "Valid chunks the batcher answered, by outcome (ok, replayed, dropped: a broken stream's chunk "
+                 "never started, or a gRPC code name); requests refused before the batcher are in "
+                 "lstm_serve_requests_total",
                  ["outcome"])
 TIMESTEPS = Counter("lstm_serve_timesteps_total", "Timesteps run through the model")
 BATCH_SIZE = Histogram("lstm_serve_batch_chunks", "Chunks per model call",

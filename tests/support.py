@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import TypeVar
 
 import grpc
@@ -138,3 +139,16 @@ class ServerProcess:
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
+
+
+def triton_messages() -> tuple[ModuleType, ModuleType]:
+    """Triton's generated messages and stubs: tritonclient's copy, or the server's own when this process
+    already loaded that one. Both declare the protobuf package `inference` (the same wire format), and
+    only one of them fits in protobuf's default descriptor pool."""
+    if "lstm_stream.triton.grpc_service_pb2" in sys.modules:
+        from lstm_stream.triton import grpc_service_pb2 as messages
+        from lstm_stream.triton import grpc_service_pb2_grpc as stubs
+    else:
+        from tritonclient.grpc import service_pb2 as messages
+        from tritonclient.grpc import service_pb2_grpc as stubs
+    return messages, stubs

@@ -11,7 +11,7 @@ import numpy as np
 from lstm_stream.v1 import stream_pb2 as pb
 from lstm_stream.v1 import stream_pb2_grpc as pb_grpc
 from server.api.errors import unary_errors
-from server.api.streaming import answer_in_order
+from server.api.streaming import StreamWindow, answer_in_order
 from server.dataplane import DataPlane
 from server.errors import ServiceError
 from server.types import Chunk, Prediction
@@ -19,8 +19,9 @@ from server.validation import check_stream_id, make_chunk
 
 
 class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, window: StreamWindow) -> None:
         self.dataplane = dataplane
+        self.window = window
 
     def _chunk(self, request: pb.PredictRequest) -> Chunk:
         return make_chunk(
@@ -61,7 +62,9 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
         async def finish(answer: asyncio.Future[Prediction]) -> pb.PredictResponse:
             return self._response(await answer)
 
-        async for response in answer_in_order(requests, start, finish, self._stream_error):
+        async for response in answer_in_order(
+            requests, start, finish, self._stream_error, self.dataplane.abandon, self.window
+        ):
             yield response
 
     @staticmethod

@@ -29,7 +29,8 @@ from lstm_stream.triton import grpc_service_pb2 as pb
 from lstm_stream.triton import grpc_service_pb2_grpc as pb_grpc
 from lstm_stream.triton import model_config_pb2 as config_pb
 from server.api.errors import as_service_error, unary_errors
-from server.api.streaming import answer_in_order
+from server.api.streaming import StreamWindow, answer_in_order
+from server.api.wire import add_servicer
 from server.dataplane import DataPlane
 from server.errors import ServiceError, invalid_argument
 from server.types import Chunk, Prediction
@@ -148,9 +149,11 @@ class _Submitted:
 
 class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
-        self, dataplane: DataPlane, *, max_batch_size: int = 1, max_queue_delay_us: int = 0, sequence_idle_us: int = 0
+        self, dataplane: DataPlane, window: StreamWindow, *, max_batch_size: int = 1, max_queue_delay_us: int = 0,
+        sequence_idle_us: int = 0,
     ) -> None:
         self.dataplane = dataplane
+        self.window = window
         self.max_batch_size = max_batch_size
         self.max_queue_delay_us = max_queue_delay_us
         self.sequence_idle_us = sequence_idle_us
@@ -323,7 +326,10 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
         def start(request: pb.ModelInferRequest) -> _Submitted:
             return self._submit(request, context.time_remaining())
 
-        async for response in answer_in_order(requests, start, finish, self._stream_error):
+        def abandon(unanswered: list[_Submitted]) -> None:
+            self.dataplane.abandon([submitted.answer for submitted in unanswered])
+
+        async for response in answer_in_order(requests, start, finish, self._stream_error, abandon, self.window):
             yield response
 
     def _stream_error(self, request: pb.ModelInferRequest, error: ServiceError) -> pb.ModelStreamInferResponse:
@@ -437,6 +443,7 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
 def add_triton_service(
     server: grpc.aio.Server,
     dataplane: DataPlane,
+    window: StreamWindow,
     *,
     max_batch_size: int = 1,
     max_queue_delay_us: int = 0,
@@ -448,9 +455,10 @@ def add_triton_service(
     """
     servicer = TritonServicer(
         dataplane,
+        window,
         max_batch_size=max_batch_size,
         max_queue_delay_us=max_queue_delay_us,
         sequence_idle_us=sequence_idle_us,
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    add_servicer(pb_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, server)
     return pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
