@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--timeout", type=float, default=d.timeout_s, dest="timeout_s", metavar="S",
                       help=f"deadline of one attempt of one chunk (default {d.timeout_s:g} s)")
     load.add_argument("--max-retries", type=int, default=d.max_retries, dest="max_retries", metavar="N",
-                      help=f"resends of an UNAVAILABLE or DEADLINE_EXCEEDED chunk (default {d.max_retries})")
+                      help="resends of a chunk failing with UNAVAILABLE, DEADLINE_EXCEEDED, ABORTED or "
+                      f"RESOURCE_EXHAUSTED (default {d.max_retries})")
     load.add_argument("--max-restarts", type=int, default=d.max_restarts, dest="max_restarts", metavar="N",
                       help="after an error that ends a stream's sequence, start a new one this often, then stop "
                       f"the stream (default {d.max_restarts})")
@@ -81,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
                       dest="fail_on_errors",
                       help="exit 4 when any chunk failed for good (refused, or still failing after its retries), "
                       "so a sequence broke; chunks answered after a retry are not failures (default on)")
+    security = parser.add_argument_group("security (as lstm-stream and lstm_stream.client take them)")
+    security.add_argument("--tls-ca", dest="tls_ca", metavar="PEM",
+                          help="connect with TLS, verifying the server against this CA certificate")
+    security.add_argument("--client-cert", dest="client_cert", metavar="PEM",
+                          help="client certificate chain for mutual TLS (with --client-key)")
+    security.add_argument("--client-key", dest="client_key", metavar="PEM", help="private key of --client-cert")
+    security.add_argument("--api-key", dest="api_key", metavar="KEY", default=os.environ.get("LSTM_STREAM_API_KEY"),
+                          help="sent as `authorization: Bearer KEY` (default: $LSTM_STREAM_API_KEY)")
     check = parser.add_argument_group("verification")
     check.add_argument("--verify", action="store_true",
                        help="keep what each stream sent and got, recompute it with Keras after the load, and exit 1 "
@@ -130,6 +140,10 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         cleanup=args.cleanup,
         progress=sys.stderr.isatty() if args.progress is None else args.progress,
         connect_timeout_s=args.connect_timeout_s,
+        tls_ca=args.tls_ca,
+        client_cert=args.client_cert,
+        client_key=args.client_key,
+        api_key=args.api_key,
     ).check()
 
 

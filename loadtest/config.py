@@ -44,7 +44,7 @@ class LoadConfig:
     seed: int = 0
     stream_prefix: str = field(default_factory=default_prefix)
     timeout_s: float = 10.0  # deadline of one attempt of one chunk
-    max_retries: int = 5  # resends of an UNAVAILABLE or DEADLINE_EXCEEDED chunk
+    max_retries: int = 5  # resends of a chunk failing with a retryable status (lstm_stream.client.retry)
     use_offsets: bool = True  # send start_offset; otherwise a request_id per chunk keeps retries safe
     max_restarts: int = 3  # after an unrecoverable error a stream starts a new sequence this often, then stops
     verify: bool = False
@@ -55,6 +55,11 @@ class LoadConfig:
     cleanup: bool = True  # ResetStream every stream after the run, so no slot waits for its idle expiry
     progress: bool = False
     connect_timeout_s: float = 5.0
+    # TLS and API key, as lstm_stream.client takes them: PEM file paths; the key is sent as a bearer token.
+    tls_ca: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    api_key: str | None = None
 
     @property
     def open_loop(self) -> bool:
@@ -118,6 +123,12 @@ class LoadConfig:
             problems.append(f"stream ids like {last_id!r} are longer than {MAX_STREAM_ID_LENGTH} characters")
         if not self.stream_prefix or any(not ("!" <= c <= "~") or c in "{}" for c in self.stream_prefix):
             problems.append("stream prefix must be printable ASCII without spaces or braces")
+        if (self.client_cert is None) != (self.client_key is None):
+            problems.append("a client certificate needs its key: give both --client-cert and --client-key")
+        for name in ("tls_ca", "client_cert", "client_key"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                problems.append(f"--{name.replace('_', '-')} {path!r} is not a readable file")
         if self.verify and not self.model_file.is_file():
             problems.append(f"--verify needs the server's model file; {str(self.model_file)!r} does not exist")
         if problems:
@@ -127,4 +138,5 @@ class LoadConfig:
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["model_path"] = str(self.model_file) if self.verify else self.model_path
+        data["api_key"] = "(set)" if self.api_key else None  # a report is shared; the key is not
         return data

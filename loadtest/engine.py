@@ -10,8 +10,10 @@ once, spread over several channels (each its own TCP connection) and optionally 
   A chunk whose predecessor is still unanswered goes out late; its lag is recorded, so a client or
   server that cannot keep up shows in the report instead of silently lowering the offered load.
 
-Retries: an UNAVAILABLE or DEADLINE_EXCEEDED chunk is resent with the same start_offset (or request_id),
-so the server applies it at most once and answers a repeat of an applied chunk with `replayed`.
+Retries: a chunk failing with a retryable status (UNAVAILABLE, DEADLINE_EXCEEDED, ABORTED, RESOURCE_EXHAUSTED)
+is resent with the same start_offset (or request_id), so the server applies it at most once and answers a
+repeat of an applied chunk with `replayed`. The backoff and the retry loop are the client library's
+(`lstm_stream.client.retry`, the one retry implementation of the repository); this module only records.
 Any other error ends the stream's sequence: it is recorded as broken at that timestep, and the stream
 starts a new sequence with a reset (at most `max_restarts` times).
 """
@@ -35,10 +37,11 @@ import numpy as np
 from loadtest.config import LoadConfig
 from loadtest.recorder import Recorder, Segment, Snapshot, StreamLog
 from loadtest.sensors import Sensor
+from lstm_stream.client.retry import RetryPolicy, retry_async
+from lstm_stream.client.types import call_metadata, channel_credentials
 from lstm_stream.v1 import stream_pb2 as pb
 from lstm_stream.v1 import stream_pb2_grpc as pb_grpc
 
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 # The server's idea of the stream differs from the tool's: its state was lost, reset or replaced.
 STATE_ERRORS = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DATA_LOSS})
 OFFSET_METADATA_KEY = "x-stream-offset"
@@ -75,12 +78,21 @@ class ModelInfo:
         return timesteps if self.per_timestep_outputs else 1
 
 
-def fetch_model(target: str, timeout_s: float) -> ModelInfo:
+def _credentials(config: LoadConfig) -> grpc.ChannelCredentials | None:
+    client_cert = (config.client_cert, config.client_key) if config.client_cert and config.client_key else None
+    return channel_credentials(config.tls_ca, client_cert)  # type: ignore[arg-type]
+
+
+def fetch_model(target: str, timeout_s: float, config: LoadConfig | None = None) -> ModelInfo:
     """GetModel, with a blocking channel: the one call made before any event loop exists."""
-    with grpc.insecure_channel(target) as channel:
+    credentials = _credentials(config) if config is not None else None
+    metadata = call_metadata(config.api_key if config is not None else None)
+    channel = grpc.insecure_channel(target) if credentials is None else grpc.secure_channel(target, credentials)
+    with channel:
         try:
             grpc.channel_ready_future(channel).result(timeout=timeout_s)
-            info = pb_grpc.StreamInferenceStub(channel).GetModel(pb.GetModelRequest(), timeout=timeout_s)
+            info = pb_grpc.StreamInferenceStub(channel).GetModel(pb.GetModelRequest(), timeout=timeout_s,
+                                                                 metadata=metadata)
         except grpc.FutureTimeoutError:
             raise ConnectError(f"no server answers at {target} (waited {timeout_s:g} s)") from None
         except grpc.RpcError as exc:
@@ -110,12 +122,13 @@ def _offset_from(metadata: Any) -> int | None:
 
 
 class UnaryTransport:
-    def __init__(self, stub: pb_grpc.StreamInferenceStub) -> None:
+    def __init__(self, stub: pb_grpc.StreamInferenceStub, metadata: tuple[tuple[str, str], ...] = ()) -> None:
         self.stub = stub
+        self.metadata = metadata
 
     async def send(self, request: pb.PredictRequest, timeout: float) -> pb.PredictResponse:
         try:
-            return await self.stub.Predict(request, timeout=timeout)
+            return await self.stub.Predict(request, timeout=timeout, metadata=self.metadata)
         except grpc.aio.AioRpcError as exc:
             raise ChunkFailed(exc.code(), exc.details() or "", _offset_from(exc.trailing_metadata())) from None
 
@@ -126,13 +139,14 @@ class UnaryTransport:
 class StreamTransport:
     """One long-lived PredictStream call, the way a sensor keeps its connection; reopened after a break."""
 
-    def __init__(self, stub: pb_grpc.StreamInferenceStub) -> None:
+    def __init__(self, stub: pb_grpc.StreamInferenceStub, metadata: tuple[tuple[str, str], ...] = ()) -> None:
         self.stub = stub
+        self.metadata = metadata
         self.call: Any = None
 
     async def send(self, request: pb.PredictRequest, timeout: float) -> pb.PredictResponse:
         if self.call is None:
-            self.call = self.stub.PredictStream()
+            self.call = self.stub.PredictStream(metadata=self.metadata)
         call = self.call
         try:
             async with asyncio.timeout(timeout):
@@ -192,6 +206,9 @@ class StreamDriver:
             recorder.logs[self.stream_id] = self.log
         self.offset = 0
         self.fresh = True  # the next chunk resets the stream: a rerun with the same ids starts over
+        # The library's backoff (0.05 s doubling to 1 s, jittered), bounded by attempts rather than a deadline.
+        self.retry = RetryPolicy(deadline_s=None, attempt_timeout_s=config.timeout_s, max_backoff_s=1.0,
+                                 max_attempts=config.max_retries + 1)
         self.segment = 0
         self.restarts = 0
         self.stopped = False
@@ -242,25 +259,25 @@ class StreamDriver:
         return request
 
     async def send(self, chunk: np.ndarray, origin: float, lag: float) -> bool:
-        config = self.config
         request = self._request(chunk)
         sent = time.monotonic()
-        response = None
-        for attempt in range(config.max_retries + 1):
-            if attempt:
+
+        async def attempt(timeout: float) -> pb.PredictResponse:
+            response = await self.transport.send(request, timeout)
+            self._check(response, chunk.shape[0])
+            return response
+
+        def failed(error: BaseException, will_retry: bool) -> None:
+            if isinstance(error, ChunkFailed):
+                self.recorder.error(time.monotonic() - origin, error.code_name)
+            if will_retry:
                 self.recorder.retries += 1
-                await asyncio.sleep(min(1.0, 0.05 * 2 ** (attempt - 1)))
-            try:
-                response = await self.transport.send(request, config.timeout_s)
-                self._check(response, chunk.shape[0])
-                break
-            except ChunkFailed as failure:
-                self.recorder.error(time.monotonic() - origin, failure.code_name)
-                if failure.code in RETRYABLE and attempt < config.max_retries and not self.stop.is_set():
-                    continue
-                self._break(failure, time.monotonic() - origin)
-                return False
-        assert response is not None
+
+        try:
+            response = await retry_async(attempt, self.retry, on_error=failed, stop=self.stop.is_set)
+        except ChunkFailed as failure:
+            self._break(failure, time.monotonic() - origin)
+            return False
         done = time.monotonic()
         if response.replayed:
             self.recorder.replays += 1
@@ -322,7 +339,9 @@ class ProcessLoad:
 
     async def connect(self) -> None:
         config = self.config
-        self.channels = [grpc.aio.insecure_channel(config.target, options=CHANNEL_OPTIONS)
+        credentials = _credentials(config)
+        self.channels = [grpc.aio.insecure_channel(config.target, options=CHANNEL_OPTIONS) if credentials is None
+                         else grpc.aio.secure_channel(config.target, credentials, options=CHANNEL_OPTIONS)
                          for _ in range(min(config.channels, len(self.indices)))]
         try:
             async with asyncio.timeout(config.connect_timeout_s):
@@ -334,7 +353,8 @@ class ProcessLoad:
         stubs = [pb_grpc.StreamInferenceStub(channel) for channel in self.channels]
         kind = StreamTransport if config.api == "stream" else UnaryTransport
         # Streams take the channels in turn; unary streams could share a transport, but one each is as cheap.
-        self.transports = [kind(stubs[n % len(stubs)]) for n in range(len(self.indices))]
+        metadata = call_metadata(config.api_key)
+        self.transports = [kind(stubs[n % len(stubs)], metadata) for n in range(len(self.indices))]
 
     async def run(self, origin: float, stop: asyncio.Event) -> None:
         config = self.config
@@ -362,7 +382,8 @@ class ProcessLoad:
             async with limit:
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     await stubs[n % len(stubs)].ResetStream(
-                        pb.ResetStreamRequest(stream_id=self.config.stream_id(index)), timeout=5)
+                        pb.ResetStreamRequest(stream_id=self.config.stream_id(index)), timeout=5,
+                        metadata=call_metadata(self.config.api_key))
 
         await asyncio.gather(*(reset(n, index) for n, index in enumerate(self.indices)))
 

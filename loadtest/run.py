@@ -37,7 +37,7 @@ def run_load(config: LoadConfig, on_snapshot: Callable[[Snapshot], None] | None 
     `on_snapshot` gets progress about twice a second; `on_phase` a line when the run changes phase.
     """
     config.check()
-    model = fetch_model(config.target, config.connect_timeout_s)
+    model = fetch_model(config.target, config.connect_timeout_s, config)
     check_against_model(config, model)
     started_at = dt.datetime.now(dt.UTC)
     wall = time.monotonic()

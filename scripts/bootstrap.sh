@@ -1,5 +1,6 @@
 # Sourced by scripts/serve and scripts/test: everything a fresh machine needs, done once.
-#  - a virtual environment in .venv with this package and its extras (re-installed when pyproject.toml changes)
+#  - a virtual environment in .venv with the client and server packages and the server's extras (re-installed
+#    when either pyproject.toml changes)
 #  - redis-server, from the OS packages when it is missing (apt-get, as root or with sudo)
 set -euo pipefail
 
@@ -16,11 +17,13 @@ ensure_venv() {
     say "creating a virtual environment in $VENV"
     "$PYTHON" -m venv "$VENV"
   fi
-  local stamp="$VENV/.installed-$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)-$extras"
+  # Both distributions: the client (clients/python: generated code and client library, no TensorFlow)
+  # and the server, which depends on it. A change to either pyproject.toml reinstalls.
+  local stamp="$VENV/.installed-$(cat "$ROOT/pyproject.toml" "$ROOT/clients/python/pyproject.toml" | sha256sum | cut -c1-16)-$extras"
   if [ ! -f "$stamp" ]; then
-    say "installing the package and its dependencies ($extras) - the first time takes a few minutes"
+    say "installing the packages and their dependencies ($extras) - the first time takes a few minutes"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    "$VENV/bin/python" -m pip install --quiet -e "$ROOT[$extras]"
+    "$VENV/bin/python" -m pip install --quiet -e "$ROOT/clients/python" -e "$ROOT[$extras]"
     rm -f "$VENV"/.installed-*
     touch "$stamp"
   fi

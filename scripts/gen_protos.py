@@ -1,7 +1,8 @@
-"""Regenerate the Python protobuf and gRPC code from protos/.
+"""Regenerate the Python protobuf and gRPC code from protos/ into the client distribution.
 
-Run from anywhere: `python scripts/gen_protos.py` (or `--out DIR` to write elsewhere, which the
-test suite uses to prove the checked-in code matches the protos). It runs protoc in a child
+Run from anywhere: `python scripts/gen_protos.py`. The code lands in clients/python/lstm_stream/{v1,triton}
+(the server and the client both import it from the lstm-stream-client distribution); `--out DIR` writes
+elsewhere, which the test suite uses to prove the checked-in code matches the protos. It runs protoc in a child
 process on purpose: protoc inside a process that has imported TensorFlow can crash (two protobuf
 runtimes), and keeping generation out of process makes it safe to call from anywhere.
 """
@@ -15,6 +16,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
+# The client distribution's root: generated packages go to OUT_ROOT/lstm_stream/...
+OUT_ROOT = ROOT / "clients" / "python"
 
 
 def proto_files() -> list[Path]:
@@ -39,7 +42,8 @@ def generate(out_dir: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT, help="output root (default: the repository)")
+    parser.add_argument("--out", type=Path, default=OUT_ROOT,
+                        help="output root (default: clients/python, the client distribution)")
     generate(parser.parse_args().out)
 
 

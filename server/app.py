@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from server.config import ServerConfig, load_config
 from server.logs import carry_native_stderr, configure_logging
+from server.redact import redact_url
 from server.state.connection import TopologyError
 from server.state.launcher import RedisUnavailable, check_redis, stop_private_redis
 
@@ -54,13 +55,24 @@ async def serve(config: ServerConfig, worker_of: tuple[int, int] | None = None) 
     from server import metrics
     from server.api.interceptors import Drain, EdgeInterceptor
     from server.api.native import StreamInferenceServicer
+    from server.api.security import Security, SecurityConfigError
+    from server.api.streaming import StreamWindow
     from server.api.triton import add_triton_service
+    from server.api.wire import add_servicer
     from server.dataplane import DataPlane
     from server.model.runner import ModelRunner
     from server.processor import StreamPolicy
     from server.state.connection import RedisTopology
+    from server.state.live import LiveStreams
     from server.state.routing import WaitPolicy
     from server.state.store import StateStore
+    from server.tenants import ChunkRate
+
+    # Before the model loads (seconds): a bad key file or certificate should fail at once.
+    try:
+        security = Security(config)
+    except SecurityConfigError as exc:
+        raise StartupError(str(exc)) from None
 
     runner = ModelRunner(
         config.model, max_chunk_timesteps=config.max_chunk_timesteps, xla=config.xla, max_batch=config.max_batch
@@ -92,30 +104,46 @@ async def serve(config: ServerConfig, worker_of: tuple[int, int] | None = None) 
         reset_on_model_change=config.reset_on_model_change,
         request_deadline_s=config.request_deadline_s,
     )
+    tenants = security.tenants
     dataplane = DataPlane(
         runner, store, policy,
         max_batch=config.max_batch, max_delay_s=config.max_delay_ms / 1000, max_in_flight=config.max_in_flight,
+        max_queued=config.max_queued_chunks,
+        # Per-tenant limits (invariants 12 and 13), only with API keys.
+        chunk_rate=ChunkRate(tenants.limits) if tenants else None,
+        live=LiveStreams(store, policy.state_ttl_ms, lambda tenant: tenants.limits(tenant).max_streams)
+        if tenants else None,
     )
     dataplane.start()
 
-    message_limit = 64 * 1024 * 1024
+    # Invariant 12 (docs/invariants.md): no message larger than the largest valid chunk (plus headroom),
+    # a bounded number of calls at once; past either grpc answers RESOURCE_EXHAUSTED for that call only.
+    receive_limit, send_limit = config.message_limits(model.input_features, model.output_size)
     drain = Drain()
     server = grpc.aio.server(
         # First: counts every call, the drain's refusals included.
-        interceptors=[EdgeInterceptor(drain)],
+        interceptors=[EdgeInterceptor(drain), *security.interceptors()],  # then API keys, with keys on
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         options=[
-            ("grpc.max_receive_message_length", message_limit),
-            ("grpc.max_send_message_length", message_limit),
+            ("grpc.max_receive_message_length", receive_limit),
+            ("grpc.max_send_message_length", send_limit),
+            # Off by default: with it, grpc grows each stream's HTTP/2 receive window to the measured
+            # bandwidth-delay product, so a client could push many MiB the server never asked for.
+            ("grpc.http2.bdp_probe", 1 if config.http2_bdp_probe else 0),
             # Workers share one port; a lone server must fail loudly if the port is taken.
             ("grpc.so_reuseport", 1 if worker_of is not None else 0),
         ]
     )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    stream_pb2_grpc.add_StreamInferenceServicer_to_server(StreamInferenceServicer(dataplane), server)
+    window = StreamWindow(config.stream_window, config.stream_window_bytes)
+    # Malformed bytes get INVALID_ARGUMENT rather than grpc's UNKNOWN (server/api/wire.py).
+    native = StreamInferenceServicer(dataplane, window)
+    add_servicer(stream_pb2_grpc.add_StreamInferenceServicer_to_server, native, server)
     # The Triton / KServe v2 protocol on the same port, over the same data plane.
     triton_service = add_triton_service(
-        server, dataplane, max_batch_size=config.max_batch, max_queue_delay_us=int(config.max_delay_ms * 1000),
+        server, dataplane, window,
+        max_batch_size=config.max_batch, max_queue_delay_us=int(config.max_delay_ms * 1000),
         sequence_idle_us=int(config.state_ttl_s * 1_000_000),
     )
     inference_services = [stream_pb2.DESCRIPTOR.services_by_name["StreamInference"].full_name, triton_service]
@@ -124,7 +152,7 @@ async def serve(config: ServerConfig, worker_of: tuple[int, int] | None = None) 
         server,
     )
     try:
-        port = server.add_insecure_port(config.address)
+        port = security.add_port(server, config.address)
     except RuntimeError as exc:  # grpc raises this when the address is taken or invalid
         raise StartupError(f"cannot listen on {config.address}: {exc}; is another server running there?") from exc
     redis_up: list[bool] = []  # the last answer, once there is one
@@ -167,12 +195,13 @@ async def serve(config: ServerConfig, worker_of: tuple[int, int] | None = None) 
         # Each worker is its own process with its own counters, so each gets its own port.
         metrics_port = config.metrics_port + (worker_of[0] if worker_of else 0)
         try:
-            serve_metrics(metrics_port, config.host)
+            serve_metrics(metrics_port, config.metrics_host)
         except OSError as exc:
-            raise StartupError(f"cannot serve metrics on {config.host}:{metrics_port}: {exc}; "
+            raise StartupError(f"cannot serve metrics on {config.metrics_host}:{metrics_port}: {exc}; "
                                "choose another --metrics-port, or 0 to turn metrics off") from exc
-    log.info("serving", extra={"fields": {"address": f"{config.host}:{port}", "port": port, "redis": config.redis_url,
-                                          "redis_mode": RedisTopology.from_config(config).mode,
+    log.info("serving", extra={"fields": {"address": f"{config.host}:{port}", "port": port,
+                                          "redis": redact_url(config.redis_url),
+                                          "redis_mode": RedisTopology.from_config(config).mode, **security.describe(),
                                           "worker": "/".join(map(str, worker_of)) if worker_of else None}})
 
     stopping = asyncio.Event()
@@ -184,9 +213,12 @@ async def serve(config: ServerConfig, worker_of: tuple[int, int] | None = None) 
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    security_watch = security.start()  # SIGHUP and file changes re-read keys and certificates
 
     tracker = asyncio.create_task(track_redis())
     await stopping.wait()
+    if security_watch:
+        security_watch.cancel()
     await _drain(config, server, health, drain, tracker, hurry)
     await dataplane.stop()
 
@@ -249,9 +281,15 @@ def run_workers(config: ServerConfig, argv: list[str]) -> int:
                 if worker.process.poll() is None:
                     worker.process.send_signal(signum)
 
+    def forward(signum: int, _frame: object) -> None:
+        for worker in workers:
+            if worker.restart_at is None and worker.process.poll() is None:
+                worker.process.send_signal(signum)
+
     workers = [Worker(start(index), time.monotonic()) for index in range(config.workers)]
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, forward)  # each worker re-reads its keys and certificates
     log.info("started workers", extra={"fields": {"workers": config.workers,
                                                   "pids": [w.process.pid for w in workers]}})
     while not stopping:
@@ -325,6 +363,9 @@ def main(argv: list[str] | None = None) -> None:
     # not left to Python's default: as PID 1 in a container a signal without a handler is ignored.
     signal.signal(signal.SIGTERM, _stop_before_serving)
     signal.signal(signal.SIGINT, _stop_before_serving)
+    # SIGHUP means "reload keys and certificates" (server/api/security.py, once serving; the supervisor
+    # passes it on to its workers); it never stops the server, during start-up neither.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if worker_env is not None and os.environ.get(SUPERVISOR_ENV):
         _exit_with_supervisor(int(os.environ[SUPERVISOR_ENV]))
     if config.log_format == "json" and not supervising:

@@ -17,6 +17,9 @@ from server.state.connection import parse_sentinels
 # non-editable install (pip install ., the container image) finds the model inside site-packages too.
 DEFAULT_MODEL = Path(__file__).resolve().parent / "model" / "default.keras"
 ENV_PREFIX = "LSTM_SERVE_"
+# Added to the largest valid chunk's float bytes for the derived message size limit: protobuf tags and
+# lengths, stream and request ids (256 bytes each), Triton's names, shape and parameters.
+MESSAGE_HEADROOM_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,15 +51,39 @@ class ServerConfig:
     identity_model: bool = False
     log_level: str = "INFO"
     log_format: str = "json"
+    # Bounded resources, invariant 12 (docs/invariants.md).
+    max_message_bytes: int = 0
+    max_concurrent_rpcs: int = 1024
+    max_queued_chunks: int = 10_000
+    stream_window: int = 64
+    stream_window_bytes: int = 1024 * 1024
+    http2_bdp_probe: bool = False
     # Drain on SIGTERM (README "Shutdown and draining"). The delay covers a load balancer noticing
     # NOT_SERVING: Envoy's active health check (interval 1 s x unhealthy threshold 2) plus a margin.
     # The grace bounds the whole shutdown; 15 s fits Kubernetes' default 30 s termination grace.
     drain_delay_s: float = 5.0
     shutdown_grace_s: float = 15.0
+    # Security (README.md "Security", docs/security.md).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    api_keys: str = ""
+    tenant_max_streams: int = 0
+    tenant_chunks_per_s: float = 0.0
+    redis_url_file: str = ""
+    metrics_host: str = "127.0.0.1"
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def message_limits(self, input_features: int, output_size: int) -> tuple[int, int]:
+        """(receive, send) limits in bytes: the largest valid chunk or answer plus headroom, unless set."""
+        if self.max_message_bytes:
+            return self.max_message_bytes, self.max_message_bytes
+        receive = self.max_chunk_timesteps * input_features * 4 + MESSAGE_HEADROOM_BYTES
+        send = self.max_chunk_timesteps * output_size * 4 + MESSAGE_HEADROOM_BYTES
+        return receive, max(receive, send)
 
     def warmup_lengths(self) -> tuple[int, ...]:
         lengths = tuple(int(part) for part in self.warmup_timesteps.split(",") if part.strip())
@@ -100,10 +127,30 @@ _HELP = {
     "identity_model": "benchmark ceiling: skip the model call (outputs copy inputs), keep every other step",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "log_format": "json (one object a line) or text",
+    "max_message_bytes": "largest gRPC message accepted or sent (0: derived, max_chunk_timesteps x features x 4 "
+    f"bytes + {MESSAGE_HEADROOM_BYTES // 1024} KiB); a larger one is refused with RESOURCE_EXHAUSTED",
+    "max_concurrent_rpcs": "calls served at once, open streams included; more are refused with RESOURCE_EXHAUSTED",
+    "max_queued_chunks": "chunks waiting for a batch; more are refused with RESOURCE_EXHAUSTED",
+    "stream_window": "requests one stream connection may have read but not yet answered; then reading pauses "
+    "(HTTP/2 flow control pushes back on the client)",
+    "stream_window_bytes": "bytes of requests one stream connection may have read but not yet answered "
+    "(at least one request is always read)",
+    "http2_bdp_probe": "let gRPC grow HTTP/2 flow-control windows to the measured bandwidth-delay product: faster "
+    "large transfers over long links, but each connection may then hold several MiB the server has not read",
     "drain_delay_s": "on SIGTERM, health reads NOT_SERVING at once and calls are still served this long, so load "
     "balancers stop routing here; then new calls get UNAVAILABLE and open streams are ended",
     "shutdown_grace_s": "most seconds from SIGTERM to exit, drain delay included; accepted chunks are finished "
     "within it, calls still running when it ends are cancelled",
+    "tls_cert": "PEM certificate chain: the gRPC port then serves TLS only (re-read on SIGHUP or change)",
+    "tls_key": "PEM private key of --tls-cert (unencrypted; keep the file readable only by the server)",
+    "tls_client_ca": "PEM CA bundle: require client certificates signed by it (mutual TLS)",
+    "api_keys": "file of `TENANT KEY` lines: every call needs `authorization: Bearer KEY`, and each tenant "
+    "gets its own stream namespace (re-read on SIGHUP or change)",
+    "tenant_max_streams": "live streams each tenant may hold (0: no limit; a key file line can override it)",
+    "tenant_chunks_per_s": "chunks/s each tenant may send to each server process (0: no limit; a key file line "
+    "can override it)",
+    "redis_url_file": "read the Redis URL from this file instead (keeps a password out of `ps` and the flags)",
+    "metrics_host": "address the metrics endpoint listens on (0.0.0.0 for every interface)",
 }
 
 
@@ -155,9 +202,25 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
                 values[item.name] = kind(env_value)
             except (ValueError, argparse.ArgumentTypeError) as exc:
                 parser.error(f"{ENV_PREFIX}{item.name.upper()}={env_value!r}: {exc}")
+    if values.get("redis_url_file"):
+        if "redis_url" in values:
+            parser.error("give the Redis URL once: --redis-url or --redis-url-file, not both")
+        values["redis_url"] = _read_redis_url(values["redis_url_file"], parser)
     config = ServerConfig(**values)
     _check(config, parser)
     return config
+
+
+def _read_redis_url(path: str, parser: argparse.ArgumentParser) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            url = handle.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        parser.error(f"--redis-url-file {path}: cannot read it ({exc.__class__.__name__})")
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        # Never echo the content: it holds a password.
+        parser.error(f"--redis-url-file {path}: expected one redis://, rediss:// or unix:// URL")
+    return url
 
 
 def _check(config: ServerConfig, parser: argparse.ArgumentParser) -> None:
@@ -197,6 +260,11 @@ def _check(config: ServerConfig, parser: argparse.ArgumentParser) -> None:
         parser.error("--redis-wait-replicas must not be negative")
     if config.redis_wait_timeout_ms < 1:
         parser.error("--redis-wait-timeout-ms must be at least 1 (Redis reads WAIT 0 as wait forever)")
+    if config.max_message_bytes < 0:
+        parser.error("--max-message-bytes must not be negative (0: derived from --max-chunk-timesteps)")
+    for name in ("max_concurrent_rpcs", "max_queued_chunks", "stream_window", "stream_window_bytes"):
+        if getattr(config, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if config.drain_delay_s < 0 or config.shutdown_grace_s <= 0:
         parser.error("--drain-delay-s must not be negative and --shutdown-grace-s must be positive")
     if config.drain_delay_s >= config.shutdown_grace_s:
@@ -204,3 +272,11 @@ def _check(config: ServerConfig, parser: argparse.ArgumentParser) -> None:
                      f"({config.shutdown_grace_s:g}): the grace includes the drain delay")
     if config.log_format not in ("json", "text"):
         parser.error("--log-format must be json or text")
+    if bool(config.tls_cert) != bool(config.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    if config.tls_client_ca and not config.tls_cert:
+        parser.error("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    if (config.tenant_max_streams or config.tenant_chunks_per_s) and not config.api_keys:
+        parser.error("--tenant-max-streams and --tenant-chunks-per-s limit tenants, which need --api-keys")
+    if config.tenant_max_streams < 0 or not 0 <= config.tenant_chunks_per_s < float("inf"):
+        parser.error("--tenant-max-streams and --tenant-chunks-per-s must be 0 (no limit) or positive")

@@ -9,13 +9,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Sequence
 
+from server import metrics
 from server.batching.batcher import Batcher
-from server.errors import slot_wrong_type
+from server.errors import slot_wrong_type, tenant_rate_exceeded
 from server.model.runner import ModelRunner
 from server.processor import BatchProcessor, StreamPolicy
+from server.state.live import LiveStreams
 from server.state.record import CorruptRecord
 from server.state.store import StateStore, WrongType
+from server.tenants import ChunkRate
 from server.types import Chunk, ModelDescription, Prediction, StreamStatus
 
 
@@ -29,13 +33,20 @@ class DataPlane:
         max_batch: int = 64,
         max_delay_s: float = 0.0,
         max_in_flight: int = 1,
+        chunk_rate: ChunkRate | None = None,
+        live: LiveStreams | None = None,
+        max_queued: int = 10_000,
     ) -> None:
         self.runner = runner
         self.store = store
         self.request_deadline_s = policy.request_deadline_s
-        self._processor = BatchProcessor(runner, store, policy)
+        # Per-tenant limits (invariants 12 and 13): chunks/s in this process, live streams in Redis.
+        self._chunk_rate = chunk_rate
+        self._live = live
+        self._processor = BatchProcessor(runner, store, policy, live)
         self._batcher = Batcher(
-            self._processor, max_batch=max_batch, max_delay_s=max_delay_s, max_in_flight=max_in_flight
+            self._processor, max_batch=max_batch, max_delay_s=max_delay_s, max_in_flight=max_in_flight,
+            max_queued=max_queued,
         )
 
     @property
@@ -67,17 +78,31 @@ class DataPlane:
         return await self.submit(chunk, time_remaining)
 
     def submit(self, chunk: Chunk, time_remaining: float | None = None) -> asyncio.Future[Prediction]:
-        """Queue one validated chunk without waiting: streaming edges keep many in flight."""
+        """Queue one validated chunk without waiting: streaming edges keep many in flight.
+
+        Raises ServiceError (RESOURCE_EXHAUSTED) at once when the chunk's tenant is over its chunks/s."""
+        if self._chunk_rate is not None and chunk.tenant and not self._chunk_rate.allow(chunk.tenant):
+            metrics.TENANT_CHUNKS.labels(chunk.tenant, "RESOURCE_EXHAUSTED").inc()
+            raise tenant_rate_exceeded(chunk.tenant, self._chunk_rate.limit(chunk.tenant))
         if chunk.deadline is None:
             chunk = dataclasses.replace(chunk, deadline=self.deadline(time_remaining))
         return self._batcher.submit(chunk)
 
-    async def reset_stream(self, stream_id: str, time_remaining: float | None = None) -> bool:
-        """Forget the stream's slot (Keras reset_states for this stream alone); True if it had one."""
-        return await self.store.delete(stream_id, self.deadline(time_remaining))
+    def abandon(self, answers: Sequence[asyncio.Future[Prediction]]) -> None:
+        """The caller is gone (a broken stream): chunks not yet started are dropped, never run later."""
+        self._batcher.abandon(answers)
 
-    async def stream_status(self, stream_id: str, time_remaining: float | None = None) -> StreamStatus:
-        slot, ttl_ms = await self.store.inspect(stream_id, self.deadline(time_remaining))
+    async def reset_stream(self, stream_id: str, time_remaining: float | None = None, tenant: str = "") -> bool:
+        """Forget the stream's slot (Keras reset_states for this stream alone); True if it had one."""
+        deadline = self.deadline(time_remaining)
+        existed = await self.store.delete(stream_id, deadline, tenant)
+        if self._live is not None and tenant:
+            await self._live.forget(tenant, stream_id, deadline)
+        return existed
+
+    async def stream_status(self, stream_id: str, time_remaining: float | None = None, tenant: str = ""
+                            ) -> StreamStatus:
+        slot, ttl_ms = await self.store.inspect(stream_id, self.deadline(time_remaining), tenant)
         if isinstance(slot, WrongType):
             raise slot_wrong_type(stream_id, slot.key, slot.redis_type)
         if slot is None or isinstance(slot, CorruptRecord) or slot.ended:

@@ -173,3 +173,50 @@ def stream_drained() -> ServiceError:
 
 def shutting_down() -> ServiceError:
     return ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; the chunk was not applied, retry it")
+
+
+def queue_full(limit: int) -> ServiceError:
+    """Invariant 12 (docs/invariants.md): the batcher holds at most `limit` chunks; past that, refuse, not queue."""
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"server busy: {limit} chunks are already waiting for a batch (--max-queued-chunks); "
+        "the chunk was not applied, retry it after a short wait",
+        outcome=NOT_APPLIED,
+    )
+
+
+def malformed_message(problem: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid protobuf message for this method ({problem})"
+    )
+
+
+# --- API keys and tenants (invariant 13, docs/invariants.md). No message ever carries a key. ---
+
+def missing_api_key() -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.UNAUTHENTICATED,
+        "this server needs an API key: send the metadata `authorization: Bearer <key>` with every call",
+    )
+
+
+def unknown_api_key() -> ServiceError:
+    return ServiceError(grpc.StatusCode.UNAUTHENTICATED, "the API key in `authorization` is not known to this server")
+
+
+def tenant_rate_exceeded(tenant: str, chunks_per_s: float) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"tenant {tenant!r} is over its limit of {chunks_per_s:g} chunks/s on this server; the chunk was not "
+        "applied, send it again later",
+        outcome=NOT_APPLIED,
+    )
+
+
+def tenant_streams_exceeded(tenant: str, max_streams: int) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"tenant {tenant!r} already has its limit of {max_streams} live streams; the chunk was not applied. "
+        "End (`end`) or reset (ResetStream) streams it no longer uses, or wait until idle ones expire",
+        outcome=NOT_APPLIED,
+    )

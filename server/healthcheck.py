@@ -28,8 +28,22 @@ def local_address(environ: dict[str, str]) -> str:
     return f"{host}:{config.port}"
 
 
-def check(address: str, service: str = "", timeout_s: float = CHECK_TIMEOUT_S) -> tuple[bool, str]:
-    with grpc.insecure_channel(address) as channel:
+def tls_credentials(ca: str, client_cert: str = "", client_key: str = "") -> grpc.ChannelCredentials:
+    """TLS to a server started with --tls-cert; a client certificate too when it has --tls-client-ca."""
+    def read(path: str) -> bytes | None:
+        if not path:
+            return None
+        with open(path, "rb") as handle:
+            return handle.read()
+
+    return grpc.ssl_channel_credentials(read(ca), read(client_key), read(client_cert))
+
+
+def check(address: str, service: str = "", timeout_s: float = CHECK_TIMEOUT_S,
+          credentials: grpc.ChannelCredentials | None = None, server_name: str = "") -> tuple[bool, str]:
+    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+    with (grpc.secure_channel(address, credentials, options) if credentials
+          else grpc.insecure_channel(address)) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
@@ -49,9 +63,17 @@ def main(argv: list[str] | None = None) -> int:
                         "with a wildcard host asked on loopback)")
     parser.add_argument("--service", default="", help="service name to ask about (default: the whole server)")
     parser.add_argument("--timeout", type=float, default=CHECK_TIMEOUT_S, help="seconds to wait for the answer")
+    # A server with --tls-cert serves TLS only (docs/security.md); health checking needs no API key.
+    parser.add_argument("--tls-ca", default="", help="speak TLS, trusting this CA file (the one that signed the "
+                        "server's certificate)")
+    parser.add_argument("--server-name", default="", help="name to expect in the server's certificate when it "
+                        "does not cover the address asked (for example `server` when asking 127.0.0.1)")
+    parser.add_argument("--client-cert", default="", help="client certificate, for a server with --tls-client-ca")
+    parser.add_argument("--client-key", default="", help="its private key")
     args = parser.parse_args(argv)
     address = args.address or local_address(dict(os.environ))
-    healthy, line = check(address, args.service, args.timeout)
+    credentials = tls_credentials(args.tls_ca, args.client_cert, args.client_key) if args.tls_ca else None
+    healthy, line = check(address, args.service, args.timeout, credentials, args.server_name)
     print(line)
     return 0 if healthy else 1
 

@@ -39,8 +39,9 @@ READY = Gauge("lstm_serve_ready", "1 while health says SERVING (model loaded, Re
 
 # --- the batcher ----------------------------------------------------------------------------------
 CHUNKS = Counter("lstm_serve_chunks_total",
-                 "Valid chunks the batcher answered, by outcome (ok, replayed or a gRPC code name); requests "
-                 "refused before the batcher are in lstm_serve_requests_total",
+                 "Valid chunks the batcher answered, by outcome (ok, replayed, dropped: a broken stream's chunk "
+                 "never started, or a gRPC code name); requests refused before the batcher are in "
+                 "lstm_serve_requests_total",
                  ["outcome"])
 TIMESTEPS = Counter("lstm_serve_timesteps_total", "Timesteps run through the model")
 BATCH_SIZE = Histogram("lstm_serve_batch_chunks", "Chunks per model call",
@@ -69,6 +70,11 @@ def watch_batcher(queued: Callable[[], int], in_flight: Callable[[], int]) -> No
     """Sample the batcher's queue and running chunks whenever Prometheus scrapes."""
     QUEUED.set_function(queued)
     IN_FLIGHT_CHUNKS.set_function(in_flight)
+
+# Only with API keys (--api-keys): one series per tenant of the key file and status code ("OK" for an
+# answered chunk, replayed retries included; RESOURCE_EXHAUSTED for chunks over the tenant's limits).
+TENANT_CHUNKS = Counter("lstm_serve_tenant_chunks_total", "Chunks answered per tenant, by gRPC status code name",
+                        ["tenant", "code"])
 
 
 def serve_metrics(port: int, host: str) -> None:

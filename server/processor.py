@@ -42,8 +42,10 @@ from server.errors import (
     slot_unreadable,
     slot_wrong_type,
     stream_not_started,
+    tenant_streams_exceeded,
 )
 from server.model.runner import ModelRunner
+from server.state.live import Change, LiveChange, LiveStreams
 from server.state.record import (
     RECENT_REQUESTS,
     REQUEST_DIGEST_SIZE,
@@ -91,10 +93,13 @@ class _Planned:
 
 
 class BatchProcessor:
-    def __init__(self, runner: ModelRunner, store: StateStore, policy: StreamPolicy) -> None:
+    def __init__(
+        self, runner: ModelRunner, store: StateStore, policy: StreamPolicy, live: LiveStreams | None = None
+    ) -> None:
         self.runner = runner
         self.store = store
         self.policy = policy
+        self.live = live  # per-tenant live-stream limits; None without API keys or without such limits
         self._fingerprint = fingerprint_bytes(runner.description.fingerprint)
         self._zero_state = runner.zero_states(1)[0]
         # One thread owns the model: calls never overlap, and the event loop stays free meanwhile.
@@ -110,7 +115,9 @@ class BatchProcessor:
         deadlines = [c.deadline for c in chunks if c.deadline is not None]
         deadline = max(deadlines) if deadlines else time.monotonic() + self.policy.request_deadline_s
         stateful = [i for i, chunk in enumerate(chunks) if chunk.stream_id is not None]
-        loaded = await self.store.load([chunks[i].stream_id for i in stateful], deadline)  # type: ignore[misc]
+        loaded = await self.store.load(
+            [chunks[i].stream_id for i in stateful], deadline, [chunks[i].tenant for i in stateful]  # type: ignore[misc]
+        )
         slots: dict[int, Loaded] = dict(zip(stateful, loaded, strict=True))
 
         planned: list[_Planned] = []
@@ -125,7 +132,9 @@ class BatchProcessor:
                 planned.append(outcome)
             else:
                 results[index] = outcome
-        await self._confirm_replays(results, deadline)
+        await self._confirm_replays(chunks, results, deadline)
+        if self.live is not None and planned:
+            planned = await self._admit(planned, slots, results, deadline)
         if not planned:
             return results  # type: ignore[return-value]
 
@@ -162,7 +171,7 @@ class BatchProcessor:
                 recent_requests=recent,
             )
             ttl = self.policy.ended_ttl_ms if chunk.end else self.policy.state_ttl_ms
-            writes.append((plan, SlotWrite(chunk.stream_id, plan.expected_version, record, ttl)))
+            writes.append((plan, SlotWrite(chunk.stream_id, plan.expected_version, record, ttl, chunk.tenant)))
 
         saved = await self.store.save([write for _, write in writes], deadline)
         for (plan, _), result in zip(writes, saved, strict=True):
@@ -173,7 +182,8 @@ class BatchProcessor:
             results[plan.index] = CONFLICT if result is REFUSED else result
         return results  # type: ignore[return-value]
 
-    async def _confirm_replays(self, results: list[BatchResult | None], deadline: float) -> None:
+    async def _confirm_replays(self, chunks: Sequence[Chunk], results: list[BatchResult | None],
+                               deadline: float) -> None:
         """With --redis-wait-replicas, a replayed answer is acknowledged only once replicas hold it (an
         earlier attempt may have been answered UNAVAILABLE because WAIT came back short)."""
         if not self.store.waits_for_replicas:
@@ -181,10 +191,32 @@ class BatchProcessor:
         replays = [i for i, r in enumerate(results) if isinstance(r, Prediction) and r.replayed]
         if not replays:
             return
-        errors = await self.store.confirm([results[i].stream_id for i in replays], deadline)  # type: ignore[union-attr]
+        errors = await self.store.confirm(
+            [results[i].stream_id for i in replays], deadline, [chunks[i].tenant for i in replays]  # type: ignore[union-attr]
+        )
         for index, error in zip(replays, errors, strict=True):
             if error is not None:
                 results[index] = error
+
+    async def _admit(
+        self, planned: list[_Planned], slots: dict[int, Loaded], results: list[BatchResult | None], deadline: float
+    ) -> list[_Planned]:
+        """Refuse (RESOURCE_EXHAUSTED) a chunk that would start a stream past its tenant's live-stream limit."""
+        assert self.live is not None
+        counted = [plan for plan in planned if plan.chunk.stream_id is not None and plan.chunk.tenant]
+        changes = []
+        for plan in counted:
+            slot = slots.get(plan.index)
+            live = slot is not None and not (isinstance(slot, SlotRecord) and slot.ended)
+            # A stream that ends with this chunk holds no state afterwards, so it never needs a place.
+            change = Change.END if plan.chunk.end else Change.CONTINUE if live else Change.NEW
+            changes.append(LiveChange(plan.chunk.tenant, plan.chunk.stream_id, change))  # type: ignore[arg-type]
+        allowed = await self.live.apply(changes, now_unix_ms(), deadline)
+        refused = {plan.index for plan, ok in zip(counted, allowed, strict=True) if not ok}
+        for plan in counted:
+            if plan.index in refused:
+                results[plan.index] = tenant_streams_exceeded(plan.chunk.tenant, self.live.limit_of(plan.chunk.tenant))
+        return [plan for plan in planned if plan.index not in refused]
 
     def _plan(self, index: int, chunk: Chunk, digest: bytes, slot: Loaded) -> _Planned | BatchResult:
         if chunk.stream_id is None:

@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# (tenant, stream_id): what makes a stream one stream. The tenant is "" on a server without API keys.
+StreamKey = tuple[str, str]
+
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
@@ -32,10 +35,17 @@ class Chunk:
     # --request-deadline-s (also used when it set none). The server keeps retrying Redis until then, and
     # finds out whether a save whose answer was lost landed (invariant 9, docs/invariants.md).
     deadline: float | None = None
+    # The API key's tenant (invariant 13, docs/invariants.md); "" when the server has no keys.
+    tenant: str = ""
 
     @property
     def timesteps(self) -> int:
         return int(self.values.shape[0])
+
+    @property
+    def stream(self) -> StreamKey | None:
+        """The stream's identity: two tenants' streams with the same id are two streams."""
+        return None if self.stream_id is None else (self.tenant, self.stream_id)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,33 +7,43 @@ refused before it reaches the batcher and never changes any state.
 from __future__ import annotations
 
 import re
+import unicodedata
 
 import numpy as np
 
 from server.errors import invalid_argument
 from server.types import Chunk
 
-MAX_STREAM_ID_LENGTH = 128
-# Printable ASCII without space; no braces, because the id sits inside a Redis Cluster hash tag.
-_FORBIDDEN_ID_CHARS = frozenset("{}")
-_VALID_ID = re.compile(rf"[!-z|~]{{1,{MAX_STREAM_ID_LENGTH}}}")  # 0x21-0x7E without { (0x7B) and } (0x7D)
+MAX_STREAM_ID_BYTES = 256
+# Stream ids are UTF-8 text of 1 to 256 bytes without control characters (Unicode category Cc),
+# compared byte for byte: no normalisation, so "é" precomposed and "e" + combining accent are two
+# streams. Braces and spaces are fine: Redis keys are binary-safe, and a brace inside the id only
+# changes which cluster slot `<prefix>:{<id>}` hashes to, never the key's uniqueness. Format
+# characters (Cf: zero-width joiner, bidi marks) are accepted: scripts such as Persian need them in
+# names, and byte comparison keeps look-alike ids apart anyway.
+# The common case (printable ASCII, where characters are bytes) is one C call; the rest is explained.
+_ASCII_ID = re.compile(rf"[ -~]{{1,{MAX_STREAM_ID_BYTES}}}")
 
 
 def check_stream_id(stream_id: str, field: str = "stream_id") -> str:
-    if _VALID_ID.fullmatch(stream_id):  # the common case, in one C call; the rest explains what is wrong
+    if _ASCII_ID.fullmatch(stream_id):
         return stream_id
     if not stream_id:
         raise invalid_argument(field, "must not be empty")
-    if len(stream_id) > MAX_STREAM_ID_LENGTH:
+    try:
+        size = len(stream_id.encode("utf-8"))
+    except UnicodeEncodeError as exc:  # a lone surrogate: not text a client could have sent as UTF-8
+        raise invalid_argument(field, f"is not valid UTF-8 text (position {exc.start})") from None
+    if size > MAX_STREAM_ID_BYTES:
         raise invalid_argument(
-            field, f"is {len(stream_id)} characters long; at most {MAX_STREAM_ID_LENGTH} are allowed"
+            field, f"is {size} bytes long in UTF-8; at most {MAX_STREAM_ID_BYTES} bytes are allowed"
         )
     for position, char in enumerate(stream_id):
-        if not ("!" <= char <= "~") or char in _FORBIDDEN_ID_CHARS:
+        if unicodedata.category(char) == "Cc":
             raise invalid_argument(
                 field,
-                f"character {char!r} at position {position} is not allowed; use printable ASCII "
-                "without spaces or braces",
+                f"character U+{ord(char):04X} at position {position} is a control character; "
+                "any UTF-8 text without control characters is allowed",
             )
     return stream_id
 
@@ -88,6 +98,7 @@ def make_chunk(
     reset: bool = False,
     end: bool = False,
     request_id: str = "",
+    tenant: str = "",
 ) -> Chunk:
     """Validate native-API fields into a Chunk (other protocols call the check_* pieces directly)."""
     if stream_id is not None:
@@ -96,4 +107,4 @@ def make_chunk(
     if len(request_id) > 256:
         raise invalid_argument("request_id", f"is {len(request_id)} characters long; at most 256")
     array = check_values(values, timesteps, features, max_timesteps)
-    return Chunk(stream_id, array, start_offset, reset, end, request_id)
+    return Chunk(stream_id, array, start_offset, reset, end, request_id, tenant=tenant)

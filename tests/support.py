@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import TypeVar
 
 import grpc
@@ -46,18 +47,25 @@ def wait_until(condition: Callable[[], T], timeout_s: float, what: str, interval
 class RedisServer:
     """A private redis-server on a free loopback port, data in a temporary folder."""
 
-    def __init__(self, appendonly: bool = True) -> None:
+    def __init__(self, appendonly: bool = True, password: str | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed: run ./scripts/test, which installs it")
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="lstm-redis-")
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.url = f"redis://{f':{password}@' if password else ''}127.0.0.1:{self.port}/0"
         self._command = [
             binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", self.dir, "--save", "",
             "--appendonly", "yes" if appendonly else "no", "--appendfsync", "always", "--daemonize", "no",
             "--logfile", os.path.join(self.dir, "redis.log"),
         ]
+        if password:
+            # In a config file: on the command line `ps` would show it.
+            config = os.path.join(self.dir, "redis.conf")
+            with open(config, "w") as handle:
+                handle.write(f"requirepass {password}\n")
+            os.chmod(config, 0o600)
+            self._command.insert(1, config)
         self.process: subprocess.Popen | None = None
         self.start()
 
@@ -88,15 +96,17 @@ class RedisServer:
 class ServerProcess:
     """`python -m server` on a free port, ready once its health check says SERVING."""
 
-    def __init__(self, redis_url: str, model: Path | str = DEFAULT_MODEL, *extra: str,
-                 port: int | None = None, ready_timeout_s: float = 90) -> None:
+    def __init__(self, redis_url: str | None, model: Path | str = DEFAULT_MODEL, *extra: str,
+                 port: int | None = None, ready_timeout_s: float = 90,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+        """`redis_url` None: `extra` names it (--redis-url-file); `credentials`: the server serves TLS."""
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.metrics_port = free_port()
         self.log_path = Path(tempfile.mkstemp(prefix="lstm-serve-", suffix=".log")[1])
         command = [
             sys.executable, "-m", "server", "--model", str(model), "--port", str(self.port),
-            "--redis-url", redis_url, "--redis-autostart", "false", "--log-format", "json",
+            *(("--redis-url", redis_url) if redis_url else ()), "--redis-autostart", "false", "--log-format", "json",
             "--metrics-port", str(self.metrics_port),
             # No load balancer to wait for in tests: stop promptly (extra flags may set it again).
             "--drain-delay-s", "0", *extra,
@@ -104,7 +114,8 @@ class ServerProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        self.channel = grpc.insecure_channel(self.address)
+        self.channel = grpc.secure_channel(self.address, credentials) if credentials else grpc.insecure_channel(
+            self.address)
         self.stub = stream_pb2_grpc.StreamInferenceStub(self.channel)
         try:
             wait_until(self._serving, ready_timeout_s, f"lstm-serve on {self.address}", interval_s=0.2)
@@ -288,3 +299,15 @@ class SentinelGroup:
     def stop(self) -> None:
         for node in (*self.sentinels, *self.replicas, self.master):
             node.stop()
+
+def triton_messages() -> tuple[ModuleType, ModuleType]:
+    """Triton's generated messages and stubs: tritonclient's copy, or the server's own when this process
+    already loaded that one. Both declare the protobuf package `inference` (the same wire format), and
+    only one of them fits in protobuf's default descriptor pool."""
+    if "lstm_stream.triton.grpc_service_pb2" in sys.modules:
+        from lstm_stream.triton import grpc_service_pb2 as messages
+        from lstm_stream.triton import grpc_service_pb2_grpc as stubs
+    else:
+        from tritonclient.grpc import service_pb2 as messages
+        from tritonclient.grpc import service_pb2_grpc as stubs
+    return messages, stubs

@@ -93,7 +93,8 @@ def test_the_image_runs_lstm_serve_as_a_numeric_user_with_its_own_health_check()
     ops = [(op, arg) for op, arg in final if op in ("COPY", "RUN")]
     assert ops[0] == ("COPY", "--from=wheel /requirements.txt /tmp/requirements.txt"), ops
     assert "--requirement /tmp/requirements.txt" in ops[1][1]
-    assert "/wheels/*.whl" in ops[2][1] and "--no-deps" in ops[2][1]
+    assert ops[2] == ("COPY", "--from=wheel /wheels /tmp/wheels"), ops
+    assert "/tmp/wheels/*.whl" in ops[3][1] and "--no-deps" in ops[3][1]
 
 
 def test_compose_redis_keeps_an_append_only_file_on_a_named_volume(compose: dict[str, Any]) -> None:
@@ -239,5 +240,5 @@ def test_dockerignore_keeps_environments_caches_and_test_output_out_and_the_pack
     patterns = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")}
     assert {"**/.venv", ".git", "**/__pycache__", ".pytest_cache", ".ruff_cache", ".lstm-serve"} <= patterns
-    needed = {"pyproject.toml", "README.md", "server", "lstm_stream", "loadtest", "sensorsim", "models"}
+    needed = {"pyproject.toml", "README.md", "server", "clients", "loadtest", "sensorsim", "models"}
     assert not needed & patterns, "the image build needs these"

@@ -105,6 +105,8 @@ def test_every_stream_verifies_through_a_redis_fault(server: ServerProcess, redi
     thread.start()
     report = run_load(config)
     thread.join(60)
+    print(f"{name}: chunks {report['totals']['chunks']}, errors {report['errors']}, retries {report['retries']}, "
+          f"replays {report['replays']}, latency max {report['latency_ms']['max']:.0f} ms")
     assert done, "the fault did not happen during the load"
     assert report["exit_code"] == EXIT_OK, report["verify"]
     assert report["verify"]["passed"] and report["verify"]["streams"] == 4

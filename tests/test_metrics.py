@@ -18,13 +18,12 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from lstm_stream.triton import grpc_service_pb2 as triton_pb
-from lstm_stream.triton import grpc_service_pb2_grpc as triton_grpc
 from lstm_stream.v1 import stream_pb2 as pb
 from server import metrics as server_metrics
 from tests.client import predict, request, status_of
-from tests.support import ROOT
+from tests.support import ROOT, triton_messages
 
+triton_pb, triton_grpc = triton_messages()  # whichever copy this process has: see tests/support.py
 pytestmark = pytest.mark.timeout(60)
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "lstm-serve.json"
 _SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),

@@ -20,7 +20,9 @@ from tests.support import ROOT
 
 pytestmark = pytest.mark.timeout(180)
 
-SOURCES = ("pyproject.toml", "README.md", "server", "lstm_stream", "loadtest", "sensorsim", "models")
+# The generated code and the client are the lstm-stream-client distribution (clients/python), a
+# dependency the server's wheel does not carry.
+SOURCES = ("pyproject.toml", "README.md", "server", "loadtest", "sensorsim", "models")
 
 
 def digest(path: Path) -> str:
@@ -44,6 +46,18 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return built
 
 
+@pytest.fixture(scope="module")
+def client_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The server's dependency lstm-stream-client (clients/python), built the same way."""
+    source = tmp_path_factory.mktemp("client-source") / "python"
+    shutil.copytree(ROOT / "clients" / "python", source, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    out = tmp_path_factory.mktemp("client-wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--wheel-dir", str(out), str(source)], check=True, timeout=150)
+    (built,) = out.glob("*.whl")
+    return built
+
+
 def test_the_wheel_carries_the_default_model_as_files(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
@@ -53,10 +67,10 @@ def test_the_wheel_carries_the_default_model_as_files(wheel: Path) -> None:
     assert shipped == digest(ROOT / "models" / "default.keras")  # the file itself, not a link to it
 
 
-def test_an_installed_server_and_loadtest_find_the_model(wheel: Path, tmp_path: Path) -> None:
+def test_an_installed_server_and_loadtest_find_the_model(wheel: Path, client_wheel: Path, tmp_path: Path) -> None:
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
-                    str(wheel)], check=True, timeout=120)
+                    str(wheel), str(client_wheel)], check=True, timeout=120)
     probe = (
         "import server.config as s, loadtest.config as l, pathlib\n"
         "print(s.ServerConfig().model)\nprint(l.DEFAULT_MODEL)\n"

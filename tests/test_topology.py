@@ -5,7 +5,8 @@ while each replica in turn gets SIGTERM and is started again (a rolling restart)
 verify against Keras (invariant 1, docs/invariants.md), with nothing lost (invariant 8) or applied
 twice (invariant 4: a retried chunk is answered again, never applied twice); calls may fail only as
 UNAVAILABLE, which the client retries with its start_offset (invariant 11); and both replicas must have
-served chunks (read from their /metrics).
+served chunks (read from their /metrics). And the script itself is one command that Ctrl-C stops
+cleanly: exit 0, nothing left listening.
 """
 
 from __future__ import annotations
@@ -15,16 +16,19 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from scripts.topology import ENVOY_CONFIG, Topology, local_envoy_config
-from tests.support import DEFAULT_MODEL, ROOT, wait_until
+from tests.support import DEFAULT_MODEL, ROOT, free_port, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -119,3 +123,34 @@ def test_loadtest_through_envoy_survives_a_killed_replica_and_a_rolling_restart(
     assert all(total > 0 for total in totals), totals
     print(f"chunks per replica {totals}, errors {report['totals']['errors']}, retries {report['retries']}, "
           f"replays {report['replays']}")
+
+
+def test_the_script_is_one_command_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    ports = {"--port": free_port(), "--replica-port": free_port(), "--metrics-port": free_port(),
+             "--redis-port": free_port()}
+    command = [sys.executable, str(ROOT / "scripts" / "topology.py"), "--replicas", "1", "--workdir",
+               str(tmp_path), *(str(part) for item in ports.items() for part in item), "--", "--xla", "false"]
+    script = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines: list[str] = []
+    try:
+        assert script.stdout is not None
+        for line in script.stdout:
+            lines.append(line)
+            if "topology: ready" in line or "topology: timed out" in line:
+                break
+        assert "topology: ready" in lines[-1], "".join(lines)
+        with grpc.insecure_channel(f"127.0.0.1:{ports['--port']}") as channel:  # a client through Envoy
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        script.send_signal(signal.SIGINT)
+        rest, _ = script.communicate(timeout=60)
+    finally:
+        if script.poll() is None:
+            script.kill()
+            script.communicate()
+    assert script.returncode == 0, "".join(lines) + rest
+    assert rest.strip().endswith("topology: stopped"), rest
+    for name in ("--port", "--replica-port", "--redis-port"):  # Envoy, the replica and Redis are gone
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", ports[name])) != 0, f"{name} {ports[name]} still open"

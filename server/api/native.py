@@ -10,8 +10,9 @@ import numpy as np
 
 from lstm_stream.v1 import stream_pb2 as pb
 from lstm_stream.v1 import stream_pb2_grpc as pb_grpc
+from server.api.auth import TENANT
 from server.api.errors import unary_errors
-from server.api.streaming import answer_in_order
+from server.api.streaming import StreamWindow, answer_in_order
 from server.dataplane import DataPlane
 from server.errors import ServiceError
 from server.types import Chunk, Prediction
@@ -19,8 +20,9 @@ from server.validation import check_stream_id, make_chunk
 
 
 class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, window: StreamWindow) -> None:
         self.dataplane = dataplane
+        self.window = window
 
     def _chunk(self, request: pb.PredictRequest) -> Chunk:
         return make_chunk(
@@ -33,6 +35,7 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
             reset=request.reset,
             end=request.end,
             request_id=request.request_id,
+            tenant=TENANT.get(),
         )
 
     @staticmethod
@@ -61,7 +64,9 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
         async def finish(answer: asyncio.Future[Prediction]) -> pb.PredictResponse:
             return self._response(await answer)
 
-        async for response in answer_in_order(requests, start, finish, self._stream_error):
+        async for response in answer_in_order(
+            requests, start, finish, self._stream_error, self.dataplane.abandon, self.window
+        ):
             yield response
 
     @staticmethod
@@ -77,12 +82,16 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
     async def ResetStream(
         self, request: pb.ResetStreamRequest, context: grpc.aio.ServicerContext
     ) -> pb.ResetStreamResponse:
-        existed = await self.dataplane.reset_stream(check_stream_id(request.stream_id), context.time_remaining())
+        existed = await self.dataplane.reset_stream(
+            check_stream_id(request.stream_id), context.time_remaining(), TENANT.get()
+        )
         return pb.ResetStreamResponse(existed=existed)
 
     @unary_errors
     async def GetStream(self, request: pb.GetStreamRequest, context: grpc.aio.ServicerContext) -> pb.StreamInfo:
-        status = await self.dataplane.stream_status(check_stream_id(request.stream_id), context.time_remaining())
+        status = await self.dataplane.stream_status(
+            check_stream_id(request.stream_id), context.time_remaining(), TENANT.get()
+        )
         return pb.StreamInfo(
             stream_id=status.stream_id,
             exists=status.exists,

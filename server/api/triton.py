@@ -8,6 +8,8 @@ Triton's sequence parameters map onto streams (README.md, "Coming from Triton", 
 - A request that continues a sequence without state is refused (FAILED_PRECONDITION), Triton's rule
   that a sequence begins with START, unless it sets the parameter `implicit_sequence_start`.
 - A request without a sequence is one-shot inference from zero state that saves nothing.
+- With API keys, sequence ids live in the caller's tenant namespace, as native stream ids do
+  (invariant 13, docs/invariants.md): the tenant comes from server/api/auth.py's TENANT.
 
 The model is served under its Keras name and under the alias "default", version "1", with one input
 "INPUT" (FP32 [timesteps, features], or [1, timesteps, features] as Triton's batched sequence models
@@ -28,8 +30,10 @@ import numpy as np
 from lstm_stream.triton import grpc_service_pb2 as pb
 from lstm_stream.triton import grpc_service_pb2_grpc as pb_grpc
 from lstm_stream.triton import model_config_pb2 as config_pb
+from server.api.auth import TENANT
 from server.api.errors import as_service_error, unary_errors
-from server.api.streaming import answer_in_order
+from server.api.streaming import StreamWindow, answer_in_order
+from server.api.wire import add_servicer
 from server.dataplane import DataPlane
 from server.errors import ServiceError, invalid_argument
 from server.types import Chunk, Prediction
@@ -148,9 +152,11 @@ class _Submitted:
 
 class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
-        self, dataplane: DataPlane, *, max_batch_size: int = 1, max_queue_delay_us: int = 0, sequence_idle_us: int = 0
+        self, dataplane: DataPlane, window: StreamWindow, *, max_batch_size: int = 1, max_queue_delay_us: int = 0,
+        sequence_idle_us: int = 0,
     ) -> None:
         self.dataplane = dataplane
+        self.window = window
         self.max_batch_size = max_batch_size
         self.max_queue_delay_us = max_queue_delay_us
         self.sequence_idle_us = sequence_idle_us
@@ -254,10 +260,10 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
         values, batched = self._values(request)
         if stream_id is None:
             # Outside a sequence every request is its own whole sequence (Keras stateful=False).
-            return Chunk(None, values, request_id=request.id), batched
+            return Chunk(None, values, request_id=request.id, tenant=TENANT.get()), batched
         # The Triton `id` is only echoed, never used for retry detection: Triton clients often reuse
         # one id, and a repeated identical chunk must then run again, not be answered from storage.
-        chunk = Chunk(stream_id, values, start_offset, reset, end, must_exist=not implicit)
+        chunk = Chunk(stream_id, values, start_offset, reset, end, must_exist=not implicit, tenant=TENANT.get())
         return chunk, batched
 
     # --- Prediction -> response ----------------------------------------------------------------
@@ -323,7 +329,10 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
         def start(request: pb.ModelInferRequest) -> _Submitted:
             return self._submit(request, context.time_remaining())
 
-        async for response in answer_in_order(requests, start, finish, self._stream_error):
+        def abandon(unanswered: list[_Submitted]) -> None:
+            self.dataplane.abandon([submitted.answer for submitted in unanswered])
+
+        async for response in answer_in_order(requests, start, finish, self._stream_error, abandon, self.window):
             yield response
 
     def _stream_error(self, request: pb.ModelInferRequest, error: ServiceError) -> pb.ModelStreamInferResponse:
@@ -437,6 +446,7 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
 def add_triton_service(
     server: grpc.aio.Server,
     dataplane: DataPlane,
+    window: StreamWindow,
     *,
     max_batch_size: int = 1,
     max_queue_delay_us: int = 0,
@@ -448,9 +458,10 @@ def add_triton_service(
     """
     servicer = TritonServicer(
         dataplane,
+        window,
         max_batch_size=max_batch_size,
         max_queue_delay_us=max_queue_delay_us,
         sequence_idle_us=sequence_idle_us,
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    add_servicer(pb_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, server)
     return pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import grpc
 
 from server import metrics
-from server.errors import ServiceError, shutting_down
-from server.types import Chunk, Prediction
+from server.errors import ServiceError, queue_full, shutting_down
+from server.types import Chunk, Prediction, StreamKey
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +52,19 @@ class Batcher:
         max_delay_s: float = 0.0,
         max_in_flight: int = 1,
         max_conflicts: int = 5,
+        max_queued: int = 10_000,
     ) -> None:
         self._process = process
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
         self.max_in_flight = max_in_flight
         self.max_conflicts = max_conflicts
+        self.max_queued = max_queued
         self._queue: deque[_Waiting] = deque()
         # Set when a chunk arrives or a batch finishes: either can make a new batch possible.
         self._changed = asyncio.Event()
-        self._busy: set[str] = set()  # streams with a chunk in a running batch
+        # Streams with a chunk in a running batch, as (tenant, stream_id): invariant 13, docs/invariants.md.
+        self._busy: set[StreamKey] = set()
         self._running: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._in_flight_chunks = 0
@@ -86,11 +89,39 @@ class Batcher:
         self._queue.clear()
 
     def submit(self, chunk: Chunk) -> asyncio.Future[Prediction]:
-        """Queue a chunk; the future gets its Prediction or ServiceError. No task per chunk: cheap."""
+        """Queue a chunk; the future gets its Prediction or ServiceError. No task per chunk: cheap.
+
+        Raises RESOURCE_EXHAUSTED when `max_queued` chunks already wait (invariant 12): a burst is
+        refused at once rather than held in memory without bound."""
+        if len(self._queue) >= self.max_queued:
+            self._drop_abandoned()
+            if len(self._queue) >= self.max_queued:
+                metrics.CHUNKS.labels("RESOURCE_EXHAUSTED").inc()
+                raise queue_full(self.max_queued)
         future: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
         self._queue.append(_Waiting(chunk, future))
         self._changed.set()
         return future
+
+    def abandon(self, futures: Sequence[asyncio.Future[Prediction]]) -> None:
+        """Nobody will read these answers (a broken stream): drop their chunks that have not started.
+
+        A chunk in a running batch finishes (applied once or not at all); the ones still queued are
+        removed now, so they never run later and their memory is freed at once (invariants 11, 12)."""
+        live = False
+        for future in futures:
+            if not future.done():
+                future.cancel()
+                live = True
+            elif not future.cancelled():
+                future.exception()  # retrieved: an unread error is not worth asyncio's "never retrieved" log
+        if live:
+            self._drop_abandoned()
+
+    def _drop_abandoned(self) -> None:
+        kept = deque(w for w in self._queue if not w.future.done())
+        metrics.CHUNKS.labels("dropped").inc(len(self._queue) - len(kept))
+        self._queue = kept
 
     async def predict(self, chunk: Chunk) -> Prediction:
         return await self.submit(chunk)
@@ -112,7 +143,7 @@ class Batcher:
                 self._changed.clear()
                 await self._changed.wait()
                 continue
-            self._busy.update(w.chunk.stream_id for w in batch if w.chunk.stream_id is not None)
+            self._busy.update(w.chunk.stream for w in batch if w.chunk.stream_id is not None)
             task = asyncio.create_task(self._run(batch))
             self._running.add(task)
             task.add_done_callback(self._finished)
@@ -125,19 +156,22 @@ class Batcher:
         """Up to max_batch chunks of distinct, idle streams, oldest first; the rest keep their order."""
         batch: list[_Waiting] = []
         kept: deque[_Waiting] = deque()
-        streams: set[str] = set(self._busy)
+        streams: set[StreamKey | None] = set(self._busy)
         while self._queue:
             waiting = self._queue.popleft()
-            if waiting.future.done():  # the caller went away before its chunk was run
+            if waiting.future.done():
+                # The caller went away before its chunk started (a cancelled call, a broken stream):
+                # drop it, never run it later (invariant 11, docs/invariants.md).
+                metrics.CHUNKS.labels("dropped").inc()
                 continue
-            stream_id = waiting.chunk.stream_id
-            if len(batch) >= self.max_batch or (stream_id is not None and stream_id in streams):
+            stream = waiting.chunk.stream  # None: one-shot inference, never waits for another chunk
+            if len(batch) >= self.max_batch or (stream is not None and stream in streams):
                 kept.append(waiting)
-                if stream_id is not None:
-                    streams.add(stream_id)  # later chunks of this stream must stay behind it
+                if stream is not None:
+                    streams.add(stream)  # later chunks of this stream must stay behind it
                 continue
-            if stream_id is not None:
-                streams.add(stream_id)
+            if stream is not None:
+                streams.add(stream)
             batch.append(waiting)
         self._queue = kept
         return batch
@@ -173,6 +207,9 @@ class Batcher:
                     grpc.StatusCode.ABORTED,
                     f"stream {waiting.chunk.stream_id!r} kept changing under this chunk (another writer); retry",
                 )
+            if waiting.chunk.tenant:
+                code = result.code.name if isinstance(result, ServiceError) else "OK"
+                metrics.TENANT_CHUNKS.labels(waiting.chunk.tenant, code).inc()
             if isinstance(result, ServiceError):
                 metrics.CHUNKS.labels(result.code.name).inc()
                 if not waiting.future.done():
@@ -185,4 +222,4 @@ class Batcher:
                     waiting.future.set_result(result)
         # Conflicted chunks go back in front, in their order, ahead of their streams' later chunks.
         self._queue.extendleft(reversed(retry))
-        self._busy.difference_update(w.chunk.stream_id for w in batch)
+        self._busy.difference_update(w.chunk.stream for w in batch)

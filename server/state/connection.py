@@ -28,6 +28,8 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
+from server.redact import redact_url
+
 AsyncClient = aioredis.Redis | RedisCluster
 Mode = Literal["single", "sentinel", "cluster"]
 
@@ -76,7 +78,7 @@ class RedisTopology:
         if self.mode == "sentinel":
             where = ",".join(f"{h}:{p}" for h, p in self.sentinels)
             return f"master {self.sentinel_master!r} of sentinels {where}"
-        return self.url
+        return redact_url(self.url)
 
     def _timeouts(self) -> dict[str, Any]:
         return {"socket_timeout": self.timeout_s, "socket_connect_timeout": self.timeout_s}
@@ -118,23 +120,24 @@ def check_topology(topology: RedisTopology) -> None:
         _check_sentinels(topology)
         return
     client = redis.Redis.from_url(topology.url, **topology._timeouts())
+    shown = redact_url(topology.url)
     try:
         info = client.info("cluster")
     except redis.exceptions.AuthenticationError as exc:
-        raise TopologyError(f"Redis at {topology.url} refused the credentials in --redis-url: {exc}") from exc
+        raise TopologyError(f"Redis at {shown} refused the credentials in --redis-url: {exc}") from exc
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
-        raise TopologyError(f"nothing answers at {topology.url}: {exc}") from exc
+        raise TopologyError(f"nothing answers at {shown}: {exc}") from exc
     finally:
         client.close()
     enabled = bool(info.get("cluster_enabled"))
     if topology.cluster and not enabled:
         raise TopologyError(
-            f"--redis-cluster is set but the Redis at {topology.url} is not a cluster node (cluster_enabled:0); "
+            f"--redis-cluster is set but the Redis at {shown} is not a cluster node (cluster_enabled:0); "
             "drop --redis-cluster, or point --redis-url at a node of a Redis Cluster"
         )
     if not topology.cluster and enabled:
         raise TopologyError(
-            f"the Redis at {topology.url} is a Redis Cluster node; add --redis-cluster "
+            f"the Redis at {shown} is a Redis Cluster node; add --redis-cluster "
             "(LSTM_SERVE_REDIS_CLUSTER=true) so that keys are routed to the node that owns them"
         )
 

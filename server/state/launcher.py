@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 import redis
 
+from server.redact import redact_url
 from server.state.connection import RedisTopology, check_topology
 
 log = logging.getLogger(__name__)
@@ -72,15 +73,17 @@ def ensure_redis(url: str, data_dir: str, autostart: bool, wait_s: float = 15.0)
         return None
     where = urlparse(url)
     if not autostart:
-        raise RedisUnavailable(f"nothing answers at {url} (autostart is off); {HOW_TO_GET_REDIS}")
+        raise RedisUnavailable(f"nothing answers at {redact_url(url)} (autostart is off); {HOW_TO_GET_REDIS}")
     if where.scheme != "redis" or (where.hostname or "") not in LOOPBACK_HOSTS:
         raise RedisUnavailable(
-            f"nothing answers at {url}; a private Redis is only started for a redis:// URL on this machine. "
+            f"nothing answers at {redact_url(url)}; a private Redis is only started for a redis:// URL on this "
+            "machine. "
             + HOW_TO_GET_REDIS
         )
     binary = shutil.which("redis-server")
+    shown = redact_url(url)
     if binary is None:
-        raise RedisUnavailable(f"nothing answers at {url} and redis-server is not installed; {HOW_TO_GET_REDIS}")
+        raise RedisUnavailable(f"nothing answers at {shown} and redis-server is not installed; {HOW_TO_GET_REDIS}")
     folder = Path(data_dir).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     port = where.port or 6379
@@ -100,7 +103,7 @@ def ensure_redis(url: str, data_dir: str, autostart: bool, wait_s: float = 15.0)
         if _answers(url):
             log.warning(
                 "no Redis answered, so a private redis-server was started for this server",
-                extra={"fields": {"redis_url": url, "data_dir": str(folder), "pid": process.pid,
+                extra={"fields": {"redis_url": redact_url(url), "data_dir": str(folder), "pid": process.pid,
                                   "appendonly": True}},
             )
             return process

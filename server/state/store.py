@@ -1,10 +1,12 @@
 """Redis state store: one key per stream, loaded and saved a whole batch per round trip.
 
-Key layout: `<prefix>:{<stream_id>}`. The braces are a Redis Cluster hash tag, so everything kept
-for one stream lands on one cluster slot. Saves are compare-and-set on the record's version token
-(a Lua script, so the check and the write are one atomic step on the server): a crash at any instant
-leaves the old record or the new one, and two replicas can never both apply a chunk to the same base
-(invariant 5 in docs/invariants.md).
+Key layout: `<prefix>:{<stream_id>}`, or `<prefix>:<tenant>:{<stream_id>}` with API keys: each tenant
+its own namespace (invariant 13, docs/invariants.md). A tenant name is 1-64 of [A-Za-z0-9_.-], never a
+brace, so no tenant's key can equal another tenant's or a key without tenant. The braces are a Redis
+Cluster hash tag, so everything kept for one stream lands on one cluster slot. Saves are
+compare-and-set on the record's version token (a Lua script, so the check and the write are one
+atomic step on the server): a crash at any instant leaves the old record or the new one, and two
+replicas can never both apply a chunk to the same base (invariant 5 in docs/invariants.md).
 
 Every call is bounded by the caller's deadline, not by a socket timeout (invariant 9): a Redis that
 stalls for less than the deadline costs latency, not an error.
@@ -38,7 +40,7 @@ from typing import TypeVar
 from redis import exceptions as redis_errors
 
 from server.errors import ServiceError, outcome_unknown, redis_unavailable, replication_unconfirmed, slot_wrong_type
-from server.state.connection import RedisTopology, connect
+from server.state.connection import AsyncClient, RedisTopology, connect
 from server.state.record import VERSION_SIZE, CorruptRecord, SlotRecord
 from server.state.routing import NodeGroup, NodeRouter, WaitPolicy
 
@@ -146,6 +148,7 @@ class SlotWrite:
     expected_version: bytes  # b"" when the key must not exist
     record: SlotRecord | None  # None deletes the slot
     ttl_ms: int
+    tenant: str = ""  # "" on a server without API keys
 
 
 Loaded = SlotRecord | CorruptRecord | WrongType | None
@@ -184,7 +187,9 @@ class StateStore:
         self._redis = connect(topology)
         self._router = NodeRouter(self._redis, wait or WaitPolicy())
 
-    def key(self, stream_id: str) -> str:
+    def key(self, stream_id: str, tenant: str = "") -> str:
+        if tenant:
+            return f"{self.key_prefix}:{tenant}:{{{stream_id}}}"
         return f"{self.key_prefix}:{{{stream_id}}}"
 
     @property
@@ -220,13 +225,31 @@ class StateStore:
         except (*_LOST_ANSWER_ERRORS, redis_errors.RedisError):
             return False
 
-    async def load(self, stream_ids: Sequence[str], deadline: float) -> list[Loaded]:
+    @property
+    def client(self) -> AsyncClient:
+        """The Redis connection, for the tenant bookkeeping that shares it (server/state/live.py)."""
+        return self._redis
+
+    async def run(self, call: Callable[[], Awaitable[P]], deadline: float) -> P:
+        """An idempotent command (or pipeline) of another state module (server/state/live.py), retried as
+        the store's own reads are until the deadline; past it, UNAVAILABLE with nothing applied."""
+        try:
+            return await self._attempt(call, deadline)
+        except _GaveUp as exc:
+            raise redis_unavailable(exc.detail) from exc
+
+    async def load(self, stream_ids: Sequence[str], deadline: float, tenants: Sequence[str] | None = None
+                   ) -> list[Loaded]:
         """Every slot of a batch, one round trip per Redis node; None where a stream has no slot.
+        `tenants`: each stream's tenant (invariant 13), when the server has API keys.
 
         Raises ServiceError (UNAVAILABLE, nothing applied) when a node does not answer before the deadline."""
         if not stream_ids:
             return []
-        keys = [self.key(s) for s in stream_ids]
+        if tenants is None:
+            keys = [self.key(s) for s in stream_ids]
+        else:
+            keys = [self.key(s, t) for s, t in zip(stream_ids, tenants, strict=True)]
         loaded: list[Loaded] = [None] * len(keys)
 
         async def node(group: NodeGroup) -> None:
@@ -275,7 +298,7 @@ class StateStore:
         (not applied; the outcome unknown when Redis stayed silent until the deadline; or applied on the
         master but not confirmed by enough replicas)."""
         results: list[SaveResult] = [REFUSED] * len(writes)
-        keys = [self.key(w.stream_id) for w in writes]
+        keys = [self.key(w.stream_id, w.tenant) for w in writes]
 
         async def node(group: NodeGroup) -> None:
             for i, result in zip(group.indices, await self._save_group(writes, keys, group, deadline), strict=True):
@@ -304,12 +327,13 @@ class StateStore:
                 results[n] = self._unconfirmed(done.unconfirmed[i])
         return results
 
-    async def confirm(self, stream_ids: Sequence[str], deadline: float) -> list[ServiceError | None]:
+    async def confirm(self, stream_ids: Sequence[str], deadline: float,
+                      tenants: Sequence[str] | None = None) -> list[ServiceError | None]:
         """With --redis-wait-replicas, before a stored answer is replayed: None where replicas hold the
         stream's slot, else the error to answer instead (the replay is not acknowledged yet)."""
         if not stream_ids or not self.waits_for_replicas:
             return [None] * len(stream_ids)
-        keys = [self.key(s) for s in stream_ids]
+        keys = [self.key(s, t) for s, t in zip(stream_ids, tenants or [""] * len(stream_ids), strict=True)]
         items = [(key, ()) for key in keys]
         answers: list[ServiceError | None] = [None] * len(keys)
 
@@ -343,24 +367,24 @@ class StateStore:
         # read-only replica, too few replicas): nothing was written for this stream.
         return redis_unavailable(f"Redis refused to write the stream's key: {text.removeprefix('ERR ')}")
 
-    async def delete(self, stream_id: str, deadline: float) -> bool:
+    async def delete(self, stream_id: str, deadline: float, tenant: str = "") -> bool:
         """Remove the slot (any type of value under the key); True if there was one. DEL is idempotent,
         so it is resent until the deadline."""
         try:
-            return bool(await self._attempt(lambda: self._redis.delete(self.key(stream_id)), deadline))
+            return bool(await self._attempt(lambda: self._redis.delete(self.key(stream_id, tenant)), deadline))
         except _GaveUp as exc:
             raise redis_unavailable(exc.detail, action="the stream may or may not have been reset; retry it",
                                     outcome=None) from exc
 
-    async def inspect(self, stream_id: str, deadline: float) -> tuple[Loaded, int]:
+    async def inspect(self, stream_id: str, deadline: float, tenant: str = "") -> tuple[Loaded, int]:
         """The slot and its remaining time to live in ms (-2 when missing, as PTTL says)."""
         try:
-            return await self._attempt(lambda: self._inspect(stream_id), deadline)
+            return await self._attempt(lambda: self._inspect(stream_id, tenant), deadline)
         except _GaveUp as exc:
             raise redis_unavailable(exc.detail, action="retry it", outcome=None) from exc
 
-    async def _inspect(self, stream_id: str) -> tuple[Loaded, int]:
-        key = self.key(stream_id)
+    async def _inspect(self, stream_id: str, tenant: str) -> tuple[Loaded, int]:
+        key = self.key(stream_id, tenant)
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.get(key)
             pipe.pttl(key)

@@ -1,0 +1,45 @@
+"""Python client of lstm-stream-server: exactly-once streaming made the default.
+
+    from lstm_stream.client import Client
+
+    with Client("127.0.0.1:50051") as client:
+        stream = client.stream("sensor-42")
+        for chunk in chunks:                      # numpy [timesteps, features], or 1-D for one feature
+            outputs = stream.send(chunk)          # numpy [timesteps, outputs]
+
+`AsyncClient` is the same API for asyncio. Every chunk carries its start offset and a request id and
+is retried with jittered exponential backoff within the deadline, so it is applied once and answered
+once; `pipe()` streams over one connection and resends unanswered chunks after a break. See aio.py's
+docstring for the rules and errors.py for what each error means.
+"""
+
+from lstm_stream.client.aio import AsyncClient, AsyncStream
+from lstm_stream.client.errors import (
+    ClientError,
+    InvalidInput,
+    OutputsLost,
+    RequestRejected,
+    ServerUnavailable,
+    StreamPositionError,
+)
+from lstm_stream.client.retry import RETRYABLE, RetryPolicy
+from lstm_stream.client.sync import Client, Stream
+from lstm_stream.client.types import ModelInfo, RecurrentLayer, StreamInfo
+
+__all__ = [
+    "RETRYABLE",
+    "AsyncClient",
+    "AsyncStream",
+    "Client",
+    "ClientError",
+    "InvalidInput",
+    "ModelInfo",
+    "OutputsLost",
+    "RecurrentLayer",
+    "RequestRejected",
+    "RetryPolicy",
+    "ServerUnavailable",
+    "Stream",
+    "StreamInfo",
+    "StreamPositionError",
+]

@@ -1,0 +1,226 @@
+"""`lstm-stream`: talk to an lstm-serve server from the shell (no TensorFlow needed).
+
+Exit codes: 0 ok; 1 the server refused the request (any other status); 2 usage error, unreadable or
+malformed input file, or a value the server rejects as invalid (INVALID_ARGUMENT: a bad stream id, the
+wrong number of features); 3 the server could not be reached or did not answer within the deadline;
+4 the stream is not where the command expected it (FAILED_PRECONDITION: use --resume, or reset it);
+5 the server refused the credentials (UNAUTHENTICATED, PERMISSION_DENIED); `health` exits 1 when the
+server answers but is not SERVING.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TextIO
+
+import grpc
+import numpy as np
+
+from lstm_stream.client.errors import (
+    ClientError,
+    InvalidInput,
+    ServerUnavailable,
+    StreamPositionError,
+)
+from lstm_stream.client.sync import Client
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_POSITION = 4
+EXIT_AUTH = 5
+
+EXAMPLES = """\
+examples:
+  lstm-stream model                                  # the hosted model, as JSON
+  lstm-stream --target gateway:50051 health
+  lstm-stream info sensor-42                         # offset, last update, expiry
+  lstm-stream predict sensor-42 samples.csv --chunk 20 --out forecasts.csv
+  lstm-stream predict sensor-42 more.npy --resume    # continue the stream where the server stands
+  lstm-stream reset sensor-42
+  LSTM_STREAM_API_KEY=... lstm-stream --tls-ca ca.pem --target serve.example:443 model
+
+exit codes: 0 ok; 1 the server refused the request; 2 usage error, bad input file, or a value the server
+rejects as invalid (e.g. a bad stream id); 3 server unreachable or no answer within the deadline; 4 the
+stream is not where expected (use --resume or reset); 5 credentials refused. health: 1 when not SERVING.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lstm-stream",
+        description="Client of lstm-serve: model and health, stream info and reset, and exactly-once "
+        "streaming of a CSV or .npy file (offsets, retries, resume).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--target", default=os.environ.get("LSTM_STREAM_TARGET", "127.0.0.1:50051"),
+                        metavar="HOST:PORT", help="server address (default: $LSTM_STREAM_TARGET or 127.0.0.1:50051)")
+    parser.add_argument("--deadline", type=float, default=60.0, metavar="S",
+                        help="seconds one request may take with its retries (default 60)")
+    parser.add_argument("--attempt-timeout", type=float, default=10.0, metavar="S",
+                        help="seconds one attempt may take before it is retried (default 10)")
+    parser.add_argument("--tls-ca", metavar="PEM", help="connect with TLS, verifying the server against this CA")
+    parser.add_argument("--client-cert", metavar="PEM", help="client certificate for mutual TLS (with --client-key)")
+    parser.add_argument("--client-key", metavar="PEM", help="private key of --client-cert")
+    parser.add_argument("--api-key", default=os.environ.get("LSTM_STREAM_API_KEY"), metavar="KEY",
+                        help="sent as `authorization: Bearer KEY` (default: $LSTM_STREAM_API_KEY)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("model", help="print the hosted model (JSON)")
+    health = commands.add_parser("health", help="print the health status; exit 1 unless SERVING")
+    health.add_argument("--service", default="", help="service name to check (default: the server)")
+    info = commands.add_parser("info", help="print where a stream stands (JSON)")
+    info.add_argument("stream_id", metavar="ID")
+    reset = commands.add_parser("reset", help="forget a stream's state")
+    reset.add_argument("stream_id", metavar="ID")
+    predict = commands.add_parser(
+        "predict", help="stream a CSV or .npy file through the model; outputs as CSV",
+        description="Send FILE's rows (timesteps; columns are features) in chunks, exactly once, and write one "
+        "CSV line per output row. By default the file starts a new sequence (the stream is reset by its first "
+        "chunk); with --resume it continues the stream from where the server stands.",
+    )
+    predict.add_argument("stream_id", metavar="ID")
+    predict.add_argument("file", type=Path, metavar="FILE", help="CSV (comma-separated, optional header line) or .npy")
+    predict.add_argument("--chunk", type=int, default=20, metavar="T", help="timesteps per chunk (default 20)")
+    predict.add_argument("--resume", action="store_true",
+                         help="continue the stream at the server's offset instead of starting a new sequence")
+    predict.add_argument("--window", type=int, default=1, metavar="N",
+                         help="chunks in flight on one PredictStream (default 1: every output survives a broken "
+                         "connection)")
+    predict.add_argument("--out", type=Path, metavar="PATH", help="write the outputs here instead of stdout")
+    return parser
+
+
+def load_values(path: Path) -> np.ndarray:
+    """A [timesteps, features] float32 array from a .npy or CSV file; InvalidInput says what is wrong."""
+    try:
+        values = np.load(path, allow_pickle=False) if path.suffix.lower() == ".npy" else _read_csv(path)
+    except OSError as exc:
+        raise InvalidInput(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise InvalidInput(f"{path}: not a numeric CSV or .npy file: {exc}") from None
+    try:
+        values = np.asarray(values, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"{path}: values are not numbers: {exc}") from None
+    if values.ndim == 1:
+        values = values.reshape(-1, 1)
+    if values.ndim != 2 or values.shape[0] == 0:
+        raise InvalidInput(f"{path}: expected rows of timesteps and columns of features, got shape {values.shape}")
+    bad = np.argwhere(~np.isfinite(values))
+    if bad.size:
+        row, column = bad[0]
+        raise InvalidInput(f"{path}: row {row + 1}, column {column + 1} is not a finite number")
+    return values
+
+
+def _read_csv(path: Path) -> np.ndarray:
+    lines = path.read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        cells = [cell.strip() for cell in line.split(",")]
+        try:
+            rows.append([float(cell) for cell in cells])
+        except ValueError:
+            if not rows and number == 1:
+                continue  # a header line
+            raise ValueError(f"line {number}: {line[:80]!r} is not comma-separated numbers") from None
+        if len(rows[-1]) != len(rows[0]):
+            raise ValueError(f"line {number} has {len(rows[-1])} columns, the first row {len(rows[0])}")
+    if not rows:
+        raise ValueError("no rows of numbers")
+    return np.array(rows, dtype=np.float32)
+
+
+def _write_rows(rows: np.ndarray, out: TextIO) -> None:
+    for row in rows:
+        out.write(",".join(f"{value:.9g}" for value in row) + "\n")
+
+
+def _chunks(values: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    for start in range(0, values.shape[0], size):
+        yield values[start:start + size]
+
+
+def run(args: argparse.Namespace, client: Client) -> int:
+    if args.command == "model":
+        print(json.dumps(asdict(client.model()), indent=1))
+    elif args.command == "health":
+        status = client.health(args.service)
+        print(status)
+        return EXIT_OK if status == "SERVING" else EXIT_REFUSED
+    elif args.command == "info":
+        print(json.dumps(asdict(client.stream_info(args.stream_id)), indent=1))
+    elif args.command == "reset":
+        existed = client.reset_stream(args.stream_id)
+        print(f"stream {args.stream_id!r} reset" + ("" if existed else " (it had no state)"))
+    elif args.command == "predict":
+        values = load_values(args.file)
+        stream = client.stream(args.stream_id)
+        if args.resume:
+            stream.resume()
+        else:
+            stream.start_new()
+        start = stream.offset
+        out = sys.stdout if args.out is None else args.out.open("w")
+        try:
+            for outputs in stream.pipe(_chunks(values, args.chunk), window=args.window):
+                _write_rows(outputs, out)
+        finally:
+            if args.out is not None:
+                out.close()
+        print(f"stream {args.stream_id!r}: {values.shape[0]} timesteps sent from offset {start}; "
+              f"the stream is at offset {stream.offset}", file=sys.stderr)
+    return EXIT_OK
+
+
+def exit_code(error: ClientError) -> int:
+    if isinstance(error, InvalidInput) or error.code == grpc.StatusCode.INVALID_ARGUMENT:
+        return EXIT_USAGE
+    if isinstance(error, ServerUnavailable):
+        return EXIT_UNREACHABLE
+    if isinstance(error, StreamPositionError) or error.code == grpc.StatusCode.FAILED_PRECONDITION:
+        return EXIT_POSITION
+    if error.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return EXIT_AUTH
+    return EXIT_REFUSED
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 on a usage error
+    if (args.client_cert is None) != (args.client_key is None):
+        parser.error("--client-cert and --client-key go together")
+    if args.command == "predict" and not (args.chunk >= 1 and args.window >= 1):
+        parser.error("--chunk and --window must be at least 1")
+    if not (args.deadline > 0 and args.attempt_timeout > 0):
+        parser.error("--deadline and --attempt-timeout must be positive")
+    settings: dict[str, Any] = {"tls_ca": args.tls_ca, "api_key": args.api_key, "deadline": args.deadline,
+                                "attempt_timeout": args.attempt_timeout}
+    if args.client_cert:
+        settings["client_cert"] = (args.client_cert, args.client_key)
+    try:
+        with Client(args.target, **settings) as client:
+            return run(args, client)
+    except ClientError as error:
+        print(f"lstm-stream: error: {error}", file=sys.stderr)
+        return exit_code(error)
+    except OSError as error:  # a certificate file that cannot be read
+        print(f"lstm-stream: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("lstm-stream: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Every error the client raises, named once. All derive from `ClientError`.
+
+Which one tells the caller what to do next:
+
+- `ServerUnavailable`: retries ran out within the deadline (the server, its Redis or the network was
+  down all that time). Nothing was applied twice; resend later with the same handle (same offset).
+- `StreamPositionError`: the server's stream is not where this handle expected it (FAILED_PRECONDITION).
+  `server_offset` says where it stands; `resume()` continues from there, `start_new()` starts over.
+- `OutputsLost`: a pipelined connection broke while several chunks were applied but unanswered; the
+  state is right, but the answers of the chunks before the last applied one cannot be fetched again.
+- `RequestRejected`: the server refused the request for good (INVALID_ARGUMENT naming the field,
+  UNAUTHENTICATED, PERMISSION_DENIED, DATA_LOSS, ...). Resending the same request cannot help.
+- `InvalidInput`: refused before sending (wrong shape or feature count); also a `ValueError`.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ClientError(Exception):
+    """Base class. `code` is the gRPC status behind the error, when there was one."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class InvalidInput(ClientError, ValueError):
+    """The values cannot be sent as they are (checked before any request)."""
+
+
+class ServerUnavailable(ClientError):
+    """Every attempt within the deadline failed with a retryable status."""
+
+
+class RequestRejected(ClientError):
+    """The server refused the request with a status that retrying cannot change. `server_offset` is the
+    stream's offset when the server named it (trailing metadata `x-stream-offset`)."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None, server_offset: int | None = None) -> None:
+        super().__init__(message, code)
+        self.server_offset = server_offset
+
+
+class StreamPositionError(ClientError):
+    """The server's stream is at `server_offset`, not at `client_offset` where this handle's chunk starts.
+
+    `server_offset` is None when the server did not say (e.g. the slot was written by another model).
+    """
+
+    def __init__(self, stream_id: str, client_offset: int, server_offset: int | None, detail: str) -> None:
+        if server_offset is None:
+            where = "the server cannot continue it"
+            todo = "call start_new() to start a new sequence (or reset() to forget the stream)"
+        else:
+            where = f"the server's stream is at offset {server_offset}"
+            todo = (f"call resume() to continue from offset {server_offset}, or start_new() to start a new "
+                    "sequence from offset 0")
+        super().__init__(
+            f"stream {stream_id!r}: this handle sends from offset {client_offset}, but {where} ({detail}); {todo}",
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
+        self.stream_id = stream_id
+        self.client_offset = client_offset
+        self.server_offset = server_offset
+        self.detail = detail
+
+
+class OutputsLost(StreamPositionError):
+    """A broken pipelined connection took the answers of applied chunks with it.
+
+    The chunks covering timesteps [lost_from, lost_to) were applied once (the state is exact), but the
+    server keeps only the last applied chunk's answer, so their outputs cannot be fetched again. The
+    handle now stands at `server_offset`; sending on continues the stream correctly. Use
+    `pipe(..., window=1)` (the default) where every output must reach the caller.
+    """
+
+    def __init__(self, stream_id: str, lost_from: int, lost_to: int, server_offset: int) -> None:
+        ClientError.__init__(
+            self,
+            f"stream {stream_id!r}: the connection broke while several pipelined chunks were in flight; the "
+            f"chunks for timesteps {lost_from}..{lost_to - 1} were applied, but their answers were lost and "
+            f"cannot be replayed (the server keeps only the last chunk's answer). The stream is at offset "
+            f"{server_offset} and this handle continues from there; use window=1 where every output matters",
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
+        self.stream_id = stream_id
+        self.client_offset = lost_from
+        self.server_offset = server_offset
+        self.detail = "answers lost with the connection"
+        self.lost_from = lost_from
+        self.lost_to = lost_to

@@ -1,0 +1,140 @@
+"""The one retry implementation of the repository: jittered exponential backoff within a deadline.
+
+Retrying a chunk is safe only because it carries its `start_offset` (and a `request_id`): the server
+applies a chunk at most once and answers a repeat of the last applied chunk with its stored answer
+(`replayed`), invariant 4 in the server's docs/invariants.md. So every status that may mean "not
+applied" or "not known" is retried with the very same request.
+
+`lstm-loadtest` uses this module too (through `retry_async`, with its own bookkeeping in `on_error`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+T = TypeVar("T")
+
+# Statuses that leave a chunk unapplied or its outcome unknown, and that a later attempt can cure:
+# the server or its Redis is down or slow, another writer raced it, or a limit was reached for now.
+RETRYABLE = frozenset({
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+})
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long and how often to try one operation.
+
+    deadline_s: the whole budget of one operation, first attempt to last answer (None: no bound, then
+        `max_attempts` must bound it).
+    attempt_timeout_s: the deadline of one attempt; shorter than `deadline_s`, so a stalled attempt
+        (a paused Redis, a dead connection) is abandoned and retried while time is left.
+    initial_backoff_s, multiplier, max_backoff_s: the n-th retry waits a random time in
+        [d/2, d] with d = min(max_backoff_s, initial_backoff_s * multiplier**(n-1)) ("equal jitter":
+        never zero, and callers that failed together do not retry together).
+    max_attempts: None for as many as the deadline allows.
+    """
+
+    deadline_s: float | None = 60.0
+    attempt_timeout_s: float = 10.0
+    initial_backoff_s: float = 0.05
+    multiplier: float = 2.0
+    max_backoff_s: float = 2.0
+    max_attempts: int | None = None
+    retryable: frozenset[grpc.StatusCode] = RETRYABLE
+
+    def __post_init__(self) -> None:
+        if self.deadline_s is None and self.max_attempts is None:
+            raise ValueError("a retry policy needs a deadline or a maximum number of attempts")
+        if self.deadline_s is not None and not self.deadline_s > 0:
+            raise ValueError("deadline_s must be positive")
+        if not self.attempt_timeout_s > 0:
+            raise ValueError("attempt_timeout_s must be positive")
+        if self.max_attempts is not None and self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+
+    def backoff_s(self, retry: int, rng: random.Random | None = None) -> float:
+        """The wait before retry number `retry` (1 for the first retry)."""
+        ceiling = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** max(0, retry - 1))
+        return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
+
+
+class Budget:
+    """The time and attempts left to one operation under a policy (sans I/O: the caller sleeps)."""
+
+    def __init__(self, policy: RetryPolicy, rng: random.Random | None = None) -> None:
+        self.policy = policy
+        self.rng = rng
+        self.started = time.monotonic()
+        self.attempts = 0
+
+    def remaining_s(self) -> float:
+        if self.policy.deadline_s is None:
+            return float("inf")
+        return self.policy.deadline_s - (time.monotonic() - self.started)
+
+    def attempt_timeout_s(self) -> float:
+        """Start an attempt: its timeout, never past the deadline."""
+        self.attempts += 1
+        return max(0.001, min(self.policy.attempt_timeout_s, self.remaining_s()))
+
+    def next_wait_s(self) -> float | None:
+        """After a retryable failure: how long to wait before the next attempt, or None when none is left."""
+        policy = self.policy
+        if policy.max_attempts is not None and self.attempts >= policy.max_attempts:
+            return None
+        wait = policy.backoff_s(self.attempts, self.rng)
+        remaining = self.remaining_s()
+        if remaining <= 0.001:
+            return None
+        return min(wait, max(0.0, remaining - 0.001))
+
+
+def status_of(error: BaseException) -> grpc.StatusCode | None:
+    """The gRPC status behind an error: an RpcError's code, `.code` of the client's own errors, or
+    DEADLINE_EXCEEDED for a local timeout."""
+    if isinstance(error, grpc.RpcError) and hasattr(error, "code"):
+        return error.code()  # type: ignore[no-any-return]
+    code = getattr(error, "code", None)
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if isinstance(error, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return None
+
+
+async def retry_async(
+    attempt: Callable[[float], Awaitable[T]],
+    policy: RetryPolicy,
+    *,
+    code_of: Callable[[BaseException], object] = status_of,
+    on_error: Callable[[BaseException, bool], None] | None = None,
+    stop: Callable[[], bool] | None = None,
+    rng: random.Random | None = None,
+) -> T:
+    """Await `attempt(timeout_s)` until it succeeds, retrying errors whose `code_of` is in the policy's
+    retryable set while the budget lasts. `on_error(error, will_retry)` sees every failure; `stop()`
+    true ends the retries early. The last error is raised as it is."""
+    budget = Budget(policy, rng)
+    while True:
+        try:
+            return await attempt(budget.attempt_timeout_s())
+        except Exception as error:
+            wait = budget.next_wait_s() if code_of(error) in policy.retryable else None
+            if wait is not None and stop is not None and stop():
+                wait = None
+            if on_error is not None:
+                on_error(error, wait is not None)
+            if wait is None:
+                raise
+            await asyncio.sleep(wait)

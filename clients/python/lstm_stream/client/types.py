@@ -1,0 +1,100 @@
+"""Plain, typed answers of the client (no protobuf in the public API) and how a channel is made."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from lstm_stream.v1 import stream_pb2 as pb
+
+# PEM given as bytes, or as a path to read.
+Pem = bytes | str | Path
+AUTHORIZATION = "authorization"
+OFFSET_METADATA_KEY = "x-stream-offset"
+_MESSAGE_LIMIT = 64 * 1024 * 1024
+# grpc's own reconnect backoff grows to 120 s by default; a client that retries within a deadline of
+# seconds wants the channel to try again soon after a server comes back.
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_receive_message_length", _MESSAGE_LIMIT),
+    ("grpc.max_send_message_length", _MESSAGE_LIMIT),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+
+
+@dataclass(frozen=True)
+class RecurrentLayer:
+    name: str
+    kind: str  # "LSTM", "GRU" or "SimpleRNN"
+    units: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The hosted model (GetModel)."""
+
+    name: str
+    fingerprint: str
+    input_features: int
+    output_size: int
+    max_chunk_timesteps: int
+    per_timestep_outputs: bool  # False: one output row per chunk (its last step)
+    recurrent_layers: tuple[RecurrentLayer, ...]
+    state_size: int
+
+    @classmethod
+    def from_proto(cls, message: pb.ModelInfo) -> ModelInfo:
+        return cls(message.name, message.fingerprint, message.input_features, message.output_size,
+                   message.max_chunk_timesteps, message.per_timestep_outputs,
+                   tuple(RecurrentLayer(layer.name, layer.kind, layer.units) for layer in message.recurrent_layers),
+                   message.state_size)
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """Where a stream stands on the server (GetStream)."""
+
+    stream_id: str
+    exists: bool
+    offset: int
+    updated_unix_ms: int
+    expires_in_ms: int
+    model_fingerprint: str
+
+    @classmethod
+    def from_proto(cls, message: pb.StreamInfo) -> StreamInfo:
+        return cls(message.stream_id, message.exists, message.offset, message.updated_unix_ms,
+                   message.expires_in_ms, message.model_fingerprint)
+
+
+def _pem(value: Pem | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
+
+
+def channel_credentials(tls_ca: Pem | None, client_cert: tuple[Pem, Pem] | None) -> grpc.ChannelCredentials | None:
+    """TLS credentials, or None for plaintext. `tls_ca` verifies the server (None with a client
+    certificate: the system's roots); `client_cert` is (certificate chain, private key) for mutual TLS."""
+    if tls_ca is None and client_cert is None:
+        return None
+    cert, key = (None, None) if client_cert is None else (_pem(client_cert[0]), _pem(client_cert[1]))
+    return grpc.ssl_channel_credentials(root_certificates=_pem(tls_ca), private_key=key, certificate_chain=cert)
+
+
+def call_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """Sent with every call. The key travels as `authorization: Bearer KEY`; on a plaintext channel
+    anyone on the path can read it, so use TLS beyond loopback."""
+    return () if not api_key else ((AUTHORIZATION, f"Bearer {api_key}"),)
+
+
+def channel_options(tls_server_name: str | None,
+                    extra: tuple[tuple[str, object], ...] = ()) -> list[tuple[str, object]]:
+    options: list[tuple[str, object]] = list(CHANNEL_OPTIONS)
+    if tls_server_name:
+        # The name checked against the server's certificate, when it differs from the target's host.
+        options.append(("grpc.ssl_target_name_override", tls_server_name))
+    return options + list(extra)
