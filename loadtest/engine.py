@@ -10,7 +10,8 @@ once, spread over several channels (each its own TCP connection) and optionally 
   A chunk whose predecessor is still unanswered goes out late; its lag is recorded, so a client or
   server that cannot keep up shows in the report instead of silently lowering the offered load.
 
-Retries: a chunk failing with a retryable status (UNAVAILABLE, DEADLINE_EXCEEDED, ABORTED, RESOURCE_EXHAUSTED)
+Retries: a chunk failing with a retryable status (UNAVAILABLE, DEADLINE_EXCEEDED, ABORTED, RESOURCE_EXHAUSTED,
+CANCELLED from the server)
 is resent with the same start_offset (or request_id), so the server applies it at most once and answers a
 repeat of an applied chunk with `replayed`. The backoff and the retry loop are the client library's
 (`lstm_stream.client.retry`, the one retry implementation of the repository); this module only records.

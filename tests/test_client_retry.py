@@ -28,8 +28,9 @@ def test_backoff_is_jittered_exponential_and_capped() -> None:
 
 
 def test_retryable_statuses_are_retried_until_success() -> None:
+    # CANCELLED too: gRPC core answers it to a call arriving while a draining server closes its port.
     failures = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
-                grpc.StatusCode.RESOURCE_EXHAUSTED]
+                grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED]
     assert set(failures) == RETRYABLE
     seen: list[tuple[object, bool]] = []
     timeouts: list[float] = []
@@ -42,7 +43,7 @@ def test_retryable_statuses_are_retried_until_success() -> None:
 
     policy = RetryPolicy(deadline_s=10, attempt_timeout_s=2, initial_backoff_s=0.001)
     answer = asyncio.run(retry_async(attempt, policy, on_error=lambda e, again: seen.append((e.code, again))))
-    assert answer == "answer" and len(seen) == 4 and all(again for _, again in seen)
+    assert answer == "answer" and len(seen) == 5 and all(again for _, again in seen)
     assert all(0 < timeout <= 2 for timeout in timeouts)
 
 

@@ -106,8 +106,10 @@ def test_sigterm_under_load_drains_cleanly_and_a_new_server_continues(tmp_path) 
             report = json.loads((tmp_path / f"{api}.json").read_text())
             assert process.returncode == 0, f"{api}: {out[-2000:]}\n{err[-2000:]}"
             assert report["verify"]["passed"] and not report["broken_streams"], report["verify"]
-            # Clients saw retryable codes only: never INTERNAL ("Internal error from Core").
-            assert set(report["totals"]["errors"]) <= {"UNAVAILABLE", "DEADLINE_EXCEEDED"}, report["totals"]
+            # Clients saw retryable codes only: never INTERNAL ("Internal error from Core"). CANCELLED is
+            # gRPC core's answer to a call arriving in the instant the port closes; clients retry it.
+            retried = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"}
+            assert set(report["totals"]["errors"]) <= retried, report["totals"]
             assert report["totals"]["errors"], f"{api}: the load never met the shutdown"
     finally:
         for process in loads.values():

@@ -23,11 +23,15 @@ T = TypeVar("T")
 
 # Statuses that leave a chunk unapplied or its outcome unknown, and that a later attempt can cure:
 # the server or its Redis is down or slow, another writer raced it, or a limit was reached for now.
+# CANCELLED as an answer comes from the other side, never from this client (its own cancellations
+# surface as asyncio.CancelledError or grpc.FutureCancelledError): gRPC core answers it to a call
+# that reaches a server in the instant its port closes, so a rolling restart produces it.
 RETRYABLE = frozenset({
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.ABORTED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.CANCELLED,
 })
 
 
