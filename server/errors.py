@@ -1,8 +1,11 @@
 """One exception type for every failure a caller should see, carrying its gRPC status code.
 
 The protocol edges map it in one place (a decorator for unary calls, an `error` field for streams);
-the data path below them raises it and never imports protocol code. Each error a caller can see is
-named here by a factory, so the README's error table can be checked against this one module.
+the data path below them (data plane, batcher, processor, state store) raises it and never imports
+gRPC itself: the status codes come through this module, the only one below the edges that imports
+`grpc`, and only for `grpc.StatusCode`. Each error a caller can see is named here by a factory, in
+the order of the README's error table, so the table can be checked against this one module (the
+Triton protocol's own errors excepted: they live with its servicer, server/api/).
 """
 
 from __future__ import annotations
@@ -39,9 +42,19 @@ class ServiceError(Exception):
         return f"ServiceError({self.code.name}, {self.message!r})"
 
 
+# --- INVALID_ARGUMENT: bad input (invariant 6); the message names the field. ---
+
 def invalid_argument(field: str, problem: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {problem}")
 
+
+def malformed_message(problem: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid protobuf message for this method ({problem})"
+    )
+
+
+# --- FAILED_PRECONDITION: the chunk does not fit the stream's saved state; nothing was applied. ---
 
 def offset_mismatch(stream_id: str, requested: int, current: int) -> ServiceError:
     if requested < current:
@@ -69,6 +82,39 @@ def late_duplicate(stream_id: str, current: int, which: str) -> ServiceError:
     )
 
 
+def saved_by_other_model(stream_id: str, saved: str, serving: str) -> ServiceError:
+    """Invariant 7: a slot written by another model is never fed to this one."""
+    return ServiceError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"stream {stream_id!r} was saved by another model (fingerprint {saved}, this server runs {serving}); "
+        "its state cannot be continued by this model. Send reset or call ResetStream to start the stream "
+        "again, or run the server with --reset-on-model-change",
+    )
+
+
+def stream_not_started(stream_id: str) -> ServiceError:
+    """Triton's rule: a sequence must begin with its START flag (Chunk.must_exist)."""
+    return ServiceError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"stream {stream_id!r} has no state (never started, ended, reset or expired); "
+        "its first chunk must start the sequence",
+        current_offset=0,
+    )
+
+
+def slot_wrong_type(stream_id: str, key: str, redis_type: str) -> ServiceError:
+    """Something other than this server wrote another kind of value under the stream's key."""
+    return ServiceError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"stream {stream_id!r} cannot be saved: its Redis key {key!r} holds a {redis_type}, not a stream record "
+        "(another program writes under this key prefix?); the chunk was not applied. Delete the key "
+        "(ResetStream does) or choose another --key-prefix",
+        outcome=NOT_APPLIED,
+    )
+
+
+# --- UNAVAILABLE: Redis did not answer or refused (`x-chunk-outcome` says whether the chunk was applied). ---
+
 def redis_unavailable(detail: str, action: str = "the chunk was not applied, retry it",
                       outcome: str | None = NOT_APPLIED) -> ServiceError:
     """Redis did not answer or refused, and nothing was written (a chunk's load failed, or Redis refused its
@@ -92,53 +138,6 @@ def outcome_unknown(stream_id: str, detail: str) -> ServiceError:
     )
 
 
-def slot_wrong_type(stream_id: str, key: str, redis_type: str) -> ServiceError:
-    """Something other than this server wrote another kind of value under the stream's key."""
-    return ServiceError(
-        grpc.StatusCode.FAILED_PRECONDITION,
-        f"stream {stream_id!r} cannot be saved: its Redis key {key!r} holds a {redis_type}, not a stream record "
-        "(another program writes under this key prefix?); the chunk was not applied. Delete the key "
-        "(ResetStream does) or choose another --key-prefix",
-        outcome=NOT_APPLIED,
-    )
-
-
-def slot_unreadable(stream_id: str, problem: str) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.DATA_LOSS,
-        f"the saved state of stream {stream_id!r} is unreadable ({problem}); "
-        "send reset or call ResetStream to start it again",
-    )
-
-
-def deadline_passed(stream_id: str | None) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        f"the deadline of the chunk of stream {stream_id!r} passed before it could run; it was not applied",
-        outcome=NOT_APPLIED,
-    )
-
-
-def stream_not_started(stream_id: str) -> ServiceError:
-    """Triton's rule: a sequence must begin with its START flag (Chunk.must_exist)."""
-    return ServiceError(
-        grpc.StatusCode.FAILED_PRECONDITION,
-        f"stream {stream_id!r} has no state (never started, ended, reset or expired); "
-        "its first chunk must start the sequence",
-        current_offset=0,
-    )
-
-
-def saved_by_other_model(stream_id: str, saved: str, serving: str) -> ServiceError:
-    """Invariant 7: a slot written by another model is never fed to this one."""
-    return ServiceError(
-        grpc.StatusCode.FAILED_PRECONDITION,
-        f"stream {stream_id!r} was saved by another model (fingerprint {saved}, this server runs {serving}); "
-        "its state cannot be continued by this model. Send reset or call ResetStream to start the stream "
-        "again, or run the server with --reset-on-model-change",
-    )
-
-
 def replication_unconfirmed(confirmed: int | None, wanted: int, timeout_ms: int) -> ServiceError:
     """Redis WAIT came back short (or, with None, could not follow a write that was redirected to another
     cluster node): the write is on the master, which could still lose it in a failover."""
@@ -151,6 +150,12 @@ def replication_unconfirmed(confirmed: int | None, wanted: int, timeout_ms: int)
         "if a failover lost it",
         outcome=OUTCOME_UNKNOWN,  # applied, but whether it survives a failover is not known
     )
+
+
+# --- UNAVAILABLE: the server is shutting down. ---
+
+def shutting_down() -> ServiceError:
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; the chunk was not applied, retry it")
 
 
 def draining() -> ServiceError:
@@ -171,8 +176,14 @@ def stream_drained() -> ServiceError:
     )
 
 
-def shutting_down() -> ServiceError:
-    return ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; the chunk was not applied, retry it")
+# --- DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED: the server's own limits (invariants 9 and 12). ---
+
+def deadline_passed(stream_id: str | None) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        f"the deadline of the chunk of stream {stream_id!r} passed before it could run; it was not applied",
+        outcome=NOT_APPLIED,
+    )
 
 
 def queue_full(limit: int) -> ServiceError:
@@ -185,13 +196,25 @@ def queue_full(limit: int) -> ServiceError:
     )
 
 
-def malformed_message(problem: str) -> ServiceError:
+def stream_kept_changing(stream_id: str | None) -> ServiceError:
+    """Another writer replaced the stream's record under the chunk more often than the batcher retries."""
     return ServiceError(
-        grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid protobuf message for this method ({problem})"
+        grpc.StatusCode.ABORTED, f"stream {stream_id!r} kept changing under this chunk (another writer); retry"
     )
 
 
-# --- API keys and tenants (invariant 13, docs/invariants.md). No message ever carries a key. ---
+# --- DATA_LOSS: the stream's record cannot be read. ---
+
+def slot_unreadable(stream_id: str, problem: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.DATA_LOSS,
+        f"the saved state of stream {stream_id!r} is unreadable ({problem}); "
+        "send reset or call ResetStream to start it again",
+    )
+
+
+# --- UNAUTHENTICATED and RESOURCE_EXHAUSTED: API keys and tenants (invariant 13, docs/invariants.md). ---
+# No message ever carries a key.
 
 def missing_api_key() -> ServiceError:
     return ServiceError(
@@ -220,3 +243,10 @@ def tenant_streams_exceeded(tenant: str, max_streams: int) -> ServiceError:
         "End (`end`) or reset (ResetStream) streams it no longer uses, or wait until idle ones expire",
         outcome=NOT_APPLIED,
     )
+
+
+# --- INTERNAL: a bug in the server. ---
+
+def internal_error(detail: str) -> ServiceError:
+    """An exception nobody expected; `detail` names it (never a Redis error: the store sorts those)."""
+    return ServiceError(grpc.StatusCode.INTERNAL, f"internal error: {detail}")

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from server.errors import ServiceError
+from server.errors import ServiceError, internal_error
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,8 @@ def unary_errors(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable
             raise
         except Exception as exc:
             log.exception("unexpected error in %s", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            error = _unexpected(exc)
+            await context.abort(error.code, error.message)
         raise AssertionError("unreachable: context.abort raises")
 
     return wrapper
@@ -39,4 +40,8 @@ def as_service_error(exc: BaseException) -> ServiceError:
     if isinstance(exc, ServiceError):
         return exc
     log.error("unexpected error in a stream", exc_info=exc)
-    return ServiceError(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+    return _unexpected(exc)
+
+
+def _unexpected(exc: BaseException) -> ServiceError:
+    return internal_error(f"{type(exc).__name__}: {exc}")

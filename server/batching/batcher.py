@@ -17,10 +17,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-import grpc
-
 from server import metrics
-from server.errors import ServiceError, queue_full, shutting_down
+from server.errors import ServiceError, internal_error, queue_full, shutting_down, stream_kept_changing
 from server.types import Chunk, Prediction, StreamKey
 
 log = logging.getLogger(__name__)
@@ -191,7 +189,7 @@ class Batcher:
             results = [exc] * len(batch)
         except Exception as exc:  # a bug must fail this batch's callers, never the batcher itself
             log.exception("batch failed")
-            results = [ServiceError(grpc.StatusCode.INTERNAL, f"internal error: {exc}")] * len(batch)
+            results = [internal_error(str(exc))] * len(batch)
         finally:
             self._in_flight_chunks -= len(batch)
         metrics.BATCH_SECONDS.observe(asyncio.get_running_loop().time() - started)
@@ -203,10 +201,7 @@ class Batcher:
                 if waiting.conflicts <= self.max_conflicts:
                     retry.append(waiting)
                     continue
-                result = ServiceError(
-                    grpc.StatusCode.ABORTED,
-                    f"stream {waiting.chunk.stream_id!r} kept changing under this chunk (another writer); retry",
-                )
+                result = stream_kept_changing(waiting.chunk.stream_id)
             if waiting.chunk.tenant:
                 code = result.code.name if isinstance(result, ServiceError) else "OK"
                 metrics.TENANT_CHUNKS.labels(waiting.chunk.tenant, code).inc()
