@@ -1,3 +1,1 @@
 """LSTM stream server: a stateful Keras recurrent model behind gRPC, one Redis state slot per stream."""
-
-__version__ = "0.1.0"

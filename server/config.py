@@ -77,6 +77,27 @@ class ServerConfig:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    # The same settings in the units their users count in, converted here only.
+    @property
+    def max_delay_s(self) -> float:
+        return self.max_delay_ms / 1000
+
+    @property
+    def max_delay_us(self) -> int:
+        return int(self.max_delay_ms * 1000)
+
+    @property
+    def state_ttl_ms(self) -> int:
+        return int(self.state_ttl_s * 1000)
+
+    @property
+    def state_ttl_us(self) -> int:
+        return int(self.state_ttl_s * 1_000_000)
+
+    @property
+    def ended_ttl_ms(self) -> int:
+        return int(self.ended_ttl_s * 1000)
+
     def message_limits(self, input_features: int, output_size: int) -> tuple[int, int]:
         """(receive, send) limits in bytes: the largest valid chunk or answer plus headroom, unless set."""
         if self.max_message_bytes:

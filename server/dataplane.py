@@ -14,28 +14,27 @@ from collections.abc import Sequence
 from server import metrics
 from server.batching.batcher import Batcher
 from server.errors import slot_wrong_type, tenant_rate_exceeded
-from server.model.runner import ModelRunner
 from server.processor import BatchProcessor, StreamPolicy
 from server.state.live import LiveStreams
 from server.state.record import CorruptRecord
 from server.state.store import StateStore, WrongType
 from server.tenants import ChunkRate
-from server.types import Chunk, ModelDescription, Prediction, StreamStatus
+from server.types import Chunk, ModelDescription, Prediction, Runner, StreamStatus
 
 
 class DataPlane:
     def __init__(
         self,
-        runner: ModelRunner,
+        runner: Runner,
         store: StateStore,
         policy: StreamPolicy,
         *,
-        max_batch: int = 64,
-        max_delay_s: float = 0.0,
-        max_in_flight: int = 1,
+        max_batch: int,
+        max_delay_s: float,
+        max_in_flight: int,
+        max_queued: int,
         chunk_rate: ChunkRate | None = None,
         live: LiveStreams | None = None,
-        max_queued: int = 10_000,
     ) -> None:
         self.runner = runner
         self.store = store

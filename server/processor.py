@@ -24,6 +24,8 @@ rules it applies per stream (docs/invariants.md, invariants 3, 4, 7, 9 and 10):
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import struct
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +33,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.batching.batcher import CONFLICT, BatchResult
 from server.config import ServerConfig
 from server.errors import (
     ServiceError,
@@ -44,35 +45,58 @@ from server.errors import (
     stream_not_started,
     tenant_streams_exceeded,
 )
-from server.model.runner import ModelRunner
 from server.state.live import Change, LiveChange, LiveStreams
 from server.state.record import (
     RECENT_REQUESTS,
     REQUEST_DIGEST_SIZE,
     CorruptRecord,
     SlotRecord,
-    chunk_digest,
     fingerprint_bytes,
     new_version,
-    request_digest,
-    request_id_digest,
 )
 from server.state.store import APPLIED, REFUSED, Loaded, SlotWrite, StateStore, WrongType, now_unix_ms
-from server.types import Chunk, Prediction
+from server.types import CONFLICT, BatchResult, Chunk, Prediction, Runner
 
-_DEFAULTS = ServerConfig()
 RECENT_BYTES = RECENT_REQUESTS * REQUEST_DIGEST_SIZE
 
 
 @dataclass(frozen=True, slots=True)
 class StreamPolicy:
-    state_ttl_ms: int = int(_DEFAULTS.state_ttl_s * 1000)
+    state_ttl_ms: int
     # How long an ended stream's last answer is kept for retries of its final chunk.
-    ended_ttl_ms: int = int(_DEFAULTS.ended_ttl_s * 1000)
+    ended_ttl_ms: int
     # True: a slot written by another model is reset instead of refused.
-    reset_on_model_change: bool = _DEFAULTS.reset_on_model_change
+    reset_on_model_change: bool
     # How long a batch may wait for Redis when none of its chunks carries a deadline.
-    request_deadline_s: float = _DEFAULTS.request_deadline_s
+    request_deadline_s: float
+
+    @classmethod
+    def from_config(cls, config: ServerConfig) -> StreamPolicy:
+        return cls(config.state_ttl_ms, config.ended_ttl_ms, config.reset_on_model_change, config.request_deadline_s)
+
+
+# What a saved record keeps to recognise a retry or a late duplicate of a chunk (server/state/record.py
+# stores them; only this module computes and compares them).
+
+def chunk_digest(chunk: Chunk) -> bytes:
+    """The chunk's data: its values and shape, and its reset and end flags (16 bytes)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(bytes([chunk.reset, chunk.end]))
+    digest.update(struct.pack("<II", *chunk.values.shape))
+    digest.update(chunk.values.tobytes())
+    return digest.digest()
+
+
+def request_id_digest(request_id: str) -> bytes:
+    if not request_id:
+        return bytes(REQUEST_DIGEST_SIZE)
+    return hashlib.blake2b(request_id.encode(), digest_size=REQUEST_DIGEST_SIZE).digest()
+
+
+def request_digest(request_id: str, data_digest: bytes) -> bytes:
+    """One chunk's identity among the recent ones: its request_id and its data (a reused id with other
+    data is another chunk, not a duplicate)."""
+    return hashlib.blake2b(request_id.encode() + data_digest, digest_size=REQUEST_DIGEST_SIZE).digest()
 
 
 @dataclass(slots=True)
@@ -94,7 +118,7 @@ class _Planned:
 
 class BatchProcessor:
     def __init__(
-        self, runner: ModelRunner, store: StateStore, policy: StreamPolicy, live: LiveStreams | None = None
+        self, runner: Runner, store: StateStore, policy: StreamPolicy, live: LiveStreams | None = None
     ) -> None:
         self.runner = runner
         self.store = store

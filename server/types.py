@@ -2,13 +2,18 @@
 
 The native API and the Triton/KServe protocol are thin servicers over one path:
 `Chunk -> DataPlane.predict -> Prediction`. Nothing here knows about protobuf, Redis or Keras.
+Below the data plane, the batcher and the processor share the batch results and the model runner's
+interface defined here, so neither imports the other nor the Keras runner for its types.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import numpy as np
+
+from server.errors import ServiceError
 
 # (tenant, stream_id): what makes a stream one stream. The tenant is "" on a server without API keys.
 StreamKey = tuple[str, str]
@@ -92,5 +97,38 @@ class ModelDescription:
     state_size: int
     recurrent_layers: tuple[RecurrentLayerInfo, ...] = field(default_factory=tuple)
 
-    def output_rows(self, timesteps: int) -> int:
-        return timesteps if self.per_timestep_outputs else 1
+
+@runtime_checkable
+class Runner(Protocol):
+    """What the data path needs of a model runner: the Keras one (server/model/runner.py) or the benchmark's
+    identity stand-in (server/model/identity.py). A slot is one stream's states, float32 [state_size]."""
+
+    description: ModelDescription
+    state_size: int
+    max_chunk_timesteps: int
+
+    def zero_states(self, batch: int) -> np.ndarray:
+        """float32 [batch, state_size]: the states of streams that start from nothing."""
+        ...
+
+    def run(self, inputs: list[np.ndarray], states: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        """One chunk per stream (float32 [timesteps, features] each) and their states [batch, state_size] in;
+        their outputs (float32 [rows, output_size] each) and new states [batch, state_size] out."""
+        ...
+
+    def warm_up(self, timesteps: tuple[int, ...] = ()) -> None:
+        """Prepare the calls for chunks of these lengths before the first request needs them."""
+        ...
+
+    def close(self) -> None:
+        """Release threads and compiled calls."""
+        ...
+
+
+class Conflict:
+    """A batch result meaning: the slot changed under this chunk (another replica); run it again."""
+
+
+CONFLICT = Conflict()
+# What the processor answers for each chunk of a batch, and the batcher hands back to its caller.
+BatchResult = Prediction | ServiceError | Conflict

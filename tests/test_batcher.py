@@ -9,10 +9,19 @@ import random
 import numpy as np
 import pytest
 
-from server.batching.batcher import CONFLICT, Batcher
-from server.types import Chunk, Prediction
+from server.batching.batcher import Batcher
+from server.config import ServerConfig
+from server.types import CONFLICT, Chunk, Prediction
 
 pytestmark = pytest.mark.timeout(60)
+
+
+def batcher_with(process, **settings: float) -> Batcher:
+    """A batcher with the server's default settings, except `settings`."""
+    config = ServerConfig()
+    defaults = {"max_batch": config.max_batch, "max_delay_s": config.max_delay_s,
+                "max_in_flight": config.max_in_flight, "max_queued": config.max_queued_chunks}
+    return Batcher(process, **{**defaults, **settings})  # type: ignore[arg-type]
 
 
 def chunk(stream: str, number: int) -> Chunk:
@@ -37,7 +46,7 @@ def test_order_exclusivity_and_batch_size() -> None:
         return [Prediction(c.stream_id, c.values, 0) for c in chunks]
 
     async def scenario() -> None:
-        batcher = Batcher(process, max_batch=8, max_in_flight=3)
+        batcher = batcher_with(process, max_batch=8, max_in_flight=3)
         batcher.start()
         calls = [batcher.predict(chunk(f"s{n % 13}", n)) for n in range(400)]
         await asyncio.gather(*calls)
@@ -61,7 +70,7 @@ def test_conflicts_run_again_then_give_up() -> None:
         return results
 
     async def scenario():
-        batcher = Batcher(process, max_conflicts=4)
+        batcher = batcher_with(process, max_conflicts=4)
         batcher.start()
         flaky, hopeless = await asyncio.gather(
             batcher.predict(chunk("flaky", 1)), batcher.predict(chunk("hopeless", 2)), return_exceptions=True

@@ -12,11 +12,20 @@ import numpy as np
 import pytest
 
 from lstm_stream.v1 import stream_pb2 as pb
+from server.config import ServerConfig
 from server.model.runner import ModelLoadError, ModelRunner
+from server.types import Runner
 from tests.client import outputs, predict
 from tests.models import TOLERANCE, build_gru_stateful, build_last_step, keras_whole_sequence
 
 pytestmark = pytest.mark.timeout(120)
+
+
+def load(path, *, xla: bool | None = None, max_batch: int | None = None) -> ModelRunner:
+    """The runner as the server builds it with its default settings, except those given."""
+    config = ServerConfig()
+    return ModelRunner(path, config.max_chunk_timesteps, xla=config.xla if xla is None else xla,
+                       max_batch=config.max_batch if max_batch is None else max_batch)
 
 
 def save(model: keras.Model, path) -> str:
@@ -28,26 +37,27 @@ def test_refuses_models_that_cannot_be_streamed(tmp_path) -> None:
     conv = keras.Sequential([keras.Input((None, 1)), keras.layers.Conv1D(4, 3, padding="causal"),
                              keras.layers.LSTM(4, return_sequences=True)])
     with pytest.raises(ModelLoadError, match="mixes timesteps"):
-        ModelRunner(save(conv, tmp_path / "conv.keras"))
+        load(save(conv, tmp_path / "conv.keras"))
     bidirectional = keras.Sequential([keras.Input((None, 1)),
                                       keras.layers.Bidirectional(keras.layers.LSTM(4, return_sequences=True))])
     with pytest.raises(ModelLoadError, match="depends on later timesteps"):
-        ModelRunner(save(bidirectional, tmp_path / "bi.keras"))
+        load(save(bidirectional, tmp_path / "bi.keras"))
     backwards = keras.Sequential([keras.Input((None, 1)), keras.layers.GRU(4, go_backwards=True)])
     with pytest.raises(ModelLoadError, match="backwards"):
-        ModelRunner(save(backwards, tmp_path / "back.keras"))
+        load(save(backwards, tmp_path / "back.keras"))
     dense = keras.Sequential([keras.Input((None, 1)), keras.layers.Dense(2)])
     with pytest.raises(ModelLoadError, match="no recurrent layer"):
-        ModelRunner(save(dense, tmp_path / "dense.keras"))
+        load(save(dense, tmp_path / "dense.keras"))
     with pytest.raises(ModelLoadError, match="does not exist"):
-        ModelRunner(tmp_path / "missing.keras")
+        load(tmp_path / "missing.keras")
     (tmp_path / "junk.keras").write_bytes(b"junk")
     with pytest.raises(ModelLoadError, match="could not load"):
-        ModelRunner(tmp_path / "junk.keras")
+        load(tmp_path / "junk.keras")
 
 
 def test_describes_stateful_model_and_fingerprints_weights(tmp_path) -> None:
-    runner = ModelRunner(build_gru_stateful(tmp_path / "g.keras"))
+    runner = load(build_gru_stateful(tmp_path / "g.keras"))
+    assert isinstance(runner, Runner)
     description = runner.description
     assert description.input_features == 3 and description.output_size == 2
     assert description.state_size == 24 + 12
@@ -55,8 +65,8 @@ def test_describes_stateful_model_and_fingerprints_weights(tmp_path) -> None:
     model = keras.models.load_model(tmp_path / "g.keras")
     model.layers[-1].set_weights([w + 1e-3 for w in model.layers[-1].get_weights()])
     model.save(tmp_path / "g2.keras")
-    assert ModelRunner(tmp_path / "g2.keras").description.fingerprint != description.fingerprint
-    assert ModelRunner(tmp_path / "g.keras").description.fingerprint == description.fingerprint
+    assert load(tmp_path / "g2.keras").description.fingerprint != description.fingerprint
+    assert load(tmp_path / "g.keras").description.fingerprint == description.fingerprint
 
 
 @pytest.mark.timeout(180)
@@ -77,8 +87,8 @@ def test_last_step_model_answers_one_row_per_chunk(start_server, tmp_path) -> No
 def test_xla_shapes_compile_in_the_background_and_agree_with_the_generic_call(tmp_path) -> None:
     from tests.support import DEFAULT_MODEL, wait_until
 
-    runner = ModelRunner(DEFAULT_MODEL, max_batch=8)
-    generic = ModelRunner(DEFAULT_MODEL, xla=False)
+    runner = load(DEFAULT_MODEL, max_batch=8)
+    generic = load(DEFAULT_MODEL, xla=False)
     runner.warm_up((5,))
     xla = runner._xla
     wait_until(lambda: {(False, b, 5) for b in (1, 2, 4, 8)} <= set(xla._ready), 60,

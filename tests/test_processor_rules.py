@@ -13,12 +13,12 @@ import grpc
 import numpy as np
 import pytest
 
-from server.batching.batcher import BatchResult
+from server.config import ServerConfig
 from server.model.identity import IdentityRunner
 from server.processor import BatchProcessor, StreamPolicy
 from server.state.record import RECENT_REQUESTS, SlotRecord, fingerprint_bytes
 from server.state.store import StateStore
-from server.types import Chunk, ModelDescription, Prediction
+from server.types import BatchResult, Chunk, ModelDescription, Prediction, Runner
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,8 +30,9 @@ def run(redis_url: str, script) -> None:
         real = ModelDescription("m", "ab" * 8, input_features=1, output_size=1, per_timestep_outputs=True,
                                 state_size=STATE_SIZE)
         runner = IdentityRunner(real, 64)
+        assert isinstance(runner, Runner)
         store = StateStore(redis_url, key_prefix=f"r{uuid.uuid4().hex[:6]}")
-        processor = BatchProcessor(runner, store, StreamPolicy())  # type: ignore[arg-type]
+        processor = BatchProcessor(runner, store, StreamPolicy.from_config(ServerConfig()))
         try:
             await script(processor, store)
         finally:

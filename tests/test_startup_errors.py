@@ -53,11 +53,13 @@ REFUSED = [
 
 @pytest.mark.parametrize(("build", "layer", "reason"), [case[1:] for case in REFUSED], ids=[c[0] for c in REFUSED])
 def test_a_model_that_cannot_be_streamed_is_refused_naming_the_layer(tmp_path: Path, build, layer, reason) -> None:
+    from server.config import ServerConfig
     from server.model.runner import ModelLoadError, ModelRunner
 
     path = build(tmp_path / "model.keras")
+    config = ServerConfig()
     with pytest.raises(ModelLoadError) as refused:
-        ModelRunner(path, xla=False)
+        ModelRunner(path, config.max_chunk_timesteps, xla=False, max_batch=config.max_batch)
     assert f"'{layer}'" in str(refused.value) and reason in str(refused.value)
 
 

@@ -156,7 +156,7 @@ def test_same_stream_id_of_two_tenants_is_two_streams_that_may_share_a_batch() -
         return [Prediction(c.stream_id, c.values, 0) for c in chunks]
 
     async def scenario() -> None:
-        batcher = Batcher(process, max_batch=8)
+        batcher = Batcher(process, max_batch=8, max_delay_s=0.0, max_in_flight=1, max_queued=100)
         batcher.start()
         values = np.zeros((1, 1), np.float32)
         blocker = batcher.submit(Chunk("other", values))  # runs alone, while the rest queue up
@@ -238,7 +238,7 @@ def test_state_store_reaches_redis_over_tls_with_a_password(tmp_path: Path) -> N
     )
 
     async def ping(url: str) -> bool:
-        store = StateStore(url)
+        store = StateStore(url, key_prefix="lstm")
         try:
             return await store.ping()
         except ServiceError:

@@ -19,18 +19,13 @@ from dataclasses import dataclass, field
 
 from server import metrics
 from server.errors import ServiceError, internal_error, queue_full, shutting_down, stream_kept_changing
-from server.types import Chunk, Prediction, StreamKey
+from server.types import BatchResult, Chunk, Conflict, Prediction, StreamKey
 
 log = logging.getLogger(__name__)
 
-
-class Conflict:
-    """A batch result meaning: the slot changed under this chunk (another replica); run it again."""
-
-
-CONFLICT = Conflict()
-BatchResult = Prediction | ServiceError | Conflict
 ProcessBatch = Callable[[Sequence[Chunk]], Awaitable[list[BatchResult]]]
+# A chunk whose slot another writer changed under it this many times in a row is refused (ABORTED).
+MAX_CONFLICTS = 5
 
 
 @dataclass(slots=True)
@@ -46,11 +41,11 @@ class Batcher:
         self,
         process: ProcessBatch,
         *,
-        max_batch: int = 64,
-        max_delay_s: float = 0.0,
-        max_in_flight: int = 1,
-        max_conflicts: int = 5,
-        max_queued: int = 10_000,
+        max_batch: int,
+        max_delay_s: float,
+        max_in_flight: int,
+        max_queued: int,
+        max_conflicts: int = MAX_CONFLICTS,
     ) -> None:
         self._process = process
         self.max_batch = max_batch

@@ -130,7 +130,7 @@ class ModelRunner:
     """Runs a batch of chunks of different streams in one compiled call, states in and out."""
 
     def __init__(
-        self, model_path: str | Path, max_chunk_timesteps: int = 1024, *, xla: bool = True, max_batch: int = 64
+        self, model_path: str | Path, max_chunk_timesteps: int, *, xla: bool, max_batch: int
     ) -> None:
         path = Path(model_path)
         if not path.is_file():

@@ -33,14 +33,11 @@ recent request ids lets a late copy of an earlier chunk be recognised and refuse
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 from dataclasses import dataclass
 
 import numpy as np
-
-from server.types import Chunk
 
 _HEADER_1 = struct.Struct("<8s2sBBQq8sQ16s8sIII")
 _HEADER = struct.Struct("<8s2sBBQq8sQ16s8sIII16s8sI")
@@ -64,26 +61,6 @@ class CorruptRecord(ValueError):
         self.version = version
 
 
-def chunk_digest(chunk: Chunk) -> bytes:
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(bytes([chunk.reset, chunk.end]))
-    digest.update(struct.pack("<II", *chunk.values.shape))
-    digest.update(chunk.values.tobytes())
-    return digest.digest()
-
-
-def request_id_digest(request_id: str) -> bytes:
-    if not request_id:
-        return bytes(REQUEST_DIGEST_SIZE)
-    return hashlib.blake2b(request_id.encode(), digest_size=REQUEST_DIGEST_SIZE).digest()
-
-
-def request_digest(request_id: str, data_digest: bytes) -> bytes:
-    """One chunk's identity among the recent ones: its request_id and its data (a reused id with other
-    data is another chunk, not a duplicate)."""
-    return hashlib.blake2b(request_id.encode() + data_digest, digest_size=REQUEST_DIGEST_SIZE).digest()
-
-
 def new_version() -> bytes:
     return os.urandom(VERSION_SIZE)
 
@@ -103,7 +80,8 @@ class SlotRecord:
     # The chunk that started the current sequence (zeros when unknown: a record of format 1).
     first_digest: bytes = bytes(16)
     first_request_id: bytes = bytes(REQUEST_DIGEST_SIZE)
-    # request_digest() of the sequence's last RECENT_REQUESTS chunks that carried a request_id.
+    # request_digest() (server/processor.py) of the sequence's last RECENT_REQUESTS chunks that carried a
+    # request_id.
     recent_requests: bytes = b""
 
     def encode(self) -> bytes:

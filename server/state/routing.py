@@ -30,8 +30,13 @@ _REDIRECTS = (redis_errors.MovedError, redis_errors.AskError)
 
 @dataclass(frozen=True, slots=True)
 class WaitPolicy:
-    replicas: int = 0  # 0: no WAIT at all
-    timeout_ms: int = 1000
+    """--redis-wait-replicas and --redis-wait-timeout-ms (invariant 8)."""
+
+    replicas: int  # 0: no WAIT at all
+    timeout_ms: int
+
+
+NO_WAIT = WaitPolicy(replicas=0, timeout_ms=0)  # acknowledge once the master has the write
 
 
 @dataclass(slots=True)

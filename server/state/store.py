@@ -42,7 +42,7 @@ from redis import exceptions as redis_errors
 from server.errors import ServiceError, outcome_unknown, redis_unavailable, replication_unconfirmed, slot_wrong_type
 from server.state.connection import AsyncClient, RedisTopology, connect
 from server.state.record import VERSION_SIZE, CorruptRecord, SlotRecord
-from server.state.routing import NodeGroup, NodeRouter, WaitPolicy
+from server.state.routing import NO_WAIT, NodeGroup, NodeRouter, WaitPolicy
 
 # KEYS: slot keys. ARGV: for each key, (expected version, new record, version of the new record, ttl ms).
 # Expected version "" means the key must not exist; a new record "" means delete the key (its version "").
@@ -175,17 +175,15 @@ def _describe(exc: BaseException) -> str:
 
 
 class StateStore:
-    def __init__(self, redis: str | RedisTopology, key_prefix: str = "lstm", *, timeout_s: float = 2.0,
-                 wait: WaitPolicy | None = None) -> None:
-        topology = redis if isinstance(redis, RedisTopology) else RedisTopology(redis, timeout_s=timeout_s)
-        self.redis_url = topology.url
+    def __init__(self, redis: str | RedisTopology, key_prefix: str, *, wait: WaitPolicy = NO_WAIT) -> None:
+        topology = redis if isinstance(redis, RedisTopology) else RedisTopology(redis)
         self.key_prefix = key_prefix
         # Bounds calls that have no caller behind them (health checks) and each connection attempt.
         self.timeout_s = topology.timeout_s
         # No socket timeout and no automatic resends (connection.py): every call here is bounded by its
         # caller's deadline, and a save is only ever resent by this module, knowing what a resend means.
         self._redis = connect(topology)
-        self._router = NodeRouter(self._redis, wait or WaitPolicy())
+        self._router = NodeRouter(self._redis, wait)
 
     def key(self, stream_id: str, tenant: str = "") -> str:
         if tenant:
