@@ -1,0 +1,150 @@
+"""Building the server from its configuration: the model, Redis, the data plane and the gRPC services.
+
+Nothing here serves yet: `build_server` returns a server whose port is bound but not started, so a
+bad key file, a model that cannot be served or a taken port fails start-up before any caller sees
+the server (server/run.py starts it and runs it until signalled).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+# Imported here, not by server/app.py: TensorFlow takes seconds to import, and `lstm-serve --help` and
+# the supervisor of --workers should not wait for it.
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from lstm_stream.v1 import stream_pb2, stream_pb2_grpc
+from server import metrics
+from server.api.interceptors import Drain, EdgeInterceptor
+from server.api.native import StreamInferenceServicer
+from server.api.security import Security, SecurityConfigError
+from server.api.streaming import StreamWindow
+from server.api.triton import add_triton_service
+from server.api.wire import add_servicer
+from server.config import ServerConfig
+from server.dataplane import DataPlane
+from server.model.runner import ModelRunner
+from server.processor import StreamPolicy
+from server.redis_health import RedisHealth
+from server.state.connection import RedisTopology
+from server.state.live import LiveStreams
+from server.state.routing import WaitPolicy
+from server.state.store import StateStore
+from server.tenants import ChunkRate
+from server.types import Runner
+
+log = logging.getLogger("server")
+
+
+class StartupError(Exception):
+    """The server cannot start as configured; the message says what to change."""
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltServer:
+    """Everything `run_until_signalled` starts, watches and stops."""
+
+    server: grpc.aio.Server
+    port: int  # the bound port (the configured one, or the one picked for port 0)
+    dataplane: DataPlane
+    health: HealthServicer
+    redis_health: RedisHealth
+    drain: Drain
+    security: Security
+    redis_mode: str
+
+
+async def build_server(config: ServerConfig, worker_of: tuple[int, int] | None) -> BuiltServer:
+    # Before the model loads (seconds): a bad key file or certificate should fail at once.
+    try:
+        security = Security(config)
+    except SecurityConfigError as exc:
+        raise StartupError(str(exc)) from None
+    runner = _load_model(config)
+    model = runner.description
+    topology = RedisTopology.from_config(config)
+    store = StateStore(topology, config.key_prefix,
+                       wait=WaitPolicy(config.redis_wait_replicas, config.redis_wait_timeout_ms))
+    policy = StreamPolicy.from_config(config)
+    tenants = security.tenants
+    dataplane = DataPlane(
+        runner, store, policy,
+        max_batch=config.max_batch, max_delay_s=config.max_delay_s, max_in_flight=config.max_in_flight,
+        max_queued=config.max_queued_chunks,
+        # Per-tenant limits (invariants 12 and 13), only with API keys.
+        chunk_rate=ChunkRate(tenants.limits) if tenants else None,
+        live=LiveStreams(store, policy.state_ttl_ms, lambda tenant: tenants.limits(tenant).max_streams)
+        if tenants else None,
+    )
+    dataplane.start()
+
+    # Invariant 12 (docs/invariants.md): no message larger than the largest valid chunk (plus headroom),
+    # a bounded number of calls at once; past either grpc answers RESOURCE_EXHAUSTED for that call only.
+    receive_limit, send_limit = config.message_limits(model.input_features, model.output_size)
+    drain = Drain()
+    server = grpc.aio.server(
+        # First: counts every call, the drain's refusals included.
+        interceptors=[EdgeInterceptor(drain), *security.interceptors()],  # then API keys, with keys on
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        options=[
+            ("grpc.max_receive_message_length", receive_limit),
+            ("grpc.max_send_message_length", send_limit),
+            # Off by default: with it, grpc grows each stream's HTTP/2 receive window to the measured
+            # bandwidth-delay product, so a client could push many MiB the server never asked for.
+            ("grpc.http2.bdp_probe", 1 if config.http2_bdp_probe else 0),
+            # Workers share one port; a lone server must fail loudly if the port is taken.
+            ("grpc.so_reuseport", 1 if worker_of is not None else 0),
+        ]
+    )
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    window = StreamWindow(config.stream_window, config.stream_window_bytes)
+    # Malformed bytes get INVALID_ARGUMENT rather than grpc's UNKNOWN (server/api/wire.py).
+    native = StreamInferenceServicer(dataplane, window)
+    add_servicer(stream_pb2_grpc.add_StreamInferenceServicer_to_server, native, server)
+    # The Triton / KServe v2 protocol on the same port, over the same data plane.
+    triton_service = add_triton_service(
+        server, dataplane, window,
+        max_batch_size=config.max_batch, max_queue_delay_us=config.max_delay_us,
+        sequence_idle_us=config.state_ttl_us,
+    )
+    inference_services = [stream_pb2.DESCRIPTOR.services_by_name["StreamInference"].full_name, triton_service]
+    reflection.enable_server_reflection(
+        [*inference_services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    try:
+        port = security.add_port(server, config.address)
+    except RuntimeError as exc:  # grpc raises this when the address is taken or invalid
+        raise StartupError(f"cannot listen on {config.address}: {exc}; is another server running there?") from exc
+    return BuiltServer(server, port, dataplane, health, RedisHealth(store, health, inference_services), drain,
+                       security, topology.mode)
+
+
+def _load_model(config: ServerConfig) -> Runner:
+    """The model, warm (its calls for the configured chunk lengths compiled), and described in the log."""
+    runner: Runner = ModelRunner(
+        config.model, config.max_chunk_timesteps, xla=config.xla, max_batch=config.max_batch
+    )
+    if config.identity_model:
+        from server.model.identity import IdentityRunner
+
+        runner = IdentityRunner(runner.description, config.max_chunk_timesteps)
+    runner.warm_up(config.warmup_lengths())
+    model = runner.description
+    metrics.MODEL.info({"name": model.name, "fingerprint": model.fingerprint,
+                        "input_features": str(model.input_features), "output_size": str(model.output_size),
+                        "state_size": str(model.state_size),
+                        "per_timestep_outputs": str(model.per_timestep_outputs).lower(),
+                        "max_chunk_timesteps": str(config.max_chunk_timesteps)})
+    log.info(
+        "model loaded",
+        extra={"fields": {"model": config.model, "name": model.name, "fingerprint": model.fingerprint,
+                          "input_features": model.input_features, "output_size": model.output_size,
+                          "state_size": model.state_size, "per_timestep_outputs": model.per_timestep_outputs}},
+    )
+    return runner
