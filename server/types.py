@@ -2,8 +2,9 @@
 
 The native API and the Triton/KServe protocol are thin servicers over one path:
 `Chunk -> DataPlane.predict -> Prediction`. Nothing here knows about protobuf, Redis or Keras.
-Below the data plane, the batcher and the processor share the batch results and the model runner's
-interface defined here, so neither imports the other nor the Keras runner for its types.
+Below the data plane, the batcher and the processor share the batch results defined here, and the
+processor sees the model only through the runner interface `Runner`: it imports neither the batcher
+that calls it nor the Keras runner (nor TensorFlow).
 """
 
 from __future__ import annotations
