@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from server.config import DEFAULT_MODEL  # the model the server ships with; --verify recomputes with it by default
+from server.validation import MAX_STREAM_ID_BYTES  # the server's limit, so no run is refused after connecting
 
 APIS = ("unary", "stream")
-MAX_STREAM_ID_LENGTH = 128
 
 
 class ConfigError(ValueError):
@@ -119,8 +119,8 @@ class LoadConfig:
         if not self.tolerance >= 0:
             problems.append("tolerance must not be negative")
         last_id = self.stream_id(self.streams - 1)
-        if len(last_id) > MAX_STREAM_ID_LENGTH:
-            problems.append(f"stream ids like {last_id!r} are longer than {MAX_STREAM_ID_LENGTH} characters")
+        if len(last_id.encode()) > MAX_STREAM_ID_BYTES:
+            problems.append(f"stream ids like {last_id!r} are longer than {MAX_STREAM_ID_BYTES} bytes")
         if not self.stream_prefix or any(not ("!" <= c <= "~") or c in "{}" for c in self.stream_prefix):
             problems.append("stream prefix must be printable ASCII without spaces or braces")
         if (self.client_cert is None) != (self.client_key is None):

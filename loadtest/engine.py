@@ -29,7 +29,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -39,13 +38,12 @@ from loadtest.config import LoadConfig
 from loadtest.recorder import Recorder, Segment, Snapshot, StreamLog
 from loadtest.sensors import Sensor
 from lstm_stream.client.retry import RetryPolicy, retry_async
-from lstm_stream.client.types import call_metadata, channel_credentials
+from lstm_stream.client.types import OFFSET_METADATA_KEY, ModelInfo, call_metadata, channel_credentials
 from lstm_stream.v1 import stream_pb2 as pb
 from lstm_stream.v1 import stream_pb2_grpc as pb_grpc
 
 # The server's idea of the stream differs from the tool's: its state was lost, reset or replaced.
 STATE_ERRORS = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DATA_LOSS})
-OFFSET_METADATA_KEY = "x-stream-offset"
 BAD_RESPONSE = "BAD_RESPONSE"
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 _MESSAGE_LIMIT = 64 * 1024 * 1024
@@ -66,17 +64,9 @@ class ConnectError(RuntimeError):
     """The server could not be reached or described itself unusably (exit code 2)."""
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    fingerprint: str
-    input_features: int
-    output_size: int
-    per_timestep_outputs: bool
-    max_chunk_timesteps: int
-
-    def rows(self, timesteps: int) -> int:
-        return timesteps if self.per_timestep_outputs else 1
+def output_rows(model: ModelInfo, timesteps: int) -> int:
+    """Rows of the answer to a chunk: one per timestep, or one (its last step) for a last-step model."""
+    return timesteps if model.per_timestep_outputs else 1
 
 
 def _credentials(config: LoadConfig) -> grpc.ChannelCredentials | None:
@@ -98,8 +88,7 @@ def fetch_model(target: str, timeout_s: float, config: LoadConfig | None = None)
             raise ConnectError(f"no server answers at {target} (waited {timeout_s:g} s)") from None
         except grpc.RpcError as exc:
             raise ConnectError(f"GetModel at {target} failed: {exc.code().name}: {exc.details()}") from None
-    return ModelInfo(info.name, info.fingerprint, info.input_features, info.output_size,
-                     info.per_timestep_outputs, info.max_chunk_timesteps)
+    return ModelInfo.from_proto(info)
 
 
 class ChunkFailed(Exception):
@@ -295,7 +284,7 @@ class StreamDriver:
         return True
 
     def _check(self, response: pb.PredictResponse, timesteps: int) -> None:
-        rows, columns = self.model.rows(timesteps), self.model.output_size
+        rows, columns = output_rows(self.model, timesteps), self.model.output_size
         if response.timesteps != rows or response.output_size != columns or len(response.outputs) != rows * columns:
             raise ChunkFailed(
                 BAD_RESPONSE,

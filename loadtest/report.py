@@ -16,12 +16,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from loadtest.config import LoadConfig
-from loadtest.engine import ModelInfo
 from loadtest.recorder import error_counts
+from lstm_stream.client.types import ModelInfo
 
 REPORT_VERSION = 1
 PERCENTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p99.9": 99.9}
 HISTOGRAM_BINS = 60
+# What the report says of the server's model (README "JSON report", `server.model`): GetModel's name,
+# fingerprint and shapes.
+MODEL_FIELDS = ("name", "fingerprint", "input_features", "output_size", "per_timestep_outputs", "max_chunk_timesteps")
 
 
 def _ms(seconds: float) -> float:
@@ -109,7 +112,7 @@ def build_report(config: LoadConfig, model: ModelInfo, recording: dict[str, Any]
         "started_at": started_at.isoformat(timespec="seconds"),
         "wall_s": round(wall_s, 3),
         "config": config.as_dict(),
-        "server": {"target": config.target, "model": vars(model).copy()},
+        "server": {"target": config.target, "model": {name: getattr(model, name) for name in MODEL_FIELDS}},
         "mode": "open" if config.open_loop else "closed",
         "api": config.api,
         "streams": config.streams,

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from loadtest.engine import ModelInfo
 from loadtest.recorder import StreamLog
+from lstm_stream.client.types import ModelInfo
 
 # Largest padded batch, in timesteps x sequences, for one Keras call (bounds the memory it needs).
 BATCH_TIMESTEPS = 400_000

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import grpc
 
-OFFSET_METADATA_KEY = "x-stream-offset"
+# The name clients read the stream's offset from: its one home is the client distribution.
+from lstm_stream.client.types import OFFSET_METADATA_KEY
+
 # On chunk errors from the state store: "not-applied" (certain) or "unknown" (invariant 9).
 OUTCOME_METADATA_KEY = "x-chunk-outcome"
 NOT_APPLIED = "not-applied"

@@ -20,9 +20,9 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lstm_stream.v1 import stream_pb2_grpc
+from server.config import DEFAULT_MODEL  # the model the server serves by default; re-exported for the tests
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = ROOT / "models" / "default.keras"
 T = TypeVar("T")
 
 

@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
+from lstm_stream.client.types import OFFSET_METADATA_KEY
 from lstm_stream.v1 import stream_pb2 as pb
 from tests.client import outputs, predict, request
 from tests.models import TOLERANCE, keras_whole_sequence
@@ -38,7 +39,7 @@ def test_racing_replicas_apply_exactly_one_chunk(start_server) -> None:
                     winners.append((call.result(), x))
                 except grpc.RpcError as error:
                     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
-                    assert dict(error.trailing_metadata())["x-stream-offset"] == "13"
+                    assert dict(error.trailing_metadata())[OFFSET_METADATA_KEY] == "13"
                     losers.append(x)
             assert len(winners) == 1 and len(losers) == 1
             reply, x = winners[0]

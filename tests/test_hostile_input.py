@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from lstm_stream.v1 import stream_pb2 as pb
 from lstm_stream.v1 import stream_pb2_grpc as pb_grpc
+from server.validation import MAX_STREAM_ID_BYTES
 from tests.support import DEFAULT_MODEL, RedisServer, ServerProcess, triton_messages
 
 triton_pb2, triton_pb2_grpc = triton_messages()
@@ -56,9 +57,12 @@ floats = st.floats(width=32, allow_nan=True, allow_infinity=True)
 stream_ids = st.one_of(
     st.sampled_from(KNOWN),
     st.text(max_size=40),
-    st.text(min_size=60, max_size=300),  # around the 256-byte limit once encoded
-    st.sampled_from(["", " ", "a\x00b", "\n", "\x7f", "\u0085", "\u200d", "{", "}", "{}", "é" * 128, "é" * 129,
-                     "x" * 256, "x" * 257, "\U0001f321" * 64, "\U0001f321" * 65]),
+    st.text(min_size=60, max_size=300),  # around the limit of MAX_STREAM_ID_BYTES once encoded
+    # At the limit and one character past it, with 1, 2 and 4 bytes per character.
+    st.sampled_from(["", " ", "a\x00b", "\n", "\x7f", "\u0085", "\u200d", "{", "}", "{}",
+                     "é" * (MAX_STREAM_ID_BYTES // 2), "é" * (MAX_STREAM_ID_BYTES // 2 + 1),
+                     "x" * MAX_STREAM_ID_BYTES, "x" * (MAX_STREAM_ID_BYTES + 1),
+                     "\U0001f321" * (MAX_STREAM_ID_BYTES // 4), "\U0001f321" * (MAX_STREAM_ID_BYTES // 4 + 1)]),
 )
 offsets = st.one_of(st.none(), st.integers(0, 40), st.integers(0, 2**64 - 1))
 

@@ -9,6 +9,7 @@ import grpc
 import numpy as np
 import pytest
 
+from lstm_stream.client.types import OFFSET_METADATA_KEY
 from lstm_stream.v1 import stream_pb2 as pb
 from tests.client import outputs, predict, request, status_of
 from tests.models import TOLERANCE, keras_whole_sequence
@@ -36,7 +37,7 @@ def test_a_late_copy_of_the_reset_chunk_does_not_rewind_the_stream(default_serve
     code, message, metadata = status_of(stub.Predict, request(stream, x[:10], reset=True, **start))
     assert code == grpc.StatusCode.FAILED_PRECONDITION
     assert "late duplicate" in message and "started the current sequence" in message
-    assert metadata["x-stream-offset"] == "30"
+    assert metadata[OFFSET_METADATA_KEY] == "30"
     assert offset(stub, stream) == 30
     got.append(outputs(predict(stub, stream, x[30:], start_offset=30)))
     assert np.max(np.abs(np.concatenate(got) - keras_whole_sequence(DEFAULT_MODEL, x))) <= TOLERANCE
@@ -50,7 +51,7 @@ def test_late_copies_of_other_chunks_are_refused(default_server) -> None:
     predict(stub, stream, x[20:30], start_offset=20)
     code, message, metadata = status_of(stub.Predict, request(stream, x[10:20], start_offset=10))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "late duplicate" in message
-    assert metadata["x-stream-offset"] == "30" and offset(stub, stream) == 30
+    assert metadata[OFFSET_METADATA_KEY] == "30" and offset(stub, stream) == 30
 
 
 def test_append_mode_chunks_with_a_request_id_are_recognised(default_server) -> None:
@@ -62,7 +63,7 @@ def test_append_mode_chunks_with_a_request_id_are_recognised(default_server) -> 
         code, message, metadata = status_of(stub.Predict, request(stream, late, request_id=rid,
                                                                    reset=rid == "r0"))
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "late duplicate" in message, message
-        assert metadata["x-stream-offset"] == "30"
+        assert metadata[OFFSET_METADATA_KEY] == "30"
     assert offset(stub, stream) == 30
     got.append(outputs(predict(stub, stream, x[30:], request_id="r30")))
     assert np.max(np.abs(np.concatenate(got) - keras_whole_sequence(DEFAULT_MODEL, x))) <= TOLERANCE

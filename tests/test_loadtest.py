@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loadtest import EXIT_FAILED_CHUNKS, EXIT_OK, EXIT_USAGE, EXIT_VERIFY_FAILED, LoadConfig, run_load
+from loadtest import EXIT_FAILED_CHUNKS, EXIT_OK, EXIT_USAGE, EXIT_VERIFY_FAILED, ConfigError, LoadConfig, run_load
 from lstm_stream.v1 import stream_pb2 as pb
+from server.validation import MAX_STREAM_ID_BYTES
 from tests.models import build_gru_stateful, build_last_step
 from tests.support import DEFAULT_MODEL, ROOT, RedisServer, ServerProcess, free_port, wait_until
 
@@ -108,6 +109,9 @@ def test_cli_writes_the_json_report_and_the_plot(default_server: ServerProcess, 
     assert set(report) >= REPORT_FIELDS
     assert set(report["latency_ms"]) >= LATENCY_FIELDS
     assert report["config"]["processes"] == 2
+    # The server's model as GetModel describes it: these fields and no others (README "JSON report").
+    assert list(report["server"]["model"]) == ["name", "fingerprint", "input_features", "output_size",
+                                               "per_timestep_outputs", "max_chunk_timesteps"]
     assert report["chunks"] > 0 and report["totals"]["chunks"] >= report["chunks"]
     assert len(report["timeline"]["t_s"]) == len(report["timeline"]["chunks_per_s"]) > 0
     assert sum(report["latency_histogram"]["counts"]) == report["chunks"]
@@ -222,6 +226,14 @@ def test_sensors_are_the_seeded_training_signals() -> None:
 def test_a_chunk_budget_is_split_over_the_streams() -> None:
     config = LoadConfig(streams=4, total_chunks=10, duration_s=None)
     assert [config.chunk_budget(i) for i in range(4)] == [3, 3, 2, 2]
+
+
+def test_stream_ids_must_fit_the_servers_limit() -> None:
+    # Checked before connecting: the last stream's id, prefix + "-<index>", in UTF-8 bytes.
+    fits = "p" * (MAX_STREAM_ID_BYTES - len("-9"))
+    LoadConfig(streams=10, stream_prefix=fits).check()
+    with pytest.raises(ConfigError, match=f"longer than {MAX_STREAM_ID_BYTES} bytes"):
+        LoadConfig(streams=11, stream_prefix=fits).check()
 
 
 def test_readme_names_every_report_field() -> None:

@@ -8,6 +8,7 @@ import grpc
 import numpy as np
 import pytest
 
+from lstm_stream.client.types import OFFSET_METADATA_KEY
 from lstm_stream.v1 import stream_pb2 as pb
 from tests.client import outputs, predict, request, status_of
 from tests.models import TOLERANCE, keras_whole_sequence
@@ -56,10 +57,10 @@ def test_gap_and_stale_offsets_are_refused_with_the_current_offset(default_serve
     for wrong in (11, 5, 0):
         code, message, metadata = status_of(stub.Predict, request(stream, x[10:20], start_offset=wrong))
         assert code == grpc.StatusCode.FAILED_PRECONDITION
-        assert "offset 10" in message and metadata["x-stream-offset"] == "10"
+        assert "offset 10" in message and metadata[OFFSET_METADATA_KEY] == "10"
     # A retry of the last chunk with other data is not a retry.
     code, _, metadata = status_of(stub.Predict, request(stream, x[20:30], start_offset=0))
-    assert code == grpc.StatusCode.FAILED_PRECONDITION and metadata["x-stream-offset"] == "10"
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and metadata[OFFSET_METADATA_KEY] == "10"
     assert stub.GetStream(pb.GetStreamRequest(stream_id=stream)).offset == 10
     assert predict(stub, stream, x[10:20], start_offset=10).offset == 20
 
@@ -67,7 +68,7 @@ def test_gap_and_stale_offsets_are_refused_with_the_current_offset(default_serve
 def test_first_chunk_of_a_new_stream_must_start_at_zero(default_server) -> None:
     stub, stream = default_server.stub, f"new-{uuid.uuid4().hex[:8]}"
     code, _, metadata = status_of(stub.Predict, request(stream, x_of(4, 5), start_offset=7))
-    assert code == grpc.StatusCode.FAILED_PRECONDITION and metadata["x-stream-offset"] == "0"
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and metadata[OFFSET_METADATA_KEY] == "0"
     assert not stub.GetStream(pb.GetStreamRequest(stream_id=stream)).exists
 
 

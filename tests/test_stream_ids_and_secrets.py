@@ -18,6 +18,7 @@ import pytest
 
 from lstm_stream.v1 import stream_pb2 as pb
 from server.redact import redact_url
+from server.validation import MAX_STREAM_ID_BYTES
 from tests.client import outputs, predict
 from tests.models import TOLERANCE, keras_whole_sequence
 from tests.support import DEFAULT_MODEL, ROOT, RedisServer, free_port
@@ -35,7 +36,7 @@ def ids() -> list[str]:
         f"{{braces}}-{tag}",
         f"a{{b}}c {tag}",
         f"emoji 🌡️‍ {tag}",  # a zero-width joiner (Cf) is text, not a control character
-        ("é" * 125) + tag,  # 250 + 6 = 256 bytes in UTF-8: the longest id
+        "é" * ((MAX_STREAM_ID_BYTES - len(tag)) // 2) + tag,  # 2 bytes per "é" in UTF-8: the longest id
     ]
 
 
@@ -44,7 +45,7 @@ def test_utf8_ids_continue_like_keras_on_the_native_api(default_server, redis_se
     x = np.random.default_rng(21).normal(size=(12, 1)).astype(np.float32)
     expected = keras_whole_sequence(DEFAULT_MODEL, x)
     for stream in ids():
-        assert len(stream.encode()) <= 256
+        assert len(stream.encode()) <= MAX_STREAM_ID_BYTES
         first = predict(stub, stream, x[:5], start_offset=0)
         second = predict(stub, stream, x[5:], start_offset=5)
         assert first.stream_id == stream and second.offset == 12

@@ -12,6 +12,7 @@ from lstm_stream.v1 import stream_pb2 as pb
 # PEM given as bytes, or as a path to read.
 Pem = bytes | str | Path
 AUTHORIZATION = "authorization"
+# Trailing metadata of a FAILED_PRECONDITION: where the stream stands. The server imports it from here.
 OFFSET_METADATA_KEY = "x-stream-offset"
 _MESSAGE_LIMIT = 64 * 1024 * 1024
 # grpc's own reconnect backoff grows to 120 s by default; a client that retries within a deadline of
