@@ -220,3 +220,11 @@ def tenant_streams_exceeded(tenant: str, max_streams: int) -> ServiceError:
         "End (`end`) or reset (ResetStream) streams it no longer uses, or wait until idle ones expire",
         outcome=NOT_APPLIED,
     )
+
+
+# --- The Triton / KServe v2 protocol's own errors (server/api/triton.py). ---
+
+def unknown_model(name: str, version: str = "") -> ServiceError:
+    """Triton's wording and code (NOT_FOUND), so clients that match on it keep working."""
+    what = f"'{name}'" + (f" version {version}" if version else "")
+    return ServiceError(grpc.StatusCode.NOT_FOUND, f"Request for unknown model: {what} is not found")
