@@ -48,7 +48,7 @@ from server.api.triton_statistics import TritonStatistics
 from server.api.wire import add_servicer
 from server.dataplane import DataPlane
 from server.errors import ServiceError, unknown_model
-from server.types import Prediction
+from server.types import Prediction, StageTimes
 
 EXTENSIONS = ("model_configuration", "sequence", "sequence(string_id)", "statistics")
 
@@ -70,6 +70,7 @@ class _Submitted:
     answer: asyncio.Future[Prediction]
     batched: bool = False  # the input was [1, T, F], so the output gets the leading 1 too
     started_ns: int = field(default_factory=time.monotonic_ns)
+    times: StageTimes = field(default_factory=StageTimes)  # filled in by the data path, for ModelStatistics
 
 
 class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -107,8 +108,9 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
         submitted = _Submitted(request, asyncio.get_running_loop().create_future())
         try:
             chunk, submitted.batched = to_chunk(
-                request, self.dataplane.model, self.dataplane.max_chunk_timesteps, TENANT.get()
+                request, self.dataplane.model, self.dataplane.max_chunk_timesteps, TENANT.get(), submitted.times
             )
+            submitted.times.queued = time.monotonic_ns()
             submitted.answer = self.dataplane.submit(chunk, time_remaining)
         except Exception as exc:  # a bad request: its failure is delivered like the data plane's
             submitted.answer.set_exception(as_service_error(exc))
@@ -118,9 +120,9 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             prediction = await submitted.answer
         except Exception:
-            self.statistics.record(False, submitted.started_ns)
+            self.statistics.record_failure(submitted.started_ns)
             raise
-        self.statistics.record(True, submitted.started_ns)
+        self.statistics.record_success(submitted.started_ns, submitted.times)
         return to_response(submitted.request, prediction, submitted.batched, self.dataplane.model.name)
 
     @unary_errors
@@ -185,9 +187,9 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelStatisticsResponse:
         if request.name:  # empty: every model, which is this one
             self._check_model(request.name, request.version)
-        return pb.ModelStatisticsResponse(
-            model_stats=[self.statistics.message(self.dataplane.model.name, MODEL_VERSION)]
-        )
+        # Under the name asked for, as Triton answers: perf_analyzer -m default looks its statistics up by it.
+        name = request.name or self.dataplane.model.name
+        return pb.ModelStatisticsResponse(model_stats=[self.statistics.message(name, MODEL_VERSION)])
 
 
 def add_triton_service(

@@ -16,7 +16,7 @@ import numpy as np
 from lstm_stream.triton import grpc_service_pb2 as pb
 from lstm_stream.triton import model_config_pb2 as config_pb
 from server.errors import ServiceError, invalid_argument
-from server.types import Chunk, ModelDescription, Prediction
+from server.types import Chunk, ModelDescription, Prediction, StageTimes
 from server.validation import check_start, check_stream_id, check_values
 
 INPUT_NAME = "INPUT"
@@ -156,9 +156,11 @@ def _check_outputs(request: pb.ModelInferRequest) -> None:
 
 # --- request -> Chunk, Prediction -> response --------------------------------------------------------
 
-def to_chunk(request: pb.ModelInferRequest, model: ModelDescription, max_timesteps: int, tenant: str
-             ) -> tuple[Chunk, bool]:
-    """The request as a validated Chunk, and whether its input had the batch dimension (the output gets it too)."""
+def to_chunk(request: pb.ModelInferRequest, model: ModelDescription, max_timesteps: int, tenant: str,
+             times: StageTimes | None = None) -> tuple[Chunk, bool]:
+    """The request as a validated Chunk, and whether its input had the batch dimension (the output gets it too).
+
+    `times`, if given, travels with the chunk and collects its stage times (server/types.py)."""
     parameters = request.parameters
     stream_id = _sequence_id(parameters)
     reset = _bool_parameter(parameters, "sequence_start")
@@ -170,10 +172,10 @@ def to_chunk(request: pb.ModelInferRequest, model: ModelDescription, max_timeste
     values, batched = _values(request, model.input_features, max_timesteps)
     if stream_id is None:
         # Outside a sequence every request is its own whole sequence (Keras stateful=False).
-        return Chunk(None, values, request_id=request.id, tenant=tenant), batched
+        return Chunk(None, values, request_id=request.id, tenant=tenant, times=times), batched
     # The Triton `id` is only echoed, never used for retry detection: Triton clients often reuse
     # one id, and a repeated identical chunk must then run again, not be answered from storage.
-    chunk = Chunk(stream_id, values, start_offset, reset, end, must_exist=not implicit, tenant=tenant)
+    chunk = Chunk(stream_id, values, start_offset, reset, end, must_exist=not implicit, tenant=tenant, times=times)
     return chunk, batched
 
 
