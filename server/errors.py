@@ -4,8 +4,8 @@ The protocol edges map it in one place (a decorator for unary calls, an `error` 
 the data path below them (data plane, batcher, processor, state store) raises it and never imports
 gRPC itself: the status codes come through this module, the only one below the edges that imports
 `grpc`, and only for `grpc.StatusCode`. Each error a caller can see is named here by a factory, in
-the order of the README's error table, so the table can be checked against this one module (the
-Triton protocol's own errors excepted: they live with its servicer, server/api/).
+the order of the README's error table, so the table can be checked against this one module; the
+Triton protocol's own errors (its wording, for its clients) close the file.
 """
 
 from __future__ import annotations
@@ -252,3 +252,11 @@ def tenant_streams_exceeded(tenant: str, max_streams: int) -> ServiceError:
 def internal_error(detail: str) -> ServiceError:
     """An exception nobody expected; `detail` names it (never a Redis error: the store sorts those)."""
     return ServiceError(grpc.StatusCode.INTERNAL, f"internal error: {detail}")
+
+
+# --- The Triton / KServe v2 protocol's own errors (server/api/triton.py). ---
+
+def unknown_model(name: str, version: str = "") -> ServiceError:
+    """Triton's wording and code (NOT_FOUND), so clients that match on it keep working."""
+    what = f"'{name}'" + (f" version {version}" if version else "")
+    return ServiceError(grpc.StatusCode.NOT_FOUND, f"Request for unknown model: {what} is not found")

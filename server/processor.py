@@ -164,9 +164,14 @@ class BatchProcessor:
 
         states = np.stack([p.base_state for p in planned])
         loop = asyncio.get_running_loop()
+        model_started = time.monotonic_ns()
         outputs, new_states = await loop.run_in_executor(
             self._model_thread, self.runner.run, [p.chunk.values for p in planned], states
         )
+        model_finished = time.monotonic_ns()
+        for plan in planned:
+            if plan.chunk.times is not None:
+                plan.chunk.times.model_ran(model_started, model_finished, len(planned))
 
         writes: list[tuple[_Planned, SlotWrite]] = []
         now = now_unix_ms()

@@ -20,6 +20,30 @@ from server.errors import ServiceError
 StreamKey = tuple[str, str]
 
 
+@dataclass(slots=True)
+class StageTimes:
+    """When one chunk passed each stage of the data path, in time.monotonic_ns(); 0: not reached.
+
+    An edge that reports stages (the Triton protocol's ModelStatistics) hands one in with its Chunk and
+    reads it once answered; the batcher and the batch processor fill it in. A chunk run again after a
+    conflict keeps the times of its last batch.
+    """
+
+    queued: int = 0  # handed to the data plane
+    batch_started: int = 0  # its batch left the queue: slots load from Redis, the stream rules apply
+    model_started: int = 0  # the model call began (0: answered without it, e.g. a replayed retry)
+    model_finished: int = 0  # the model call ended: slots save to Redis
+    batch_finished: int = 0  # the batch's answers are ready
+    model_batch: int = 0  # chunks in that model call
+
+    def batch_began(self, now_ns: int) -> None:
+        self.batch_started = now_ns
+        self.model_started = self.model_finished = self.model_batch = 0
+
+    def model_ran(self, started_ns: int, finished_ns: int, chunks: int) -> None:
+        self.model_started, self.model_finished, self.model_batch = started_ns, finished_ns, chunks
+
+
 @dataclass(frozen=True, slots=True)
 class Chunk:
     """Consecutive timesteps of one stream, already validated.
@@ -43,6 +67,8 @@ class Chunk:
     deadline: float | None = None
     # The API key's tenant (invariant 13, docs/invariants.md); "" when the server has no keys.
     tenant: str = ""
+    # Filled in on the way through the data path when the edge asked (None: nobody reads them).
+    times: StageTimes | None = field(default=None, compare=False)
 
     @property
     def timesteps(self) -> int:

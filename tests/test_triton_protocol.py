@@ -369,6 +369,29 @@ def test_model_statistics_count_requests(client: triton.InferenceServerClient) -
     assert failure(client.get_inference_statistics, "no-such-model").status() == "StatusCode.NOT_FOUND"
 
 
+def test_model_statistics_have_the_stages_perf_analyzer_reads(client: triton.InferenceServerClient) -> None:
+    """perf_analyzer without -x finds the version whose queue count moved, and splits the request time into
+    queue and compute stages that add up to at most the request time."""
+    def stats() -> triton_pb2.ModelStatistics:
+        return client.get_inference_statistics(MODEL).model_stats[0]
+
+    before = stats()
+    number = unique_int_id()
+    for index, chunk in enumerate(split(sequence(6), [2, 2, 2])):
+        infer(client, chunk, sequence_id=number, sequence_start=index == 0, sequence_end=index == 2)
+    after = stats()
+    assert after.name == MODEL and after.version == "1"  # the name asked for; a version perf_analyzer parses
+    served = after.inference_stats.success.count - before.inference_stats.success.count
+    assert served >= 3 and after.inference_count - before.inference_count == served
+    assert after.execution_count > before.execution_count
+    stages = ("queue", "compute_input", "compute_infer", "compute_output")
+    for stage in stages:
+        assert getattr(after.inference_stats, stage).count - getattr(before.inference_stats, stage).count == served
+    stage_ns = sum(getattr(after.inference_stats, stage).ns - getattr(before.inference_stats, stage).ns
+                   for stage in stages)
+    assert 0 < stage_ns <= after.inference_stats.success.ns - before.inference_stats.success.ns
+
+
 def test_last_step_model_with_two_features(tmp_path: Path, start_server: Callable[..., ServerProcess]) -> None:
     """Shapes follow the model: 2 features in, one row of 3 outputs per request (the chunk's last step)."""
     model = build_last_step(tmp_path / "last_step.keras")

@@ -173,8 +173,11 @@ class Batcher:
         metrics.BATCH_SIZE.observe(len(batch))
         started = asyncio.get_running_loop().time()
         now = time.monotonic()
+        now_ns = time.monotonic_ns()
         for waiting in batch:
             metrics.QUEUE_WAIT_SECONDS.observe(now - waiting.queued_at)
+            if waiting.chunk.times is not None:
+                waiting.chunk.times.batch_began(now_ns)
         self._in_flight_chunks += len(batch)
         try:
             results = await self._process([w.chunk for w in batch])
@@ -188,8 +191,11 @@ class Batcher:
         finally:
             self._in_flight_chunks -= len(batch)
         metrics.BATCH_SECONDS.observe(asyncio.get_running_loop().time() - started)
+        finished_ns = time.monotonic_ns()
         retry: list[_Waiting] = []
         for waiting, result in zip(batch, results, strict=True):
+            if waiting.chunk.times is not None:
+                waiting.chunk.times.batch_finished = finished_ns
             if isinstance(result, Conflict):
                 metrics.CONFLICTS.inc()
                 waiting.conflicts += 1
