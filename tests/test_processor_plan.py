@@ -20,13 +20,12 @@ import numpy as np
 import pytest
 
 from lstm_stream.client.types import OFFSET_METADATA_KEY
-from server.batching.batcher import CONFLICT
 from server.errors import ServiceError
 from server.processor import BatchProcessor, StreamPolicy
 from server.state.live import Change, LiveChange
 from server.state.record import CorruptRecord, SlotRecord
 from server.state.store import APPLIED, REFUSED, WrongType
-from server.types import Chunk, ModelDescription, Prediction
+from server.types import CONFLICT, Chunk, ModelDescription, Prediction
 
 pytestmark = pytest.mark.timeout(30)
 
