@@ -14,6 +14,10 @@ Loads: 1, 16, 64 and 256 streams, chunks of 1 and 20 timesteps, unary Predict an
 PredictStream, closed loop with one chunk in flight per stream (the predict peer only at 1 and 16
 streams: it serves one chunk at a time, so more streams only queue). It prints one table with
 chunks/s, p50 and p99 and the ratios, the Redis memory per stream, and writes every report to JSON.
+
+Then, where perf_analyzer is on the machine, Triton's own load generator drives this server, its no-model
+ceiling and Triton itself (when ../shared/peers/triton is set up) in the same run: bench/perf_analyzer.py,
+whose table follows (`--no-perf-analyzer` skips it; `python -m bench.perf_analyzer` runs it alone).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from bench import perf_analyzer
 from loadtest.config import LoadConfig
 from loadtest.run import run_load
 from lstm_stream.v1 import stream_pb2 as pb
@@ -128,6 +133,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="lstm-serve worker processes")
     parser.add_argument("--servers", default="lstm-serve,ceiling,predict")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    parser.add_argument("--no-perf-analyzer", action="store_true", help="skip the perf_analyzer side-by-side")
     args = parser.parse_args()
 
     results: dict[str, Any] = {
@@ -152,6 +158,10 @@ def main() -> None:
             served.stop()
             redis.stop()
     print_table(results)
+    if not args.no_perf_analyzer and perf_analyzer.perf_analyzer_command() is not None:
+        results["perf_analyzer"] = perf_analyzer.side_by_side(
+            ["lstm-serve", "ceiling", "triton"], args.workers, 4000, args.quick)
+        perf_analyzer.print_table(results["perf_analyzer"])
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))
     print(f"\nwritten to {args.json}")

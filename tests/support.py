@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -311,3 +312,24 @@ def triton_messages() -> tuple[ModuleType, ModuleType]:
         from tritonclient.grpc import service_pb2 as messages
         from tritonclient.grpc import service_pb2_grpc as stubs
     return messages, stubs
+
+
+# perf_analyzer (Triton's load generator, a C++ binary) as the Triton peer's setup script builds it under
+# /tmp/triton (../shared/peers/triton/setup.sh: the PyPI wheel run through a newer glibc loader).
+TRITON_PEER = Path("/tmp/triton")
+_PEER_LIBS = TRITON_PEER / "sysroot" / "usr" / "lib" / "x86_64-linux-gnu"
+_PEER_PERF_ANALYZER = [
+    str(_PEER_LIBS / "ld-linux-x86-64.so.2"), "--library-path", str(_PEER_LIBS),
+    str(TRITON_PEER / "pa" / "perf_analyzer" / "bin" / "perf_analyzer"),
+]
+
+
+def perf_analyzer_command() -> list[str] | None:
+    """perf_analyzer on this machine: $PERF_ANALYZER (a command), the Triton peer's build, or PATH."""
+    if command := os.environ.get("PERF_ANALYZER"):
+        return shlex.split(command)
+    if all(Path(part).exists() for part in (_PEER_PERF_ANALYZER[0], _PEER_PERF_ANALYZER[-1])):
+        return _PEER_PERF_ANALYZER
+    if binary := shutil.which("perf_analyzer"):
+        return [binary]
+    return None

@@ -13,33 +13,11 @@ loader), or on PATH; otherwise these tests are skipped, saying so.
 
 from __future__ import annotations
 
-import os
-import shlex
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from tests.support import ServerProcess, triton_messages
-
-TRITON_PEER = Path("/tmp/triton")
-_LIBS = TRITON_PEER / "sysroot" / "usr" / "lib" / "x86_64-linux-gnu"
-_PEER_COMMAND = [
-    str(_LIBS / "ld-linux-x86-64.so.2"), "--library-path", str(_LIBS),
-    str(TRITON_PEER / "pa" / "perf_analyzer" / "bin" / "perf_analyzer"),
-]
-
-
-def perf_analyzer_command() -> list[str] | None:
-    if command := os.environ.get("PERF_ANALYZER"):
-        return shlex.split(command)
-    if all(Path(part).exists() for part in (_PEER_COMMAND[0], _PEER_COMMAND[-1])):
-        return _PEER_COMMAND
-    if binary := shutil.which("perf_analyzer"):
-        return [binary]
-    return None
-
+from tests.support import ServerProcess, perf_analyzer_command, triton_messages
 
 PERF_ANALYZER = perf_analyzer_command()
 pytestmark = [

@@ -25,7 +25,7 @@ import asyncio
 import importlib.metadata
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
@@ -68,9 +68,9 @@ class _Submitted:
 
     request: pb.ModelInferRequest
     answer: asyncio.Future[Prediction]
-    batched: bool = False  # the input was [1, T, F], so the output gets the leading 1 too
-    started_ns: int = field(default_factory=time.monotonic_ns)
-    times: StageTimes = field(default_factory=StageTimes)  # filled in by the data path, for ModelStatistics
+    batched: bool  # the input was [1, T, F], so the output gets the leading 1 too
+    started_ns: int
+    times: StageTimes  # filled in by the data path, for ModelStatistics
 
 
 class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -105,16 +105,17 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _submit(self, request: pb.ModelInferRequest, time_remaining: float | None = None) -> _Submitted:
         """Validate and hand to the data plane now, so a stream's chunks reach the batcher in order."""
         self._check_model(request.model_name, request.model_version)
-        submitted = _Submitted(request, asyncio.get_running_loop().create_future())
+        started_ns, times, batched = time.monotonic_ns(), StageTimes(), False
         try:
-            chunk, submitted.batched = to_chunk(
-                request, self.dataplane.model, self.dataplane.max_chunk_timesteps, TENANT.get(), submitted.times
+            chunk, batched = to_chunk(
+                request, self.dataplane.model, self.dataplane.max_chunk_timesteps, TENANT.get(), times
             )
-            submitted.times.queued = time.monotonic_ns()
-            submitted.answer = self.dataplane.submit(chunk, time_remaining)
+            times.queued = time.monotonic_ns()
+            answer = self.dataplane.submit(chunk, time_remaining)
         except Exception as exc:  # a bad request: its failure is delivered like the data plane's
-            submitted.answer.set_exception(as_service_error(exc))
-        return submitted
+            answer = asyncio.get_running_loop().create_future()
+            answer.set_exception(as_service_error(exc))
+        return _Submitted(request, answer, batched, started_ns, times)
 
     async def _finish(self, submitted: _Submitted) -> pb.ModelInferResponse:
         try:

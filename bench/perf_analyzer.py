@@ -1,0 +1,319 @@
+"""Triton's own load generator against this server and against Triton, in one run, one server at a time.
+
+    python -m bench.perf_analyzer                 # about 6 minutes with the Triton peer set up
+    python -m bench.perf_analyzer --quick         # the streaming T=20 mode only
+
+Servers, each with the shipped default model shape (2 x LSTM(64) + Dense(1), one feature):
+- lstm-serve: this server, state in its own fresh Redis (append-only file on), `--workers` as given.
+- ceiling:    the same with `--identity-model`: the same gRPC, batching and Redis work, no model call.
+- triton:     Triton 2.51's sequence batcher with the python backend, state in process memory
+              (../shared/peers/triton: set up with its setup.sh; skipped with a note when it is not).
+
+Modes are perf_analyzer's (`--sequence-length 20`, sequences of 20 requests, ids from perf_analyzer):
+unary and `--streaming` at 64 concurrent sequences with T=20 timesteps per request, T=1 streaming, and
+one sequence (latency). Each ratio is measured in this run. Besides throughput and latency it reports
+the CPU each side spends per inference: CPU seconds of the server's process tree (and of its Redis)
+over the requests the server counted in its ModelStatistics, so the figure does not depend on how
+busy the rest of the machine was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.support import ROOT, TRITON_PEER, RedisServer, free_port, perf_analyzer_command, wait_until
+
+PEER = ROOT.parent / "shared" / "peers" / "triton"
+TRITON_MODEL = "lstm"
+SEQUENCE_LENGTH = 20
+RUN_TIMEOUT_S = 120  # Triton's streaming mode has hung at 64 sequences: a hung run is recorded, not waited on
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    timesteps: int
+    concurrency: int
+    streaming: bool
+
+
+MODES = (
+    Mode("unary", 20, 64, False),
+    Mode("streaming", 20, 64, True),
+    Mode("T=1 unary", 1, 64, False),
+    Mode("T=1 streaming", 1, 64, True),
+    Mode("one sequence", 20, 1, False),
+)
+
+
+def triton_available() -> bool:
+    return (PEER / "start_server.sh").is_file() and (TRITON_PEER / "server").is_dir()
+
+
+# ---- process CPU, from /proc ----
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parent = int(stat[stat.rindex(")") + 2 :].split()[1])
+            tree.setdefault(parent, []).append(int(entry.name))
+    return tree
+
+
+def cpu_seconds(roots: list[int]) -> float:
+    """User + system CPU seconds of these processes and all their descendants, alive now."""
+    tree, total, todo, ticks = _children(), 0.0, list(roots), os.sysconf("SC_CLK_TCK")
+    while todo:
+        pid = todo.pop()
+        todo.extend(tree.get(pid, []))
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+# ---- the servers ----
+
+class Server:
+    """A server process answering the Triton protocol on `target`; `count()` reads its ModelStatistics."""
+
+    def __init__(self, name: str, command: list[str], target: str, model: str | None,
+                 extra_pids: tuple[int, ...] = ()) -> None:
+        import tritonclient.grpc as triton_grpc  # only the benchmark needs tritonclient
+
+        self.name, self.target, self.extra_pids = name, target, extra_pids
+        # With several worker processes each answers ModelStatistics for itself alone, so a count read
+        # through the shared port is one worker's: no CPU-per-inference figure then.
+        self.whole_count = True
+        self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)  # noqa: SIM115
+        self.process = subprocess.Popen(command, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        self.model = model or model_name(target)
+        self.client = triton_grpc.InferenceServerClient(target)
+
+        def ready() -> bool:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{name} exited; see {self.log.name}")
+            try:
+                return bool(self.client.is_model_ready(self.model, client_timeout=5))
+            except Exception:  # not listening yet
+                return False
+
+        wait_until(ready, 180, f"{name} to serve {self.model}", interval_s=0.5)
+
+    def count(self, field: str = "inference_count") -> int:
+        """Requests served so far (or, with "execution_count", model calls), from ModelStatistics."""
+        stats = self.client.get_inference_statistics(self.model, as_json=True)
+        return sum(int(entry.get(field, 0)) for entry in stats.get("model_stats", []))
+
+    def cpu(self) -> float:
+        return cpu_seconds([self.process.pid, *self.extra_pids])
+
+    def stop(self) -> None:
+        self.client.close()
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+        self.log.close()
+
+
+def start_ours(name: str, workers: int, redis: RedisServer) -> Server:
+    port = free_port()
+    command = [sys.executable, "-m", "server", "--port", str(port), "--redis-url", redis.url,
+               "--redis-autostart", "false", "--metrics-port", "0", "--log-level", "WARNING",
+               "--workers", str(workers), "--warmup-timesteps", "20,1"]
+    if name == "ceiling":
+        command.append("--identity-model")
+    server = Server(name, command, f"127.0.0.1:{port}", None, (redis.process.pid,))
+    server.whole_count = workers == 1
+    time.sleep(8)  # the warm-up shapes compile in the background; measure after
+    return server
+
+
+def model_name(target: str) -> str:
+    """This server names its model after the Keras model; ask it (GetModel) once it listens."""
+    import grpc
+
+    from lstm_stream.v1 import stream_pb2 as pb
+    from lstm_stream.v1 import stream_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        reply = pb_grpc.StreamInferenceStub(channel).GetModel(pb.GetModelRequest(), timeout=180,
+                                                               wait_for_ready=True)
+    return str(reply.name)
+
+
+def start_triton() -> Server:
+    # Its ports are fixed by the peer's script (gRPC 8001): one Triton at a time.
+    return Server("triton", ["bash", str(PEER / "start_server.sh")], "127.0.0.1:8001", TRITON_MODEL)
+
+
+# ---- one perf_analyzer run ----
+
+def measure(pa: list[str], server: Server, mode: Mode, interval_ms: int, trials: int = 6) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as folder:
+        report = Path(folder) / "pa.csv"
+        command = [*pa, "-m", server.model, "-i", "grpc", "-u", server.target,
+                   "--shape", f"INPUT:{mode.timesteps},1", "--sequence-length", str(SEQUENCE_LENGTH),
+                   "--concurrency-range", f"{mode.concurrency}:{mode.concurrency}",
+                   "--measurement-interval", str(interval_ms), "--stability-percentage", "25",
+                   "--max-trials", str(trials), "-f", str(report)]
+        if mode.streaming:
+            command.append("--streaming")
+        row: dict[str, Any] = {"server": server.name, **asdict(mode)}
+        count, cpu, started = server.count(), server.cpu(), time.monotonic()
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return {**row, "failed": f"perf_analyzer did not finish within {RUN_TIMEOUT_S} s (hung)"}
+        try:
+            cpu_used, served = server.cpu() - cpu, server.count() - count
+        except Exception:  # tritonclient raises its own types; any of them means the same here
+            return {**row, "failed": "the server stopped answering during the run (crashed)"}
+        if done.returncode != 0 or not report.is_file():
+            return {**row, "failed": (done.stdout + done.stderr).strip().splitlines()[-1:] or "no output"}
+        with report.open() as handle:
+            result = next(csv.DictReader(handle))
+        return {
+            **row,
+            "infer_per_s": float(result["Inferences/Second"]),
+            "p50_ms": float(result["p50 latency"]) / 1000,
+            "p99_ms": float(result["p99 latency"]) / 1000,
+            "server_cpu_us_per_infer": 1e6 * cpu_used / served if served and server.whole_count else None,
+            "seconds": round(time.monotonic() - started, 1),
+            "server_side_stats": "Server:" in done.stdout,
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--servers", default="lstm-serve,ceiling,triton")
+    parser.add_argument("--workers", type=int, default=1, help="lstm-serve worker processes")
+    parser.add_argument("--interval-ms", type=int, default=4000, help="perf_analyzer's measurement window")
+    parser.add_argument("--quick", action="store_true", help="the streaming T=20 mode only")
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "perf_analyzer.json")
+    parser.add_argument("--rows-to", type=Path, help=argparse.SUPPRESS)  # one server, in a child process
+    args = parser.parse_args()
+    modes = [m for m in MODES if m.name == "streaming"] if args.quick else list(MODES)
+    pa = perf_analyzer_command()
+    if pa is None:
+        sys.exit("perf_analyzer is not on this machine: set PERF_ANALYZER or run ../shared/peers/triton/setup.sh")
+    if args.rows_to:
+        rows = measure_server(pa, args.servers, args.workers, args.interval_ms, modes)
+        args.rows_to.write_text(json.dumps(rows))
+        return
+    results = side_by_side(args.servers.split(","), args.workers, args.interval_ms, args.quick)
+    print_table(results)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2))
+    print(f"\nwritten to {args.json}")
+
+
+def side_by_side(servers: list[str], workers: int, interval_ms: int, quick: bool) -> dict[str, Any]:
+    """Each server measured by a child process of its own: a crashing peer (Triton's streaming mode has
+    segfaulted here) loses that server's remaining rows, not the run."""
+    results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"), "tool": "perf_analyzer",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "workers": workers, "runs": [], "notes": [],
+    }
+    for name in servers:
+        if name == "triton" and not triton_available():
+            results["notes"].append("triton: not set up on this machine (../shared/peers/triton/setup.sh)")
+            continue
+        with tempfile.TemporaryDirectory() as folder:
+            rows_file = Path(folder) / "rows.json"
+            command = [sys.executable, "-m", "bench.perf_analyzer", "--servers", name, "--workers", str(workers),
+                       "--interval-ms", str(interval_ms), "--rows-to", str(rows_file)] + (["--quick"] if quick else [])
+            done = subprocess.run(command, cwd=ROOT)
+            if rows_file.is_file():
+                results["runs"].extend(json.loads(rows_file.read_text()))
+            else:
+                results["notes"].append(f"{name}: the measuring process ended with {done.returncode}")
+    return results
+
+
+def measure_server(pa: list[str], name: str, workers: int, interval_ms: int, modes: list[Mode]) -> list[dict]:
+    rows: list[dict[str, Any]] = []
+    redis = RedisServer() if name != "triton" else None
+    server = start_triton() if redis is None else start_ours(name, workers, redis)
+    try:
+        if redis is not None:
+            for mode in modes:  # a first pass compiles the shapes this traffic needs (README, "Compiled shapes")
+                measure(pa, server, mode, 1000, trials=1)
+        for mode in modes:
+            row = measure(pa, server, mode, interval_ms)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if "failed" in row and redis is None:  # a hung or crashed Triton serves nothing more: start it again
+                server.stop()
+                server = start_triton()
+    finally:
+        server.stop()
+        if redis is not None:
+            redis.stop()
+    return rows
+
+
+def print_table(results: dict[str, Any]) -> None:
+    runs = {(r["server"], r["name"]): r for r in results["runs"]}
+
+    def cell(value: float | None, form: str) -> str:
+        return "-" if value is None else format(value, form)
+
+    print(f"\nperf_analyzer, {results['machine']['cpus']} cores shared by server, Redis and load generator, "
+          f"{results['date']}, lstm-serve --workers {results['workers']}")
+    print("| mode | Triton infer/s | p50 ms | lstm-serve infer/s | p50 ms | x Triton | ceiling infer/s | of ceiling "
+          "| CPU us/infer: Triton | lstm-serve | ceiling |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for mode in dict.fromkeys(r["name"] for r in results["runs"]):
+        triton, ours, ceiling = (runs.get((s, mode), {}) for s in ("triton", "lstm-serve", "ceiling"))
+        if mode == "one sequence":
+            ratio = (ours["p50_ms"] / triton["p50_ms"]) if "p50_ms" in ours and "p50_ms" in triton else None
+            ratio_text = "-" if ratio is None else f"p50 {ratio:.2f}x"
+        else:
+            # Against Triton's best mode at the same T: its streaming mode may hang or lose to unary.
+            same_t = [r for (s, m), r in runs.items() if s == "triton" and r["timesteps"] == ours.get("timesteps")
+                      and r["concurrency"] == ours.get("concurrency") and "infer_per_s" in r]
+            best = max((r["infer_per_s"] for r in same_t), default=None)
+            peer = triton.get("infer_per_s") if not ours.get("streaming") else best
+            ratio_text = "-" if not peer or "infer_per_s" not in ours else f"{ours['infer_per_s'] / peer:.2f}x"
+        share = (f"{100 * ours['infer_per_s'] / ceiling['infer_per_s']:.0f} %"
+                 if "infer_per_s" in ours and "infer_per_s" in ceiling else "-")
+        cells = [mode, cell(triton.get("infer_per_s"), ",.0f") if "failed" not in triton else "hung/failed",
+                 cell(triton.get("p50_ms"), ".2f"), cell(ours.get("infer_per_s"), ",.0f"),
+                 cell(ours.get("p50_ms"), ".2f"),
+                 ratio_text, cell(ceiling.get("infer_per_s"), ",.0f"), share,
+                 cell(triton.get("server_cpu_us_per_infer"), ",.0f"), cell(ours.get("server_cpu_us_per_infer"), ",.0f"),
+                 cell(ceiling.get("server_cpu_us_per_infer"), ",.0f")]
+        print("| " + " | ".join(cells) + " |")
+    print("x Triton: streaming modes against Triton's best mode at the same T and concurrency; "
+          "one sequence: p50 ratio (lower is better)")
+    for note in results["notes"]:
+        print(f"note: {note}")
+
+
+if __name__ == "__main__":
+    main()
