@@ -181,9 +181,14 @@ class NodeProcess:
         with open(self.config, "w") as file:
             file.write("\n".join([f"port {port}", "bind 127.0.0.1", f"dir {self.dir}", "save \"\"",
                                   f"logfile {os.path.join(self.dir, 'redis.log')}", *lines]) + "\n")
-        command = [shutil.which("redis-server") or "redis-server", self.config, *(["--sentinel"] if sentinel else [])]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-        wait_until(self._answers, 10, f"redis-server on port {port}")
+        self.command = [shutil.which("redis-server") or "redis-server", self.config,
+                        *(["--sentinel"] if sentinel else [])]
+        self.start()
+
+    def start(self) -> None:
+        """Start (or, after `stop`, restart) the node from its config file, on the same port."""
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        wait_until(self._answers, 10, f"redis-server on port {self.port}")
 
     def client(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, decode_responses=True,
