@@ -121,6 +121,9 @@ def test_streaming_connection_cut_by_a_proxy_and_by_a_server_restart(start_serve
     server = start_server()
     proxy = TcpProxy(server.port)
     x = signal_and_timesteps(3)
+    # The restart runs in a thread while the client retries; joined before teardown, so the fixture knows
+    # the new server (it registers a server once it is ready) and stops it (else it outlives the suite).
+    restart = threading.Thread(target=start_server, kwargs={"port": server.port}, daemon=True)
     try:
         with Client(proxy.address, deadline=180, attempt_timeout=5) as client:
 
@@ -130,7 +133,7 @@ def test_streaming_connection_cut_by_a_proxy_and_by_a_server_restart(start_serve
                         proxy.sever()  # the TCP connection dies under the open PredictStream
                     if number == 12:
                         server.stop()  # SIGTERM: the server ends the stream and goes away
-                        threading.Thread(target=start_server, kwargs={"port": server.port}, daemon=True).start()
+                        restart.start()
                     yield chunk
 
             stream = client.stream(f"cf-cut-{uuid.uuid4().hex[:6]}")
@@ -138,6 +141,8 @@ def test_streaming_connection_cut_by_a_proxy_and_by_a_server_restart(start_serve
         assert proxy.connections >= 3, "the proxy saw the reconnections"
         assert_exactly_once(x, outputs, "pipe through a cut and a restart")
     finally:
+        if restart.is_alive():
+            restart.join(120)
         proxy.close()
 
 
