@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -37,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.perf_analyzer import Mode, Server, start_ours
+from bench.perf_analyzer import Mode, Server, cpu_seconds, load_command, start_ours, stat_cpu_seconds
 from tests.support import ROOT, RedisServer, perf_analyzer_command
 
 # (stage, pattern on a frame's file path); the first stage whose pattern matches the innermost
@@ -59,14 +58,9 @@ FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
 def thread_cpu(pid: int) -> dict[int, float]:
     """CPU seconds of each thread of a process, by thread id."""
-    ticks, out = os.sysconf("SC_CLK_TCK"), {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / ticks
-    return out
+    # A thread that ended between listing and reading is left out, not counted as 0.
+    return {int(task.name): stat_cpu_seconds(task / "stat") for task in Path(f"/proc/{pid}/task").iterdir()
+            if (task / "stat").exists()}
 
 
 def stage_of(frames: list[str]) -> str:
@@ -120,27 +114,25 @@ def main() -> None:
 
 
 def budget(pa: list[str], spy: str, server: Server, redis: RedisServer, mode: Mode, seconds: float) -> dict[str, Any]:
-    command = [*pa, "-m", server.model, "-i", "grpc", "-u", server.target, "--shape",
-               f"INPUT:{mode.timesteps},1", "--sequence-length", "20", "--concurrency-range",
-               f"{mode.concurrency}:{mode.concurrency}", "--measurement-interval", str(int(1000 * (seconds + 10))),
-               "--max-trials", "1"] + (["--streaming"] if mode.streaming else [])
+    # One measurement window longer than the sampling: the load runs steadily throughout.
+    command = load_command(pa, server, mode, int(1000 * (seconds + 10)), trials=1)
     load = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     try:
         time.sleep(4)  # past perf_analyzer's start and the first compiles
         pid = server.process.pid
         with tempfile.TemporaryDirectory() as folder:
             raw = Path(folder) / "stacks.txt"
-            before, redis_before, count = thread_cpu(pid), thread_cpu(redis.process.pid), server.count()
+            before, redis_before, count = thread_cpu(pid), cpu_seconds([redis.process.pid]), server.count()
             calls = server.count("execution_count")
-            pa_before = sum(thread_cpu(load.pid).values())
+            pa_before = cpu_seconds([load.pid])
             started = time.monotonic()
             subprocess.run([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "250",
                             "--format", "raw", "--threads", "--nonblocking", "--output", str(raw)],
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             wall = time.monotonic() - started
-            after, redis_after, served = thread_cpu(pid), thread_cpu(redis.process.pid), server.count() - count
+            after, redis_after, served = thread_cpu(pid), cpu_seconds([redis.process.pid]), server.count() - count
             calls = server.count("execution_count") - calls
-            pa_used = sum(thread_cpu(load.pid).values()) - pa_before
+            pa_used = cpu_seconds([load.pid]) - pa_before
             names = {tid: (Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
                            if Path(f"/proc/{pid}/task/{tid}").exists() else "?") for tid in after}
             per_thread = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
@@ -160,7 +152,7 @@ def budget(pa: list[str], spy: str, server: Server, redis: RedisServer, mode: Mo
         "average_batch": served / max(1, calls),
         "threads_us_per_infer": dict(groups.most_common()),
         "loop_stages_us_per_infer": {stage: loop_us * n / max(1, samples) for stage, n in stages.most_common()},
-        "redis_server_us_per_infer": sum(redis_after.values()) * us - sum(redis_before.values()) * us,
+        "redis_server_us_per_infer": (redis_after - redis_before) * us,
         "perf_analyzer_us_per_infer": pa_used * us,
         "total_server_us_per_infer": sum(per_thread.values()) * us,
     }

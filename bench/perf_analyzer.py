@@ -77,17 +77,22 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
+def stat_cpu_seconds(stat: Path) -> float:
+    """User + system CPU seconds in a /proc/PID/stat or /proc/PID/task/TID/stat file; 0 once it is gone."""
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(roots: list[int]) -> float:
     """User + system CPU seconds of these processes and all their descendants, alive now."""
-    tree, total, todo, ticks = _children(), 0.0, list(roots), os.sysconf("SC_CLK_TCK")
+    tree, total, todo = _children(), 0.0, list(roots)
     while todo:
         pid = todo.pop()
         todo.extend(tree.get(pid, []))
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / ticks
+        total += stat_cpu_seconds(Path(f"/proc/{pid}/stat"))
     return total
 
 
@@ -172,16 +177,20 @@ def start_triton() -> Server:
 
 # ---- one perf_analyzer run ----
 
+def load_command(pa: list[str], server: Server, mode: Mode, interval_ms: int, trials: int) -> list[str]:
+    """perf_analyzer loading `server` in `mode`: sequences of SEQUENCE_LENGTH requests."""
+    command = [*pa, "-m", server.model, "-i", "grpc", "-u", server.target,
+               "--shape", f"INPUT:{mode.timesteps},1", "--sequence-length", str(SEQUENCE_LENGTH),
+               "--concurrency-range", f"{mode.concurrency}:{mode.concurrency}",
+               "--measurement-interval", str(interval_ms), "--stability-percentage", "25",
+               "--max-trials", str(trials)]
+    return [*command, "--streaming"] if mode.streaming else command
+
+
 def measure(pa: list[str], server: Server, mode: Mode, interval_ms: int, trials: int = 6) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder:
         report = Path(folder) / "pa.csv"
-        command = [*pa, "-m", server.model, "-i", "grpc", "-u", server.target,
-                   "--shape", f"INPUT:{mode.timesteps},1", "--sequence-length", str(SEQUENCE_LENGTH),
-                   "--concurrency-range", f"{mode.concurrency}:{mode.concurrency}",
-                   "--measurement-interval", str(interval_ms), "--stability-percentage", "25",
-                   "--max-trials", str(trials), "-f", str(report)]
-        if mode.streaming:
-            command.append("--streaming")
+        command = [*load_command(pa, server, mode, interval_ms, trials), "-f", str(report)]
         row: dict[str, Any] = {"server": server.name, **asdict(mode)}
         count, cpu, started = server.count(), server.cpu(), time.monotonic()
         try:
