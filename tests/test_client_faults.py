@@ -82,17 +82,21 @@ async def unary_and_pipe(client: AsyncClient, fault_at: int, fault) -> None:  # 
 def test_server_killed_and_restarted_mid_stream(start_server) -> None:
     server = start_server()
     restarted: list[object] = []
+    # The restart takes seconds (TensorFlow, warm-up): meanwhile the client retries by itself. The client
+    # may finish as soon as the new server listens, before start_server has seen it ready and returned, so
+    # the thread is joined before the check (and before teardown, so the fixture stops the new server).
+    restart = threading.Thread(target=lambda: restarted.append(start_server(port=server.port)), daemon=True)
 
     def kill_and_restart() -> None:
         server.kill()
-        # The restart takes seconds (TensorFlow, warm-up): meanwhile the client retries by itself.
-        threading.Thread(target=lambda: restarted.append(start_server(port=server.port)), daemon=True).start()
+        restart.start()
 
     async def main() -> None:
         async with AsyncClient(server.address, deadline=180, attempt_timeout=5) as client:
             await unary_and_pipe(client, fault_at=8, fault=kill_and_restart)
 
     asyncio.run(main())
+    restart.join(timeout=120)
     assert restarted, "the server was restarted"
 
 
