@@ -103,3 +103,34 @@ def test_xla_shapes_compile_in_the_background_and_agree_with_the_generic_call(tm
     assert max(float(np.max(np.abs(a - b))) for a, b in zip(got, want, strict=True)) <= 1e-5
     assert float(np.max(np.abs(got_states - want_states))) <= 1e-5
     runner.close()
+
+
+def test_batches_over_16_are_padded_by_at_most_a_quarter() -> None:
+    from server.model.runner import _XlaShapes
+
+    assert [_XlaShapes.bucket(b) for b in (1, 3, 5, 9, 16)] == [1, 4, 8, 16, 16]
+    fine = (17, 21, 32, 33, 41, 57, 64, 65, 100)
+    assert [_XlaShapes.bucket(b) for b in fine] == [20, 24, 32, 40, 48, 64, 64, 80, 112]
+    assert all(_XlaShapes.bucket(b) <= 1.25 * b for b in range(17, 1025))
+
+
+def test_a_batch_runs_on_its_power_of_two_until_its_finer_bucket_is_compiled() -> None:
+    from tests.support import DEFAULT_MODEL, wait_until
+
+    runner = load(DEFAULT_MODEL, max_batch=64)
+    generic = load(DEFAULT_MODEL, xla=False)
+    xla = runner._xla
+    runner.warm_up((2,))
+    wait_until(lambda: (False, 64, 2) in xla._ready, 120, "the warm-up's power-of-two shapes")
+    assert (False, 40, 2) not in xla._ready  # start-up compiles powers of two only
+    assert xla.lookup(False, 33, 2) == 64  # served compiled at once, its own bucket queued
+    wait_until(lambda: xla.lookup(False, 33, 2) == 40, 60, "the bucket of 40 chunks to compile")
+    rng = np.random.default_rng(4)
+    chunks = [rng.normal(size=(2, 1)).astype(np.float32) for _ in range(33)]
+    states = rng.normal(0, 0.1, size=(33, runner.state_size)).astype(np.float32)
+    got, got_states = runner.run(chunks, states)
+    want, want_states = generic.run(chunks, states)
+    assert got_states.shape == (33, runner.state_size)
+    assert max(float(np.max(np.abs(a - b))) for a, b in zip(got, want, strict=True)) <= 1e-5
+    assert float(np.max(np.abs(got_states - want_states))) <= 1e-5
+    runner.close()
