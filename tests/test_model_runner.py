@@ -125,6 +125,8 @@ def test_a_batch_runs_on_its_power_of_two_until_its_finer_bucket_is_compiled() -
     assert (False, 40, 2) not in xla._ready  # start-up compiles powers of two only
     assert xla.lookup(False, 33, 2) == 64  # served compiled at once, its own bucket queued
     wait_until(lambda: xla.lookup(False, 33, 2) == 40, 60, "the bucket of 40 chunks to compile")
+    assert xla.lookup(False, 33, 3) is None  # a length not warmed up: its power of two is compiled, as before
+    wait_until(lambda: xla.lookup(False, 33, 3) == 64, 60, "the bucket of 64 chunks of 3 steps to compile")
     rng = np.random.default_rng(4)
     chunks = [rng.normal(size=(2, 1)).astype(np.float32) for _ in range(33)]
     states = rng.normal(0, 0.1, size=(33, runner.state_size)).astype(np.float32)
