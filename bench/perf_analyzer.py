@@ -4,7 +4,9 @@
     python -m bench.perf_analyzer --quick         # the streaming T=20 mode only
 
 Servers, each with the shipped default model shape (2 x LSTM(64) + Dense(1), one feature):
-- lstm-serve: this server, state in its own fresh Redis (append-only file on), `--workers` as given.
+- lstm-serve: this server, state in its own fresh Redis (append-only file on, `appendfsync everysec` as
+              docker-compose.yml and the server's private Redis ship it; `--appendfsync always` for
+              one fsync per batch: docs/deploy.md says what each can lose), `--workers` as given.
 - ceiling:    the same with `--identity-model`: the same gRPC, batching and Redis work, no model call.
 - triton:     Triton 2.51's sequence batcher with the python backend, state in process memory
               (../shared/peers/triton: set up with its setup.sh; skipped with a note when it is not).
@@ -222,6 +224,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="lstm-serve worker processes")
     parser.add_argument("--interval-ms", type=int, default=4000, help="perf_analyzer's measurement window")
     parser.add_argument("--quick", action="store_true", help="the streaming T=20 mode only")
+    parser.add_argument("--appendfsync", choices=("everysec", "always"), default="everysec",
+                        help="this server's Redis fsync policy (everysec: as shipped)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "perf_analyzer.json")
     parser.add_argument("--rows-to", type=Path, help=argparse.SUPPRESS)  # one server, in a child process
     args = parser.parse_args()
@@ -230,23 +234,24 @@ def main() -> None:
     if pa is None:
         sys.exit("perf_analyzer is not on this machine: set PERF_ANALYZER or run ../shared/peers/triton/setup.sh")
     if args.rows_to:
-        rows = measure_server(pa, args.servers, args.workers, args.interval_ms, modes)
+        rows = measure_server(pa, args.servers, args.workers, args.interval_ms, modes, args.appendfsync)
         args.rows_to.write_text(json.dumps(rows))
         return
-    results = side_by_side(args.servers.split(","), args.workers, args.interval_ms, args.quick)
+    results = side_by_side(args.servers.split(","), args.workers, args.interval_ms, args.quick, args.appendfsync)
     print_table(results)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))
     print(f"\nwritten to {args.json}")
 
 
-def side_by_side(servers: list[str], workers: int, interval_ms: int, quick: bool) -> dict[str, Any]:
+def side_by_side(servers: list[str], workers: int, interval_ms: int, quick: bool,
+                 appendfsync: str = "everysec") -> dict[str, Any]:
     """Each server measured by a child process of its own: a crashing peer (Triton's streaming mode has
     segfaulted here) loses that server's remaining rows, not the run."""
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"), "tool": "perf_analyzer",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "workers": workers, "runs": [], "notes": [],
+        "workers": workers, "redis_appendfsync": appendfsync, "runs": [], "notes": [],
     }
     for name in servers:
         if name == "triton" and not triton_available():
@@ -255,7 +260,8 @@ def side_by_side(servers: list[str], workers: int, interval_ms: int, quick: bool
         with tempfile.TemporaryDirectory() as folder:
             rows_file = Path(folder) / "rows.json"
             command = [sys.executable, "-m", "bench.perf_analyzer", "--servers", name, "--workers", str(workers),
-                       "--interval-ms", str(interval_ms), "--rows-to", str(rows_file)] + (["--quick"] if quick else [])
+                       "--interval-ms", str(interval_ms), "--appendfsync", appendfsync,
+                       "--rows-to", str(rows_file)] + (["--quick"] if quick else [])
             done = subprocess.run(command, cwd=ROOT)
             if rows_file.is_file():
                 results["runs"].extend(json.loads(rows_file.read_text()))
@@ -264,9 +270,10 @@ def side_by_side(servers: list[str], workers: int, interval_ms: int, quick: bool
     return results
 
 
-def measure_server(pa: list[str], name: str, workers: int, interval_ms: int, modes: list[Mode]) -> list[dict]:
+def measure_server(pa: list[str], name: str, workers: int, interval_ms: int, modes: list[Mode],
+                   appendfsync: str = "everysec") -> list[dict]:
     rows: list[dict[str, Any]] = []
-    redis = RedisServer() if name != "triton" else None
+    redis = RedisServer(appendfsync=appendfsync) if name != "triton" else None
     server = start_triton() if redis is None else start_ours(name, workers, redis)
     try:
         if redis is not None:
@@ -293,7 +300,8 @@ def print_table(results: dict[str, Any]) -> None:
         return "-" if value is None else format(value, form)
 
     print(f"\nperf_analyzer, {results['machine']['cpus']} cores shared by server, Redis and load generator, "
-          f"{results['date']}, lstm-serve --workers {results['workers']}")
+          f"{results['date']}, lstm-serve --workers {results['workers']}, its Redis appendfsync "
+          f"{results.get('redis_appendfsync', 'always')}")
     print("| mode | Triton infer/s | p50 ms | lstm-serve infer/s | p50 ms | x Triton | ceiling infer/s | of ceiling "
           "| CPU us/infer: Triton | lstm-serve | ceiling |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

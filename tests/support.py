@@ -48,7 +48,7 @@ def wait_until(condition: Callable[[], T], timeout_s: float, what: str, interval
 class RedisServer:
     """A private redis-server on a free loopback port, data in a temporary folder."""
 
-    def __init__(self, appendonly: bool = True, password: str | None = None) -> None:
+    def __init__(self, appendonly: bool = True, password: str | None = None, appendfsync: str = "always") -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed: run ./scripts/test, which installs it")
@@ -57,7 +57,7 @@ class RedisServer:
         self.url = f"redis://{f':{password}@' if password else ''}127.0.0.1:{self.port}/0"
         self._command = [
             binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", self.dir, "--save", "",
-            "--appendonly", "yes" if appendonly else "no", "--appendfsync", "always", "--daemonize", "no",
+            "--appendonly", "yes" if appendonly else "no", "--appendfsync", appendfsync, "--daemonize", "no",
             "--logfile", os.path.join(self.dir, "redis.log"),
         ]
         if password:
