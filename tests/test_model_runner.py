@@ -93,16 +93,22 @@ def test_xla_shapes_compile_in_the_background_and_agree_with_the_generic_call(tm
     xla = runner._xla
     wait_until(lambda: {(False, b, 5) for b in (1, 2, 4, 8)} <= set(xla._ready), 60,
                "XLA shapes for batches of 1, 2, 4 and 8 chunks of 5 steps")
-    rng = np.random.default_rng(3)
-    chunks = [rng.normal(size=(5, 1)).astype(np.float32) for _ in range(3)]  # a batch of 3 runs padded to 4
-    states = rng.normal(0, 0.1, size=(3, runner.state_size)).astype(np.float32)
     assert xla.lookup(False, 3, 5) is not None
+    assert_agrees_with_generic(runner, generic, batch=3, timesteps=5, seed=3)  # a batch of 3 runs padded to 4
+    runner.close()
+
+
+def assert_agrees_with_generic(runner: ModelRunner, generic: ModelRunner, *, batch: int, timesteps: int,
+                               seed: int) -> None:
+    """One batch of random chunks and states through `runner` equals the uncompiled call, outputs and states."""
+    rng = np.random.default_rng(seed)
+    chunks = [rng.normal(size=(timesteps, 1)).astype(np.float32) for _ in range(batch)]
+    states = rng.normal(0, 0.1, size=(batch, runner.state_size)).astype(np.float32)
     got, got_states = runner.run(chunks, states)
     want, want_states = generic.run(chunks, states)
-    assert got_states.shape == (3, runner.state_size)
+    assert got_states.shape == (batch, runner.state_size)
     assert max(float(np.max(np.abs(a - b))) for a, b in zip(got, want, strict=True)) <= 1e-5
     assert float(np.max(np.abs(got_states - want_states))) <= 1e-5
-    runner.close()
 
 
 def test_batches_over_16_are_padded_by_at_most_a_quarter() -> None:
@@ -127,12 +133,5 @@ def test_a_batch_runs_on_its_power_of_two_until_its_finer_bucket_is_compiled() -
     wait_until(lambda: xla.lookup(False, 33, 2) == 40, 60, "the bucket of 40 chunks to compile")
     assert xla.lookup(False, 33, 3) is None  # a length not warmed up: its power of two is compiled, as before
     wait_until(lambda: xla.lookup(False, 33, 3) == 64, 60, "the bucket of 64 chunks of 3 steps to compile")
-    rng = np.random.default_rng(4)
-    chunks = [rng.normal(size=(2, 1)).astype(np.float32) for _ in range(33)]
-    states = rng.normal(0, 0.1, size=(33, runner.state_size)).astype(np.float32)
-    got, got_states = runner.run(chunks, states)
-    want, want_states = generic.run(chunks, states)
-    assert got_states.shape == (33, runner.state_size)
-    assert max(float(np.max(np.abs(a - b))) for a, b in zip(got, want, strict=True)) <= 1e-5
-    assert float(np.max(np.abs(got_states - want_states))) <= 1e-5
+    assert_agrees_with_generic(runner, generic, batch=33, timesteps=2, seed=4)  # on the bucket of 40
     runner.close()
