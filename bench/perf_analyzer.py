@@ -40,6 +40,8 @@ from tests.support import ROOT, TRITON_PEER, RedisServer, free_port, perf_analyz
 PEER = ROOT.parent / "shared" / "peers" / "triton"
 TRITON_MODEL = "lstm"
 SEQUENCE_LENGTH = 20
+# This server's Redis as shipped: docker-compose.yml and the server's private Redis use everysec.
+SHIPPED_APPENDFSYNC = "everysec"
 RUN_TIMEOUT_S = 120  # Triton's streaming mode has hung at 64 sequences: a hung run is recorded, not waited on
 
 
@@ -224,7 +226,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="lstm-serve worker processes")
     parser.add_argument("--interval-ms", type=int, default=4000, help="perf_analyzer's measurement window")
     parser.add_argument("--quick", action="store_true", help="the streaming T=20 mode only")
-    parser.add_argument("--appendfsync", choices=("everysec", "always"), default="everysec",
+    parser.add_argument("--appendfsync", choices=("everysec", "always"), default=SHIPPED_APPENDFSYNC,
                         help="this server's Redis fsync policy (everysec: as shipped)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "perf_analyzer.json")
     parser.add_argument("--rows-to", type=Path, help=argparse.SUPPRESS)  # one server, in a child process
@@ -245,7 +247,7 @@ def main() -> None:
 
 
 def side_by_side(servers: list[str], workers: int, interval_ms: int, quick: bool,
-                 appendfsync: str = "everysec") -> dict[str, Any]:
+                 appendfsync: str = SHIPPED_APPENDFSYNC) -> dict[str, Any]:
     """Each server measured by a child process of its own: a crashing peer (Triton's streaming mode has
     segfaulted here) loses that server's remaining rows, not the run."""
     results: dict[str, Any] = {
@@ -271,7 +273,7 @@ def side_by_side(servers: list[str], workers: int, interval_ms: int, quick: bool
 
 
 def measure_server(pa: list[str], name: str, workers: int, interval_ms: int, modes: list[Mode],
-                   appendfsync: str = "everysec") -> list[dict]:
+                   appendfsync: str = SHIPPED_APPENDFSYNC) -> list[dict]:
     rows: list[dict[str, Any]] = []
     redis = RedisServer(appendfsync=appendfsync) if name != "triton" else None
     server = start_triton() if redis is None else start_ours(name, workers, redis)
