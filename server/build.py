@@ -128,7 +128,8 @@ async def build_server(config: ServerConfig, worker_of: tuple[int, int] | None) 
 def _load_model(config: ServerConfig) -> Runner:
     """The model, warm (its calls for the configured chunk lengths compiled), and described in the log."""
     runner: Runner = ModelRunner(
-        config.model, config.max_chunk_timesteps, xla=config.xla, max_batch=config.max_batch
+        config.model, config.max_chunk_timesteps, xla=config.xla, max_batch=config.max_batch,
+        numpy_max_batch_timesteps=config.numpy_max_batch_timesteps,
     )
     if config.identity_model:
         from server.model.identity import IdentityRunner

@@ -60,6 +60,10 @@ REDIS_UP = Gauge("lstm_serve_redis_up", "1 while the state store answers the hea
 REDIS_PING_SECONDS = Histogram("lstm_serve_redis_ping_seconds", "Round-trip time of the health tracker's PING",
                                buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0))
 MODEL = Info("lstm_serve_model", "The model served: name, fingerprint and shapes")
+MODEL_CALLS = Counter("lstm_serve_model_calls_total",
+                      "Model calls by path: numpy (small batches, the NumPy twin) or tensorflow", ["path"])
+MODEL_CALLS_NUMPY = MODEL_CALLS.labels("numpy")
+MODEL_CALLS_TENSORFLOW = MODEL_CALLS.labels("tensorflow")
 COMPILES = Counter("lstm_serve_compiles_total", "XLA compilations, by shape (masked, batch bucket, timesteps)",
                    ["masked", "batch", "timesteps"])
 COMPILE_SECONDS = Counter("lstm_serve_compile_seconds_total", "Seconds spent compiling, by shape",

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -19,6 +20,7 @@ from typing import TypeVar
 import grpc
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from lstm_stream.v1 import stream_pb2_grpc
 from server.config import DEFAULT_MODEL  # the model the server serves by default; re-exported for the tests
@@ -338,3 +340,17 @@ def perf_analyzer_command() -> list[str] | None:
     if binary := shutil.which("perf_analyzer"):
         return [binary]
     return None
+
+
+def scrape(server) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """Every sample of a server's /metrics: {sample name: {sorted labels: value}}."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples, name: str, **labels: str) -> float:
+    return samples.get(name, {}).get(tuple(sorted(labels.items())), 0.0)

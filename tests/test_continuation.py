@@ -18,7 +18,7 @@ import pytest
 from lstm_stream.v1 import stream_pb2_grpc
 from tests.client import outputs, request
 from tests.models import TOLERANCE, build_gru_stateful, keras_whole_sequence
-from tests.support import DEFAULT_MODEL
+from tests.support import DEFAULT_MODEL, scrape, value
 
 STREAMS = 50
 MAX_LENGTH = 300
@@ -92,6 +92,20 @@ def test_default_model_chunks_equal_whole_sequence(default_server) -> None:
     streams = make_streams(seed=1, features=1, prefix="cont-default")
     got = asyncio.run(run_all(default_server.address, streams))
     check_against_keras(DEFAULT_MODEL, streams, got)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("path, limit", [("tensorflow", "0"), ("numpy", "1000000")])
+def test_default_model_on_one_model_path_alone(start_server, path, limit) -> None:
+    """Every batch on TensorFlow (XLA), then every batch on the NumPy twin: each path alone keeps invariant 1."""
+    server = start_server("--numpy-max-batch-timesteps", limit)
+    streams = make_streams(seed=3, features=1, prefix=f"cont-{path}")
+    got = asyncio.run(run_all(server.address, streams))
+    check_against_keras(DEFAULT_MODEL, streams, got)
+    samples = scrape(server)
+    other = "numpy" if path == "tensorflow" else "tensorflow"
+    calls = value(samples, "lstm_serve_model_calls_total", path=path)
+    assert calls > 0 and value(samples, "lstm_serve_model_calls_total", path=other) == 0, (calls, other)
 
 
 @pytest.mark.timeout(240)

@@ -21,27 +21,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from lstm_stream.v1 import stream_pb2 as pb
 from server import metrics as server_metrics
 from tests.client import predict, request, status_of
-from tests.support import ROOT, triton_messages
+from tests.support import ROOT, scrape, triton_messages, value
 
 triton_pb, triton_grpc = triton_messages()  # whichever copy this process has: see tests/support.py
 pytestmark = pytest.mark.timeout(60)
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "lstm-serve.json"
 _SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
              "gauge": ("",), "info": ("_info",), "summary": ("", "_sum", "_count", "_created")}
-
-
-def scrape(server) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-    """Every sample of /metrics: {sample name: {sorted labels: value}}."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
-    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
-    return samples
-
-
-def value(samples, name: str, **labels: str) -> float:
-    return samples.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
 
 
 def test_every_outcome_is_counted_by_protocol_method_and_code(default_server) -> None:

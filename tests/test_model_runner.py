@@ -21,11 +21,14 @@ from tests.models import TOLERANCE, build_gru_stateful, build_last_step, keras_w
 pytestmark = pytest.mark.timeout(120)
 
 
-def load(path, *, xla: bool | None = None, max_batch: int | None = None) -> ModelRunner:
+def load(path, *, xla: bool | None = None, max_batch: int | None = None,
+         numpy_max_batch_timesteps: int | None = None) -> ModelRunner:
     """The runner as the server builds it with its default settings, except those given."""
     config = ServerConfig()
     return ModelRunner(path, config.max_chunk_timesteps, xla=config.xla if xla is None else xla,
-                       max_batch=config.max_batch if max_batch is None else max_batch)
+                       max_batch=config.max_batch if max_batch is None else max_batch,
+                       numpy_max_batch_timesteps=config.numpy_max_batch_timesteps
+                       if numpy_max_batch_timesteps is None else numpy_max_batch_timesteps)
 
 
 def save(model: keras.Model, path) -> str:
@@ -87,8 +90,8 @@ def test_last_step_model_answers_one_row_per_chunk(start_server, tmp_path) -> No
 def test_xla_shapes_compile_in_the_background_and_agree_with_the_generic_call(tmp_path) -> None:
     from tests.support import DEFAULT_MODEL, wait_until
 
-    runner = load(DEFAULT_MODEL, max_batch=8)
-    generic = load(DEFAULT_MODEL, xla=False)
+    runner = load(DEFAULT_MODEL, max_batch=8, numpy_max_batch_timesteps=0)  # XLA, not the NumPy twin
+    generic = load(DEFAULT_MODEL, xla=False, numpy_max_batch_timesteps=0)
     runner.warm_up((5,))
     xla = runner._xla
     wait_until(lambda: {(False, b, 5) for b in (1, 2, 4, 8)} <= set(xla._ready), 60,
@@ -123,8 +126,8 @@ def test_batches_over_16_are_padded_by_at_most_a_quarter() -> None:
 def test_a_batch_runs_on_its_power_of_two_until_its_finer_bucket_is_compiled() -> None:
     from tests.support import DEFAULT_MODEL, wait_until
 
-    runner = load(DEFAULT_MODEL, max_batch=64)
-    generic = load(DEFAULT_MODEL, xla=False)
+    runner = load(DEFAULT_MODEL, max_batch=64, numpy_max_batch_timesteps=0)  # XLA, not the NumPy twin
+    generic = load(DEFAULT_MODEL, xla=False, numpy_max_batch_timesteps=0)
     xla = runner._xla
     runner.warm_up((2,))
     wait_until(lambda: (False, 64, 2) in xla._ready, 120, "the warm-up's power-of-two shapes")

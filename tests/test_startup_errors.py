@@ -59,7 +59,8 @@ def test_a_model_that_cannot_be_streamed_is_refused_naming_the_layer(tmp_path: P
     path = build(tmp_path / "model.keras")
     config = ServerConfig()
     with pytest.raises(ModelLoadError) as refused:
-        ModelRunner(path, config.max_chunk_timesteps, xla=False, max_batch=config.max_batch)
+        ModelRunner(path, config.max_chunk_timesteps, xla=False, max_batch=config.max_batch,
+                    numpy_max_batch_timesteps=config.numpy_max_batch_timesteps)
     assert f"'{layer}'" in str(refused.value) and reason in str(refused.value)
 
 

@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from server import metrics
+from server.model.numpy_twin import NumpyTwin, Unsupported
 from server.types import ModelDescription, RecurrentLayerInfo
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,8 @@ class ModelRunner:
     """Runs a batch of chunks of different streams in one compiled call, states in and out."""
 
     def __init__(
-        self, model_path: str | Path, max_chunk_timesteps: int, *, xla: bool, max_batch: int
+        self, model_path: str | Path, max_chunk_timesteps: int, *, xla: bool, max_batch: int,
+        numpy_max_batch_timesteps: int,
     ) -> None:
         path = Path(model_path)
         if not path.is_file():
@@ -174,6 +176,8 @@ class ModelRunner:
                 if s.state_sizes
             ),
         )
+        self._numpy_max_batch_timesteps = numpy_max_batch_timesteps
+        self._twin = self._numpy_twin(model) if numpy_max_batch_timesteps > 0 else None
         self._self_check()
         # XLA is 1.3 to 2.5 times faster per call here, but compiles once per concrete shape: see _XlaShapes.
         if xla:
@@ -242,8 +246,19 @@ class ModelRunner:
         """Run chunks of B streams (each float32 [T_i, features]) from their states [B, state_size].
 
         Returns each chunk's outputs ([T_i or 1, output_size]) and the new states [B, state_size].
-        Chunks of different lengths are padded to the longest and masked, so one call serves all.
+        Small batches (chunks x longest chunk <= --numpy-max-batch-timesteps) run on the NumPy twin,
+        the others in TensorFlow.
         """
+        if self._twin is not None and \
+                len(inputs) * max(chunk.shape[0] for chunk in inputs) <= self._numpy_max_batch_timesteps:
+            metrics.MODEL_CALLS_NUMPY.inc()
+            return self._twin.run(inputs, states)
+        metrics.MODEL_CALLS_TENSORFLOW.inc()
+        return self._run_tensorflow(inputs, states)
+
+    def _run_tensorflow(self, inputs: list[np.ndarray], states: np.ndarray
+                        ) -> tuple[list[np.ndarray], np.ndarray]:
+        """Chunks of different lengths are padded to the longest and masked, so one call serves all."""
         lengths = [chunk.shape[0] for chunk in inputs]
         longest = max(lengths)
         masked = min(lengths) != longest
@@ -274,21 +289,53 @@ class ModelRunner:
             outputs = [y[row] for row in range(len(inputs))]
         return outputs, new_states.numpy()[: len(inputs)]
 
+    def _numpy_twin(self, model: keras.Model) -> NumpyTwin | None:
+        try:
+            return NumpyTwin(model)
+        except Unsupported as exc:
+            log.info("no NumPy twin: every batch runs in TensorFlow", extra={"fields": {"reason": str(exc)}})
+            return None
+
     def _self_check(self) -> None:
-        """Prove that chunked calls equal Keras on the whole sequence, on random data."""
+        """Prove that chunked calls equal Keras on the whole sequence, on random data: the TensorFlow path,
+        and the NumPy twin (which is dropped, with a warning, if it disagrees)."""
         rng = np.random.default_rng(0)
         batch = 3
         if self._source.layers and any(getattr(layer, "stateful", False) for layer in self._source.layers):
             batch = self._source.inputs[0].shape[0] or batch
         x = rng.normal(size=(batch, 24, self.features)).astype(np.float32)
         with_keras = self._keras_reference(x)
-        outputs, states = [], self.zero_states(batch)
+        expected = with_keras if self.per_timestep_outputs else with_keras.reshape(batch, 1, -1)
+        diff = self._chunked_diff(self._run_tensorflow, x, expected)
+        self._check_chunked(diff)
+        if self._twin is not None:
+            twin_diff = max(self._chunked_diff(self._twin.run, x, expected), self._twin_masked_diff(rng))
+            if not twin_diff <= SELF_CHECK_TOLERANCE:  # a bug of ours, not the model's: serve without it
+                log.warning("NumPy twin differs from Keras: every batch runs in TensorFlow",
+                            extra={"fields": {"max_abs_diff": twin_diff}})
+                self._twin = None
+        log.info("model self-check passed", extra={"fields": {
+            "max_abs_diff": diff, "numpy_twin": self._twin is not None}})
+
+    def _chunked_diff(self, run, x: np.ndarray, expected: np.ndarray) -> float:
+        outputs, states = [], self.zero_states(x.shape[0])
         for start, stop in ((0, 5), (5, 6), (6, 19), (19, 24)):
-            y, states = self.run(list(x[:, start:stop]), states)
+            y, states = run(list(x[:, start:stop]), states)
             outputs.append(np.stack(y))
         chunked = np.concatenate(outputs, axis=1) if self.per_timestep_outputs else outputs[-1]
-        expected = with_keras if self.per_timestep_outputs else with_keras.reshape(batch, 1, -1)
-        diff = float(np.max(np.abs(chunked - expected)))
+        return float(np.max(np.abs(chunked - expected)))
+
+    def _twin_masked_diff(self, rng: np.random.Generator) -> float:
+        """The twin against TensorFlow on one batch of chunks of different lengths (masked), from random
+        states: outputs and new states."""
+        inputs = [rng.normal(size=(length, self.features)).astype(np.float32) for length in (1, 4, 2, 7)]
+        states = rng.normal(size=(len(inputs), self.state_size)).astype(np.float32) * 0.5
+        y_tf, states_tf = self._run_tensorflow(inputs, states)
+        y_np, states_np = self._twin.run(inputs, states)  # type: ignore[union-attr]
+        diffs = [np.max(np.abs(a - b)) for a, b in zip(y_tf, y_np, strict=True)]
+        return float(max(*diffs, np.max(np.abs(states_tf - states_np))))
+
+    def _check_chunked(self, diff: float) -> None:
         if not diff <= SELF_CHECK_TOLERANCE:
             suspects = [f"{s.layer.name!r} ({type(s.layer).__name__})" for s in self._steps
                         if not s.state_sizes and not isinstance(s.layer, _PER_TIMESTEP)]
@@ -298,7 +345,6 @@ class ModelRunner:
                 f"chunked calls differ from Keras on the whole sequence by {diff:.3g}: a layer mixes timesteps "
                 f"within a chunk, so the model cannot be served one chunk at a time{which}"
             )
-        log.info("model self-check passed", extra={"fields": {"max_abs_diff": diff}})
 
     def _keras_reference(self, x: np.ndarray) -> np.ndarray:
         model = self._source

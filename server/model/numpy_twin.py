@@ -1,0 +1,271 @@
+"""A NumPy copy of the model, for short chunks: the same weights, computed without a TensorFlow call.
+
+A TensorFlow call costs 0.7-1 ms on this machine however little it computes; a chunk of one timestep
+needs a few small matrix products per layer. For short chunks the NumPy loop below is 3 to 10 times
+cheaper (CPU and latency); for long chunks XLA's fused loop wins, so the runner picks by chunk length
+(`--numpy-max-timesteps`). Only models made entirely of layers whose arithmetic is written out here get a
+twin, and the runner uses it only after it agreed with the TensorFlow path at load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import keras
+import numpy as np
+
+# Layers that compute nothing at inference.
+_INFERENCE_IDENTITY = tuple(
+    kind for name in ("Dropout", "GaussianNoise", "GaussianDropout", "AlphaDropout", "SpatialDropout1D")
+    if isinstance(kind := getattr(keras.layers, name, None), type)
+)
+
+
+def _tanh(x: np.ndarray) -> np.ndarray:
+    return np.tanh(x, out=x)
+
+
+def _relu(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, 0.0, out=x)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    # sigmoid(x) = (1 + tanh(x / 2)) / 2: one transcendental call, in place.
+    x *= 0.5
+    np.tanh(x, out=x)
+    x += 1.0
+    x *= 0.5
+    return x
+
+
+def _linear(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+# In-place activations, by Keras name; a model with any other activation gets no twin.
+_ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "tanh": _tanh, "relu": _relu, "sigmoid": _sigmoid, "linear": _linear,
+}
+
+
+class Unsupported(Exception):
+    """The model has a layer or option the twin does not compute; the message names it."""
+
+
+def _activation(layer: keras.layers.Layer, option: str) -> Callable[[np.ndarray], np.ndarray]:
+    name = keras.activations.serialize(getattr(layer, option))
+    name = name if isinstance(name, str) else name.get("config", name.get("class_name", "?"))
+    if name not in _ACTIVATIONS:
+        raise Unsupported(f"layer {layer.name!r} has {option}={name!r}")
+    return _ACTIVATIONS[name]
+
+
+def _weights(*arrays: object) -> list[np.ndarray]:
+    return [np.ascontiguousarray(keras.ops.convert_to_numpy(a), dtype=np.float32) for a in arrays]
+
+
+class _Recurrent:
+    """One recurrent layer: its states in, its outputs (every timestep or the last) and states out."""
+
+    state_sizes: tuple[int, ...]
+    units: int
+    return_sequences: bool
+
+    def run(self, x: np.ndarray, states: list[np.ndarray], active: np.ndarray | None
+            ) -> tuple[np.ndarray, list[np.ndarray]]:
+        batch, steps, _ = x.shape
+        projected = self.project(x)
+        outputs = np.empty((batch, steps, self.units), np.float32) if self.return_sequences else None
+        for t in range(steps):
+            new = self.step(projected[:, t], states)
+            if active is not None and not active[:, t].all():
+                # A row whose chunk has ended keeps its state (Keras masking, padding at the end).
+                keep = ~active[:, t, None]
+                new = [np.where(keep, old, fresh) for old, fresh in zip(states, new, strict=True)]
+            states = new
+            if outputs is not None:
+                outputs[:, t] = states[0]
+        return (outputs if outputs is not None else states[0]), states
+
+    def project(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def step(self, projected: np.ndarray, states: list[np.ndarray]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+
+class _LSTM(_Recurrent):
+    def __init__(self, layer: keras.layers.LSTM) -> None:
+        cell = layer.cell
+        if keras.activations.serialize(cell.recurrent_activation) != "sigmoid" or \
+                keras.activations.serialize(cell.activation) != "tanh":
+            raise Unsupported(f"layer {layer.name!r} has activations other than tanh and sigmoid")
+        units = self.units = int(cell.units)
+        self.state_sizes = (units, units)
+        self.return_sequences = bool(layer.return_sequences)
+        kernel, recurrent = _weights(cell.kernel, cell.recurrent_kernel)
+        bias = _weights(cell.bias)[0] if cell.use_bias else np.zeros(4 * units, np.float32)
+        # Keras' gate order is i, f, c, o; reordered to i, f, o, c so the three sigmoid gates are one
+        # slice, and those columns halved (exact in binary) so one tanh call gives every gate:
+        # sigmoid(x) = (1 + tanh(x / 2)) / 2.
+        order = np.r_[0:2 * units, 3 * units:4 * units, 2 * units:3 * units]
+        scale = np.r_[np.full(3 * units, 0.5, np.float32), np.ones(units, np.float32)]
+        self.kernel = np.ascontiguousarray(kernel[:, order] * scale)
+        self.recurrent = np.ascontiguousarray(recurrent[:, order] * scale)
+        self.bias = bias[order] * scale
+
+    def project(self, x: np.ndarray) -> np.ndarray:
+        return np.matmul(x, self.kernel) + self.bias
+
+    def step(self, projected: np.ndarray, states: list[np.ndarray]) -> list[np.ndarray]:
+        h, c = states
+        units = self.units
+        z = np.matmul(h, self.recurrent)
+        z += projected
+        np.tanh(z, out=z)
+        gates = z[:, : 3 * units]
+        gates *= 0.5
+        gates += 0.5
+        i, f, o, g = z[:, :units], z[:, units:2 * units], z[:, 2 * units:3 * units], z[:, 3 * units:]
+        c = f * c
+        g *= i
+        c += g
+        h = np.tanh(c)
+        h *= o
+        return [h, c]
+
+
+class _GRU(_Recurrent):
+    def __init__(self, layer: keras.layers.GRU) -> None:
+        cell = layer.cell
+        self.activation = _activation(cell, "activation")
+        self.recurrent_activation = _activation(cell, "recurrent_activation")
+        units = self.units = int(cell.units)
+        self.state_sizes = (units,)
+        self.return_sequences = bool(layer.return_sequences)
+        self.reset_after = bool(cell.reset_after)
+        self.kernel, self.recurrent = _weights(cell.kernel, cell.recurrent_kernel)
+        if not cell.use_bias:
+            bias = np.zeros((2, 3 * units) if self.reset_after else (3 * units,), np.float32)
+        else:
+            bias = _weights(cell.bias)[0]
+        self.input_bias, self.recurrent_bias = (bias[0], bias[1]) if self.reset_after else (bias, None)
+
+    def project(self, x: np.ndarray) -> np.ndarray:
+        return np.matmul(x, self.kernel) + self.input_bias
+
+    def step(self, projected: np.ndarray, states: list[np.ndarray]) -> list[np.ndarray]:
+        (h,) = states
+        units = self.units
+        if self.reset_after:
+            inner = np.matmul(h, self.recurrent)
+            inner += self.recurrent_bias
+        else:
+            inner = np.matmul(h, self.recurrent[:, : 2 * units])
+        z = self.recurrent_activation(projected[:, :units] + inner[:, :units])
+        r = self.recurrent_activation(projected[:, units:2 * units] + inner[:, units:2 * units])
+        recurrent_h = (r * inner[:, 2 * units:] if self.reset_after
+                       else np.matmul(r * h, self.recurrent[:, 2 * units:]))
+        hh = self.activation(projected[:, 2 * units:] + recurrent_h)
+        # z * h + (1 - z) * hh, as hh + z * (h - hh)
+        new = h - hh
+        new *= z
+        new += hh
+        return [new]
+
+
+class _SimpleRNN(_Recurrent):
+    def __init__(self, layer: keras.layers.SimpleRNN) -> None:
+        cell = layer.cell
+        self.activation = _activation(cell, "activation")
+        units = self.units = int(cell.units)
+        self.state_sizes = (units,)
+        self.return_sequences = bool(layer.return_sequences)
+        self.kernel, self.recurrent = _weights(cell.kernel, cell.recurrent_kernel)
+        self.bias = _weights(cell.bias)[0] if cell.use_bias else np.zeros(units, np.float32)
+
+    def project(self, x: np.ndarray) -> np.ndarray:
+        return np.matmul(x, self.kernel) + self.bias
+
+    def step(self, projected: np.ndarray, states: list[np.ndarray]) -> list[np.ndarray]:
+        (h,) = states
+        z = np.matmul(h, self.recurrent)
+        z += projected
+        return [self.activation(z)]
+
+
+class _Dense:
+    def __init__(self, layer: keras.layers.Dense) -> None:
+        self.activation = _activation(layer, "activation")
+        self.kernel = _weights(layer.kernel)[0]
+        self.bias = _weights(layer.bias)[0] if layer.use_bias else None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = np.matmul(x, self.kernel)
+        if self.bias is not None:
+            y += self.bias
+        return self.activation(y)
+
+
+class _Activation:
+    def __init__(self, layer: keras.layers.Activation) -> None:
+        self.activation = _activation(layer, "activation")
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.activation(np.array(x))  # a copy: the activations work in place
+
+
+_RECURRENT: dict[type, type[_Recurrent]] = {
+    keras.layers.LSTM: _LSTM, keras.layers.GRU: _GRU, keras.layers.SimpleRNN: _SimpleRNN,
+}
+
+
+class NumpyTwin:
+    """The model's layers in NumPy; `run` has the runner's signature (chunks of B streams, their states)."""
+
+    def __init__(self, model: keras.Model) -> None:
+        self._layers: list[_Recurrent | Callable[[np.ndarray], np.ndarray]] = []
+        for layer in model.layers:
+            if isinstance(layer, (keras.layers.InputLayer, *_INFERENCE_IDENTITY)):
+                continue
+            if getattr(layer, "dtype_policy", None) is not None and layer.dtype_policy.name != "float32":
+                raise Unsupported(f"layer {layer.name!r} computes in {layer.dtype_policy.name}")
+            kind = type(layer)
+            if kind in _RECURRENT:
+                self._layers.append(_RECURRENT[kind](layer))
+            elif kind is keras.layers.Dense:
+                self._layers.append(_Dense(layer))
+            elif kind is keras.layers.Activation:
+                self._layers.append(_Activation(layer))
+            else:
+                raise Unsupported(f"layer {layer.name!r} is a {kind.__name__}")
+        self._split = np.cumsum([size for layer in self._layers if isinstance(layer, _Recurrent)
+                                 for size in layer.state_sizes])[:-1]
+
+    def run(self, inputs: list[np.ndarray], states: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        lengths = [chunk.shape[0] for chunk in inputs]
+        longest = max(lengths)
+        if min(lengths) == longest:
+            h = np.stack(inputs)
+            active = None
+        else:
+            h = np.zeros((len(inputs), longest, inputs[0].shape[1]), np.float32)
+            for row, chunk in enumerate(inputs):
+                h[row, : chunk.shape[0]] = chunk
+            active = np.arange(longest)[None, :] < np.array(lengths)[:, None]
+        slices = np.split(states, self._split, axis=1)
+        new_states: list[np.ndarray] = []
+        used = 0
+        for layer in self._layers:
+            if not isinstance(layer, _Recurrent):
+                h = layer(h)
+                continue
+            count = len(layer.state_sizes)
+            h, layer_states = layer.run(h, slices[used:used + count], active if h.ndim == 3 else None)
+            used += count
+            new_states.extend(layer_states)
+        if h.ndim == 3:
+            outputs = [h[row, :length] for row, length in enumerate(lengths)]
+        else:  # the model answers with its last step: one row per chunk, shaped as the TensorFlow path's
+            outputs = [h[row, None] for row in range(len(inputs))]
+        return outputs, np.concatenate(new_states, axis=1)
