@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shlex
 import shutil
@@ -70,9 +71,13 @@ class RedisServer:
             os.chmod(config, 0o600)
             self._command.insert(1, config)
         self.process: subprocess.Popen | None = None
+        self.started_by = os.environ.get("PYTEST_CURRENT_TEST", " ".join(sys.argv))
+        _STARTED.append(self)
         self.start()
 
     def start(self) -> None:
+        if self.process and self.process.poll() is None:
+            raise RuntimeError(f"redis-server on port {self.port} is already running: stop or kill it first")
         self.process = subprocess.Popen(self._command, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         wait_until(self._answers, 10, f"redis-server on port {self.port}")
 
@@ -94,6 +99,21 @@ class RedisServer:
         if self.process and self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+
+
+_STARTED: list[RedisServer] = []
+
+
+@atexit.register
+def _kill_leftover_redis() -> None:
+    """No private redis-server outlives the process that started it; one still running at exit is a test
+    that forgot to stop it, named on stderr so it can be fixed."""
+    for server in _STARTED:
+        if server.process and server.process.poll() is None:
+            print(f"tests/support.py: redis-server on port {server.port} was still running at exit, started by "
+                  f"{server.started_by}; killed", file=sys.stderr)
+            server.process.send_signal(signal.SIGCONT)  # a paused one would not die
+            server.kill()
 
 
 class ServerProcess:
