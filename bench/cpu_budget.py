@@ -36,7 +36,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.perf_analyzer import Mode, Server, cpu_seconds, load_command, start_ours, stat_cpu_seconds
+from bench.perf_analyzer import (
+    SHIPPED_APPENDFSYNC,
+    Mode,
+    Server,
+    cpu_seconds,
+    load_command,
+    start_ours,
+    stat_cpu_seconds,
+)
 from tests.support import ROOT, RedisServer, perf_analyzer_command
 
 # (stage, pattern on a frame's file path); the first stage whose pattern matches the innermost
@@ -101,10 +109,10 @@ def main() -> None:
     if pa is None or not Path(spy).exists():
         sys.exit("needs perf_analyzer (bench/perf_analyzer.py) and py-spy (pip install py-spy)")
     mode = Mode(args.mode, args.timesteps, args.concurrency, args.mode == "streaming")
-    redis = RedisServer()
+    redis = RedisServer(appendfsync=SHIPPED_APPENDFSYNC)  # as shipped, like bench.perf_analyzer
     server = start_ours("ceiling" if args.identity_model else "lstm-serve", 1, redis)
     try:
-        result = budget(pa, spy, server, redis, mode, args.seconds)
+        result = {**budget(pa, spy, server, redis, mode, args.seconds), "redis_appendfsync": SHIPPED_APPENDFSYNC}
     finally:
         server.stop()
         redis.stop()

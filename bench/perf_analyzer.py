@@ -27,10 +27,12 @@ import json
 import os
 import platform
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -103,16 +105,17 @@ def cpu_seconds(roots: list[int]) -> float:
 # ---- the servers ----
 
 class Server:
-    """A server process answering the Triton protocol on `target`; `count()` reads its ModelStatistics."""
+    """A server process answering the Triton protocol on `target`; `count()` reads its ModelStatistics, or,
+    given `metrics_ports`, the answers its workers' /metrics counted."""
 
     def __init__(self, name: str, command: list[str], target: str, model: str | None,
-                 extra_pids: tuple[int, ...] = ()) -> None:
+                 extra_pids: tuple[int, ...] = (), metrics_ports: tuple[int, ...] = ()) -> None:
         import tritonclient.grpc as triton_grpc  # only the benchmark needs tritonclient
 
         self.name, self.target, self.extra_pids = name, target, extra_pids
         # With several worker processes each answers ModelStatistics for itself alone, so a count read
-        # through the shared port is one worker's: no CPU-per-inference figure then.
-        self.whole_count = True
+        # through the shared port is one worker's; each worker's /metrics port answers for that worker.
+        self.metrics_ports = metrics_ports
         self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)  # noqa: SIM115
         self.process = subprocess.Popen(command, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
@@ -130,7 +133,10 @@ class Server:
         wait_until(ready, 180, f"{name} to serve {self.model}", interval_s=0.5)
 
     def count(self, field: str = "inference_count") -> int:
-        """Requests served so far (or, with "execution_count", model calls), from ModelStatistics."""
+        """Requests served so far (or, with "execution_count", model calls), from ModelStatistics; requests
+        from every worker's metrics when the server has them."""
+        if self.metrics_ports and field == "inference_count":
+            return sum(triton_answers(port) for port in self.metrics_ports)
         stats = self.client.get_inference_statistics(self.model, as_json=True)
         return sum(int(entry.get(field, 0)) for entry in stats.get("model_stats", []))
 
@@ -148,15 +154,40 @@ class Server:
         self.log.close()
 
 
+def triton_answers(metrics_port: int) -> int:
+    """Triton-protocol inferences one worker answered OK (ModelInfer calls and stream messages)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    return int(sum(sample.value for family in text_string_to_metric_families(text)
+                   for sample in family.samples
+                   if sample.name == "lstm_serve_requests_total" and sample.labels.get("protocol") == "triton"
+                   and sample.labels.get("code") == "OK"
+                   and sample.labels.get("method") in ("ModelInfer", "ModelStreamInfer")))
+
+
+def free_port_run(count: int) -> int:
+    """A port p such that p .. p + count - 1 are free (worker i serves metrics on --metrics-port + i)."""
+    while True:
+        first = free_port()
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+
+
 def start_ours(name: str, workers: int, redis: RedisServer) -> Server:
-    port = free_port()
+    port, metrics_port = free_port(), free_port_run(workers)
     command = [sys.executable, "-m", "server", "--port", str(port), "--redis-url", redis.url,
-               "--redis-autostart", "false", "--metrics-port", "0", "--log-level", "WARNING",
+               "--redis-autostart", "false", "--metrics-port", str(metrics_port), "--log-level", "WARNING",
                "--workers", str(workers), "--warmup-timesteps", "20,1"]
     if name == "ceiling":
         command.append("--identity-model")
-    server = Server(name, command, f"127.0.0.1:{port}", None, (redis.process.pid,))
-    server.whole_count = workers == 1
+    server = Server(name, command, f"127.0.0.1:{port}", None, (redis.process.pid,),
+                    tuple(range(metrics_port, metrics_port + workers)))
     time.sleep(8)  # the warm-up shapes compile in the background; measure after
     return server
 
@@ -214,7 +245,7 @@ def measure(pa: list[str], server: Server, mode: Mode, interval_ms: int, trials:
             "infer_per_s": float(result["Inferences/Second"]),
             "p50_ms": float(result["p50 latency"]) / 1000,
             "p99_ms": float(result["p99 latency"]) / 1000,
-            "server_cpu_us_per_infer": 1e6 * cpu_used / served if served and server.whole_count else None,
+            "server_cpu_us_per_infer": 1e6 * cpu_used / served if served else None,
             "seconds": round(time.monotonic() - started, 1),
             "server_side_stats": "Server:" in done.stdout,
         }

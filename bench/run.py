@@ -4,7 +4,8 @@ peer, each driven by lstm-loadtest with the same load, on the same machine, one 
     python -m bench.run                      # the full matrix, about 8 minutes
     python -m bench.run --duration 2 --quick # 64 streams only, a smoke run
 
-Servers (each with the default model and its own fresh Redis, append-only file on):
+Servers (each with the default model and its own fresh Redis, append-only file on, `appendfsync everysec`
+as shipped):
 - lstm-serve:  this server as shipped (`--workers` as given).
 - ceiling:     the same server with `--identity-model`: the same gRPC, batching and Redis work, no model
                call. The share of it that lstm-serve reaches says what the model costs.
@@ -138,10 +139,11 @@ def main() -> None:
 
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "duration_s": args.duration, "workers": args.workers, "runs": [],
+        "duration_s": args.duration, "workers": args.workers,
+        "redis_appendfsync": perf_analyzer.SHIPPED_APPENDFSYNC, "runs": [],
     }
     for name in args.servers.split(","):
-        redis = RedisServer()
+        redis = RedisServer(appendfsync=perf_analyzer.SHIPPED_APPENDFSYNC)  # as docker-compose.yml ships it
         served = start(name, redis.url, args.workers)
         try:
             for streams, timesteps, api in loads(name, args.quick):

@@ -81,11 +81,15 @@ def _exported(server) -> set[str]:
 
 
 def _labels_of(sample_name: str) -> set[str]:
-    for collector in vars(server_metrics).values():
-        base = getattr(collector, "_name", None)
-        if base and sample_name.startswith(base):
-            return set(getattr(collector, "_labelnames", ())) | ({"le"} if sample_name.endswith("_bucket") else set())
-    return set()
+    # The metric whose name is the longest prefix of the sample's (lstm_serve_model_calls_total is not
+    # lstm_serve_model), leaving out labelled children (.labels(...)), which carry no label names.
+    collectors = [c for c in vars(server_metrics).values()
+                  if isinstance(getattr(c, "_name", None), str) and not getattr(c, "_labelvalues", ())
+                  and sample_name.startswith(c._name)]
+    if not collectors:
+        return set()
+    collector = max(collectors, key=lambda c: len(c._name))
+    return set(getattr(collector, "_labelnames", ())) | ({"le"} if sample_name.endswith("_bucket") else set())
 
 
 def test_the_dashboard_queries_only_exported_metrics(default_server) -> None:
