@@ -143,7 +143,7 @@ _HELP = {
     "call, but batches get smaller (1 measured best on 2 cores)",
     "xla": "run batches through XLA-compiled calls, compiled per shape in the background",
     "numpy_max_batch_timesteps": "batches of at most this many chunks x timesteps (of the longest chunk) run on "
-    "the model's NumPy twin instead of TensorFlow: 3-10 times less CPU for short chunks (0: never)",
+    "the model's NumPy twin instead of TensorFlow: several times less CPU for short chunks (0: never)",
     "warmup_timesteps": "chunk lengths whose XLA shapes are compiled at start-up, comma-separated",
     "reset_on_model_change": "reset slots written by another model instead of refusing them",
     "metrics_port": "Prometheus metrics over HTTP on this port, at /metrics (0: off; worker i uses port + i)",

@@ -108,6 +108,14 @@ def test_other_layers_get_no_twin_and_run_in_tensorflow(tmp_path) -> None:
         assert float(np.max(np.abs(outputs[0] - keras_whole_sequence(path, x)))) <= TOLERANCE
         runner.close()
 
+    def doubled(x):
+        return x * 2
+
+    custom = keras.Sequential([keras.Input(shape=(None, 1)), keras.layers.LSTM(4, return_sequences=True),
+                               keras.layers.Dense(1, activation=doubled)])
+    with pytest.raises(Unsupported, match="activation=<function"):
+        NumpyTwin(custom)
+
 
 def test_batches_up_to_the_limit_run_on_the_twin_and_larger_ones_in_tensorflow() -> None:
     runner = load(DEFAULT_MODEL, xla=False, numpy_max_batch_timesteps=40)

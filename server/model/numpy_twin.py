@@ -1,10 +1,11 @@
 """A NumPy copy of the model, for short chunks: the same weights, computed without a TensorFlow call.
 
-A TensorFlow call costs 0.7-1 ms on this machine however little it computes; a chunk of one timestep
-needs a few small matrix products per layer. For short chunks the NumPy loop below is 3 to 10 times
-cheaper (CPU and latency); for long chunks XLA's fused loop wins, so the runner picks by chunk length
-(`--numpy-max-timesteps`). Only models made entirely of layers whose arithmetic is written out here get a
-twin, and the runner uses it only after it agreed with the TensorFlow path at load.
+A TensorFlow call costs 0.5-1 ms of CPU on this machine however little it computes; a chunk of one
+timestep needs a few small matrix products per layer. For small batches the NumPy loop below is 3 to 17
+times cheaper (CPU and latency); for large ones XLA's fused loop wins, so the runner picks by chunks x
+timesteps of the batch (`--numpy-max-batch-timesteps`). Only models made entirely of layers whose
+arithmetic is written out here get a twin, and the runner uses it only after it agreed with Keras and
+with the TensorFlow path at load.
 """
 
 from __future__ import annotations
@@ -52,11 +53,20 @@ class Unsupported(Exception):
     """The model has a layer or option the twin does not compute; the message names it."""
 
 
+def _activation_name(function: object) -> str | None:
+    """Keras' name of a built-in activation; None for anything else (a custom function, a layer)."""
+    try:
+        name = keras.activations.serialize(function)
+    except Exception:  # Keras refuses to name some objects; none of them is a built-in activation
+        return None
+    return name if isinstance(name, str) else None
+
+
 def _activation(layer: keras.layers.Layer, option: str) -> Callable[[np.ndarray], np.ndarray]:
-    name = keras.activations.serialize(getattr(layer, option))
-    name = name if isinstance(name, str) else name.get("config", name.get("class_name", "?"))
+    function = getattr(layer, option)
+    name = _activation_name(function)
     if name not in _ACTIVATIONS:
-        raise Unsupported(f"layer {layer.name!r} has {option}={name!r}")
+        raise Unsupported(f"layer {layer.name!r} has {option}={name or function!r}")
     return _ACTIVATIONS[name]
 
 
@@ -97,8 +107,7 @@ class _Recurrent:
 class _LSTM(_Recurrent):
     def __init__(self, layer: keras.layers.LSTM) -> None:
         cell = layer.cell
-        if keras.activations.serialize(cell.recurrent_activation) != "sigmoid" or \
-                keras.activations.serialize(cell.activation) != "tanh":
+        if _activation_name(cell.recurrent_activation) != "sigmoid" or _activation_name(cell.activation) != "tanh":
             raise Unsupported(f"layer {layer.name!r} has activations other than tanh and sigmoid")
         units = self.units = int(cell.units)
         self.state_sizes = (units, units)
