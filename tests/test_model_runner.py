@@ -114,6 +114,21 @@ def assert_agrees_with_generic(runner: ModelRunner, generic: ModelRunner, *, bat
     assert float(np.max(np.abs(got_states - want_states))) <= 1e-5
 
 
+def test_shapes_whose_batches_all_run_on_the_numpy_twin_are_not_compiled() -> None:
+    from tests.support import DEFAULT_MODEL, wait_until
+
+    runner = load(DEFAULT_MODEL, max_batch=64)  # the twin serves up to 512 chunks x timesteps
+    generic = load(DEFAULT_MODEL, xla=False, numpy_max_batch_timesteps=0)
+    xla = runner._xla
+    runner.warm_up((1, 20))
+    over_the_limit = {(False, 32, 20), (False, 64, 20)}  # 32 x 20 = 640; 16 x 20 and 64 x 1 are within it
+    wait_until(lambda: over_the_limit <= xla._ready, 120, "the shapes of 32 and 64 chunks of 20 steps")
+    assert xla._queued == over_the_limit
+    assert xla.lookup(False, 26, 20) == 32  # 26 x 20 = 520: over the limit, served compiled
+    assert_agrees_with_generic(runner, generic, batch=26, timesteps=20, seed=5)
+    runner.close()
+
+
 def test_batches_over_16_are_padded_by_at_most_a_quarter() -> None:
     from server.model.runner import _XlaShapes
 

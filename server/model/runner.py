@@ -181,7 +181,9 @@ class ModelRunner:
         self._self_check()
         # XLA is 1.3 to 2.5 times faster per call here, but compiles once per concrete shape: see _XlaShapes.
         if xla:
-            self._xla = _XlaShapes(self._forward, self.features, self.state_size, max_batch)
+            # Batches the twin serves never reach XLA: their shapes are not compiled.
+            twin_serves = self._numpy_max_batch_timesteps if self._twin is not None else 0
+            self._xla = _XlaShapes(self._forward, self.features, self.state_size, max_batch, twin_serves)
 
     @staticmethod
     def _input_features(model: keras.Model) -> int:
@@ -379,7 +381,9 @@ class _XlaShapes:
     compiles it; later batches of that shape use XLA. Chunk lengths are not padded (padding costs more
     than it saves); batch sizes are, to buckets, so a few executables cover every batch:
 
-    - powers of two, compiled at start-up for the --warmup-timesteps lengths;
+    - powers of two, compiled at start-up for the --warmup-timesteps lengths, except the shapes whose
+      batches all run on the NumPy twin (bucket x timesteps <= --numpy-max-batch-timesteps: with the
+      defaults, none for one-timestep chunks and 32 and 64 rows for 20);
     - for those lengths, above 16, four buckets per doubling (20, 24, 28, 32, 40, 48, 56, 64, ...), so
       padding adds at most a quarter: with powers of two alone a batch of 33 ran as 64 rows, 3.0 ms
       against 1.9 for 40 (T=20, 2 cores), and under 64 streams half the batches were over 32. They are
@@ -391,7 +395,7 @@ class _XlaShapes:
     MAX_SHAPES = 96
     FINE_ABOVE = 16  # batch buckets above this are a quarter of a doubling apart
 
-    def __init__(self, forward, features: int, state_size: int, max_batch: int) -> None:
+    def __init__(self, forward, features: int, state_size: int, max_batch: int, twin_serves: int) -> None:
         # Calling the tf.function (not a concrete function) measured faster: 0.55 against 1.25 ms.
         self.function = tf.function(forward, jit_compile=True)
         self._features = features
@@ -403,6 +407,7 @@ class _XlaShapes:
         self._compiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xla-compile")
         self._warm_up: set[tuple[bool, int, int]] = set()  # shapes asked for at start-up
         self._fine_lengths: set[int] = set()  # chunk lengths that get the finer buckets
+        self._twin_serves = twin_serves  # batches of at most this many chunks x timesteps never come here
 
     @staticmethod
     def power_bucket(batch: int) -> int:
@@ -436,8 +441,11 @@ class _XlaShapes:
             self._fine_lengths.add(steps)
             bucket = 1
             while bucket <= self._max_batch and steps <= self.MAX_TIMESTEPS:
-                self._warm_up.add((False, bucket, steps))
-                self._schedule((False, bucket, steps))
+                # A batch reaches XLA only when its chunks x steps is over the twin's limit, and a batch
+                # padded to this bucket has at most `bucket` chunks: within the limit, never used.
+                if bucket * steps > self._twin_serves:
+                    self._warm_up.add((False, bucket, steps))
+                    self._schedule((False, bucket, steps))
                 bucket *= 2
 
     def _schedule(self, key: tuple[bool, int, int]) -> None:
