@@ -149,3 +149,21 @@ def test_a_twin_that_disagrees_with_keras_is_not_used(monkeypatch, caplog) -> No
     runner.run(*random_batch(runner, [1], seed=0))
     assert metrics.MODEL_CALLS_TENSORFLOW._value.get() == before + 1
     runner.close()
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="OpenBLAS starts no worker thread on one core anyway")
+def test_the_server_keeps_numpy_to_one_blas_thread() -> None:
+    """The server's process loads NumPy with one BLAS thread (server/__init__.py); NumPy alone starts more."""
+    import subprocess
+    import sys
+
+    count_threads = "import os, numpy; print(len(os.listdir('/proc/self/task')))"
+    environment = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+
+    def threads(code: str) -> int:
+        done = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True,
+                              timeout=60, check=True)
+        return int(done.stdout)
+
+    assert threads("import server; " + count_threads) == 1
+    assert threads(count_threads) > 1
