@@ -158,7 +158,9 @@ def test_the_server_keeps_numpy_to_one_blas_thread() -> None:
     import sys
 
     count_threads = "import os, numpy; print(len(os.listdir('/proc/self/task')))"
-    environment = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    # OpenBLAS also reads these two: none may limit the NumPy-alone count.
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")}
 
     def threads(code: str) -> int:
         done = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True,
