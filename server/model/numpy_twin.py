@@ -49,6 +49,19 @@ _ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
+def padded(inputs: list[np.ndarray], rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Chunks of different lengths as one [rows, longest, features] array padded at the end with zeros, and
+    the mask of real timesteps (rows past the chunks, idle padding, count as active throughout)."""
+    lengths = np.array([chunk.shape[0] for chunk in inputs])
+    longest = int(lengths.max())
+    x = np.zeros((rows, longest, inputs[0].shape[1]), np.float32)
+    for row, chunk in enumerate(inputs):
+        x[row, : chunk.shape[0]] = chunk
+    mask = np.ones((rows, longest), bool)
+    mask[: len(inputs)] = np.arange(longest) < lengths[:, None]
+    return x, mask
+
+
 class Unsupported(Exception):
     """The model has a layer or option the twin does not compute; the message names it."""
 
@@ -258,10 +271,7 @@ class NumpyTwin:
             h = np.stack(inputs)
             active = None
         else:
-            h = np.zeros((len(inputs), longest, inputs[0].shape[1]), np.float32)
-            for row, chunk in enumerate(inputs):
-                h[row, : chunk.shape[0]] = chunk
-            active = np.arange(longest)[None, :] < np.array(lengths)[:, None]
+            h, active = padded(inputs, len(inputs))
         slices = np.split(states, self._split, axis=1)
         new_states: list[np.ndarray] = []
         used = 0

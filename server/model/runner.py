@@ -36,7 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from server import metrics
-from server.model.numpy_twin import NumpyTwin, Unsupported
+from server.model.numpy_twin import NumpyTwin, Unsupported, padded
 from server.types import ModelDescription, RecurrentLayerInfo
 
 log = logging.getLogger(__name__)
@@ -267,12 +267,7 @@ class ModelRunner:
         bucket = self._xla.lookup(masked, len(inputs), longest) if self._xla else None
         rows = bucket or len(inputs)  # XLA shapes are bucketed: pad with idle rows
         if masked:
-            x = np.zeros((rows, longest, self.features), dtype=np.float32)
-            mask = np.ones((rows, longest), dtype=bool)
-            for row, chunk in enumerate(inputs):
-                x[row, : chunk.shape[0]] = chunk
-                mask[row, chunk.shape[0] :] = False
-            args: tuple[np.ndarray, ...] = (x, mask)
+            args: tuple[np.ndarray, ...] = padded(inputs, rows)
         else:
             x = np.stack(inputs)
             if rows > len(inputs):
