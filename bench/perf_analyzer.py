@@ -32,12 +32,20 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.support import ROOT, TRITON_PEER, RedisServer, free_port, perf_analyzer_command, wait_until
+from tests.support import (
+    ROOT,
+    TRITON_PEER,
+    RedisServer,
+    free_port,
+    perf_analyzer_command,
+    scrape_port,
+    value,
+    wait_until,
+)
 
 PEER = ROOT.parent / "shared" / "peers" / "triton"
 TRITON_MODEL = "lstm"
@@ -156,14 +164,9 @@ class Server:
 
 def triton_answers(metrics_port: int) -> int:
     """Triton-protocol inferences one worker answered OK (ModelInfer calls and stream messages)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-    return int(sum(sample.value for family in text_string_to_metric_families(text)
-                   for sample in family.samples
-                   if sample.name == "lstm_serve_requests_total" and sample.labels.get("protocol") == "triton"
-                   and sample.labels.get("code") == "OK"
-                   and sample.labels.get("method") in ("ModelInfer", "ModelStreamInfer")))
+    samples = scrape_port(metrics_port)
+    return int(sum(value(samples, "lstm_serve_requests_total", protocol="triton", method=method, code="OK")
+                   for method in ("ModelInfer", "ModelStreamInfer")))
 
 
 def free_port_run(count: int) -> int:

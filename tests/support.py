@@ -364,7 +364,11 @@ def perf_analyzer_command() -> list[str] | None:
 
 def scrape(server) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
     """Every sample of a server's /metrics: {sample name: {sorted labels: value}}."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+    return scrape_port(server.metrics_port)
+
+
+def scrape_port(metrics_port: int) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
     samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
