@@ -68,7 +68,8 @@ async def build_server(config: ServerConfig, worker_of: tuple[int, int] | None) 
     model = runner.description
     topology = RedisTopology.from_config(config)
     store = StateStore(topology, config.key_prefix,
-                       wait=WaitPolicy(config.redis_wait_replicas, config.redis_wait_timeout_ms))
+                       wait=WaitPolicy(config.redis_wait_replicas, config.redis_wait_timeout_ms),
+                       saved_slots_bytes=config.slot_memory_bytes)
     policy = StreamPolicy.from_config(config)
     tenants = security.tenants
     dataplane = DataPlane(

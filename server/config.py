@@ -45,6 +45,7 @@ class ServerConfig:
     max_in_flight: int = 1
     xla: bool = True
     numpy_max_batch_timesteps: int = 512
+    slot_memory_mb: float = 64.0
     warmup_timesteps: str = "1,20"
     reset_on_model_change: bool = False
     workers: int = 1
@@ -96,6 +97,10 @@ class ServerConfig:
         return int(self.state_ttl_s * 1_000_000)
 
     @property
+    def slot_memory_bytes(self) -> int:
+        return int(self.slot_memory_mb * 1024 * 1024)
+
+    @property
     def ended_ttl_ms(self) -> int:
         return int(self.ended_ttl_s * 1000)
 
@@ -144,6 +149,8 @@ _HELP = {
     "xla": "run batches through XLA-compiled calls, compiled per shape in the background",
     "numpy_max_batch_timesteps": "batches of at most this many chunks x timesteps (of the longest chunk) run on "
     "the model's NumPy twin instead of TensorFlow: several times less CPU for short chunks (0: never)",
+    "slot_memory_mb": "memory for the slots this process saved last (per worker): a stream's next chunk starts "
+    "from its slot there instead of reading Redis, and the save's compare-and-set still checks it (0: always read)",
     "warmup_timesteps": "chunk lengths whose XLA shapes are compiled at start-up, comma-separated",
     "reset_on_model_change": "reset slots written by another model instead of refusing them",
     "metrics_port": "Prometheus metrics over HTTP on this port, at /metrics (0: off; worker i uses port + i)",
@@ -258,6 +265,8 @@ def _check(config: ServerConfig, parser: argparse.ArgumentParser) -> None:
         parser.error("--workers above 1 needs a fixed --port: the workers share it")
     if config.numpy_max_batch_timesteps < 0:
         parser.error("--numpy-max-batch-timesteps must not be negative")
+    if not 0 <= config.slot_memory_mb < float("inf"):
+        parser.error("--slot-memory-mb must not be negative (0: every chunk reads its slot from Redis)")
     if config.max_in_flight < 1:
         parser.error("--max-in-flight must be at least 1")
     try:

@@ -54,6 +54,14 @@ QUEUE_WAIT_SECONDS = Histogram("lstm_serve_queue_wait_seconds",
 QUEUED = Gauge("lstm_serve_queued_chunks", "Chunks waiting for a batch (read at scrape time)")
 IN_FLIGHT_CHUNKS = Gauge("lstm_serve_in_flight_chunks", "Chunks in batches running now (read at scrape time)")
 CONFLICTS = Counter("lstm_serve_conflicts_total", "Chunks run again because their slot changed under them")
+SLOT_LOADS = Counter("lstm_serve_slot_loads_total", "Slots chunks started from, by source: memory (what this process "
+                     "saved last, checked by the save's compare-and-set) or redis", ["source"])
+SLOT_LOADS_MEMORY = SLOT_LOADS.labels("memory")
+SLOT_LOADS_REDIS = SLOT_LOADS.labels("redis")
+SLOT_MEMORY_REREADS = Counter("lstm_serve_slot_memory_rereads_total", "Chunks whose slot from memory led to an "
+                              "answer without a save (a replay, a refusal), so Redis was read to decide it")
+SLOT_MEMORY_REFUSED = Counter("lstm_serve_slot_memory_refused_total", "Chunks run on a slot from memory whose save "
+                              "Redis refused: the slot had changed (another replica, a reset, an expiry); run again")
 
 # --- Redis, the model, compiles ---------------------------------------------------------------------
 REDIS_UP = Gauge("lstm_serve_redis_up", "1 while the state store answers the health tracker's PING")
@@ -74,6 +82,15 @@ def watch_batcher(queued: Callable[[], int], in_flight: Callable[[], int]) -> No
     """Sample the batcher's queue and running chunks whenever Prometheus scrapes."""
     QUEUED.set_function(queued)
     IN_FLIGHT_CHUNKS.set_function(in_flight)
+
+
+def count_slot_loads(chunks: int, from_memory: int, reread: int) -> None:
+    """Once per batch (a labelled counter costs a lookup and a lock)."""
+    SLOT_LOADS_MEMORY.inc(from_memory)
+    SLOT_LOADS_REDIS.inc(chunks - from_memory)
+    if reread:
+        SLOT_MEMORY_REREADS.inc(reread)
+
 
 # Only with API keys (--api-keys): one series per tenant of the key file and status code ("OK" for an
 # answered chunk, replayed retries included; RESOURCE_EXHAUSTED for chunks over the tenant's limits).

@@ -1,7 +1,9 @@
 """One batch through the data path: load slots, apply the stream rules, run the model, save slots.
 
-For a batch of chunks of distinct streams this costs one Redis round trip to load every slot, one
-compiled model call for every chunk that runs, and one compare-and-set round trip to save. The
+For a batch of chunks of distinct streams this costs one Redis round trip to load every slot (none
+for the slots this process saved last, kept in memory: server/state/cache.py), one model call for
+every chunk that runs, and one compare-and-set round trip to save. A slot from memory is only ever the
+base of that compare-and-set; an answer without a save is decided on a slot read from Redis. The
 rules it applies per stream (docs/invariants.md, invariants 3, 4, 7, 9 and 10):
 
 - `reset` starts from zero state at offset 0; otherwise the stream continues from its slot.
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from server import metrics
 from server.config import ServerConfig
 from server.errors import (
     ServiceError,
@@ -139,12 +142,15 @@ class BatchProcessor:
         deadlines = [c.deadline for c in chunks if c.deadline is not None]
         deadline = max(deadlines) if deadlines else time.monotonic() + self.policy.request_deadline_s
         stateful = [i for i, chunk in enumerate(chunks) if chunk.stream_id is not None]
-        loaded = await self.store.load(
-            [chunks[i].stream_id for i in stateful], deadline, [chunks[i].tenant for i in stateful]  # type: ignore[misc]
+        loaded, recent = await self.store.load_recent(
+            [chunks[i].stream_id for i in stateful], deadline, [chunks[i].tenant for i in stateful],  # type: ignore[misc]
+            [self._may_start_from_memory(chunks[i]) for i in stateful],
         )
         slots: dict[int, Loaded] = dict(zip(stateful, loaded, strict=True))
+        from_memory = {i for i, hit in zip(stateful, recent, strict=True) if hit}
 
         planned: list[_Planned] = []
+        recheck: list[tuple[int, bytes]] = []
         now = time.monotonic()
         for index, chunk in enumerate(chunks):
             if chunk.deadline is not None and chunk.deadline <= now:
@@ -154,8 +160,25 @@ class BatchProcessor:
             outcome = self._plan(index, chunk, digest, slots.get(index))
             if isinstance(outcome, _Planned):
                 planned.append(outcome)
+            elif index in from_memory:
+                # A slot from memory may be stale: it may only be the base of a save, whose compare-and-set
+                # checks it. Any other answer (a replay, a refusal) is decided again on Redis' slot.
+                recheck.append((index, digest))
             else:
                 results[index] = outcome
+        if recheck:
+            fresh = await self.store.load([chunks[i].stream_id for i, _ in recheck], deadline,  # type: ignore[misc]
+                                          [chunks[i].tenant for i, _ in recheck])
+            for (index, digest), slot in zip(recheck, fresh, strict=True):
+                slots[index] = slot
+                from_memory.discard(index)
+                outcome = self._plan(index, chunks[index], digest, slot)
+                if isinstance(outcome, _Planned):
+                    planned.append(outcome)
+                else:
+                    results[index] = outcome
+        if self.store.saved_slots is not None:
+            metrics.count_slot_loads(len(stateful), len(from_memory), len(recheck))
         await self._confirm_replays(chunks, results, deadline)
         if self.live is not None and planned:
             planned = await self._admit(planned, slots, results, deadline)
@@ -206,6 +229,8 @@ class BatchProcessor:
         for (plan, _), result in zip(writes, saved, strict=True):
             if result is APPLIED:
                 continue  # the prediction stands
+            if result is REFUSED and plan.index in from_memory:
+                metrics.SLOT_MEMORY_REFUSED.inc()
             # REFUSED: another writer was first; the chunk runs again on the fresh state, where the rules
             # above tell a retry or a late duplicate from a new chunk. A ServiceError: that stream alone.
             results[plan.index] = CONFLICT if result is REFUSED else result
@@ -246,6 +271,11 @@ class BatchProcessor:
             if plan.index in refused:
                 results[plan.index] = tenant_streams_exceeded(plan.chunk.tenant, self.live.limit_of(plan.chunk.tenant))
         return [plan for plan in planned if plan.index not in refused]
+
+    def _may_start_from_memory(self, chunk: Chunk) -> bool:
+        # A limited tenant's chunk is counted against its live-stream limit from the slot it starts from
+        # (`_admit`), before any save could notice a stale one: its slot always comes from Redis.
+        return self.live is None or not chunk.tenant or self.live.limit_of(chunk.tenant) <= 0
 
     def _plan(self, index: int, chunk: Chunk, digest: bytes, slot: Loaded) -> _Planned | BatchResult:
         if chunk.stream_id is None:

@@ -118,12 +118,17 @@ def test_a_stall_past_the_deadline_is_outcome_unknown_and_the_retry_is_safe(serv
 
 def test_not_applied_means_not_applied(server, redis) -> None:
     # Reads held as well (CLIENT PAUSE ALL): the load cannot finish, nothing is written, and the answer
-    # says so; the state is where it was.
-    stream, x, _ = started_stream(server)
+    # says so; the state is where it was. (A new stream: one this server just saved would start from its
+    # slot in memory, and its first Redis call would be the save, held and answered "outcome unknown" as
+    # in the test above.)
+    stream = f"honest-{uuid.uuid4().hex[:8]}"
+    x = np.random.default_rng(7).normal(size=(10, 1)).astype(np.float32)
     redis.client().execute_command("CLIENT", "PAUSE", "2500", "ALL")
-    code, message, metadata = status_of(server.stub.Predict, request(stream, x[10:20], start_offset=10), timeout=1.0)
+    code, message, metadata = status_of(server.stub.Predict, request(stream, x, start_offset=0, reset=True),
+                                        timeout=1.0)
     assert code == grpc.StatusCode.UNAVAILABLE and "not applied" in message, message
     assert metadata["x-chunk-outcome"] == "not-applied"
     wait_until(lambda: not saves_held(redis), 10, "the pause to end")
-    assert offset(server, stream) == 10
-    assert not predict(server.stub, stream, x[10:20], start_offset=10).replayed
+    assert not server.stub.GetStream(pb.GetStreamRequest(stream_id=stream), timeout=10).exists
+    reply = predict(server.stub, stream, x, start_offset=0, reset=True)
+    assert not reply.replayed and reply.offset == 10

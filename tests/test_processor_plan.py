@@ -71,9 +71,15 @@ class DictStore:
         self.unconfirmed: dict[str, ServiceError] = {}  # with waits_for_replicas: confirm()'s errors
         self.confirmed: list[str] = []
 
+    saved_slots = None  # no memory of what it saved: every load reads the dict
+
     async def load(self, stream_ids: Sequence[str], deadline: float, tenants: Sequence[str]) -> list:
         self.deadlines.append(deadline)
         return [self.slots.get((tenant, stream_id)) for stream_id, tenant in zip(stream_ids, tenants, strict=True)]
+
+    async def load_recent(self, stream_ids: Sequence[str], deadline: float, tenants: Sequence[str],
+                          usable: Sequence[bool]) -> tuple[list, list[bool]]:
+        return await self.load(stream_ids, deadline, tenants), [False] * len(stream_ids)
 
     async def save(self, writes: Sequence, deadline: float) -> list:
         results = []

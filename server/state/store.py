@@ -23,6 +23,9 @@ stalls for less than the deadline costs latency, not an error.
   error, and every other stream of the batch is saved normally. A stream's record is one SET: all or
   nothing per stream.
 
+`load_recent` may take a slot from the records this process saved last (cache.py) instead of Redis: only
+as the base of a compare-and-set save, which Redis refuses when anything else wrote the key since.
+
 `save` and `load` group their keys by Redis node (`routing.py`: one group on one node; per node, and
 within it per slot, on a Redis Cluster): one round trip per node, the nodes concurrently, each with its
 own retries until the deadline, so a slow or failing node costs only its own streams. With
@@ -40,6 +43,7 @@ from typing import TypeVar
 from redis import exceptions as redis_errors
 
 from server.errors import ServiceError, outcome_unknown, redis_unavailable, replication_unconfirmed, slot_wrong_type
+from server.state.cache import SavedSlots
 from server.state.connection import AsyncClient, RedisTopology, connect
 from server.state.record import VERSION_SIZE, CorruptRecord, SlotRecord
 from server.state.routing import NO_WAIT, NodeGroup, NodeRouter, WaitPolicy
@@ -175,9 +179,16 @@ def _describe(exc: BaseException) -> str:
 
 
 class StateStore:
-    def __init__(self, redis: str | RedisTopology, key_prefix: str, *, wait: WaitPolicy = NO_WAIT) -> None:
+    def __init__(self, redis: str | RedisTopology, key_prefix: str, *, wait: WaitPolicy = NO_WAIT,
+                 saved_slots_bytes: int = 0) -> None:
         topology = redis if isinstance(redis, RedisTopology) else RedisTopology(redis)
         self.key_prefix = key_prefix
+        # What this process saved last, per key (cache.py); None: every load reads Redis.
+        self._saved = SavedSlots(saved_slots_bytes) if saved_slots_bytes > 0 else None
+        # False from a call Redis did not answer (or answered "not now") until one it answers. Meanwhile
+        # slots are read, not taken from memory: a chunk whose first Redis call is its save can only be
+        # answered "outcome unknown" when Redis is gone, one whose read fails is surely "not applied".
+        self._answering = True
         # Bounds calls that have no caller behind them (health checks) and each connection attempt.
         self.timeout_s = topology.timeout_s
         # No socket timeout and no automatic resends (connection.py): every call here is bounded by its
@@ -201,14 +212,18 @@ class StateStore:
         while True:
             try:
                 async with asyncio.timeout(max(deadline - time.monotonic(), _MIN_ATTEMPT_S)):
-                    return await call()
+                    answer = await call()
+                self._answering = True
+                return answer
             except _LOST_ANSWER_ERRORS as exc:
                 maybe_ran = maybe_ran or write
                 problem = exc
+                self._answering = False
             except redis_errors.ResponseError as exc:
                 if not _is_transient(exc):
                     raise _GaveUp(f"Redis refused the command: {exc}", maybe_ran=maybe_ran) from exc
                 problem = exc
+                self._answering = False
             except redis_errors.RedisError as exc:  # authentication, unusable URL, protocol trouble
                 raise _GaveUp(_describe(exc), maybe_ran=maybe_ran) from exc
             if time.monotonic() + pause >= deadline:
@@ -235,6 +250,34 @@ class StateStore:
             return await self._attempt(call, deadline)
         except _GaveUp as exc:
             raise redis_unavailable(exc.detail) from exc
+
+    @property
+    def saved_slots(self) -> SavedSlots | None:
+        return self._saved
+
+    async def load_recent(self, stream_ids: Sequence[str], deadline: float, tenants: Sequence[str],
+                          usable: Sequence[bool]) -> tuple[list[Loaded], list[bool]]:
+        """Like `load`, but a slot this process saved last is taken from memory where `usable` allows;
+        the second list says which were. Such a slot may be stale: it may only be the base of a save, whose
+        compare-and-set then finds out (server/processor.py asks Redis before any other answer)."""
+        saved = self._saved
+        if saved is None or not self._answering:
+            return await self.load(stream_ids, deadline, tenants), [False] * len(stream_ids)
+        loaded: list[Loaded] = [None] * len(stream_ids)
+        hits = [False] * len(stream_ids)
+        missing: list[int] = []
+        for i, (stream_id, tenant, allowed) in enumerate(zip(stream_ids, tenants, usable, strict=True)):
+            data = saved.get(self.key(stream_id, tenant)) if allowed else None
+            if data is None:
+                missing.append(i)
+            else:
+                loaded[i] = SlotRecord.decode(data)  # bytes this module encoded: always readable
+                hits[i] = True
+        if missing:
+            fresh = await self.load([stream_ids[i] for i in missing], deadline, [tenants[i] for i in missing])
+            for i, slot in zip(missing, fresh, strict=True):
+                loaded[i] = slot
+        return loaded, hits
 
     async def load(self, stream_ids: Sequence[str], deadline: float, tenants: Sequence[str] | None = None
                    ) -> list[Loaded]:
@@ -297,24 +340,28 @@ class StateStore:
         master but not confirmed by enough replicas)."""
         results: list[SaveResult] = [REFUSED] * len(writes)
         keys = [self.key(w.stream_id, w.tenant) for w in writes]
+        records = [w.record.encode() if w.record else b"" for w in writes]
 
         async def node(group: NodeGroup) -> None:
-            for i, result in zip(group.indices, await self._save_group(writes, keys, group, deadline), strict=True):
+            done = await self._save_group(writes, keys, records, group, deadline)
+            for i, result in zip(group.indices, done, strict=True):
                 results[i] = result
 
         await _all(node(group) for group in await self._router.groups(keys))
         return results
 
-    async def _save_group(self, writes: Sequence[SlotWrite], keys: list[str], group: NodeGroup,
-                          deadline: float) -> list[SaveResult]:
-        items = []
-        for key, write in zip(keys, writes, strict=True):
-            record = write.record
-            items.append((key, (write.expected_version, record.encode() if record else b"",
-                                record.version if record else b"", write.ttl_ms)))
+    async def _save_group(self, writes: Sequence[SlotWrite], keys: list[str], records: list[bytes],
+                          group: NodeGroup, deadline: float) -> list[SaveResult]:
+        # Indexed like `writes`: the router picks the group's items by their index in the batch.
+        items = [(key, (write.expected_version, record, write.record.version if write.record else b"", write.ttl_ms))
+                 for key, write, record in zip(keys, writes, records, strict=True)]
+        saved = self._saved
         try:
             done = await self._attempt(lambda: self._router.run_script(_SAVE, items, group), deadline, write=True)
         except _GaveUp as exc:
+            if saved is not None:
+                for i in group.indices:
+                    saved.drop(keys[i])
             if exc.maybe_ran:
                 return [outcome_unknown(writes[i].stream_id, exc.detail) for i in group.indices]
             return [redis_unavailable(exc.detail) for _ in group.indices]
@@ -323,6 +370,14 @@ class StateStore:
         for n, i in enumerate(group.indices):
             if i in done.unconfirmed and results[n] is APPLIED:
                 results[n] = self._unconfirmed(done.unconfirmed[i])
+            if saved is not None:
+                # Kept only what Redis now holds under the key (applied and, with WAIT, confirmed).
+                if results[n] is APPLIED and records[i]:
+                    saved.put(keys[i], records[i], writes[i].ttl_ms)
+                elif results[n] is REFUSED:
+                    saved.roam(keys[i])  # written elsewhere too: its chunks read Redis for a while
+                else:
+                    saved.drop(keys[i])
         return results
 
     async def confirm(self, stream_ids: Sequence[str], deadline: float,
@@ -368,6 +423,8 @@ class StateStore:
     async def delete(self, stream_id: str, deadline: float, tenant: str = "") -> bool:
         """Remove the slot (any type of value under the key); True if there was one. DEL is idempotent,
         so it is resent until the deadline."""
+        if self._saved is not None:
+            self._saved.drop(self.key(stream_id, tenant))
         try:
             return bool(await self._attempt(lambda: self._redis.delete(self.key(stream_id, tenant)), deadline))
         except _GaveUp as exc:

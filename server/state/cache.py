@@ -1,0 +1,86 @@
+"""The records this process saved last, kept in memory so a stream's next chunk can skip its Redis read.
+
+Redis stays the only truth: an entry is the exact bytes this process wrote under a key, with the version
+token they carry, and is only ever used as the base of a compare-and-set. A save expects that version
+in place (server/state/store.py); if anything else wrote the key since (another replica, a reset, an
+expiry, a failover that lost the write), the save is refused and the chunk runs again from Redis. So a
+stale entry costs a retry, never a wrong answer (invariants 4, 5 and 9, docs/invariants.md). Answers
+that do not end in a save (a replayed retry, a refused chunk) are decided from Redis, not from here
+(server/processor.py).
+
+A stream whose key another writer changed (a refused save: its chunks go to several replicas, as
+unary calls behind a least-request balancer do) is marked roaming for ROAMING_S: its record is not kept
+meanwhile, so its chunks read Redis instead of running twice on stale memory.
+
+Bounded (invariant 12): least recently used entries go first once the records' bytes pass the budget,
+and an entry is dropped when the key's time to live in Redis would have passed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+# How long a roaming stream's chunks read Redis before memory is tried again: a stream that keeps
+# hopping between replicas then costs one chunk run twice per replica per ROAMING_S.
+ROAMING_S = 300.0
+# What a roaming mark counts for against the budget (the key and the entry around it, roughly).
+_MARK_BYTES = 64
+
+
+class SavedSlots:
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        # key -> (record, or None for a roaming mark; monotonic time the entry lapses)
+        self._entries: OrderedDict[str, tuple[bytes | None, float]] = OrderedDict()
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def get(self, key: str) -> bytes | None:
+        """The record saved last under `key`; None when there is none (or the stream is roaming)."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[1] <= time.monotonic():
+            self.drop(key)
+            return None
+        self._entries.move_to_end(key)
+        return entry[0]
+
+    def put(self, key: str, record: bytes, ttl_ms: int) -> None:
+        """Redis now holds `record` under `key` (this process wrote it), for ttl_ms."""
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] is None and entry[1] > time.monotonic():
+            return  # roaming: its next chunk reads Redis anyway
+        # Counted from after Redis answered, so an entry may outlive the key by a round trip: a chunk
+        # run on it is then refused by the compare-and-set (the key is gone) and runs again from Redis.
+        self._keep(key, record, time.monotonic() + ttl_ms / 1000)
+
+    def roam(self, key: str) -> None:
+        """Another writer changed `key` under this process: keep no record of it for ROAMING_S."""
+        self._keep(key, None, time.monotonic() + ROAMING_S)
+
+    def drop(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._bytes -= _size(entry[0])
+
+    def _keep(self, key: str, record: bytes | None, until: float) -> None:
+        self.drop(key)
+        if _size(record) > self.max_bytes:
+            return
+        self._entries[key] = (record, until)
+        self._bytes += _size(record)
+        while self._bytes > self.max_bytes:
+            _, (oldest, _) = self._entries.popitem(last=False)
+            self._bytes -= _size(oldest)
+
+
+def _size(record: bytes | None) -> int:
+    return _MARK_BYTES if record is None else len(record)
