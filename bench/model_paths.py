@@ -3,7 +3,9 @@
     python -m bench.model_paths            # the default model, about 2 minutes
 
 For each batch (chunks x timesteps) it prints milliseconds of wall and CPU per call on each path, the
-twin's gain, and the largest difference between the two paths' outputs and states. The default of
+twin's gain, the largest difference between the two paths' outputs and states, and the twin's wall time
+with its stacked LSTM layers run one after the other instead of as one pair (numpy_twin._LSTMPair, used
+up to its MAX_ROWS chunks) with the pair's gain. The default of
 --numpy-max-batch-timesteps comes from where the gain crosses 1 on this machine (README, "Small
 batches run in NumPy").
 """
@@ -20,7 +22,7 @@ from server.model.runner import ModelRunner
 from tests.support import wait_until
 
 TIMESTEPS = (1, 2, 4, 8, 20)
-BATCHES = (1, 8, 32, 64)
+BATCHES = (1, 4, 8, 16, 32, 64)
 
 
 def per_call(run, chunks: list[np.ndarray], states: np.ndarray, calls: int) -> tuple[float, float]:
@@ -38,15 +40,17 @@ def main() -> None:
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     args = parser.parse_args()
     runner = ModelRunner(args.model, max(TIMESTEPS), xla=True, max_batch=max(BATCHES), numpy_max_batch_timesteps=0)
-    twin = runner._numpy_twin(runner._source)
-    if twin is None:
+    twin, unpaired = runner._numpy_twin(runner._source), runner._numpy_twin(runner._source)
+    if twin is None or unpaired is None:
         raise SystemExit("this model has no NumPy twin (the log line above says why)")
+    unpaired._pairs = {}  # every layer on its own
     runner.warm_up(TIMESTEPS)
     xla = runner._xla
     shapes = {(False, batch, steps) for batch in BATCHES for steps in TIMESTEPS}
     wait_until(lambda: shapes <= xla._ready, 600, "XLA shapes for every batch measured")  # type: ignore[union-attr]
     rng = np.random.default_rng(0)
-    print(f"{'chunks x T':>11} | {'TF wall':>8} {'cpu':>7} | {'NumPy wall':>10} {'cpu':>7} | {'gain':>5} | max diff")
+    print(f"{'chunks x T':>11} | {'TF wall':>8} {'cpu':>7} | {'NumPy wall':>10} {'cpu':>7} | {'gain':>5} | max diff"
+          f" | {'unpaired':>8} {'pair gain':>9}")
     for steps in TIMESTEPS:
         for batch in BATCHES:
             chunks = list(rng.normal(size=(batch, steps, runner.features)).astype(np.float32))
@@ -54,11 +58,13 @@ def main() -> None:
             calls = 200 if steps * batch <= 64 else 50
             tf_wall, tf_cpu = per_call(runner.run, chunks, states, calls)
             np_wall, np_cpu = per_call(twin.run, chunks, states, calls)
+            unpaired_wall, _ = per_call(unpaired.run, chunks, states, calls)
             (tf_y, tf_s), (np_y, np_s) = runner.run(chunks, states), twin.run(chunks, states)
             diff = max(max(float(np.max(np.abs(a - b))) for a, b in zip(tf_y, np_y, strict=True)),
                        float(np.max(np.abs(tf_s - np_s))))
             print(f"{batch:>4} x {steps:<4} | {tf_wall:8.3f} {tf_cpu:7.3f} | {np_wall:10.3f} {np_cpu:7.3f} | "
-                  f"{tf_wall / np_wall:4.2f}x | {diff:.1e}", flush=True)
+                  f"{tf_wall / np_wall:4.2f}x | {diff:.1e} | {unpaired_wall:8.3f} {unpaired_wall / np_wall:8.2f}x",
+                  flush=True)
     runner.close()
 
 

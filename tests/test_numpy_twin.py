@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from server import metrics
+from server.model import numpy_twin
 from server.model import runner as runner_module
 from server.model.numpy_twin import NumpyTwin, Unsupported
 from server.model.runner import ModelRunner
@@ -45,8 +46,25 @@ def build_every_option(path) -> str:
     return str(path)
 
 
+def build_lstm_stack(path) -> str:
+    """Four stacked LSTM layers of different widths, the last returning its last step: two pairs that
+    run as one at small batches (numpy_twin._LSTMPair), the second pair ending in a last step."""
+    keras.utils.set_random_seed(6)
+    model = keras.Sequential([
+        keras.Input(shape=(None, 2)),
+        keras.layers.LSTM(8, return_sequences=True),
+        keras.layers.LSTM(5, return_sequences=True),
+        keras.layers.LSTM(7, return_sequences=True),
+        keras.layers.LSTM(6),
+        keras.layers.Dense(2),
+    ], name="lstm_stack")
+    model.save(path)
+    return str(path)
+
+
 MODELS = {
     "default": lambda tmp: str(DEFAULT_MODEL),
+    "lstm-stack": lambda tmp: build_lstm_stack(tmp / "stack.keras"),
     "gru-simplernn": lambda tmp: str(build_gru_stateful(tmp / "gru.keras")),
     "lstm-gru-last-step": lambda tmp: str(build_last_step(tmp / "last.keras")),
     "every-option": lambda tmp: build_every_option(tmp / "every.keras"),
@@ -87,6 +105,26 @@ def test_twin_equals_tensorflow_and_keras(name, tmp_path) -> None:
     expected = keras_whole_sequence(path, x)
     chunked = np.concatenate(got) if runner.per_timestep_outputs else got[-1].reshape(1, -1)
     assert float(np.max(np.abs(chunked - expected))) <= TOLERANCE
+    runner.close()
+
+
+def test_stacked_lstm_layers_run_as_one_pair_at_small_batches(tmp_path, monkeypatch) -> None:
+    path = build_lstm_stack(tmp_path / "stack.keras")
+    runner = load(path, xla=False)
+    assert runner._twin is not None and sorted(runner._twin._pairs) == [0, 1, 2]  # layers 0+1, then 2+3
+    pair_runs = []
+    real_run = numpy_twin._LSTMPair.run
+    monkeypatch.setattr(numpy_twin._LSTMPair, "run", lambda pair, *args: pair_runs.append(1) or real_run(pair, *args))
+    most, least = numpy_twin._LSTMPair.MAX_ROWS, numpy_twin._LSTMPair.MIN_STEPS
+    for lengths, fused in (([least] * 3, 2), ([20], 2), ([20] * most, 2), ([least] * (most + 1), 0),
+                           ([least - 1] * 3, 0), ([20, 4, 7], 0)):
+        pair_runs.clear()
+        chunks, states = random_batch(runner, lengths, seed=len(lengths))
+        twin_outputs, twin_states = runner._twin.run(chunks, states)
+        tf_outputs, tf_states = runner._run_tensorflow(chunks, states)
+        assert len(pair_runs) == fused, lengths
+        assert max_diff(twin_outputs, tf_outputs) <= TOLERANCE, lengths
+        assert float(np.max(np.abs(twin_states - tf_states))) <= TOLERANCE, lengths
     runner.close()
 
 
