@@ -458,6 +458,12 @@ class StateStore:
 
 async def _all(calls: Iterable[Awaitable[None]]) -> None:
     """Run the per-node calls concurrently; every one finishes before the first error is raised."""
+    calls = list(calls)
+    if len(calls) == 1:
+        # One node (always, outside a cluster): awaited in place. gather() would wrap it in a task, which
+        # costs two turns of the event loop per Redis call.
+        await calls[0]
+        return
     outcomes = await asyncio.gather(*calls, return_exceptions=True)
     for outcome in outcomes:
         if isinstance(outcome, BaseException):
