@@ -24,7 +24,7 @@ from server.config import ServerConfig
 from server.errors import ServiceError
 from server.model.identity import IdentityRunner
 from server.processor import BatchProcessor, StreamPolicy
-from server.state.cache import SavedSlots
+from server.state.cache import ENTRY_OVERHEAD_BYTES, SavedSlots
 from server.state.live import LiveStreams
 from server.state.store import StateStore
 from server.types import CONFLICT, Chunk, ModelDescription, Prediction
@@ -128,7 +128,7 @@ def test_a_late_retry_is_refused_not_replayed_from_stale_memory(replicas) -> Non
     # In a's memory the first chunk is still the last one applied, so it looks like a retry to replay.
     code, message, _ = status_of(predict, a.stub, stream, x[:10], start_offset=0)
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "20" in message, (code, message)
-    # Append mode, recognised by request id (invariant 10): the same on a's stale memory.
+    # Append mode, where a retry is recognised by its request id: a's stale memory would replay r2.
     stream, x = sequence(20, seed=5)
     predict(a.stub, stream, x[:10], reset=True, request_id="r1")
     predict(a.stub, stream, x[10:], request_id="r2")
@@ -192,27 +192,32 @@ def test_a_limited_tenants_chunk_never_starts_from_memory(redis_server) -> None:
 
 
 def test_memory_is_bounded_by_bytes_and_by_the_keys_time_to_live() -> None:
-    memory = SavedSlots(max_bytes=300)
+    def size(key: str, record: bytes = b"") -> int:  # what an entry counts for: key, record, the rest
+        return ENTRY_OVERHEAD_BYTES + len(key) + len(record)
+
+    entry = size("k0", bytes(100))
+    memory = SavedSlots(max_bytes=3 * entry + 200)  # three such entries, and room for a small one
     for n in range(5):
         memory.put(f"k{n}", bytes([n]) * 100, ttl_ms=60_000)
-    assert len(memory) == 3 and memory.bytes == 300  # least recently used first: k0 and k1 went
+    assert len(memory) == 3 and memory.bytes == 3 * entry  # least recently used first: k0 and k1 went
     assert memory.get("k0") is None and memory.get("k2") == bytes([2]) * 100
     memory.put("k5", b"x" * 100, ttl_ms=60_000)  # k2 was just used: k3 goes
     assert memory.get("k3") is None and memory.get("k2") is not None
     memory.put("k2", b"y" * 50, ttl_ms=60_000)  # replaced, counted once
-    assert memory.bytes == 250 and memory.get("k2") == b"y" * 50
-    memory.put("big", b"z" * 301, ttl_ms=60_000)  # larger than the budget: not kept, nothing evicted
-    assert memory.get("big") is None and memory.bytes == 250
+    assert memory.bytes == 2 * entry + size("k2", b"y" * 50) and memory.get("k2") == b"y" * 50
+    held = memory.bytes
+    memory.put("big", b"z" * memory.max_bytes, ttl_ms=60_000)  # larger than the budget: not kept, nothing evicted
+    assert memory.get("big") is None and memory.bytes == held
     memory.put("short", b"s", ttl_ms=1)
     time.sleep(0.01)
-    assert memory.get("short") is None and memory.bytes == 250  # the key would have expired in Redis
+    assert memory.get("short") is None and memory.bytes == held  # the key would have expired in Redis
     memory.drop("k2")
-    assert memory.bytes == 200 and len(memory) == 2
+    assert memory.bytes == 2 * entry and len(memory) == 2
     # A key another writer changed (a refused save) is marked roaming: no record is kept for it meanwhile.
     memory.roam("k4")
-    assert memory.get("k4") is None and memory.bytes == 100 + 64
+    assert memory.get("k4") is None and memory.bytes == entry + size("k4")
     memory.put("k4", b"w" * 100, ttl_ms=60_000)
-    assert memory.get("k4") is None and memory.bytes == 100 + 64
+    assert memory.get("k4") is None and memory.bytes == entry + size("k4")
     memory.drop("k4")  # ResetStream on this process forgets the mark too
     memory.put("k4", b"w" * 100, ttl_ms=60_000)
     assert memory.get("k4") == b"w" * 100

@@ -423,13 +423,16 @@ class StateStore:
     async def delete(self, stream_id: str, deadline: float, tenant: str = "") -> bool:
         """Remove the slot (any type of value under the key); True if there was one. DEL is idempotent,
         so it is resent until the deadline."""
-        if self._saved is not None:
-            self._saved.drop(self.key(stream_id, tenant))
         try:
             return bool(await self._attempt(lambda: self._redis.delete(self.key(stream_id, tenant)), deadline))
         except _GaveUp as exc:
             raise redis_unavailable(exc.detail, action="the stream may or may not have been reset; retry it",
                                     outcome=None) from exc
+        finally:
+            # After the DEL: a save of this stream under way meanwhile may have kept its record. (One kept
+            # even later is harmless: the next chunk's compare-and-set finds the key gone and refuses it.)
+            if self._saved is not None:
+                self._saved.drop(self.key(stream_id, tenant))
 
     async def inspect(self, stream_id: str, deadline: float, tenant: str = "") -> tuple[Loaded, int]:
         """The slot and its remaining time to live in ms (-2 when missing, as PTTL says)."""
@@ -458,13 +461,13 @@ class StateStore:
 
 async def _all(calls: Iterable[Awaitable[None]]) -> None:
     """Run the per-node calls concurrently; every one finishes before the first error is raised."""
-    calls = list(calls)
-    if len(calls) == 1:
+    pending = list(calls)
+    if len(pending) == 1:
         # One node (always, outside a cluster): awaited in place. gather() would wrap it in a task, which
         # costs two turns of the event loop per Redis call.
-        await calls[0]
+        await pending[0]
         return
-    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    outcomes = await asyncio.gather(*pending, return_exceptions=True)
     for outcome in outcomes:
         if isinstance(outcome, BaseException):
             raise outcome
