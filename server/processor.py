@@ -151,13 +151,9 @@ class BatchProcessor:
 
         planned: list[_Planned] = []
         recheck: list[tuple[int, bytes]] = []
-        now = time.monotonic()
-        for index, chunk in enumerate(chunks):
-            if chunk.deadline is not None and chunk.deadline <= now:
-                results[index] = deadline_passed(chunk.stream_id)  # its caller is gone: do not run it
-                continue
-            digest = chunk_digest(chunk) if chunk.stream_id is not None else b""
-            outcome = self._plan(index, chunk, digest, slots.get(index))
+
+        def plan(index: int, digest: bytes) -> None:
+            outcome = self._plan(index, chunks[index], digest, slots.get(index))
             if isinstance(outcome, _Planned):
                 planned.append(outcome)
             elif index in from_memory:
@@ -166,17 +162,20 @@ class BatchProcessor:
                 recheck.append((index, digest))
             else:
                 results[index] = outcome
+
+        now = time.monotonic()
+        for index, chunk in enumerate(chunks):
+            if chunk.deadline is not None and chunk.deadline <= now:
+                results[index] = deadline_passed(chunk.stream_id)  # its caller is gone: do not run it
+                continue
+            plan(index, chunk_digest(chunk) if chunk.stream_id is not None else b"")
         if recheck:
             fresh = await self.store.load([chunks[i].stream_id for i, _ in recheck], deadline,  # type: ignore[misc]
                                           [chunks[i].tenant for i, _ in recheck])
             for (index, digest), slot in zip(recheck, fresh, strict=True):
                 slots[index] = slot
                 from_memory.discard(index)
-                outcome = self._plan(index, chunks[index], digest, slot)
-                if isinstance(outcome, _Planned):
-                    planned.append(outcome)
-                else:
-                    results[index] = outcome
+                plan(index, digest)
         if self.store.saved_slots is not None:
             metrics.count_slot_loads(len(stateful), len(from_memory), len(recheck))
         await self._confirm_replays(chunks, results, deadline)
