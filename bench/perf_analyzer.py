@@ -8,6 +8,8 @@ Servers, each with the shipped default model shape (2 x LSTM(64) + Dense(1), one
               docker-compose.yml and the server's private Redis ship it; `--appendfsync always` for
               one fsync per batch: docs/deploy.md says what each can lose), `--workers` as given.
 - ceiling:    the same with `--identity-model`: the same gRPC, batching and Redis work, no model call.
+- floor:      this server's Triton-protocol front end alone (bench/peers/grpc_floor.py): grpc.aio, the
+              servicer and its conversions, every answer ready at once; what Python gRPC costs here.
 - triton:     Triton 2.51's sequence batcher with the python backend, state in process memory
               (../shared/peers/triton: set up with its setup.sh; skipped with a note when it is not).
 
@@ -53,6 +55,7 @@ SEQUENCE_LENGTH = 20
 # This server's Redis as shipped: docker-compose.yml and the server's private Redis use everysec.
 SHIPPED_APPENDFSYNC = "everysec"
 RUN_TIMEOUT_S = 120  # Triton's streaming mode has hung at 64 sequences: a hung run is recorded, not waited on
+SERVERS = ("lstm-serve", "ceiling", "floor", "triton")  # the side-by-side, in this order
 
 
 @dataclass(frozen=True)
@@ -195,6 +198,14 @@ def start_ours(name: str, workers: int, redis: RedisServer) -> Server:
     return server
 
 
+def start_floor() -> Server:
+    port = free_port()
+    # "default" is the model's alias in the Triton protocol (server/api/triton_convert.py's MODEL_ALIAS, not
+    # imported: its protos and tritonclient's cannot share one process).
+    return Server("floor", [sys.executable, "-m", "bench.peers.grpc_floor", "--port", str(port)],
+                  f"127.0.0.1:{port}", "default")
+
+
 def model_name(target: str) -> str:
     """This server names its model after the Keras model; ask it (GetModel) once it listens."""
     import grpc
@@ -256,7 +267,7 @@ def measure(pa: list[str], server: Server, mode: Mode, interval_ms: int, trials:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--servers", default="lstm-serve,ceiling,triton")
+    parser.add_argument("--servers", default=",".join(SERVERS))
     parser.add_argument("--workers", type=int, default=1, help="lstm-serve worker processes")
     parser.add_argument("--interval-ms", type=int, default=4000, help="perf_analyzer's measurement window")
     parser.add_argument("--quick", action="store_true", help="the streaming T=20 mode only")
@@ -309,8 +320,11 @@ def side_by_side(servers: list[str], workers: int, interval_ms: int, quick: bool
 def measure_server(pa: list[str], name: str, workers: int, interval_ms: int, modes: list[Mode],
                    appendfsync: str = SHIPPED_APPENDFSYNC) -> list[dict]:
     rows: list[dict[str, Any]] = []
-    redis = RedisServer(appendfsync=appendfsync) if name != "triton" else None
-    server = start_triton() if redis is None else start_ours(name, workers, redis)
+    redis = RedisServer(appendfsync=appendfsync) if name not in ("triton", "floor") else None
+    if redis is not None:
+        server = start_ours(name, workers, redis)
+    else:
+        server = start_triton() if name == "triton" else start_floor()
     try:
         if redis is not None:
             for mode in modes:  # a first pass compiles the shapes this traffic needs (README, "Compiled shapes")
@@ -319,7 +333,7 @@ def measure_server(pa: list[str], name: str, workers: int, interval_ms: int, mod
             row = measure(pa, server, mode, interval_ms)
             rows.append(row)
             print(json.dumps(row), flush=True)
-            if "failed" in row and redis is None:  # a hung or crashed Triton serves nothing more: start it again
+            if "failed" in row and name == "triton":  # a hung or crashed Triton serves nothing more: start it again
                 server.stop()
                 server = start_triton()
     finally:
@@ -327,6 +341,19 @@ def measure_server(pa: list[str], name: str, workers: int, interval_ms: int, mod
         if redis is not None:
             redis.stop()
     return rows
+
+
+def against_triton(runs: dict[tuple[str, str], dict[str, Any]], mode: str, row: dict[str, Any]) -> str:
+    """`row`'s ratio to Triton in `mode`: throughput, or for one sequence its p50 latency (lower is better)."""
+    triton = runs.get(("triton", mode), {})
+    if mode == "one sequence":
+        return f"p50 {row['p50_ms'] / triton['p50_ms']:.2f}x" if "p50_ms" in row and "p50_ms" in triton else "-"
+    # Against Triton's best mode at the same T: its streaming mode may hang or lose to unary.
+    same_t = [r for (s, _), r in runs.items() if s == "triton" and r["timesteps"] == row.get("timesteps")
+              and r["concurrency"] == row.get("concurrency") and "infer_per_s" in r]
+    best = max((r["infer_per_s"] for r in same_t), default=None)
+    peer = triton.get("infer_per_s") if not row.get("streaming") else best
+    return "-" if not peer or "infer_per_s" not in row else f"{row['infer_per_s'] / peer:.2f}x"
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -339,31 +366,21 @@ def print_table(results: dict[str, Any]) -> None:
           f"{results['date']}, lstm-serve --workers {results['workers']}, its Redis appendfsync "
           f"{results.get('redis_appendfsync', 'always')}")
     print("| mode | Triton infer/s | p50 ms | lstm-serve infer/s | p50 ms | x Triton | ceiling infer/s | of ceiling "
-          "| CPU us/infer: Triton | lstm-serve | ceiling |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| floor infer/s | floor x Triton | CPU us/infer: Triton | lstm-serve | ceiling | floor |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for mode in dict.fromkeys(r["name"] for r in results["runs"]):
-        triton, ours, ceiling = (runs.get((s, mode), {}) for s in ("triton", "lstm-serve", "ceiling"))
-        if mode == "one sequence":
-            ratio = (ours["p50_ms"] / triton["p50_ms"]) if "p50_ms" in ours and "p50_ms" in triton else None
-            ratio_text = "-" if ratio is None else f"p50 {ratio:.2f}x"
-        else:
-            # Against Triton's best mode at the same T: its streaming mode may hang or lose to unary.
-            same_t = [r for (s, m), r in runs.items() if s == "triton" and r["timesteps"] == ours.get("timesteps")
-                      and r["concurrency"] == ours.get("concurrency") and "infer_per_s" in r]
-            best = max((r["infer_per_s"] for r in same_t), default=None)
-            peer = triton.get("infer_per_s") if not ours.get("streaming") else best
-            ratio_text = "-" if not peer or "infer_per_s" not in ours else f"{ours['infer_per_s'] / peer:.2f}x"
+        triton, ours, ceiling, floor = (runs.get((s, mode), {}) for s in ("triton", "lstm-serve", "ceiling", "floor"))
         share = (f"{100 * ours['infer_per_s'] / ceiling['infer_per_s']:.0f} %"
                  if "infer_per_s" in ours and "infer_per_s" in ceiling else "-")
         cells = [mode, cell(triton.get("infer_per_s"), ",.0f") if "failed" not in triton else "hung/failed",
                  cell(triton.get("p50_ms"), ".2f"), cell(ours.get("infer_per_s"), ",.0f"),
                  cell(ours.get("p50_ms"), ".2f"),
-                 ratio_text, cell(ceiling.get("infer_per_s"), ",.0f"), share,
-                 cell(triton.get("server_cpu_us_per_infer"), ",.0f"), cell(ours.get("server_cpu_us_per_infer"), ",.0f"),
-                 cell(ceiling.get("server_cpu_us_per_infer"), ",.0f")]
+                 against_triton(runs, mode, ours), cell(ceiling.get("infer_per_s"), ",.0f"), share,
+                 cell(floor.get("infer_per_s"), ",.0f"), against_triton(runs, mode, floor),
+                 *(cell(row.get("server_cpu_us_per_infer"), ",.0f") for row in (triton, ours, ceiling, floor))]
         print("| " + " | ".join(cells) + " |")
     print("x Triton: streaming modes against Triton's best mode at the same T and concurrency; "
-          "one sequence: p50 ratio (lower is better)")
+          "one sequence: p50 ratio (lower is better). floor: the front end alone, every answer ready at once")
     for note in results["notes"]:
         print(f"note: {note}")
 

@@ -17,8 +17,9 @@ streams: it serves one chunk at a time, so more streams only queue). It prints o
 chunks/s, p50 and p99 and the ratios, the Redis memory per stream, and writes every report to JSON.
 
 Then, where perf_analyzer is on the machine, Triton's own load generator drives this server, its no-model
-ceiling and Triton itself (when ../shared/peers/triton is set up) in the same run: bench/perf_analyzer.py,
-whose table follows (`--no-perf-analyzer` skips it; `python -m bench.perf_analyzer` runs it alone).
+ceiling, its front-end floor and Triton itself (when ../shared/peers/triton is set up) in the same run:
+bench/perf_analyzer.py, whose table follows (`--no-perf-analyzer` skips it; `python -m bench.perf_analyzer`
+runs it alone).
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def main() -> None:
     print_table(results)
     if not args.no_perf_analyzer and perf_analyzer.perf_analyzer_command() is not None:
         results["perf_analyzer"] = perf_analyzer.side_by_side(
-            ["lstm-serve", "ceiling", "triton"], args.workers, 4000, args.quick)
+            list(perf_analyzer.SERVERS), args.workers, 4000, args.quick)
         perf_analyzer.print_table(results["perf_analyzer"])
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))
