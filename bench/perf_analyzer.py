@@ -9,7 +9,8 @@ Servers, each with the shipped default model shape (2 x LSTM(64) + Dense(1), one
               one fsync per batch: docs/deploy.md says what each can lose), `--workers` as given.
 - ceiling:    the same with `--identity-model`: the same gRPC, batching and Redis work, no model call.
 - floor:      this server's Triton-protocol front end alone (bench/peers/grpc_floor.py): grpc.aio, the
-              servicer and its conversions, every answer ready at once; what Python gRPC costs here.
+              servicer and its conversions, every answer ready at once; what Python gRPC costs here
+              (one process, whatever --workers says).
 - triton:     Triton 2.51's sequence batcher with the python backend, state in process memory
               (../shared/peers/triton: set up with its setup.sh; skipped with a note when it is not).
 
