@@ -81,3 +81,39 @@ def test_conflicts_run_again_then_give_up() -> None:
     flaky, hopeless = asyncio.run(scenario())
     assert isinstance(flaky, Prediction) and attempts["flaky"] == 3
     assert "kept changing" in str(hopeless) and attempts["hopeless"] == 5
+
+
+def test_next_batch_starts_before_the_last_batchs_callers_are_answered() -> None:
+    """A finished batch's callers (on the server: protobuf and writes on the event loop) run after the next
+    batch has started, so their replies overlap its model call instead of delaying it. Still one batch at a
+    time (max_in_flight 1), a stream's next chunk only after its last one is saved, answers in order."""
+    events: list[str] = []
+    release = asyncio.Event()  # bound to the loop at first use
+
+    async def process(chunks):
+        names = ",".join(f"{c.stream_id}{int(c.values[0, 0])}" for c in chunks)
+        events.append(f"start {names}")
+        if names == "a1":
+            await release.wait()  # hold batch 1 until the other streams' chunks are queued
+        events.append(f"end {names}")
+        return [Prediction(c.stream_id, c.values, 1) for c in chunks]
+
+    async def caller(batcher: Batcher, stream: str, number: int) -> None:
+        await batcher.predict(chunk(stream, number))
+        events.append(f"answered {stream}{number}")
+
+    async def scenario() -> None:
+        batcher = batcher_with(process, max_in_flight=1)
+        batcher.start()
+        first = asyncio.create_task(caller(batcher, "a", 1))
+        await asyncio.sleep(0.01)  # batch 1 (a1) is running
+        rest = [asyncio.create_task(caller(batcher, s, n)) for s, n in (("b", 1), ("a", 2))]
+        await asyncio.sleep(0.01)
+        release.set()
+        await asyncio.gather(first, *rest)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    second = events.index("start b1,a2")  # a2 joins: a1 is saved, its stream free
+    assert events.index("end a1") < second < events.index("answered a1"), events
+    assert events.index("answered a1") < events.index("answered a2"), events

@@ -2,9 +2,12 @@
 
 A batch is formed as soon as a batch slot is free, from whatever is waiting plus what arrives
 within `max_delay_s`, up to `max_batch` chunks. Up to `max_in_flight` batches run at once, so one
-batch's Redis round trips overlap another's model call. Chunks of one stream never share a batch and
-never run in two batches at once (each needs the state the previous one leaves), and they keep their
-arrival order: a stream's later chunk waits in the queue, in place, until its earlier one is done.
+batch's Redis round trips overlap another's model call. A batch gives its slot back once its saves are
+done, and its callers are answered only after the next batch has started: their replies (protobuf,
+writes, on the event loop) then overlap that batch's model call instead of holding it back. Chunks of
+one stream never share a batch and never run in two batches at once (each needs the state the previous
+one leaves), and they keep their arrival order: a stream's later chunk waits in the queue, in place,
+until its earlier one is done.
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ class Batcher:
         self._changed = asyncio.Event()
         # Streams with a chunk in a running batch, as (tenant, stream_id): invariant 13, docs/invariants.md.
         self._busy: set[StreamKey] = set()
-        self._running: set[asyncio.Task[None]] = set()
+        self._running: set[asyncio.Task[None]] = set()  # every batch's task, until its callers are answered
+        self._batches = 0  # batches holding one of the max_in_flight slots: until their saves are done
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._in_flight_chunks = 0
@@ -129,7 +133,7 @@ class Batcher:
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            while len(self._running) >= self.max_in_flight or not self._queue:
+            while self._batches >= self.max_in_flight or not self._queue:
                 self._changed.clear()
                 await self._changed.wait()
             if self.max_delay_s > 0:
@@ -144,13 +148,13 @@ class Batcher:
                 await self._changed.wait()
                 continue
             self._busy.update(w.chunk.stream for w in batch if w.chunk.stream_id is not None)
+            self._batches += 1
             task = asyncio.create_task(self._run(batch))
             self._running.add(task)
             task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
-        self._changed.set()
 
     def _take_batch(self) -> list[_Waiting]:
         """Up to max_batch chunks of distinct, idle streams, oldest first; the rest keep their order."""
@@ -177,6 +181,28 @@ class Batcher:
         return batch
 
     async def _run(self, batch: list[_Waiting]) -> None:
+        answers: list[tuple[_Waiting, Prediction | ServiceError]] = []
+        try:
+            answers = await self._settle(batch)
+        finally:
+            # Saved (or failed): the batch's streams and its slot are free for the next batch.
+            self._busy.difference_update(w.chunk.stream for w in batch)
+            self._batches -= 1
+            self._changed.set()
+        try:
+            if self._queue:
+                await asyncio.sleep(0)  # the batcher forms the next batch and it runs up to its model call
+        finally:
+            for waiting, outcome in answers:
+                if waiting.future.done():
+                    continue
+                if isinstance(outcome, ServiceError):
+                    waiting.future.set_exception(outcome)
+                else:
+                    waiting.future.set_result(outcome)
+
+    async def _settle(self, batch: list[_Waiting]) -> list[tuple[_Waiting, Prediction | ServiceError]]:
+        """Run the batch; conflicted chunks go back in the queue, the others' outcomes are returned."""
         metrics.BATCH_SIZE.observe(len(batch))
         loop = self._loop or self._bind_loop()
         started = loop.time()
@@ -201,6 +227,7 @@ class Batcher:
         metrics.BATCH_SECONDS.observe(loop.time() - started)
         finished_ns = time.monotonic_ns()
         retry: list[_Waiting] = []
+        answers: list[tuple[_Waiting, Prediction | ServiceError]] = []
         applied = replayed = timesteps = 0  # counted once per batch: a labelled counter costs a lookup and a lock
         for waiting, result in zip(batch, results, strict=True):
             if waiting.chunk.times is not None:
@@ -217,16 +244,12 @@ class Batcher:
                 metrics.TENANT_CHUNKS.labels(waiting.chunk.tenant, code).inc()
             if isinstance(result, ServiceError):
                 metrics.CHUNKS.labels(result.code.name).inc()
-                if not waiting.future.done():
-                    waiting.future.set_exception(result)
+            elif result.replayed:
+                replayed += 1
             else:
-                if result.replayed:
-                    replayed += 1
-                else:
-                    applied += 1
-                    timesteps += waiting.chunk.timesteps
-                if not waiting.future.done():
-                    waiting.future.set_result(result)
+                applied += 1
+                timesteps += waiting.chunk.timesteps
+            answers.append((waiting, result))
         if applied:
             metrics.CHUNKS.labels("ok").inc(applied)
             metrics.TIMESTEPS.inc(timesteps)
@@ -234,4 +257,4 @@ class Batcher:
             metrics.CHUNKS.labels("replayed").inc(replayed)
         # Conflicted chunks go back in front, in their order, ahead of their streams' later chunks.
         self._queue.extendleft(reversed(retry))
-        self._busy.difference_update(w.chunk.stream for w in batch)
+        return answers
