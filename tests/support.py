@@ -234,31 +234,39 @@ class NodeProcess:
 
 
 class RedisClusterNodes:
-    """A Redis Cluster of `masters` masters and no replicas, on loopback, ready (cluster_state:ok)."""
+    """A Redis Cluster of `masters` masters with `replicas` replicas each, on loopback, ready
+    (cluster_state:ok, every replica attached). With replicas, a master that stops answering for
+    `node_timeout_ms` is replaced by its replica (a cluster failover)."""
 
-    def __init__(self, masters: int = 3, password: str | None = None) -> None:
+    def __init__(self, masters: int = 3, password: str | None = None, *, replicas: int = 0,
+                 node_timeout_ms: int = 3000) -> None:
         auth = [f"requirepass {password}", f"masterauth {password}"] if password else []
+        self.masters, self.replicas = masters, replicas
         self.nodes = [
             NodeProcess(free_cluster_port(), ["cluster-enabled yes", "cluster-config-file nodes.conf",
-                                              "cluster-node-timeout 3000", "appendonly no", *auth], password=password)
-            for _ in range(masters)
+                                              f"cluster-node-timeout {node_timeout_ms}", "appendonly no",
+                                              "repl-diskless-sync-delay 0", *auth], password=password)
+            for _ in range(masters * (1 + replicas))
         ]
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
         subprocess.run([shutil.which("redis-cli") or "redis-cli", *(["-a", password] if password else []),
-                        "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+                        "--cluster", "create", *addresses, "--cluster-replicas", str(replicas), "--cluster-yes"],
                        check=True, capture_output=True, timeout=60)
         wait_until(self._ready, 30, "cluster_state:ok on every node", interval_s=0.1)
         credentials = f":{password}@" if password else ""
         self.url = f"redis://{credentials}127.0.0.1:{self.nodes[0].port}/0"
 
     def _ready(self) -> bool:
+        attached = 0
         for node in self.nodes:
             client = node.client()
             if client.cluster("info").get("cluster_state") != "ok":
                 return False
-            if len(client.cluster("slots")) != len(self.nodes):  # every node sees every master
+            if len(client.cluster("slots")) != self.masters:  # every node sees every master
                 return False
-        return True
+            replication = client.info("replication")
+            attached += replication["role"] == "slave" and replication.get("master_link_status") == "up"
+        return attached == self.masters * self.replicas  # every replica synced with its master
 
     def node_id(self, node: NodeProcess) -> str:
         return node.client().execute_command("CLUSTER", "MYID")

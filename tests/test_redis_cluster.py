@@ -7,6 +7,8 @@
 - WAIT goes to each node that took the batch's writes, once per node, and only there.
 - Invariants 8 and 11: slots that hold streams migrate between masters in the middle of a load
   (MOVED/ASK, followed by redis-py) and `lstm-loadtest --verify`, retrying by offset, loses nothing.
+- Invariant 8: on a cluster with a replica per master, a master is SIGKILLed in the middle of such a
+  load; its replica is promoted, and with `--redis-wait-replicas 1` nothing acknowledged is lost.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -230,3 +233,54 @@ def test_slot_migration_in_the_middle_of_a_load_loses_nothing(cluster, cluster_s
     assert report["exit_code"] == EXIT_OK, report["verify"]
     assert report["verify"]["passed"] and not report["broken_streams"]
     assert report["totals"]["chunks"] == config.total_chunks
+
+
+def test_master_failover_in_the_middle_of_a_load_loses_no_acknowledged_chunk() -> None:
+    """Invariant 8 on a cluster: the master holding some streams is SIGKILLed mid-load; the cluster
+    promotes its replica, the server follows (calls in between get UNAVAILABLE, never a wrong answer),
+    and with --redis-wait-replicas 1 (every master's one replica) nothing acknowledged is lost. The
+    killed node is started again and rejoins as the new master's replica, so WAIT can be met again."""
+    cluster = RedisClusterNodes(masters=3, replicas=1, node_timeout_ms=1000)
+    server = None
+    try:
+        server = ServerProcess(cluster.url, DEFAULT_MODEL, "--redis-cluster", "--redis-wait-replicas", "1",
+                               "--state-ttl-s", str(STATE_TTL_S))
+        prefix = f"fail-{uuid.uuid4().hex[:6]}"
+        config = LoadConfig(target=server.address, streams=12, chunk_timesteps=3, total_chunks=900,
+                            duration_s=None, warmup_s=0, timeout_s=10, max_retries=40, stream_prefix=prefix,
+                            verify=True, model_path=str(DEFAULT_MODEL))
+
+        def slot_of(n: int) -> int:
+            return redis.crc.key_slot(f"lstm:{{{prefix}-{n}}}".encode())
+
+        # A master other than the node the server was given, holding at least one stream of the load.
+        victim = next(node for node in cluster.nodes[1:]
+                      if any(cluster.owner_of(slot_of(n)) is node for n in range(config.streams)))
+        stream = next(n for n in range(config.streams) if cluster.owner_of(slot_of(n)) is victim)
+        result: dict = {}
+        load = threading.Thread(target=lambda: result.update(report=run_load(config)), daemon=True)
+        load.start()
+        wait_until(lambda: not load.is_alive() or server.stub.GetStream(
+            pb.GetStreamRequest(stream_id=f"{prefix}-{stream}"), timeout=5).offset >= 30, 120,
+            "the load to get going")
+        assert load.is_alive(), "the load finished before the failover"
+        victim.stop(signal.SIGKILL)
+        promoted = wait_until(lambda: (owner := cluster.owner_of(slot_of(stream))) is not victim and owner, 60,
+                              "the cluster to promote the killed master's replica")
+        victim.start()  # back as the new master's replica (its nodes.conf says so), so WAIT 1 is met again
+        load.join(300)
+        assert not load.is_alive(), "the load did not finish after the failover"
+        report = result["report"]
+        print(f"failover {victim.port} -> {promoted.port}: exit {report['exit_code']}, "
+              f"{report['totals']['chunks']} chunks, retries {report['retries']}, errors {report['errors']}, "
+              f"max latency {report['latency_ms']['max']:.0f} ms, state lost {report['verify']['state_lost']}, "
+              f"mismatches {report['verify']['mismatches']}, broken {report['broken_streams']}")
+        assert report["exit_code"] == EXIT_OK, report["verify"]
+        assert report["verify"]["passed"]
+        assert not report["verify"]["state_lost"] and not report["verify"]["mismatches"]
+        assert not report["broken_streams"]
+        assert report["totals"]["chunks"] == config.total_chunks
+    finally:
+        if server is not None:
+            server.stop()
+        cluster.stop()
