@@ -59,6 +59,11 @@ def stream_keys(node) -> int:
     return sum(1 for _ in node.client().scan_iter(match="lstm:*", count=1000))
 
 
+def slot_of(stream_id: str, key_prefix: str = "lstm") -> int:
+    """The cluster slot of a stream's key (StateStore.key: the stream id is the key's hash tag)."""
+    return redis.crc.key_slot(f"{key_prefix}:{{{stream_id}}}".encode())
+
+
 def triton_sequences(address: str, count: int, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Sequences split at random over Triton's sequence parameters, sent by tritonclient in a process of
     its own (tests/triton_sequences.py says why): id -> (inputs, concatenated outputs)."""
@@ -137,7 +142,7 @@ def test_wait_goes_once_to_each_node_that_took_writes(cluster: RedisClusterNodes
     # No replicas in this cluster, so WAIT 1 comes back with 0: every applied write is unconfirmed.
     prefix = f"w{uuid.uuid4().hex[:6]}"
     ids = [f"s{n}" for n in range(30)]
-    owners = {cluster.owner_of(redis.crc.key_slot(f"{prefix}:{{{s}}}".encode())).port for s in ids}
+    owners = {cluster.owner_of(slot_of(s, prefix)).port for s in ids}
     assert len(owners) == 3
 
     def calls(command: str) -> dict[int, int]:
@@ -162,8 +167,7 @@ def test_wait_goes_once_to_each_node_that_took_writes(cluster: RedisClusterNodes
     waits = {port: n - waits_before[port] for port, n in calls("wait").items()}
     scripts = {port: n - scripts_before[port] for port, n in calls("evalsha").items()}
     assert waits == {port: 1 for port in owners}
-    slots_per_node = {port: len({redis.crc.key_slot(f"{prefix}:{{{s}}}".encode()) for s in ids
-                                 if cluster.owner_of(redis.crc.key_slot(f"{prefix}:{{{s}}}".encode())).port == port})
+    slots_per_node = {port: len({slot_of(s, prefix) for s in ids if cluster.owner_of(slot_of(s, prefix)).port == port})
                       for port in owners}
     assert scripts == slots_per_node  # one compare-and-set call per slot
     assert all(getattr(result, "code", None) is not None and "0 of 1 replicas" in result.message for result in outcome)
@@ -209,15 +213,13 @@ def test_slot_migration_in_the_middle_of_a_load_loses_nothing(cluster, cluster_s
                         duration_s=None, warmup_s=0, timeout_s=5, max_retries=30, stream_prefix=prefix,
                         verify=True, model_path=str(DEFAULT_MODEL))
     source, target = cluster.nodes[0], cluster.nodes[1]
-    def slot_of(n: int) -> int:
-        return redis.crc.key_slot(f"lstm:{{{prefix}-{n}}}".encode())
-
-    slots = sorted({slot_of(n) for n in range(config.streams) if cluster.owner_of(slot_of(n)) is source})
+    streams = {n: slot_of(f"{prefix}-{n}") for n in range(config.streams)}
+    slots = sorted({slot for slot in streams.values() if cluster.owner_of(slot) is source})
     assert slots, "no stream of the load on the first master"
     result: dict = {}
     load = threading.Thread(target=lambda: result.update(report=run_load(config)), daemon=True)
     load.start()
-    first = f"{prefix}-{next(n for n in range(config.streams) if slot_of(n) in slots)}"
+    first = f"{prefix}-{next(n for n, slot in streams.items() if slot in slots)}"
     wait_until(lambda: not load.is_alive() or cluster_server.stub.GetStream(
         pb.GetStreamRequest(stream_id=first), timeout=5).offset >= 9, 60, "the load to get going")
     moved, rounds = 0, 0
@@ -249,14 +251,10 @@ def test_master_failover_in_the_middle_of_a_load_loses_no_acknowledged_chunk() -
         config = LoadConfig(target=server.address, streams=12, chunk_timesteps=3, total_chunks=900,
                             duration_s=None, warmup_s=0, timeout_s=10, max_retries=40, stream_prefix=prefix,
                             verify=True, model_path=str(DEFAULT_MODEL))
-
-        def slot_of(n: int) -> int:
-            return redis.crc.key_slot(f"lstm:{{{prefix}-{n}}}".encode())
-
+        owners = {n: cluster.owner_of(slot_of(f"{prefix}-{n}")) for n in range(config.streams)}
         # A master other than the node the server was given, holding at least one stream of the load.
-        victim = next(node for node in cluster.nodes[1:]
-                      if any(cluster.owner_of(slot_of(n)) is node for n in range(config.streams)))
-        stream = next(n for n in range(config.streams) if cluster.owner_of(slot_of(n)) is victim)
+        victim = next(node for node in cluster.nodes[1:] if node in owners.values())
+        stream = next(n for n, owner in owners.items() if owner is victim)
         result: dict = {}
         load = threading.Thread(target=lambda: result.update(report=run_load(config)), daemon=True)
         load.start()
@@ -265,7 +263,8 @@ def test_master_failover_in_the_middle_of_a_load_loses_no_acknowledged_chunk() -
             "the load to get going")
         assert load.is_alive(), "the load finished before the failover"
         victim.stop(signal.SIGKILL)
-        promoted = wait_until(lambda: (owner := cluster.owner_of(slot_of(stream))) is not victim and owner, 60,
+        promoted = wait_until(lambda: (owner := cluster.owner_of(slot_of(f"{prefix}-{stream}"))) is not victim
+                              and owner, 60,
                               "the cluster to promote the killed master's replica")
         victim.start()  # back as the new master's replica (its nodes.conf says so), so WAIT 1 is met again
         load.join(300)
