@@ -242,17 +242,21 @@ class RedisClusterNodes:
                  node_timeout_ms: int = 3000) -> None:
         auth = [f"requirepass {password}", f"masterauth {password}"] if password else []
         self.masters, self.replicas = masters, replicas
-        self.nodes = [
-            NodeProcess(free_cluster_port(), ["cluster-enabled yes", "cluster-config-file nodes.conf",
-                                              f"cluster-node-timeout {node_timeout_ms}", "appendonly no",
-                                              "repl-diskless-sync-delay 0", *auth], password=password)
-            for _ in range(masters * (1 + replicas))
-        ]
-        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
-        subprocess.run([shutil.which("redis-cli") or "redis-cli", *(["-a", password] if password else []),
-                        "--cluster", "create", *addresses, "--cluster-replicas", str(replicas), "--cluster-yes"],
-                       check=True, capture_output=True, timeout=60)
-        wait_until(self._ready, 30, "cluster_state:ok on every node", interval_s=0.1)
+        self.nodes: list[NodeProcess] = []
+        try:
+            for _ in range(masters * (1 + replicas)):
+                self.nodes.append(NodeProcess(
+                    free_cluster_port(), ["cluster-enabled yes", "cluster-config-file nodes.conf",
+                                          f"cluster-node-timeout {node_timeout_ms}", "appendonly no",
+                                          "repl-diskless-sync-delay 0", *auth], password=password))
+            addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+            subprocess.run([shutil.which("redis-cli") or "redis-cli", *(["-a", password] if password else []),
+                            "--cluster", "create", *addresses, "--cluster-replicas", str(replicas),
+                            "--cluster-yes"], check=True, capture_output=True, timeout=60)
+            wait_until(self._ready, 30, "cluster_state:ok on every node", interval_s=0.1)
+        except BaseException:
+            self.stop()  # no fixture will: the caller never gets the object
+            raise
         credentials = f":{password}@" if password else ""
         self.url = f"redis://{credentials}127.0.0.1:{self.nodes[0].port}/0"
 
