@@ -19,7 +19,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 
@@ -27,12 +26,12 @@ import numpy as np
 import pytest
 import redis
 
-from loadtest import EXIT_OK, LoadConfig, run_load
 from lstm_stream.v1 import stream_pb2 as pb
 from server.state.connection import RedisTopology
 from server.state.record import SlotRecord, new_version
 from server.state.routing import WaitPolicy
 from server.state.store import APPLIED, SlotWrite, StateStore
+from tests.loads import VerifiedLoad, assert_nothing_lost, summary
 from tests.models import TOLERANCE, keras_whole_sequences
 from tests.support import DEFAULT_MODEL, ROOT, RedisClusterNodes, ServerProcess, wait_until
 from tests.test_continuation import make_streams, run_all
@@ -208,33 +207,23 @@ def test_a_write_redirected_mid_migration_is_not_acknowledged_without_wait(clust
 
 
 def test_slot_migration_in_the_middle_of_a_load_loses_nothing(cluster, cluster_server: ServerProcess) -> None:
-    prefix = f"mig-{uuid.uuid4().hex[:6]}"
-    config = LoadConfig(target=cluster_server.address, streams=16, chunk_timesteps=3, total_chunks=1200,
-                        duration_s=None, warmup_s=0, timeout_s=5, max_retries=30, stream_prefix=prefix,
-                        verify=True, model_path=str(DEFAULT_MODEL))
+    load = VerifiedLoad(cluster_server.address, f"mig-{uuid.uuid4().hex[:6]}", streams=16, total_chunks=1200,
+                        timeout_s=5, max_retries=30)
     source, target = cluster.nodes[0], cluster.nodes[1]
-    streams = {n: slot_of(f"{prefix}-{n}") for n in range(config.streams)}
+    streams = {n: slot_of(load.stream_id(n)) for n in range(load.config.streams)}
     slots = sorted({slot for slot in streams.values() if cluster.owner_of(slot) is source})
     assert slots, "no stream of the load on the first master"
-    result: dict = {}
-    load = threading.Thread(target=lambda: result.update(report=run_load(config)), daemon=True)
-    load.start()
-    first = f"{prefix}-{next(n for n, slot in streams.items() if slot in slots)}"
-    wait_until(lambda: not load.is_alive() or cluster_server.stub.GetStream(
-        pb.GetStreamRequest(stream_id=first), timeout=5).offset >= 9, 60, "the load to get going")
+    load.start(cluster_server.stub, stream=next(n for n, slot in streams.items() if slot in slots), offset=9,
+               timeout_s=60)
     moved, rounds = 0, 0
-    while load.is_alive() and rounds < 20:  # back and forth until the load is done
+    while load.running and rounds < 20:  # back and forth until the load is done
         here, there = (source, target) if rounds % 2 == 0 else (target, source)
         moved += sum(cluster.migrate_slot(slot, here, there) for slot in slots)
         rounds += 1
-    load.join(120)
-    report = result["report"]
-    print(f"migrations: {rounds} rounds of {len(slots)} slots, {moved} keys moved; retries {report['retries']}, "
-          f"errors {report['errors']}, {report['chunks_per_s']:.0f} chunks/s")
+    report = load.finish(120)
+    print(f"migrations: {rounds} rounds of {len(slots)} slots, {moved} keys moved; {summary(report)}")
     assert moved > 0 and rounds >= 1
-    assert report["exit_code"] == EXIT_OK, report["verify"]
-    assert report["verify"]["passed"] and not report["broken_streams"]
-    assert report["totals"]["chunks"] == config.total_chunks
+    assert_nothing_lost(load, report)
 
 
 def test_master_failover_in_the_middle_of_a_load_loses_no_acknowledged_chunk() -> None:
@@ -247,38 +236,21 @@ def test_master_failover_in_the_middle_of_a_load_loses_no_acknowledged_chunk() -
     try:
         server = ServerProcess(cluster.url, DEFAULT_MODEL, "--redis-cluster", "--redis-wait-replicas", "1",
                                "--state-ttl-s", str(STATE_TTL_S))
-        prefix = f"fail-{uuid.uuid4().hex[:6]}"
-        config = LoadConfig(target=server.address, streams=12, chunk_timesteps=3, total_chunks=900,
-                            duration_s=None, warmup_s=0, timeout_s=10, max_retries=40, stream_prefix=prefix,
-                            verify=True, model_path=str(DEFAULT_MODEL))
-        owners = {n: cluster.owner_of(slot_of(f"{prefix}-{n}")) for n in range(config.streams)}
+        load = VerifiedLoad(server.address, f"fail-{uuid.uuid4().hex[:6]}", streams=12, total_chunks=900,
+                            timeout_s=10, max_retries=40)
+        owners = {n: cluster.owner_of(slot_of(load.stream_id(n))) for n in range(load.config.streams)}
         # A master other than the node the server was given, holding at least one stream of the load.
         victim = next(node for node in cluster.nodes[1:] if node in owners.values())
         stream = next(n for n, owner in owners.items() if owner is victim)
-        result: dict = {}
-        load = threading.Thread(target=lambda: result.update(report=run_load(config)), daemon=True)
-        load.start()
-        wait_until(lambda: not load.is_alive() or server.stub.GetStream(
-            pb.GetStreamRequest(stream_id=f"{prefix}-{stream}"), timeout=5).offset >= 30, 120,
-            "the load to get going")
-        assert load.is_alive(), "the load finished before the failover"
+        load.start(server.stub, stream=stream, offset=30, timeout_s=120)
         victim.stop(signal.SIGKILL)
-        promoted = wait_until(lambda: (owner := cluster.owner_of(slot_of(f"{prefix}-{stream}"))) is not victim
+        promoted = wait_until(lambda: (owner := cluster.owner_of(slot_of(load.stream_id(stream)))) is not victim
                               and owner, 60,
                               "the cluster to promote the killed master's replica")
         victim.start()  # back as the new master's replica (its nodes.conf says so), so WAIT 1 is met again
-        load.join(300)
-        assert not load.is_alive(), "the load did not finish after the failover"
-        report = result["report"]
-        print(f"failover {victim.port} -> {promoted.port}: exit {report['exit_code']}, "
-              f"{report['totals']['chunks']} chunks, retries {report['retries']}, errors {report['errors']}, "
-              f"max latency {report['latency_ms']['max']:.0f} ms, state lost {report['verify']['state_lost']}, "
-              f"mismatches {report['verify']['mismatches']}, broken {report['broken_streams']}")
-        assert report["exit_code"] == EXIT_OK, report["verify"]
-        assert report["verify"]["passed"]
-        assert not report["verify"]["state_lost"] and not report["verify"]["mismatches"]
-        assert not report["broken_streams"]
-        assert report["totals"]["chunks"] == config.total_chunks
+        report = load.finish(300)
+        print(f"failover {victim.port} -> {promoted.port}: {summary(report)}")
+        assert_nothing_lost(load, report)
     finally:
         if server is not None:
             server.stop()
