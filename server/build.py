@@ -30,6 +30,7 @@ from server.dataplane import DataPlane
 from server.model.runner import ModelRunner
 from server.processor import StreamPolicy
 from server.redis_health import RedisHealth
+from server.state.cache import SavedSlots
 from server.state.connection import RedisTopology
 from server.state.live import LiveStreams
 from server.state.routing import WaitPolicy
@@ -69,7 +70,8 @@ async def build_server(config: ServerConfig, worker_of: tuple[int, int] | None) 
     topology = RedisTopology.from_config(config)
     store = StateStore(topology, config.key_prefix,
                        wait=WaitPolicy(config.redis_wait_replicas, config.redis_wait_timeout_ms),
-                       saved_slots_bytes=config.slot_memory_bytes)
+                       saved_slots=SavedSlots(config.slot_memory_bytes, config.slot_memory_roaming_s)
+                       if config.slot_memory_bytes > 0 else None)
     policy = StreamPolicy.from_config(config)
     tenants = security.tenants
     dataplane = DataPlane(

@@ -46,6 +46,7 @@ class ServerConfig:
     xla: bool = True
     numpy_max_batch_timesteps: int = 512
     slot_memory_mb: float = 64.0
+    slot_memory_roaming_s: float = 300.0
     warmup_timesteps: str = "1,20"
     reset_on_model_change: bool = False
     workers: int = 1
@@ -151,6 +152,8 @@ _HELP = {
     "the model's NumPy twin instead of TensorFlow: several times less CPU for short chunks (0: never)",
     "slot_memory_mb": "memory for the slots this process saved last (per worker): a stream's next chunk starts "
     "from its slot there instead of reading Redis, and the save's compare-and-set still checks it (0: always read)",
+    "slot_memory_roaming_s": "how long a stream another writer changed (a refused save: its chunks reach several "
+    "replicas) is kept out of memory, its chunks reading Redis instead of running twice on a stale slot",
     "warmup_timesteps": "chunk lengths whose XLA shapes are compiled at start-up, comma-separated",
     "reset_on_model_change": "reset slots written by another model instead of refusing them",
     "metrics_port": "Prometheus metrics over HTTP on this port, at /metrics (0: off; worker i uses port + i)",
@@ -267,6 +270,8 @@ def _check(config: ServerConfig, parser: argparse.ArgumentParser) -> None:
         parser.error("--numpy-max-batch-timesteps must not be negative")
     if not 0 <= config.slot_memory_mb < float("inf"):
         parser.error("--slot-memory-mb must not be negative (0: every chunk reads its slot from Redis)")
+    if not 0 <= config.slot_memory_roaming_s < float("inf"):
+        parser.error("--slot-memory-roaming-s must not be negative (0: a roaming stream is kept again at once)")
     if config.max_in_flight < 1:
         parser.error("--max-in-flight must be at least 1")
     try:

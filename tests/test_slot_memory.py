@@ -120,6 +120,31 @@ def test_an_appended_chunk_on_stale_memory_runs_again_from_redis(replicas) -> No
     assert moved["redis"] == 1 and moved["memory"] == 0 and moved["conflicts"] == 0, moved
 
 
+def test_a_roaming_stream_is_kept_in_memory_again_after_the_roaming_time(replicas, redis_server) -> None:
+    """--slot-memory-roaming-s reaches the store: after it, a stream that stopped hopping starts from memory
+    again (with the default, five minutes, its chunks would still read Redis here)."""
+    _, b = replicas
+    roaming_s = 2.0
+    a = ServerProcess(redis_server.url, DEFAULT_MODEL, "--slot-memory-roaming-s", str(roaming_s))
+    try:
+        stream, x = sequence(60, seed=8)
+        got = [outputs(predict(a.stub, stream, x[:10], reset=True)), outputs(predict(b.stub, stream, x[10:20]))]
+        got.append(outputs(predict(a.stub, stream, x[20:30])))  # a's save is refused: the stream roams
+        marked = time.monotonic()
+        before = counters(a)
+        got.append(outputs(predict(a.stub, stream, x[30:40])))
+        assert change(before, a)["redis"] == 1, "a roaming stream's chunk reads Redis"
+        time.sleep(max(0.0, marked + roaming_s + 0.2 - time.monotonic()))
+        before = counters(a)
+        got.append(outputs(predict(a.stub, stream, x[40:50])))  # the mark lapsed: this save is kept again
+        got.append(outputs(predict(a.stub, stream, x[50:])))
+        moved = change(before, a)
+        assert moved["redis"] == 1 and moved["memory"] == 1 and moved["conflicts"] == 0, moved
+        assert_exact(got, x)
+    finally:
+        a.stop()
+
+
 def test_a_late_retry_is_refused_not_replayed_from_stale_memory(replicas) -> None:
     a, b = replicas
     stream, x = sequence(20, seed=4)
@@ -161,7 +186,8 @@ def test_a_limited_tenants_chunk_never_starts_from_memory(redis_server) -> None:
         policy = StreamPolicy.from_config(ServerConfig())
         replicas = []
         for _ in range(2):
-            store = StateStore(redis_server.url, key_prefix=prefix, saved_slots_bytes=1 << 20)
+            store = StateStore(redis_server.url, key_prefix=prefix,
+                               saved_slots=SavedSlots(1 << 20, ServerConfig().slot_memory_roaming_s))
             live = LiveStreams(store, policy.state_ttl_ms, limit_of=lambda tenant: 1)
             replicas.append((BatchProcessor(IdentityRunner(description, 64), store, policy, live), store, live))
         (a, a_store, _), (b, b_store, b_live) = replicas
@@ -196,7 +222,7 @@ def test_memory_is_bounded_by_bytes_and_by_the_keys_time_to_live() -> None:
         return ENTRY_OVERHEAD_BYTES + len(key) + len(record)
 
     entry = size("k0", bytes(100))
-    memory = SavedSlots(max_bytes=3 * entry + 200)  # three such entries, and room for a small one
+    memory = SavedSlots(max_bytes=3 * entry + 200, roaming_s=60)  # three such entries, and room for a small one
     for n in range(5):
         memory.put(f"k{n}", bytes([n]) * 100, ttl_ms=60_000)
     assert len(memory) == 3 and memory.bytes == 3 * entry  # least recently used first: k0 and k1 went
@@ -221,3 +247,13 @@ def test_memory_is_bounded_by_bytes_and_by_the_keys_time_to_live() -> None:
     memory.drop("k4")  # ResetStream on this process forgets the mark too
     memory.put("k4", b"w" * 100, ttl_ms=60_000)
     assert memory.get("k4") == b"w" * 100
+
+
+def test_a_roaming_mark_lapses_after_roaming_s() -> None:
+    memory = SavedSlots(max_bytes=1 << 20, roaming_s=0.05)
+    memory.roam("k")
+    memory.put("k", b"r" * 10, ttl_ms=60_000)
+    assert memory.get("k") is None  # roaming: not kept
+    time.sleep(0.06)
+    memory.put("k", b"r" * 10, ttl_ms=60_000)
+    assert memory.get("k") == b"r" * 10

@@ -9,8 +9,9 @@ that do not end in a save (a replayed retry, a refused chunk) are decided from R
 (server/processor.py).
 
 A stream whose key another writer changed (a refused save: its chunks go to several replicas, as
-unary calls behind a least-request balancer do) is marked roaming for ROAMING_S: its record is not kept
-meanwhile, so its chunks read Redis instead of running twice on stale memory.
+unary calls behind a least-request balancer do) is marked roaming for `roaming_s` (--slot-memory-roaming-s):
+its record is not kept meanwhile, so its chunks read Redis instead of running twice on stale memory. A
+stream that keeps hopping between replicas then costs one chunk run twice per replica per `roaming_s`.
 
 Bounded (invariant 12): least recently used entries go first once the entries' bytes (key, record and
 the dictionary's own share) pass the budget, and an entry is dropped when the key's time to live in Redis
@@ -22,17 +23,15 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
-# How long a roaming stream's chunks read Redis before memory is tried again: a stream that keeps
-# hopping between replicas then costs one chunk run twice per replica per ROAMING_S.
-ROAMING_S = 300.0
 # What an entry costs besides its key's and its record's bytes: the dictionary's node, the tuple, the float
 # and the objects' headers (146 bytes measured with tracemalloc on CPython 3.11).
 ENTRY_OVERHEAD_BYTES = 160
 
 
 class SavedSlots:
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, roaming_s: float) -> None:
         self.max_bytes = max_bytes
+        self.roaming_s = roaming_s  # how long a roaming stream's chunks read Redis before memory is tried again
         # key -> (record, or None for a roaming mark; monotonic time the entry lapses)
         self._entries: OrderedDict[str, tuple[bytes | None, float]] = OrderedDict()
         self._bytes = 0
@@ -65,8 +64,8 @@ class SavedSlots:
         self._keep(key, record, time.monotonic() + ttl_ms / 1000)
 
     def roam(self, key: str) -> None:
-        """Another writer changed `key` under this process: keep no record of it for ROAMING_S."""
-        self._keep(key, None, time.monotonic() + ROAMING_S)
+        """Another writer changed `key` under this process: keep no record of it for `roaming_s`."""
+        self._keep(key, None, time.monotonic() + self.roaming_s)
 
     def drop(self, key: str) -> None:
         entry = self._entries.pop(key, None)

@@ -180,11 +180,11 @@ def _describe(exc: BaseException) -> str:
 
 class StateStore:
     def __init__(self, redis: str | RedisTopology, key_prefix: str, *, wait: WaitPolicy = NO_WAIT,
-                 saved_slots_bytes: int = 0) -> None:
+                 saved_slots: SavedSlots | None = None) -> None:
         topology = redis if isinstance(redis, RedisTopology) else RedisTopology(redis)
         self.key_prefix = key_prefix
         # What this process saved last, per key (cache.py); None: every load reads Redis.
-        self._saved = SavedSlots(saved_slots_bytes) if saved_slots_bytes > 0 else None
+        self._saved = saved_slots
         # False from a call Redis did not answer (or answered "not now") until one it answers. Meanwhile
         # slots are read, not taken from memory: a chunk whose first Redis call is its save can only be
         # answered "outcome unknown" when Redis is gone, one whose read fails is surely "not applied".
