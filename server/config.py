@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from server.state.connection import parse_sentinels
+from server.state.connection import parse_sentinels, sentinel_credentials_in
 
 # Package data (server/model/default.keras, a link to models/default.keras in a checkout), so that a
 # non-editable install (pip install ., the container image) finds the model inside site-packages too.
@@ -125,7 +125,8 @@ _HELP = {
     "host": "address to listen on (0.0.0.0 for every interface)",
     "port": "gRPC port (0 picks a free one and logs it)",
     "redis_url": "where stream state lives: redis://[user:password@]host:port/db, rediss:// for TLS (any node of a "
-    "cluster with --redis-cluster; with --redis-sentinels only its credentials, db and TLS are used)",
+    "cluster with --redis-cluster; with --redis-sentinels only its credentials, db and TLS are used, and "
+    "?sentinel_password= gives the sentinels' own)",
     "redis_autostart": "when nothing answers at a loopback redis_url, start a private redis-server",
     "redis_data_dir": "data folder of the private redis-server (append-only file on)",
     "redis_cluster": "--redis-url names any node of a Redis Cluster; keys are routed to the node that owns them",
@@ -294,6 +295,8 @@ def _check(config: ServerConfig, parser: argparse.ArgumentParser) -> None:
         parser.error("--redis-cluster and --redis-sentinels exclude each other: a cluster fails over by itself")
     if sentinels and not config.redis_sentinel_master:
         parser.error("--redis-sentinels needs --redis-sentinel-master, the name the sentinels monitor")
+    if not sentinels and (names := sentinel_credentials_in(config.redis_url)):
+        parser.error(f"--redis-url: {' and '.join(names)} are the sentinels' credentials, for --redis-sentinels only")
     if config.redis_sentinel_master and not sentinels:
         parser.error("--redis-sentinel-master needs --redis-sentinels host:port[,host:port...]")
     if config.redis_wait_replicas < 0:

@@ -307,7 +307,8 @@ class SentinelGroup:
     MASTER_NAME = "lstm-master"
 
     def __init__(self, replicas: int = 2, sentinels: int = 3, down_after_ms: int = 1000,
-                 password: str | None = None) -> None:
+                 password: str | None = None, sentinel_password: str | None = None) -> None:
+        """`password`: the master's and replicas'; `sentinel_password`: the sentinels' own (requirepass)."""
         common = ["appendonly no", "repl-diskless-sync-delay 0", "repl-ping-replica-period 1"]
         if password:
             common += [f"requirepass {password}", f"masterauth {password}"]
@@ -320,8 +321,12 @@ class SentinelGroup:
             f"sentinel down-after-milliseconds {self.MASTER_NAME} {down_after_ms}",
             f"sentinel failover-timeout {self.MASTER_NAME} 4000",
             f"sentinel parallel-syncs {self.MASTER_NAME} 2",
+            # Sentinels that require a password use it with each other too.
+            *([f"requirepass {sentinel_password}", f"sentinel sentinel-pass {sentinel_password}"]
+              if sentinel_password else []),
         ]
-        self.sentinels = [NodeProcess(free_port(), monitor, sentinel=True) for _ in range(sentinels)]
+        self.sentinels = [NodeProcess(free_port(), monitor, sentinel=True, password=sentinel_password)
+                          for _ in range(sentinels)]
         self.addresses = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
         wait_until(self._settled, 30, "sentinels that know every replica and each other", interval_s=0.1)
 

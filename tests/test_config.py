@@ -109,3 +109,9 @@ def test_message_limits_fit_the_largest_chunk_unless_set() -> None:
         100 * 3 * 4 + MESSAGE_HEADROOM_BYTES, 100 * 5 * 4 + MESSAGE_HEADROOM_BYTES)
     assert derived.message_limits(input_features=5, output_size=3)[1] == 100 * 5 * 4 + MESSAGE_HEADROOM_BYTES
     assert load_config(["--max-message-bytes", "1000"], environ={}).message_limits(3, 5) == (1000, 1000)
+
+
+def test_sentinel_credentials_without_sentinels_are_refused_without_echoing_them(capsys) -> None:
+    message = refusal(capsys, ["--redis-url", "redis://127.0.0.1/0?sentinel_password=s3cret-pw"])
+    assert "--redis-url: sentinel_password are the sentinels' credentials, for --redis-sentinels only" in message
+    assert "s3cret-pw" not in message

@@ -3,7 +3,8 @@
 - one node over TLS (`rediss://`, a CA made in the test) as an ACL user (`user:password@`);
 - a Redis Cluster whose nodes require a password;
 - a Sentinel-managed master and replica that require a password (the sentinels do not: they are
-  reached without the master's credentials, which the URL carries for the master alone).
+  reached without the master's credentials, which the URL carries for the master alone);
+- sentinels that require a password of their own, given as the URL's `sentinel_password` parameter.
 A chunk continues its stream in each, and a wrong password stops the server at start-up (exit 2).
 """
 
@@ -95,5 +96,29 @@ def test_sentinel_with_a_password(start_server) -> None:
     try:
         continue_a_stream(start_server("--redis-sentinels", group.addresses, "--redis-sentinel-master",
                                        group.MASTER_NAME, redis_url=f"redis://:{PASSWORD}@127.0.0.1/0"))
+    finally:
+        group.stop()
+
+
+def test_sentinels_with_a_password_of_their_own(start_server, tmp_path: Path) -> None:
+    sentinel_password = "sentinel-s3cret"
+    group = SentinelGroup(replicas=1, sentinels=2, password=PASSWORD, sentinel_password=sentinel_password)
+    flags = ("--redis-sentinels", group.addresses, "--redis-sentinel-master", group.MASTER_NAME)
+    url = f"redis://:{PASSWORD}@127.0.0.1/0"
+    try:
+        server = start_server(*flags, redis_url=f"{url}?sentinel_password={sentinel_password}")
+        continue_a_stream(server)
+        assert sentinel_password not in server.log()  # the start-up line shows the URL with it masked
+        for given, refusal in ((url, "requires a password: give the sentinels' own in --redis-url as "
+                                     "?sentinel_password=..."),
+                               (f"{url}?sentinel_password=wrong", "refused the sentinel credentials in --redis-url")):
+            url_file = tmp_path / "redis-url"
+            url_file.write_text(given + "\n")
+            refused = subprocess.run(
+                [sys.executable, "-m", "server", "--port", "0", "--metrics-port", "0", "--log-format", "text",
+                 "--redis-url-file", str(url_file), *flags],
+                cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            assert refused.returncode == 2, refused.stderr
+            assert refusal in refused.stderr and "wrong" not in refused.stderr, refused.stderr
     finally:
         group.stop()

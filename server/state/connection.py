@@ -10,7 +10,9 @@ master lookup after a failover are redis-py's work, not ours:
 
 The URL carries the credentials (`redis://user:password@host:port/db`) and TLS (`rediss://`) in every
 mode; in Sentinel mode its host and port are not used (the sentinels name the master) and the
-sentinels themselves are reached with the same TLS setting but without the master's password.
+sentinels themselves are reached with the same TLS setting but without the master's password. Sentinels
+that require one of their own (`requirepass` on the sentinels) find it in the URL's query parameters
+`sentinel_password` (and `sentinel_username` for an ACL user), which are theirs alone.
 The start-up check (`check_topology`) is synchronous: it runs before the event loop, and a wrong
 topology is a configuration error (exit code 2), not a runtime fault.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import parse_qsl, urlsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -36,6 +39,18 @@ Mode = Literal["single", "sentinel", "cluster"]
 
 class TopologyError(RuntimeError):
     """Redis is not what the configuration says it is; the message says what to change."""
+
+
+# Query parameters of --redis-url that carry the sentinels' own credentials, as redis-py's options.
+SENTINEL_CREDENTIALS = {"sentinel_username": "username", "sentinel_password": "password"}
+
+
+def sentinel_credentials_in(url: str) -> list[str]:
+    """The names of the sentinel credential parameters `url` carries (its values are never returned)."""
+    try:
+        return [name for name, _ in parse_qsl(urlsplit(url).query) if name in SENTINEL_CREDENTIALS]
+    except ValueError:  # not a URL urllib can split: redis-py refuses it at start-up anyway
+        return []
 
 
 def parse_sentinels(text: str) -> tuple[tuple[str, int], ...]:
@@ -90,8 +105,9 @@ class RedisTopology:
         options.pop("port", None)
         tls = options.pop("connection_class", None) is SSLConnection
         tls_options = {k: v for k, v in options.items() if k.startswith("ssl_")}
+        credentials = {option: options.pop(name) for name, option in SENTINEL_CREDENTIALS.items() if name in options}
         master = {**options, **self._timeouts(), "ssl": tls}
-        sentinel = {**tls_options, **self._timeouts(), "ssl": tls}
+        sentinel = {**tls_options, **credentials, **self._timeouts(), "ssl": tls}
         return master, sentinel
 
 
@@ -151,6 +167,12 @@ def _check_sentinels(topology: RedisTopology) -> None:
             if client.sentinel_get_master_addr_by_name(topology.sentinel_master):
                 return
             known_masters.update(client.sentinel_masters())
+        except redis.exceptions.AuthenticationError as exc:
+            if "password" in options:
+                failures.append(f"{host}:{port} (refused the sentinel credentials in --redis-url: {exc})")
+            else:
+                failures.append(f"{host}:{port} (requires a password: give the sentinels' own in --redis-url "
+                                "as ?sentinel_password=...)")
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
             failures.append(f"{host}:{port} ({exc})")
         except redis.exceptions.ResponseError as exc:  # a plain Redis, not a sentinel
@@ -158,7 +180,7 @@ def _check_sentinels(topology: RedisTopology) -> None:
         finally:
             client.close()
     if len(failures) == len(topology.sentinels):
-        raise TopologyError("no sentinel reachable: " + "; ".join(failures))
+        raise TopologyError("no sentinel answered: " + "; ".join(failures))
     raise TopologyError(
         f"the sentinels do not monitor a master named {topology.sentinel_master!r} "
         f"(they monitor: {', '.join(sorted(known_masters)) or 'none'}); fix --redis-sentinel-master"
