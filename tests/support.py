@@ -176,6 +176,18 @@ class ServerProcess:
 
 # --- Redis Cluster and Sentinel topologies (issue 9) ------------------------------------------------
 
+def tls_only(port: int, tls: dict[str, Path]) -> list[str]:
+    """redis.conf lines for a node (or sentinel) that speaks TLS only, on `port`, with the PEM files in
+    `tls` ("ca", "cert", "key"), to clients and on the links it opens (replication, Sentinel, cluster bus)."""
+    return ["port 0", f"tls-port {port}", f"tls-cert-file {tls['cert']}", f"tls-key-file {tls['key']}",
+            f"tls-ca-cert-file {tls['ca']}", "tls-auth-clients no", "tls-replication yes", "tls-cluster yes"]
+
+
+def tls_client_options(tls: dict[str, Path] | None) -> dict[str, object]:
+    """redis-py options for a client of such a node."""
+    return {"ssl": True, "ssl_ca_certs": str(tls["ca"])} if tls else {}
+
+
 def free_cluster_port() -> int:
     """A free port whose cluster bus port (port + 10000) is free too, so below 55536."""
     for _ in range(200):
@@ -239,18 +251,22 @@ class RedisClusterNodes:
     `node_timeout_ms` is replaced by its replica (a cluster failover)."""
 
     def __init__(self, masters: int = 3, password: str | None = None, *, replicas: int = 0,
-                 node_timeout_ms: int = 3000) -> None:
+                 node_timeout_ms: int = 3000, tls: dict[str, Path] | None = None) -> None:
+        """`tls`: PEM files ("ca", "cert", "key"): every node then speaks TLS only, the cluster bus too."""
         auth = [f"requirepass {password}", f"masterauth {password}"] if password else []
         self.masters, self.replicas = masters, replicas
         self.nodes: list[NodeProcess] = []
         try:
             for _ in range(masters * (1 + replicas)):
+                port = free_cluster_port()
                 self.nodes.append(NodeProcess(
-                    free_cluster_port(), ["cluster-enabled yes", "cluster-config-file nodes.conf",
-                                          f"cluster-node-timeout {node_timeout_ms}", "appendonly no",
-                                          "repl-diskless-sync-delay 0", *auth], password=password))
+                    port, ["cluster-enabled yes", "cluster-config-file nodes.conf",
+                           f"cluster-node-timeout {node_timeout_ms}", "appendonly no",
+                           "repl-diskless-sync-delay 0", *auth, *(tls_only(port, tls) if tls else [])],
+                    password=password, client_options=tls_client_options(tls)))
             addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
             subprocess.run([shutil.which("redis-cli") or "redis-cli", *(["-a", password] if password else []),
+                            *(["--tls", "--cacert", str(tls["ca"])] if tls else []),
                             "--cluster", "create", *addresses, "--cluster-replicas", str(replicas),
                             "--cluster-yes"], check=True, capture_output=True, timeout=60)
             wait_until(self._ready, 30, "cluster_state:ok on every node", interval_s=0.1)
@@ -258,7 +274,8 @@ class RedisClusterNodes:
             self.stop()  # no fixture will: the caller never gets the object
             raise
         credentials = f":{password}@" if password else ""
-        self.url = f"redis://{credentials}127.0.0.1:{self.nodes[0].port}/0"
+        scheme, query = ("rediss", f"?ssl_ca_certs={tls['ca']}") if tls else ("redis", "")
+        self.url = f"{scheme}://{credentials}127.0.0.1:{self.nodes[0].port}/0{query}"
 
     def _ready(self) -> bool:
         attached = 0
@@ -307,14 +324,23 @@ class SentinelGroup:
     MASTER_NAME = "lstm-master"
 
     def __init__(self, replicas: int = 2, sentinels: int = 3, down_after_ms: int = 1000,
-                 password: str | None = None, sentinel_password: str | None = None) -> None:
-        """`password`: the master's and replicas'; `sentinel_password`: the sentinels' own (requirepass)."""
+                 password: str | None = None, sentinel_password: str | None = None,
+                 tls: dict[str, Path] | None = None) -> None:
+        """`password`: the master's and replicas'; `sentinel_password`: the sentinels' own (requirepass);
+        `tls`: PEM files ("ca", "cert", "key"): every node and sentinel then speaks TLS only, to clients
+        and to each other."""
         common = ["appendonly no", "repl-diskless-sync-delay 0", "repl-ping-replica-period 1"]
         if password:
             common += [f"requirepass {password}", f"masterauth {password}"]
-        self.master = NodeProcess(free_port(), common, password=password)
-        self.replicas = [NodeProcess(free_port(), [*common, f"replicaof 127.0.0.1 {self.master.port}"],
-                                     password=password) for _ in range(replicas)]
+
+        def node(lines: list[str], **options) -> NodeProcess:
+            port = free_port()
+            return NodeProcess(port, [*lines, *tls_only(port, tls)] if tls else lines,
+                               client_options=tls_client_options(tls), **options)
+
+        self.master = node(common, password=password)
+        self.replicas = [node([*common, f"replicaof 127.0.0.1 {self.master.port}"], password=password)
+                         for _ in range(replicas)]
         monitor = [
             f"sentinel monitor {self.MASTER_NAME} 127.0.0.1 {self.master.port} 2",
             *([f"sentinel auth-pass {self.MASTER_NAME} {password}"] if password else []),
@@ -325,8 +351,7 @@ class SentinelGroup:
             *([f"requirepass {sentinel_password}", f"sentinel sentinel-pass {sentinel_password}"]
               if sentinel_password else []),
         ]
-        self.sentinels = [NodeProcess(free_port(), monitor, sentinel=True, password=sentinel_password)
-                          for _ in range(sentinels)]
+        self.sentinels = [node(monitor, sentinel=True, password=sentinel_password) for _ in range(sentinels)]
         self.addresses = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
         wait_until(self._settled, 30, "sentinels that know every replica and each other", interval_s=0.1)
 

@@ -4,7 +4,9 @@
 - a Redis Cluster whose nodes require a password;
 - a Sentinel-managed master and replica that require a password (the sentinels do not: they are
   reached without the master's credentials, which the URL carries for the master alone);
-- sentinels that require a password of their own, given as the URL's `sentinel_password` parameter.
+- sentinels that require a password of their own, given as the URL's `sentinel_password` parameter;
+- a Sentinel-managed master, replica and sentinels, and a Redis Cluster (its bus too), that speak TLS
+  only (`rediss://`, the CA in the URL).
 A chunk continues its stream in each, and a wrong password stops the server at start-up (exit 2).
 """
 
@@ -122,3 +124,24 @@ def test_sentinels_with_a_password_of_their_own(start_server, tmp_path: Path) ->
             assert refusal in refused.stderr and "wrong" not in refused.stderr, refused.stderr
     finally:
         group.stop()
+
+
+def test_sentinel_over_tls(start_server, tmp_path: Path) -> None:
+    tls = make_tls_files(tmp_path)
+    group = SentinelGroup(replicas=1, sentinels=1, tls=tls)
+    try:
+        continue_a_stream(start_server("--redis-sentinels", group.addresses, "--redis-sentinel-master",
+                                       group.MASTER_NAME, redis_url=f"rediss://127.0.0.1/0?ssl_ca_certs={tls['ca']}"))
+    finally:
+        group.stop()
+
+
+def test_cluster_over_tls(start_server, tmp_path: Path) -> None:
+    cluster = RedisClusterNodes(masters=3, tls=make_tls_files(tmp_path))
+    try:
+        server = start_server("--redis-cluster", redis_url=cluster.url)
+        for _ in range(24):  # streams on every master (a third each): the nodes redis-py found over TLS
+            continue_a_stream(server)
+        assert all(any(node.client().scan_iter(match="lstm:*", count=1000)) for node in cluster.nodes)
+    finally:
+        cluster.stop()
