@@ -332,28 +332,34 @@ class SentinelGroup:
         common = ["appendonly no", "repl-diskless-sync-delay 0", "repl-ping-replica-period 1"]
         if password:
             common += [f"requirepass {password}", f"masterauth {password}"]
+        self._started: list[NodeProcess] = []
 
         def node(lines: list[str], **options) -> NodeProcess:
             port = free_port()
-            return NodeProcess(port, [*lines, *tls_only(port, tls)] if tls else lines,
-                               client_options=tls_client_options(tls), **options)
+            self._started.append(NodeProcess(port, [*lines, *tls_only(port, tls)] if tls else lines,
+                                             client_options=tls_client_options(tls), **options))
+            return self._started[-1]
 
-        self.master = node(common, password=password)
-        self.replicas = [node([*common, f"replicaof 127.0.0.1 {self.master.port}"], password=password)
-                         for _ in range(replicas)]
-        monitor = [
-            f"sentinel monitor {self.MASTER_NAME} 127.0.0.1 {self.master.port} 2",
-            *([f"sentinel auth-pass {self.MASTER_NAME} {password}"] if password else []),
-            f"sentinel down-after-milliseconds {self.MASTER_NAME} {down_after_ms}",
-            f"sentinel failover-timeout {self.MASTER_NAME} 4000",
-            f"sentinel parallel-syncs {self.MASTER_NAME} 2",
-            # Sentinels that require a password use it with each other too.
-            *([f"requirepass {sentinel_password}", f"sentinel sentinel-pass {sentinel_password}"]
-              if sentinel_password else []),
-        ]
-        self.sentinels = [node(monitor, sentinel=True, password=sentinel_password) for _ in range(sentinels)]
-        self.addresses = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
-        wait_until(self._settled, 30, "sentinels that know every replica and each other", interval_s=0.1)
+        try:
+            self.master = node(common, password=password)
+            self.replicas = [node([*common, f"replicaof 127.0.0.1 {self.master.port}"], password=password)
+                             for _ in range(replicas)]
+            monitor = [
+                f"sentinel monitor {self.MASTER_NAME} 127.0.0.1 {self.master.port} 2",
+                *([f"sentinel auth-pass {self.MASTER_NAME} {password}"] if password else []),
+                f"sentinel down-after-milliseconds {self.MASTER_NAME} {down_after_ms}",
+                f"sentinel failover-timeout {self.MASTER_NAME} 4000",
+                f"sentinel parallel-syncs {self.MASTER_NAME} 2",
+                # Sentinels that require a password use it with each other too.
+                *([f"requirepass {sentinel_password}", f"sentinel sentinel-pass {sentinel_password}"]
+                  if sentinel_password else []),
+            ]
+            self.sentinels = [node(monitor, sentinel=True, password=sentinel_password) for _ in range(sentinels)]
+            self.addresses = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+            wait_until(self._settled, 30, "sentinels that know every replica and each other", interval_s=0.1)
+        except BaseException:
+            self.stop()  # no fixture will: the caller never gets the object
+            raise
 
     def _settled(self) -> bool:
         for sentinel in self.sentinels:
@@ -367,7 +373,7 @@ class SentinelGroup:
         return int(port)
 
     def stop(self) -> None:
-        for node in (*self.sentinels, *self.replicas, self.master):
+        for node in reversed(self._started):  # the sentinels first, the master last
             node.stop()
 
 def triton_messages() -> tuple[ModuleType, ModuleType]:
