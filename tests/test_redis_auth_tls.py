@@ -113,7 +113,8 @@ def test_sentinels_with_a_password_of_their_own(start_server, tmp_path: Path) ->
         assert sentinel_password not in server.log()  # the start-up line shows the URL with it masked
         for given, refusal in ((url, "requires a password: give the sentinels' own in --redis-url as "
                                      "?sentinel_password=..."),
-                               (f"{url}?sentinel_password=wrong", "refused the sentinel credentials in --redis-url")):
+                               (f"{url}?sentinel_password=not-the-s3cret",
+                                "refused the sentinel credentials in --redis-url")):
             url_file = tmp_path / "redis-url"
             url_file.write_text(given + "\n")
             refused = subprocess.run(
@@ -121,7 +122,7 @@ def test_sentinels_with_a_password_of_their_own(start_server, tmp_path: Path) ->
                  "--redis-url-file", str(url_file), *flags],
                 cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONUNBUFFERED": "1"})
             assert refused.returncode == 2, refused.stderr
-            assert refusal in refused.stderr and "wrong" not in refused.stderr, refused.stderr
+            assert refusal in refused.stderr and "not-the-s3cret" not in refused.stderr, refused.stderr
     finally:
         group.stop()
 
