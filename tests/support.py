@@ -116,6 +116,13 @@ def _kill_leftover_redis() -> None:
             server.kill()
 
 
+def serve_until_exit(*flags: str) -> subprocess.CompletedProcess[str]:
+    """lstm-serve run to its exit, for the start-up refusals (exit code 2 and one line saying what to change)."""
+    command = [sys.executable, "-m", "server", "--port", "0", "--metrics-port", "0", "--log-format", "text", *flags]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
 class ServerProcess:
     """`python -m server` on a free port, ready once its health check says SERVING."""
 
@@ -367,6 +374,11 @@ class SentinelGroup:
             if state["num-slaves"] < len(self.replicas) or state["num-other-sentinels"] < len(self.sentinels) - 1:
                 return False
         return all(r.client().info("replication").get("master_link_status") == "up" for r in self.replicas)
+
+    @property
+    def server_flags(self) -> tuple[str, ...]:
+        """lstm-serve's flags for finding this group's master through its sentinels."""
+        return ("--redis-sentinels", self.addresses, "--redis-sentinel-master", self.MASTER_NAME)
 
     def master_port(self) -> int:
         _host, port = self.sentinels[0].client().sentinel_get_master_addr_by_name(self.MASTER_NAME)

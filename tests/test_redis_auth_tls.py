@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -28,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.client import predict
-from tests.support import ROOT, NodeProcess, RedisClusterNodes, SentinelGroup, free_port
+from tests.support import NodeProcess, RedisClusterNodes, SentinelGroup, free_port, serve_until_exit
 
 pytestmark = pytest.mark.timeout(240)
 PASSWORD = "s3cret-pass"
@@ -76,10 +73,7 @@ def test_one_node_over_tls_as_an_acl_user(start_server, tmp_path: Path) -> None:
     try:
         url = f"rediss://lstm:{PASSWORD}@127.0.0.1:{port}/0?ssl_ca_certs={tls['ca']}"
         continue_a_stream(start_server(redis_url=url))
-        wrong = subprocess.run(
-            [sys.executable, "-m", "server", "--port", "0", "--metrics-port", "0", "--log-format", "text",
-             "--redis-autostart", "false", "--redis-url", url.replace(PASSWORD, "wrong")],
-            cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        wrong = serve_until_exit("--redis-autostart", "false", "--redis-url", url.replace(PASSWORD, "wrong"))
         assert wrong.returncode == 2, wrong.stderr
     finally:
         node.stop()
@@ -96,8 +90,7 @@ def test_cluster_with_a_password(start_server) -> None:
 def test_sentinel_with_a_password(start_server) -> None:
     group = SentinelGroup(replicas=1, sentinels=1, password=PASSWORD)
     try:
-        continue_a_stream(start_server("--redis-sentinels", group.addresses, "--redis-sentinel-master",
-                                       group.MASTER_NAME, redis_url=f"redis://:{PASSWORD}@127.0.0.1/0"))
+        continue_a_stream(start_server(*group.server_flags, redis_url=f"redis://:{PASSWORD}@127.0.0.1/0"))
     finally:
         group.stop()
 
@@ -105,10 +98,9 @@ def test_sentinel_with_a_password(start_server) -> None:
 def test_sentinels_with_a_password_of_their_own(start_server, tmp_path: Path) -> None:
     sentinel_password = "sentinel-s3cret"
     group = SentinelGroup(replicas=1, sentinels=2, password=PASSWORD, sentinel_password=sentinel_password)
-    flags = ("--redis-sentinels", group.addresses, "--redis-sentinel-master", group.MASTER_NAME)
     url = f"redis://:{PASSWORD}@127.0.0.1/0"
     try:
-        server = start_server(*flags, redis_url=f"{url}?sentinel_password={sentinel_password}")
+        server = start_server(*group.server_flags, redis_url=f"{url}?sentinel_password={sentinel_password}")
         continue_a_stream(server)
         assert sentinel_password not in server.log()  # the start-up line shows the URL with it masked
         for given, refusal in ((url, "requires a password: give the sentinels' own in --redis-url as "
@@ -117,10 +109,7 @@ def test_sentinels_with_a_password_of_their_own(start_server, tmp_path: Path) ->
                                 "refused the sentinel credentials in --redis-url")):
             url_file = tmp_path / "redis-url"
             url_file.write_text(given + "\n")
-            refused = subprocess.run(
-                [sys.executable, "-m", "server", "--port", "0", "--metrics-port", "0", "--log-format", "text",
-                 "--redis-url-file", str(url_file), *flags],
-                cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            refused = serve_until_exit("--redis-url-file", str(url_file), *group.server_flags)
             assert refused.returncode == 2, refused.stderr
             assert refusal in refused.stderr and "not-the-s3cret" not in refused.stderr, refused.stderr
     finally:
@@ -131,8 +120,8 @@ def test_sentinel_over_tls(start_server, tmp_path: Path) -> None:
     tls = make_tls_files(tmp_path)
     group = SentinelGroup(replicas=1, sentinels=1, tls=tls)
     try:
-        continue_a_stream(start_server("--redis-sentinels", group.addresses, "--redis-sentinel-master",
-                                       group.MASTER_NAME, redis_url=f"rediss://127.0.0.1/0?ssl_ca_certs={tls['ca']}"))
+        url = f"rediss://127.0.0.1/0?ssl_ca_certs={tls['ca']}"
+        continue_a_stream(start_server(*group.server_flags, redis_url=url))
     finally:
         group.stop()
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from server.state.routing import WaitPolicy
 from server.state.store import APPLIED, SlotWrite, StateStore
 from tests.loads import VerifiedLoad, assert_nothing_lost, summary
 from tests.models import TOLERANCE, keras_whole_sequences
-from tests.support import DEFAULT_MODEL, ROOT, RedisClusterNodes, ServerProcess, wait_until
+from tests.support import DEFAULT_MODEL, ROOT, RedisClusterNodes, ServerProcess, serve_until_exit, wait_until
 from tests.test_continuation import make_streams, run_all
 
 pytestmark = pytest.mark.timeout(420)
@@ -118,11 +117,7 @@ def test_get_reset_expiry_and_ended_streams_on_a_cluster(cluster_server: ServerP
 
 
 def test_cluster_node_without_the_cluster_flag_is_refused(cluster: RedisClusterNodes) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "server", "--port", "0", "--metrics-port", "0", "--log-format", "text",
-         "--redis-url", cluster.url],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    result = serve_until_exit("--redis-url", cluster.url)
     assert result.returncode == 2, result.stderr
     assert "is a Redis Cluster node; add --redis-cluster" in result.stderr
 

@@ -28,8 +28,8 @@ pytestmark = pytest.mark.timeout(420)
 def load_through_a_failover(start_server, wait_replicas: int) -> tuple[VerifiedLoad, dict]:
     group = SentinelGroup(replicas=2, sentinels=3)
     try:
-        server = start_server("--redis-sentinels", group.addresses, "--redis-sentinel-master", group.MASTER_NAME,
-                              "--redis-wait-replicas", str(wait_replicas), redis_url="redis://127.0.0.1/0")
+        server = start_server(*group.server_flags, "--redis-wait-replicas", str(wait_replicas),
+                              redis_url="redis://127.0.0.1/0")
         load = VerifiedLoad(server.address, f"failover-{uuid.uuid4().hex[:6]}", streams=12, total_chunks=900,
                             timeout_s=10, max_retries=40)
         load.start(server.stub, stream=0, offset=30, timeout_s=120)

@@ -4,25 +4,15 @@ model is loaded. Invariant 8 (docs/invariants.md) covers faults at run time, not
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
-from tests.support import ROOT, RedisServer, SentinelGroup, free_port
+from tests.support import ROOT, RedisServer, SentinelGroup, free_port, serve_until_exit
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def serve(*flags: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "server", "--port", "0", "--metrics-port", "0", "--log-format", "text", *flags]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
 def test_cluster_flag_against_a_plain_redis(redis_server: RedisServer) -> None:
-    result = serve("--redis-url", redis_server.url, "--redis-cluster")
+    result = serve_until_exit("--redis-url", redis_server.url, "--redis-cluster")
     assert result.returncode == 2, result.stderr
     assert "is not a cluster node (cluster_enabled:0)" in result.stderr
     assert "drop --redis-cluster" in result.stderr
@@ -36,7 +26,7 @@ def sentinels():
 
 
 def test_unknown_sentinel_master(sentinels: SentinelGroup) -> None:
-    result = serve("--redis-sentinels", sentinels.addresses, "--redis-sentinel-master", "no-such-master")
+    result = serve_until_exit("--redis-sentinels", sentinels.addresses, "--redis-sentinel-master", "no-such-master")
     assert result.returncode == 2, result.stderr
     assert "do not monitor a master named 'no-such-master'" in result.stderr
     assert f"they monitor: {SentinelGroup.MASTER_NAME}" in result.stderr
@@ -44,7 +34,7 @@ def test_unknown_sentinel_master(sentinels: SentinelGroup) -> None:
 
 def test_no_sentinel_reachable() -> None:
     nobody = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
-    result = serve("--redis-sentinels", nobody, "--redis-sentinel-master", "mymaster")
+    result = serve_until_exit("--redis-sentinels", nobody, "--redis-sentinel-master", "mymaster")
     assert result.returncode == 2, result.stderr
     assert "no sentinel answered" in result.stderr
     assert nobody.split(",")[1] in result.stderr
@@ -60,7 +50,7 @@ def test_no_sentinel_reachable() -> None:
     ],
 )
 def test_inconsistent_flags(flags: tuple[str, ...], message: str) -> None:
-    result = serve(*flags)
+    result = serve_until_exit(*flags)
     assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
