@@ -195,6 +195,11 @@ def tls_client_options(tls: dict[str, Path] | None) -> dict[str, object]:
     return {"ssl": True, "ssl_ca_certs": str(tls["ca"])} if tls else {}
 
 
+def stream_keys(node: NodeProcess) -> int:
+    """Keys the server wrote (default prefix) on one node."""
+    return sum(1 for _ in node.client().scan_iter(match="lstm:*", count=1000))
+
+
 def free_cluster_port() -> int:
     """A free port whose cluster bus port (port + 10000) is free too, so below 55536."""
     for _ in range(200):

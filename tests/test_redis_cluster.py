@@ -32,7 +32,15 @@ from server.state.routing import WaitPolicy
 from server.state.store import APPLIED, SlotWrite, StateStore
 from tests.loads import VerifiedLoad, assert_nothing_lost, summary
 from tests.models import TOLERANCE, keras_whole_sequences
-from tests.support import DEFAULT_MODEL, ROOT, RedisClusterNodes, ServerProcess, serve_until_exit, wait_until
+from tests.support import (
+    DEFAULT_MODEL,
+    ROOT,
+    RedisClusterNodes,
+    ServerProcess,
+    serve_until_exit,
+    stream_keys,
+    wait_until,
+)
 from tests.test_continuation import make_streams, run_all
 
 pytestmark = pytest.mark.timeout(420)
@@ -51,10 +59,6 @@ def cluster_server(cluster: RedisClusterNodes):
     server = ServerProcess(cluster.url, DEFAULT_MODEL, "--redis-cluster", "--state-ttl-s", str(STATE_TTL_S))
     yield server
     server.stop()
-
-
-def stream_keys(node) -> int:
-    return sum(1 for _ in node.client().scan_iter(match="lstm:*", count=1000))
 
 
 def slot_of(stream_id: str, key_prefix: str = "lstm") -> int:
