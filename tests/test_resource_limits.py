@@ -20,7 +20,7 @@ import pytest
 
 from lstm_stream.v1 import stream_pb2 as pb
 from tests.client import predict, request, status_of
-from tests.support import RedisServer, ServerProcess, wait_until
+from tests.support import RedisServer, ServerProcess, scrape, value, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -59,7 +59,9 @@ def test_an_oversized_message_is_refused_and_the_server_keeps_serving(default_se
 
 
 def test_queue_and_call_limits_answer_resource_exhausted(start_server, paused_redis) -> None:
-    server = start_server("--max-queued-chunks", "2", "--max-concurrent-rpcs", "6", redis_url=paused_redis.url)
+    # A long deadline: the held chunks wait on a stopped Redis while the test fills the queue.
+    server = start_server("--max-queued-chunks", "2", "--max-concurrent-rpcs", "6", "--request-deadline-s", "50",
+                          redis_url=paused_redis.url)
     stub = server.stub
     tag = uuid.uuid4().hex[:6]
     x = np.ones((2, 1), np.float32)
@@ -69,14 +71,22 @@ def test_queue_and_call_limits_answer_resource_exhausted(start_server, paused_re
         yield request(stream, x, start_offset=0)
         hold_open.wait(60)
 
+    def open_stream(i: int, held: tuple[float, float]) -> grpc.Future:
+        # One at a time, each seen held by the batcher before the next: streams' chunks race otherwise,
+        # and which ones are refused (or how many share the first batch) would be chance.
+        call = stub.PredictStream(one_chunk(f"limits-{tag}-{i}"), timeout=60)
+        wait_until(lambda: batcher_holds(server) == held, 20, f"the batcher to hold (in flight, queued) {held}")
+        return call
+
     os.kill(paused_redis.process.pid, signal.SIGSTOP)  # the first batch waits on Redis; the rest queue
     try:
-        calls = [stub.PredictStream(one_chunk(f"limits-{tag}-{i}"), timeout=60) for i in range(6)]
+        calls = [open_stream(0, (1, 0)), open_stream(1, (1, 1)), open_stream(2, (1, 2))]
         # 1 chunk in the held batch + 2 queued: the other streams' chunks are refused at once.
-        refused = [next(call) for call in calls[3:]]
-        for reply in refused:
+        calls += [stub.PredictStream(one_chunk(f"limits-{tag}-{i}"), timeout=60) for i in range(3, 6)]
+        for reply in [next(call) for call in calls[3:]]:
             assert reply.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], reply
             assert "--max-queued-chunks" in reply.error.message and "not applied" in reply.error.message
+        assert batcher_holds(server) == (1, 2)
         # Six streams are open: a seventh call is refused by the call limit, not queued.
         code, message, _ = status_of(stub.GetModel, pb.GetModelRequest(), timeout=CALL_TIMEOUT_S)
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, message
@@ -90,6 +100,12 @@ def test_queue_and_call_limits_answer_resource_exhausted(start_server, paused_re
     # Everyone else keeps being served once the burst is gone.
     wait_until(lambda: _serves(stub), 20, "the server to answer again")
     assert predict(stub, f"limits-{tag}-3", x, start_offset=0).offset == 2  # the refused chunk: not applied
+
+
+def batcher_holds(server: ServerProcess) -> tuple[float, float]:
+    """(chunks in running batches, chunks queued), from the server's /metrics."""
+    samples = scrape(server)
+    return value(samples, "lstm_serve_in_flight_chunks"), value(samples, "lstm_serve_queued_chunks")
 
 
 def _serves(stub) -> bool:
