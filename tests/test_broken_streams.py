@@ -109,11 +109,12 @@ def test_a_broken_stream_drops_its_queued_chunks_and_resumes_exactly(start_serve
         yield from messages
         hold_open.wait(60)  # the client keeps its side open: the call breaks only by the cancel below
 
-    # Redis stays paused for well under the store's 2 s socket timeout, so the held batch succeeds.
+    # Redis stays paused for well under the chunk's deadline (10 s), so the held batch succeeds.
     os.kill(paused_redis.process.pid, signal.SIGSTOP)
     try:
         call = api.call(send(), timeout=60)
         # Chunk 0 holds a batch (its load waits on Redis); the other chunks of the stream wait behind it.
+        wait_until(lambda: metric(server, "lstm_serve_in_flight_chunks") >= 1, 5, "chunk 0 to hold a batch")
         with contextlib.suppress(TimeoutError):  # bounded: on a slow machine fewer may be queued
             wait_until(lambda: metric(server, "lstm_serve_queued_chunks") >= CHUNKS - 1, 0.6, "chunks queued")
         queued = metric(server, "lstm_serve_queued_chunks")

@@ -25,14 +25,14 @@ def test_unconfirmed_chunk_is_unavailable_then_replayed_once_a_replica_holds_it(
     master = NodeProcess(free_port(), ["appendonly no", "repl-diskless-sync-delay 0"])
     replica = None
     try:
-        server = start_server("--redis-wait-replicas", "1", "--redis-wait-timeout-ms", "100",
+        server = start_server("--redis-wait-replicas", "1", "--redis-wait-timeout-ms", "500",
                               redis_url=f"redis://127.0.0.1:{master.port}/0")
         x = np.random.default_rng(7).normal(0, 1.5, size=(12, 1)).astype(np.float32)
         first, second = x[:5], x[5:]
 
         code, message, _ = status_of(predict, server.stub, "waited", first, reset=True, start_offset=0)
         assert code == grpc.StatusCode.UNAVAILABLE
-        assert "applied on the Redis master, but only 0 of 1 replicas confirmed it within 100 ms" in message
+        assert "applied on the Redis master, but only 0 of 1 replicas confirmed it within 500 ms" in message
         assert "retry it with its start_offset" in message
         # The message is honest: the chunk is on the master.
         status = server.stub.GetStream(pb.GetStreamRequest(stream_id="waited"), timeout=10)
@@ -48,7 +48,7 @@ def test_unconfirmed_chunk_is_unavailable_then_replayed_once_a_replica_holds_it(
                    "the replica to sync")
 
         def replay_once_confirmed() -> object:
-            # WAIT's 100 ms can be short for a fresh replica on a busy machine: until then the honest
+            # WAIT's 500 ms can be short for a fresh replica on a busy machine: until then the honest
             # answer is still UNAVAILABLE, and the test retries as a client would.
             try:
                 return predict(server.stub, "waited", first, reset=True, start_offset=0)

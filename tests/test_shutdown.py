@@ -54,9 +54,11 @@ class HealthWatch(threading.Thread):
             while time.monotonic() < deadline:
                 try:
                     reply = stub.Check(health_pb2.HealthCheckRequest(service="lstm_stream.v1.StreamInference"),
-                                       timeout=1, wait_for_ready=False)
+                                       timeout=5, wait_for_ready=False)
                     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-                except grpc.RpcError:
+                except grpc.RpcError as error:
+                    if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        continue  # a slow answer under load says nothing about the port
                     status = UNREACHABLE
                 if not self.seen or self.seen[-1] != status:
                     self.seen.append(status)
@@ -81,6 +83,8 @@ def test_sigterm_under_load_drains_cleanly_and_a_new_server_continues(tmp_path) 
                                for api in loads) >= 50, 60, "the load to get going")
         watch = HealthWatch(first.address)
         watch.start()
+        # Its first answer before the signal: under load, a new channel's first Check can outlast the drain delay.
+        wait_until(lambda: watch.seen, 20, "the health watch's first answer")
         signalled = time.monotonic()
         first.process.send_signal(signal.SIGTERM)
         code = first.process.wait(GRACE_S + 10)
@@ -89,8 +93,7 @@ def test_sigterm_under_load_drains_cleanly_and_a_new_server_continues(tmp_path) 
         assert code == 0, first.log()[-3000:]
         assert took <= GRACE_S + 2, f"exit took {took:.1f} s, grace {GRACE_S} s"
         # Health said NOT_SERVING (and never SERVING again) before the port closed.
-        assert watch.seen[:3] == ["SERVING", "NOT_SERVING", UNREACHABLE] or watch.seen[:2] == [
-            "NOT_SERVING", UNREACHABLE], watch.seen
+        assert watch.seen[:3] == ["SERVING", "NOT_SERVING", UNREACHABLE], watch.seen
         log = first.log()
         assert "Future exception was never retrieved" not in log
         entries = [json.loads(line) for line in log.splitlines() if line.strip()]  # every line is JSON

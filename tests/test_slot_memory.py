@@ -250,10 +250,11 @@ def test_memory_is_bounded_by_bytes_and_by_the_keys_time_to_live() -> None:
 
 
 def test_a_roaming_mark_lapses_after_roaming_s() -> None:
-    memory = SavedSlots(max_bytes=1 << 20, roaming_s=0.05)
+    # Half a second: a pause of the test process between roam and put must not let the mark lapse first.
+    memory = SavedSlots(max_bytes=1 << 20, roaming_s=0.5)
     memory.roam("k")
     memory.put("k", b"r" * 10, ttl_ms=60_000)
     assert memory.get("k") is None  # roaming: not kept
-    time.sleep(0.06)
+    time.sleep(0.55)
     memory.put("k", b"r" * 10, ttl_ms=60_000)
     assert memory.get("k") == b"r" * 10
