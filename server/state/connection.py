@@ -5,7 +5,8 @@ master lookup after a failover are redis-py's work, not ours:
 
 - one node: `redis.asyncio.Redis` from `--redis-url`;
 - Sentinel: `redis.asyncio.sentinel.Sentinel(...).master_for(NAME)`; each new connection asks the
-  sentinels where the master is, so after a failover the server finds the promoted replica by itself;
+  sentinels where the master is, so after a failover the server finds the promoted replica by itself
+  (every sentinel is asked, the newest configuration believed: sentinel.py);
 - Cluster: `redis.asyncio.cluster.RedisCluster` seeded with `--redis-url` (any node).
 
 The URL carries the credentials (`redis://user:password@host:port/db`) and TLS (`rediss://`) in every
@@ -28,10 +29,10 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
 from server.redact import redact_url
+from server.state.sentinel import NewestConfigSentinel
 
 AsyncClient = aioredis.Redis | RedisCluster
 Mode = Literal["single", "sentinel", "cluster"]
@@ -124,7 +125,7 @@ def connect(topology: RedisTopology) -> AsyncClient:
     no_resend = {**async_options, "retry": Retry(NoBackoff(), 0), "health_check_interval": 30}
     if topology.mode == "sentinel":
         master, sentinel = topology._sentinel_options()
-        return Sentinel(topology.sentinels, sentinel_kwargs=sentinel).master_for(
+        return NewestConfigSentinel(topology.sentinels, sentinel_kwargs=sentinel).master_for(
             topology.sentinel_master, **{**master, **no_resend}
         )
     return aioredis.Redis.from_url(topology.url, **no_resend)
