@@ -12,11 +12,11 @@ replicated; that run reports what it lost and asserts nothing about it (on loopb
 lag is usually too short to lose anything).
 
 A sentinel that names another master than the others must not mislead the server (invariant 9): one
-that has not yet heard of a failover names the old master once it is back from its restart, for about a
-second (server/state/sentinel.py). In one CI run of the failover test above, nine streams were answered
-"at offset 39" after 42 was acknowledged: read, most likely, from that node while it was a replica one
-chunk behind, which redis-py's first-answer lookup could reach. The last two tests put a sentinel with
-another view first in the server's list.
+that has not yet heard of a failover names the old master once it is back from its restart (for 0.11 s
+in one of three trials here: server/state/sentinel.py). In one CI run of the failover test above, nine
+streams were answered "at offset 39" after 42 was acknowledged: read, most likely, from that node while
+it was a replica one chunk behind, which redis-py's first-answer lookup could reach. The last two tests
+put a sentinel with another view first in the server's list.
 """
 
 from __future__ import annotations

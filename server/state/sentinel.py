@@ -5,8 +5,9 @@ after a failover that can be a sentinel that has not heard of it yet. When the o
 meanwhile (restarted by an operator or a supervisor, answering as a master, or soon as a replica a little
 behind), such a sentinel names it, and the server reads slots from it: answers that contradict the state
 (invariants 8 and 9, docs/invariants.md). Measured on loopback with three sentinels, the old master
-restarted as soon as one sentinel named the promoted replica: for about a second one sentinel still
-named the old master, not down, while the two others named the promoted replica.
+restarted as soon as one sentinel named the promoted replica: in one of three trials a sentinel named
+the old master, no longer down, for 0.11 s while the two others named the promoted replica, and the old
+master answered as a master (empty) for more than 6 s.
 
 So every sentinel is asked at once, and the master is the address named with the highest configuration
 epoch (a failover raises it, so a sentinel that missed one names an older epoch), then by the most
