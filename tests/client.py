@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import grpc
 import numpy as np
 
@@ -32,3 +34,11 @@ def status_of(call, *args, **kwargs) -> tuple[grpc.StatusCode, str, dict[str, st
     except grpc.RpcError as error:
         return error.code(), error.details(), dict(error.trailing_metadata() or ())
     raise AssertionError("the call succeeded but was expected to fail")
+
+
+def continue_a_stream(stub) -> None:
+    """A new stream's first chunk, then the next one continuing it: the server reads back what it saved."""
+    stream = f"continue-{uuid.uuid4().hex[:6]}"
+    x = np.ones((3, 1), np.float32)
+    assert predict(stub, stream, x, reset=True).offset == 3
+    assert predict(stub, stream, x, start_offset=3).offset == 6

@@ -367,7 +367,7 @@ class SentinelGroup:
                   if sentinel_password else []),
             ]
             self.sentinels = [node(monitor, sentinel=True, password=sentinel_password) for _ in range(sentinels)]
-            self.addresses = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+            self.addresses = sentinel_addresses(self.sentinels)
             wait_until(self._settled, 30, "sentinels that know every replica and each other", interval_s=0.1)
         except BaseException:
             self.stop()  # no fixture will: the caller never gets the object
@@ -383,7 +383,7 @@ class SentinelGroup:
     @property
     def server_flags(self) -> tuple[str, ...]:
         """lstm-serve's flags for finding this group's master through its sentinels."""
-        return ("--redis-sentinels", self.addresses, "--redis-sentinel-master", self.MASTER_NAME)
+        return sentinel_flags(self.sentinels)
 
     def master_port(self) -> int:
         _host, port = self.sentinels[0].client().sentinel_get_master_addr_by_name(self.MASTER_NAME)
@@ -392,6 +392,17 @@ class SentinelGroup:
     def stop(self) -> None:
         for node in reversed(self._started):  # the sentinels first, the master last
             node.stop()
+
+
+def sentinel_addresses(sentinels: list[NodeProcess]) -> str:
+    """--redis-sentinels for these sentinels, in this order."""
+    return ",".join(f"127.0.0.1:{sentinel.port}" for sentinel in sentinels)
+
+
+def sentinel_flags(sentinels: list[NodeProcess]) -> tuple[str, ...]:
+    """lstm-serve's flags for finding SentinelGroup.MASTER_NAME through these sentinels, asked in this order."""
+    return ("--redis-sentinels", sentinel_addresses(sentinels), "--redis-sentinel-master", SentinelGroup.MASTER_NAME)
+
 
 def triton_messages() -> tuple[ModuleType, ModuleType]:
     """Triton's generated messages and stubs: tritonclient's copy, or the server's own when this process

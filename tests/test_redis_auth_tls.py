@@ -14,28 +14,19 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.client import predict
+from tests.client import continue_a_stream
 from tests.support import NodeProcess, RedisClusterNodes, SentinelGroup, free_port, serve_until_exit, stream_keys
 
 pytestmark = pytest.mark.timeout(240)
 PASSWORD = "s3cret-pass"
-
-
-def continue_a_stream(server) -> None:
-    stream = f"auth-{uuid.uuid4().hex[:6]}"
-    x = np.ones((3, 1), np.float32)
-    assert predict(server.stub, stream, x, reset=True).offset == 3
-    assert predict(server.stub, stream, x, start_offset=3).offset == 6
 
 
 def make_tls_files(folder: Path) -> dict[str, Path]:
@@ -72,7 +63,7 @@ def test_one_node_over_tls_as_an_acl_user(start_server, tmp_path: Path) -> None:
     ], client_options={"username": "lstm", "ssl": True, "ssl_ca_certs": str(tls["ca"])}, password=PASSWORD)
     try:
         url = f"rediss://lstm:{PASSWORD}@127.0.0.1:{port}/0?ssl_ca_certs={tls['ca']}"
-        continue_a_stream(start_server(redis_url=url))
+        continue_a_stream(start_server(redis_url=url).stub)
         wrong = serve_until_exit("--redis-autostart", "false", "--redis-url", url.replace(PASSWORD, "wrong"))
         assert wrong.returncode == 2, wrong.stderr
     finally:
@@ -82,7 +73,7 @@ def test_one_node_over_tls_as_an_acl_user(start_server, tmp_path: Path) -> None:
 def test_cluster_with_a_password(start_server) -> None:
     cluster = RedisClusterNodes(masters=3, password=PASSWORD)
     try:
-        continue_a_stream(start_server("--redis-cluster", redis_url=cluster.url))
+        continue_a_stream(start_server("--redis-cluster", redis_url=cluster.url).stub)
     finally:
         cluster.stop()
 
@@ -90,7 +81,7 @@ def test_cluster_with_a_password(start_server) -> None:
 def test_sentinel_with_a_password(start_server) -> None:
     group = SentinelGroup(replicas=1, sentinels=1, password=PASSWORD)
     try:
-        continue_a_stream(start_server(*group.server_flags, redis_url=f"redis://:{PASSWORD}@127.0.0.1/0"))
+        continue_a_stream(start_server(*group.server_flags, redis_url=f"redis://:{PASSWORD}@127.0.0.1/0").stub)
     finally:
         group.stop()
 
@@ -101,7 +92,7 @@ def test_sentinels_with_a_password_of_their_own(start_server, tmp_path: Path) ->
     url = f"redis://:{PASSWORD}@127.0.0.1/0"
     try:
         server = start_server(*group.server_flags, redis_url=f"{url}?sentinel_password={sentinel_password}")
-        continue_a_stream(server)
+        continue_a_stream(server.stub)
         assert sentinel_password not in server.log()  # the start-up line shows the URL with it masked
         for given, refusal in ((url, "requires a password: give the sentinels' own in --redis-url as "
                                      "?sentinel_password=..."),
@@ -121,7 +112,7 @@ def test_sentinel_over_tls(start_server, tmp_path: Path) -> None:
     group = SentinelGroup(replicas=1, sentinels=1, tls=tls)
     try:
         url = f"rediss://127.0.0.1/0?ssl_ca_certs={tls['ca']}"
-        continue_a_stream(start_server(*group.server_flags, redis_url=url))
+        continue_a_stream(start_server(*group.server_flags, redis_url=url).stub)
     finally:
         group.stop()
 
@@ -131,7 +122,7 @@ def test_cluster_over_tls(start_server, tmp_path: Path) -> None:
     try:
         server = start_server("--redis-cluster", redis_url=cluster.url)
         for _ in range(24):  # streams on every master (a third each): the nodes redis-py found over TLS
-            continue_a_stream(server)
+            continue_a_stream(server.stub)
         assert all(stream_keys(node) > 0 for node in cluster.nodes)
     finally:
         cluster.stop()

@@ -24,13 +24,12 @@ from __future__ import annotations
 import signal
 import uuid
 
-import numpy as np
 import pytest
 import redis
 
-from tests.client import predict
+from tests.client import continue_a_stream
 from tests.loads import VerifiedLoad, assert_nothing_lost, summary
-from tests.support import NodeProcess, SentinelGroup, free_port, stream_keys, wait_until
+from tests.support import NodeProcess, SentinelGroup, free_port, sentinel_flags, stream_keys, wait_until
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -75,13 +74,7 @@ def decoy(name: str, sentinels: int) -> list[NodeProcess]:
 
 
 def serve_a_stream(start_server, sentinels: list[NodeProcess]) -> None:
-    addresses = ",".join(f"127.0.0.1:{s.port}" for s in sentinels)
-    server = start_server("--redis-sentinels", addresses, "--redis-sentinel-master", SentinelGroup.MASTER_NAME,
-                          redis_url="redis://127.0.0.1/0")
-    stream = f"views-{uuid.uuid4().hex[:6]}"
-    x = np.ones((3, 1), np.float32)
-    assert predict(server.stub, stream, x, reset=True).offset == 3
-    assert predict(server.stub, stream, x, start_offset=3).offset == 6
+    continue_a_stream(start_server(*sentinel_flags(sentinels), redis_url="redis://127.0.0.1/0").stub)
 
 
 def test_a_sentinel_that_names_another_master_is_outvoted(start_server) -> None:
