@@ -12,8 +12,8 @@ to the innermost frame that belongs to a stage (asyncio and threading frames are
     gRPC + event loop   grpc's Cython core and asyncio itself (reading, writing, waking tasks)
     servicer            server/api: interceptors, servicers, the streaming window
     conversion          protobuf <-> numpy, request validation
-    batching            server/batching, server/dataplane.py
-    rules               server/processor.py (the per-chunk plan)
+    batching            server/dataplane/ (plane, batcher)
+    rules               server/dataplane/processor.py (the per-chunk plan)
     state store         server/state (our code around Redis)
     redis-py            the Redis client library
     metrics             prometheus_client
@@ -53,10 +53,10 @@ STAGES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("metrics", re.compile(r"prometheus_client/")),
     ("redis-py", re.compile(r"(^|/)redis/|hiredis")),
     ("model", re.compile(r"server/model/|tensorflow/|keras/")),
-    ("conversion", re.compile(r"triton_convert\.py|server/api/wire\.py|server/validation\.py|google/protobuf")),
+    ("conversion", re.compile(r"triton_convert\.py|server/api/wire\.py|server/api/validation\.py|google/protobuf")),
     ("state store", re.compile(r"server/state/")),
-    ("rules", re.compile(r"server/processor\.py")),
-    ("batching", re.compile(r"server/batching/|server/dataplane\.py")),
+    ("rules", re.compile(r"server/dataplane/(processor|rules)\.py")),
+    ("batching", re.compile(r"server/dataplane/")),
     ("servicer", re.compile(r"server/api/")),
 )
 NEUTRAL = re.compile(r"asyncio/|selectors\.py|threading\.py|concurrent/futures/|contextlib\.py|functools\.py"

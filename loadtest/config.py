@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server.api.validation import MAX_STREAM_ID_BYTES  # the server's limit, so no run is refused after connecting
 from server.config import DEFAULT_MODEL  # the model the server ships with; --verify recomputes with it by default
-from server.validation import MAX_STREAM_ID_BYTES  # the server's limit, so no run is refused after connecting
 
 APIS = ("unary", "stream")
 

@@ -1,3 +1,3 @@
-from server.app import main
+from server.app.main import main
 
 main()

@@ -7,7 +7,7 @@ Where each number comes from:
 - batch sizes, batch times and the wait in the batcher's queue: the batcher;
 - queued and in-flight chunks: read from the batcher at scrape time (`Gauge.set_function`), so a
   scrape sees the queue as it is, not as it was at the last batch;
-- Redis up and its round-trip time: the health tracker's ping (server/redis_health.py);
+- Redis up and its round-trip time: the health tracker's ping (server/app/redis_health.py);
 - compiles: the model runner. The dashboard deploy/grafana/dashboards/lstm-serve.json uses these names.
 """
 

@@ -9,8 +9,8 @@ import random
 import numpy as np
 import pytest
 
-from server.batching.batcher import Batcher
 from server.config import ServerConfig
+from server.dataplane.batcher import Batcher
 from server.types import CONFLICT, Chunk, Prediction
 
 pytestmark = pytest.mark.timeout(60)

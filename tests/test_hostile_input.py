@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from lstm_stream.v1 import stream_pb2 as pb
 from lstm_stream.v1 import stream_pb2_grpc as pb_grpc
-from server.validation import MAX_STREAM_ID_BYTES
+from server.api.validation import MAX_STREAM_ID_BYTES
 from tests.support import DEFAULT_MODEL, RedisServer, ServerProcess, triton_messages
 
 triton_pb2, triton_pb2_grpc = triton_messages()

@@ -21,7 +21,7 @@ import pytest
 
 from loadtest import EXIT_FAILED_CHUNKS, EXIT_OK, EXIT_USAGE, EXIT_VERIFY_FAILED, ConfigError, LoadConfig, run_load
 from lstm_stream.v1 import stream_pb2 as pb
-from server.validation import MAX_STREAM_ID_BYTES
+from server.api.validation import MAX_STREAM_ID_BYTES
 from tests.models import build_gru_stateful, build_last_step
 from tests.support import DEFAULT_MODEL, ROOT, RedisServer, ServerProcess, free_port, wait_until
 

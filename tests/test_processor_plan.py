@@ -1,4 +1,4 @@
-"""Each branch of the processor's per-chunk plan (server/processor.py), in process and in milliseconds.
+"""Each branch of the processor's per-chunk plan (server/dataplane/processor.py), in process and in milliseconds.
 
 The processor's collaborators are faked the way tests/test_batcher.py fakes the batcher's: a store that
 keeps records in a dict with the same compare-and-set answers as Redis, a model whose state is the sum
@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from lstm_stream.client.types import OFFSET_METADATA_KEY
+from server.dataplane.processor import BatchProcessor, StreamPolicy
 from server.errors import ServiceError
-from server.processor import BatchProcessor, StreamPolicy
 from server.state.live import Change, LiveChange
 from server.state.record import CorruptRecord, SlotRecord
 from server.state.store import APPLIED, REFUSED, WrongType

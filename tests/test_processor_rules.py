@@ -1,4 +1,4 @@
-"""The stream rules of server/processor.py in-process, against a real Redis, with the identity runner
+"""The stream rules of server/dataplane/processor.py in-process, against a real Redis, with the identity runner
 (no model call): what is recognised as a late duplicate and what is not (invariant 10), chunks whose
 caller is gone (invariant 9), and records of format 1 continued after an upgrade."""
 
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from server.config import ServerConfig
+from server.dataplane.processor import BatchProcessor, StreamPolicy
 from server.model.identity import IdentityRunner
-from server.processor import BatchProcessor, StreamPolicy
 from server.state.record import RECENT_REQUESTS, SlotRecord, fingerprint_bytes
 from server.state.store import StateStore
 from server.types import BatchResult, Chunk, ModelDescription, Prediction, Runner

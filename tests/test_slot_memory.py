@@ -21,9 +21,9 @@ import pytest
 
 from lstm_stream.v1 import stream_pb2 as pb
 from server.config import ServerConfig
+from server.dataplane.processor import BatchProcessor, StreamPolicy
 from server.errors import ServiceError
 from server.model.identity import IdentityRunner
-from server.processor import BatchProcessor, StreamPolicy
 from server.state.cache import ENTRY_OVERHEAD_BYTES, SavedSlots
 from server.state.live import LiveStreams
 from server.state.store import StateStore

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from lstm_stream.v1 import stream_pb2 as pb
-from server.redact import redact_url
-from server.validation import MAX_STREAM_ID_BYTES
+from server.api.validation import MAX_STREAM_ID_BYTES
+from server.security.redact import redact_url
 from tests.client import outputs, predict
 from tests.models import TOLERANCE, keras_whole_sequence
 from tests.support import DEFAULT_MODEL, ROOT, RedisServer, free_port

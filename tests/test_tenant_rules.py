@@ -20,12 +20,12 @@ from cryptography.hazmat.primitives import serialization
 
 from server.api.auth import bearer_token
 from server.api.tls import ReloadingCredentials, TlsFileError
-from server.batching.batcher import Batcher
 from server.config import load_config
+from server.dataplane.batcher import Batcher
 from server.errors import ServiceError
+from server.security.tenants import ChunkRate, KeyFileError, TenantLimits, parse_key_file
 from server.state.live import Change, LiveChange, LiveStreams
 from server.state.store import StateStore
-from server.tenants import ChunkRate, KeyFileError, TenantLimits, parse_key_file
 from server.types import Chunk, Prediction
 from tests.certs import CertificateAuthority
 from tests.support import free_port, wait_until

@@ -1,4 +1,4 @@
-"""Request validation in process (server/validation.py): every refusal is INVALID_ARGUMENT and starts with
+"""Request validation in process (server/api/validation.py): every refusal is INVALID_ARGUMENT and starts with
 the name of the field at fault, the name the caller's protocol uses; accepted input comes back as the
 Chunk the data path expects. tests/test_bad_input.py sends such requests through a running server."""
 
@@ -8,8 +8,8 @@ import grpc
 import numpy as np
 import pytest
 
+from server.api.validation import MAX_STREAM_ID_BYTES, check_start, check_stream_id, check_values, make_chunk
 from server.errors import ServiceError
-from server.validation import MAX_STREAM_ID_BYTES, check_start, check_stream_id, check_values, make_chunk
 
 pytestmark = pytest.mark.timeout(30)
 

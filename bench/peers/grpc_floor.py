@@ -60,7 +60,7 @@ async def serve(port: int) -> None:
                          numpy_max_batch_timesteps=0)
     model = runner.description
     runner.close()
-    # As server/run.py does: TensorFlow's start-up objects out of every garbage collection.
+    # As server/app/run.py does: TensorFlow's start-up objects out of every garbage collection.
     gc.collect()
     gc.freeze()
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])

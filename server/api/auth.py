@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 
 from server.errors import ServiceError, missing_api_key, unknown_api_key
-from server.tenants import Tenants
+from server.security.tenants import Tenants
 
 # The calling tenant; "" on a server without API keys (then every stream lives in the one namespace).
 TENANT: ContextVar[str] = ContextVar("lstm_serve_tenant", default="")

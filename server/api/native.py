@@ -13,10 +13,10 @@ from lstm_stream.v1 import stream_pb2_grpc as pb_grpc
 from server.api.auth import TENANT
 from server.api.errors import unary_errors
 from server.api.streaming import StreamWindow, answer_in_order
-from server.dataplane import DataPlane
+from server.api.validation import check_stream_id, make_chunk
+from server.dataplane.plane import DataPlane
 from server.errors import ServiceError
 from server.types import Chunk, Prediction
-from server.validation import check_stream_id, make_chunk
 
 
 class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):

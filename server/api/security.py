@@ -1,6 +1,6 @@
 """What the configuration asks of the gRPC port: TLS (or not), API keys (or not), and their reloads.
 
-One object so the wiring in server/build.py stays a few lines: the interceptors to install, how to
+One object so the wiring in server/app/build.py stays a few lines: the interceptors to install, how to
 bind the port, and a task that re-reads the key file and the certificates on SIGHUP or when they
 change on disk (polled once a second), without dropping a connection. A file that fails to load is
 logged and the previous keys or certificates stay in force.
@@ -17,7 +17,7 @@ import grpc
 from server.api.auth import ApiKeyInterceptor
 from server.api.tls import ReloadingCredentials, TlsFileError
 from server.config import ServerConfig
-from server.tenants import KeyFileError, TenantLimits, Tenants
+from server.security.tenants import KeyFileError, TenantLimits, Tenants
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import threading
 
 import grpc
 
-from server.tenants import file_signature
+from server.security.tenants import file_signature
 
 
 class TlsFileError(ValueError):

@@ -46,7 +46,7 @@ from server.api.triton_convert import (
 )
 from server.api.triton_statistics import TritonStatistics
 from server.api.wire import add_servicer
-from server.dataplane import DataPlane
+from server.dataplane.plane import DataPlane
 from server.errors import ServiceError, unknown_model
 from server.types import Prediction, StageTimes
 

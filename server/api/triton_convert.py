@@ -15,9 +15,9 @@ import numpy as np
 
 from lstm_stream.triton import grpc_service_pb2 as pb
 from lstm_stream.triton import model_config_pb2 as config_pb
+from server.api.validation import check_start, check_stream_id, check_values
 from server.errors import ServiceError, invalid_argument
 from server.types import Chunk, ModelDescription, Prediction, StageTimes
-from server.validation import check_start, check_stream_id, check_values
 
 INPUT_NAME = "INPUT"
 OUTPUT_NAME = "OUTPUT"

@@ -6,7 +6,7 @@ in place (server/state/store.py); if anything else wrote the key since (another 
 expiry, a failover that lost the write), the save is refused and the chunk runs again from Redis. So a
 stale entry costs a retry, never a wrong answer (invariants 4, 5 and 9, docs/invariants.md). Answers
 that do not end in a save (a replayed retry, a refused chunk) are decided from Redis, not from here
-(server/processor.py).
+(server/dataplane/processor.py).
 
 A stream whose key another writer changed (a refused save: its chunks go to several replicas, as
 unary calls behind a least-request balancer do) is marked roaming for `roaming_s` (--slot-memory-roaming-s):

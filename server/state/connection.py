@@ -31,7 +31,7 @@ from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from server.redact import redact_url
+from server.security.redact import redact_url
 from server.state.sentinel import NewestConfigSentinel
 
 AsyncClient = aioredis.Redis | RedisCluster

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 import redis
 
-from server.redact import redact_url
+from server.security.redact import redact_url
 from server.state.connection import RedisTopology, check_topology
 
 log = logging.getLogger(__name__)

@@ -88,7 +88,7 @@ class SlotRecord:
     # The chunk that started the current sequence (zeros when unknown: a record of format 1).
     first_digest: bytes = bytes(16)
     first_request_id: bytes = bytes(REQUEST_DIGEST_SIZE)
-    # request_digest() (server/processor.py) of the sequence's last RECENT_REQUESTS chunks that carried a
+    # request_digest() (server/dataplane/processor.py) of the sequence's last RECENT_REQUESTS chunks that carried a
     # request_id.
     recent_requests: bytes = b""
 

@@ -259,7 +259,7 @@ class StateStore:
                           usable: Sequence[bool]) -> tuple[list[Loaded], list[bool]]:
         """Like `load`, but a slot this process saved last is taken from memory where `usable` allows;
         the second list says which were. Such a slot may be stale: it may only be the base of a save, whose
-        compare-and-set then finds out (server/processor.py asks Redis before any other answer)."""
+        compare-and-set then finds out (server/dataplane/processor.py asks Redis before any other answer)."""
         saved = self._saved
         if saved is None or not self._answering:
             return await self.load(stream_ids, deadline, tenants), [False] * len(stream_ids)

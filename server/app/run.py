@@ -9,9 +9,9 @@ import logging
 import signal
 
 from server import metrics
-from server.build import BuiltServer, StartupError, build_server
+from server.app.build import BuiltServer, StartupError, build_server
 from server.config import ServerConfig
-from server.redact import redact_url
+from server.security.redact import redact_url
 
 log = logging.getLogger("server")
 

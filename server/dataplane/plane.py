@@ -12,13 +12,13 @@ import time
 from collections.abc import Sequence
 
 from server import metrics
-from server.batching.batcher import Batcher
+from server.dataplane.batcher import Batcher
+from server.dataplane.processor import BatchProcessor, StreamPolicy
 from server.errors import slot_wrong_type, tenant_rate_exceeded
-from server.processor import BatchProcessor, StreamPolicy
+from server.security.tenants import ChunkRate
 from server.state.live import LiveStreams
 from server.state.record import CorruptRecord
 from server.state.store import StateStore, WrongType
-from server.tenants import ChunkRate
 from server.types import Chunk, ModelDescription, Prediction, Runner, StreamStatus
 
 

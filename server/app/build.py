@@ -2,7 +2,7 @@
 
 Nothing here serves yet: `build_server` returns a server whose port is bound but not started, so a
 bad key file, a model that cannot be served or a taken port fails start-up before any caller sees
-the server (server/run.py starts it and runs it until signalled).
+the server (server/app/run.py starts it and runs it until signalled).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-# Imported here, not by server/app.py: TensorFlow takes seconds to import, and `lstm-serve --help` and
+# Imported here, not by server/app/main.py: TensorFlow takes seconds to import, and `lstm-serve --help` and
 # the supervisor of --workers should not wait for it.
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -25,17 +25,17 @@ from server.api.security import Security, SecurityConfigError
 from server.api.streaming import StreamWindow
 from server.api.triton import add_triton_service
 from server.api.wire import add_servicer
+from server.app.redis_health import RedisHealth
 from server.config import ServerConfig
-from server.dataplane import DataPlane
+from server.dataplane.plane import DataPlane
+from server.dataplane.processor import StreamPolicy
 from server.model.runner import ModelRunner
-from server.processor import StreamPolicy
-from server.redis_health import RedisHealth
+from server.security.tenants import ChunkRate
 from server.state.cache import SavedSlots
 from server.state.connection import RedisTopology
 from server.state.live import LiveStreams
 from server.state.routing import WaitPolicy
 from server.state.store import StateStore
-from server.tenants import ChunkRate
 from server.types import Runner
 
 log = logging.getLogger("server")

@@ -1,8 +1,8 @@
 """The `lstm-serve` command (`python -m server`): configuration, Redis, then one server or a supervisor.
 
-The pieces: server/build.py builds the server from the configuration, server/run.py runs it until
-signalled and drains it, server/redis_health.py keeps its health in step with Redis, and
-server/supervisor.py runs `--workers` processes.
+The pieces: server/app/build.py builds the server from the configuration, server/app/run.py runs it until
+signalled and drains it, server/app/redis_health.py keeps its health in step with Redis, and
+server/app/supervisor.py runs `--workers` processes.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import os
 import signal
 import sys
 
+from server.app.logs import carry_native_stderr, configure_logging
+from server.app.supervisor import EXIT_STARTUP_ERROR, SUPERVISOR_ENV, WORKER_ENV, exit_with_supervisor, run_workers
 from server.config import ServerConfig, load_config
-from server.logs import carry_native_stderr, configure_logging
 from server.state.connection import TopologyError
 from server.state.launcher import RedisUnavailable, check_redis, stop_private_redis
-from server.supervisor import EXIT_STARTUP_ERROR, SUPERVISOR_ENV, WORKER_ENV, exit_with_supervisor, run_workers
 
 log = logging.getLogger("server")
 
@@ -70,9 +70,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def _serve_until_stopped(config: ServerConfig, worker_env: str | None) -> int:
     # Imported here: TensorFlow takes seconds to import, and `lstm-serve --help` should not wait for it.
-    from server.build import StartupError
+    from server.app.build import StartupError
+    from server.app.run import serve
     from server.model.runner import ModelLoadError
-    from server.run import serve
 
     worker_of = tuple(int(part) for part in worker_env.split("/")) if worker_env else None
     try:

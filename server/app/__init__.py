@@ -1,0 +1,1 @@
+"""Wiring and process life: the `lstm-serve` command, building the server, running and draining it."""

@@ -1,1 +1,0 @@
-"""Dynamic batching of chunks across streams."""
