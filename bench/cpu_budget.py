@@ -13,7 +13,7 @@ to the innermost frame that belongs to a stage (asyncio and threading frames are
     servicer            server/api: interceptors, servicers, the streaming window
     conversion          protobuf <-> numpy, request validation
     batching            server/dataplane/ (plane, batcher)
-    rules               server/dataplane/processor.py (the per-chunk plan)
+    rules               server/dataplane/rules.py (the per-chunk plan) and processor.py
     state store         server/state (our code around Redis)
     redis-py            the Redis client library
     metrics             prometheus_client
@@ -45,7 +45,9 @@ from bench.perf_analyzer import (
     start_ours,
     stat_cpu_seconds,
 )
-from tests.support import ROOT, RedisServer, perf_analyzer_command
+from devkit import ROOT
+from devkit.peers import perf_analyzer_command
+from devkit.processes import RedisServer
 
 # (stage, pattern on a frame's file path); the first stage whose pattern matches the innermost
 # non-neutral frame wins.
@@ -53,7 +55,7 @@ STAGES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("metrics", re.compile(r"prometheus_client/")),
     ("redis-py", re.compile(r"(^|/)redis/|hiredis")),
     ("model", re.compile(r"server/model/|tensorflow/|keras/")),
-    ("conversion", re.compile(r"triton_convert\.py|server/api/wire\.py|server/api/validation\.py|google/protobuf")),
+    ("conversion", re.compile(r"triton_convert\.py|server/api/(malformed|validation)\.py|google/protobuf")),
     ("state store", re.compile(r"server/state/")),
     ("rules", re.compile(r"server/dataplane/(processor|rules)\.py")),
     ("batching", re.compile(r"server/dataplane/")),

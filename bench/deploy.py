@@ -1,4 +1,4 @@
-"""Sizing figures for docs/deploy.md, on the process topology (scripts/topology.py): about 3 minutes.
+"""Sizing figures for docs/deploy.md, on the process topology (devkit/topology.py): about 3 minutes.
 
     python -m bench.deploy [--duration 10] [--streams 64] [--chunk 20]
 
@@ -24,9 +24,8 @@ from typing import Any
 
 import redis
 
-from scripts.topology import Topology
-
-ROOT = Path(__file__).resolve().parent.parent
+from devkit import ROOT
+from devkit.topology import Topology
 
 
 def load(target: str, args: argparse.Namespace, prefix: str, cleanup: bool = True,

@@ -22,9 +22,9 @@ import server  # noqa: F401
 # isort: split
 import numpy as np
 
+from devkit.processes import wait_until
 from server.config import DEFAULT_MODEL
 from server.model.runner import ModelRunner
-from tests.support import wait_until
 
 TIMESTEPS = (1, 2, 4, 8, 20, 50)
 BATCHES = (1, 4, 8, 16, 32, 64)

@@ -39,18 +39,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.support import (
-    ROOT,
-    TRITON_PEER,
-    RedisServer,
-    free_port,
-    perf_analyzer_command,
-    scrape_port,
-    value,
-    wait_until,
-)
+from devkit import ROOT
+from devkit.metrics import scrape_port, value
+from devkit.peers import TRITON_SETUP, perf_analyzer_command, triton_server_available
+from devkit.processes import RedisServer, ServerProcess, free_port, wait_until
+from server.config import DEFAULT_MODEL
 
-PEER = ROOT.parent / "shared" / "peers" / "triton"
 TRITON_MODEL = "lstm"
 SEQUENCE_LENGTH = 20
 # This server's Redis as shipped: docker-compose.yml and the server's private Redis use everysec.
@@ -74,10 +68,6 @@ MODES = (
     Mode("T=1 streaming", 1, 64, True),
     Mode("one sequence", 20, 1, False),
 )
-
-
-def triton_available() -> bool:
-    return (PEER / "start_server.sh").is_file() and (TRITON_PEER / "server").is_dir()
 
 
 # ---- process CPU, from /proc ----
@@ -118,25 +108,32 @@ def cpu_seconds(roots: list[int]) -> float:
 
 class Server:
     """A server process answering the Triton protocol on `target`; `count()` reads its ModelStatistics, or,
-    given `metrics_ports`, the answers its workers' /metrics counted."""
+    given `metrics_ports`, the answers its workers' /metrics counted. Started from `command` (the peers), or
+    `ours`, an lstm-serve already started by devkit's ServerProcess."""
 
-    def __init__(self, name: str, command: list[str], target: str, model: str | None,
-                 extra_pids: tuple[int, ...] = (), metrics_ports: tuple[int, ...] = ()) -> None:
+    def __init__(self, name: str, target: str, model: str | None, *, command: list[str] | None = None,
+                 ours: ServerProcess | None = None, extra_pids: tuple[int, ...] = (),
+                 metrics_ports: tuple[int, ...] = ()) -> None:
         import tritonclient.grpc as triton_grpc  # only the benchmark needs tritonclient
 
-        self.name, self.target, self.extra_pids = name, target, extra_pids
+        self.name, self.target, self.extra_pids, self.ours = name, target, extra_pids, ours
         # With several worker processes each answers ModelStatistics for itself alone, so a count read
         # through the shared port is one worker's; each worker's /metrics port answers for that worker.
         self.metrics_ports = metrics_ports
-        self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)  # noqa: SIM115
-        self.process = subprocess.Popen(command, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        if ours is not None:
+            self.process, self.log_name = ours.process, str(ours.log_path)
+        else:
+            assert command is not None, "a command or a started lstm-serve"
+            with tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False) as log:
+                self.log_name = log.name
+                self.process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                                start_new_session=True)
         self.model = model or model_name(target)
         self.client = triton_grpc.InferenceServerClient(target)
 
         def ready() -> bool:
             if self.process.poll() is not None:
-                raise RuntimeError(f"{name} exited; see {self.log.name}")
+                raise RuntimeError(f"{name} exited; see {self.log_name}")
             try:
                 return bool(self.client.is_model_ready(self.model, client_timeout=5))
             except Exception:  # not listening yet
@@ -157,13 +154,15 @@ class Server:
 
     def stop(self) -> None:
         self.client.close()
-        try:
+        if self.ours is not None:
+            self.ours.stop()
+            return
+        try:  # the peers' scripts start children of their own: their whole session
             os.killpg(self.process.pid, signal.SIGTERM)
             self.process.wait(30)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(10)
-        self.log.close()
 
 
 def triton_answers(metrics_port: int) -> int:
@@ -187,14 +186,12 @@ def free_port_run(count: int) -> int:
 
 
 def start_ours(name: str, workers: int, redis: RedisServer) -> Server:
-    port, metrics_port = free_port(), free_port_run(workers)
-    command = [sys.executable, "-m", "server", "--port", str(port), "--redis-url", redis.url,
-               "--redis-autostart", "false", "--metrics-port", str(metrics_port), "--log-level", "WARNING",
-               "--workers", str(workers), "--warmup-timesteps", "20,1"]
-    if name == "ceiling":
-        command.append("--identity-model")
-    server = Server(name, command, f"127.0.0.1:{port}", None, (redis.process.pid,),
-                    tuple(range(metrics_port, metrics_port + workers)))
+    metrics_port = free_port_run(workers)
+    flags = ["--workers", str(workers), "--warmup-timesteps", "20,1",
+             *(["--identity-model"] if name == "ceiling" else [])]
+    ours = ServerProcess(redis.url, DEFAULT_MODEL, *flags, metrics_port=metrics_port, ready_timeout_s=180)
+    server = Server(name, ours.address, None, ours=ours, extra_pids=(redis.process.pid,),
+                    metrics_ports=tuple(range(metrics_port, metrics_port + workers)))
     time.sleep(8)  # the warm-up shapes compile in the background; measure after
     return server
 
@@ -203,8 +200,8 @@ def start_floor() -> Server:
     port = free_port()
     # "default" is the model's alias in the Triton protocol (server/api/triton_convert.py's MODEL_ALIAS, not
     # imported: its protos and tritonclient's cannot share one process).
-    return Server("floor", [sys.executable, "-m", "bench.peers.grpc_floor", "--port", str(port)],
-                  f"127.0.0.1:{port}", "default")
+    return Server("floor", f"127.0.0.1:{port}", "default",
+                  command=[sys.executable, "-m", "bench.peers.grpc_floor", "--port", str(port)])
 
 
 def model_name(target: str) -> str:
@@ -222,7 +219,7 @@ def model_name(target: str) -> str:
 
 def start_triton() -> Server:
     # Its ports are fixed by the peer's script (gRPC 8001): one Triton at a time.
-    return Server("triton", ["bash", str(PEER / "start_server.sh")], "127.0.0.1:8001", TRITON_MODEL)
+    return Server("triton", "127.0.0.1:8001", TRITON_MODEL, command=["bash", str(TRITON_SETUP / "start_server.sh")])
 
 
 # ---- one perf_analyzer run ----
@@ -302,7 +299,7 @@ def side_by_side(servers: list[str], workers: int, interval_ms: int, quick: bool
         "workers": workers, "redis_appendfsync": appendfsync, "runs": [], "notes": [],
     }
     for name in servers:
-        if name == "triton" and not triton_available():
+        if name == "triton" and not triton_server_available():
             results["notes"].append("triton: not set up on this machine (../shared/peers/triton/setup.sh)")
             continue
         with tempfile.TemporaryDirectory() as folder:

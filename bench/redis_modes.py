@@ -20,9 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from devkit.processes import ServerProcess, free_port
+from devkit.redis_topologies import NodeProcess, RedisClusterNodes, SentinelGroup
 from loadtest.config import LoadConfig
 from loadtest.run import run_load
-from tests.support import DEFAULT_MODEL, NodeProcess, RedisClusterNodes, SentinelGroup, ServerProcess, free_port
+from server.config import DEFAULT_MODEL
 
 RESULTS = Path(__file__).resolve().parent / "results" / "redis_modes.json"
 
@@ -39,8 +41,7 @@ def cluster() -> tuple[list[str], str, Callable[[], None]]:
 
 def sentinel() -> tuple[list[str], str, Callable[[], None]]:
     group = SentinelGroup(replicas=2, sentinels=3)
-    flags = ["--redis-sentinels", group.addresses, "--redis-sentinel-master", group.MASTER_NAME,
-             "--redis-wait-replicas", "1"]
+    flags = [*group.server_flags, "--redis-wait-replicas", "1"]
     return flags, "redis://127.0.0.1/0", group.stop
 
 

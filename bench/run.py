@@ -38,11 +38,13 @@ import grpc
 import numpy as np
 
 from bench import perf_analyzer
+from devkit import ROOT
+from devkit.processes import RedisServer, ServerProcess, free_port, wait_until
 from loadtest.config import LoadConfig
 from loadtest.run import run_load
 from lstm_stream.v1 import stream_pb2 as pb
 from lstm_stream.v1 import stream_pb2_grpc as pb_grpc
-from tests.support import ROOT, RedisServer, free_port, wait_until
+from server.config import DEFAULT_MODEL
 
 STREAMS = (1, 16, 64, 256)
 TIMESTEPS = (1, 20)
@@ -51,14 +53,14 @@ PEER_STREAMS = (1, 16)
 
 
 class Served:
-    """A server process on a free port, ready once GetModel answers."""
+    """The Keras-predict peer (bench/peers/keras_predict_server.py) on a free port, ready once GetModel answers."""
 
     def __init__(self, name: str, command: list[str], port: int) -> None:
         self.name = name
-        self.target = f"127.0.0.1:{port}"
+        self.address = f"127.0.0.1:{port}"
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-{name}.log", "wb")  # noqa: SIM115
         self.process = subprocess.Popen(command, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
-        channel = grpc.insecure_channel(self.target)
+        channel = grpc.insecure_channel(self.address)
         stub = pb_grpc.StreamInferenceStub(channel)
 
         def ready() -> bool:
@@ -82,20 +84,15 @@ class Served:
         self.log.close()
 
 
-def start(name: str, redis_url: str, workers: int) -> Served:
-    port = free_port()
+def start(name: str, redis_url: str, workers: int) -> Served | ServerProcess:
+    """`name` is "predict" (the peer), "lstm-serve" or "ceiling" (lstm-serve with --identity-model)."""
     if name == "predict":
-        command = [sys.executable, "-m", "bench.peers.keras_predict_server", "--port", str(port),
-                   "--redis-url", redis_url]
-    else:
-        command = [sys.executable, "-m", "server", "--port", str(port), "--redis-url", redis_url,
-                   "--redis-autostart", "false", "--metrics-port", "0", "--log-level", "WARNING",
-                   "--workers", str(workers)]
-        if name == "ceiling":
-            command.append("--identity-model")
-    served = Served(name, command, port)
-    if name != "predict":
-        time.sleep(8)  # let the background XLA compilation of the warm-up shapes finish before measuring
+        port = free_port()  # the peer takes no --port 0
+        return Served(name, [sys.executable, "-m", "bench.peers.keras_predict_server", "--port", str(port),
+                             "--redis-url", redis_url], port)
+    flags = ["--workers", str(workers), *(["--identity-model"] if name == "ceiling" else [])]
+    served = ServerProcess(redis_url, DEFAULT_MODEL, *flags, metrics_port=0, ready_timeout_s=120)
+    time.sleep(8)  # let the background XLA compilation of the warm-up shapes finish before measuring
     return served
 
 
@@ -148,7 +145,7 @@ def main() -> None:
         served = start(name, redis.url, args.workers)
         try:
             for streams, timesteps, api in loads(name, args.quick):
-                report = drive(served.target, streams, timesteps, api, args.duration)
+                report = drive(served.address, streams, timesteps, api, args.duration)
                 latency = report["latency_ms"]
                 row = {"server": name, "streams": streams, "timesteps": timesteps, "api": api,
                        "chunks_per_s": report["chunks_per_s"], "p50_ms": latency["p50"], "p99_ms": latency["p99"],
@@ -156,7 +153,7 @@ def main() -> None:
                 results["runs"].append(row)
                 print(json.dumps(row), flush=True)
             if name == "lstm-serve":
-                results["redis_memory"] = redis_memory_per_stream(served.target, redis)
+                results["redis_memory"] = redis_memory_per_stream(served.address, redis)
         finally:
             served.stop()
             redis.stop()

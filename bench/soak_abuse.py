@@ -26,19 +26,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from devkit import ROOT
+from devkit.processes import RedisServer, ServerProcess
 from lstm_stream.v1 import stream_pb2 as pb
-from lstm_stream.v1 import stream_pb2_grpc as pb_grpc
-from tests.support import ROOT, RedisServer, free_port, wait_until
+from server.config import DEFAULT_MODEL
 
 MiB = 1024 * 1024
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class Abuser(threading.Thread):
@@ -81,28 +74,12 @@ def main() -> None:
     args = parser.parse_args()
 
     redis = RedisServer(appendonly=False)
-    port = free_port()
-    log_path = Path(tempfile.mkstemp(prefix="soak-server-", suffix=".log")[1])
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "server", "--port", str(port), "--redis-url", redis.url, "--redis-autostart",
-             "false", "--metrics-port", "0", "--log-level", "WARNING", *args.server_arg],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-        )
-    address = f"127.0.0.1:{port}"
+    server = ServerProcess(redis.url, DEFAULT_MODEL, *args.server_arg, metrics_port=0, ready_timeout_s=180)
+    address = server.address
     stop = threading.Event()
     abusers: list[Abuser] = []
     samples: list[dict[str, float]] = []
     try:
-        stub = pb_grpc.StreamInferenceStub(grpc.insecure_channel(address))
-
-        def ready() -> bool:
-            try:
-                return stub.GetModel(pb.GetModelRequest(), timeout=1).input_features > 0
-            except grpc.RpcError:
-                return False
-
-        wait_until(ready, 180, "lstm-serve to answer", interval_s=0.5)
         time.sleep(5)  # background XLA compilation of the warm-up shapes
         report_path = Path(tempfile.mkstemp(prefix="soak-load-", suffix=".json")[1])
         load = subprocess.Popen(
@@ -111,7 +88,7 @@ def main() -> None:
              "--json", str(report_path), "--no-progress"],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
-        baseline = rss_mib(server.pid)
+        baseline = server.rss_mib()
         huge = pb.PredictRequest(stream_id="abuse-huge", values=np.ones(4 * MiB, np.float32), timesteps=1)
         near = pb.PredictRequest(stream_id="abuse-near", values=np.ones(15_000, np.float32), timesteps=1)
         kinds = {"both": [huge, near], "huge": [huge], "near": [near], "none": []}[args.abuse]
@@ -123,7 +100,7 @@ def main() -> None:
         print(f"{0:>7.0f} {baseline:>17.0f} {0:>13}  (before the abusers)")
         while load.poll() is None:
             time.sleep(args.sample_s)
-            sample = {"t_s": round(time.monotonic() - started, 1), "rss_mib": round(rss_mib(server.pid), 1),
+            sample = {"t_s": round(time.monotonic() - started, 1), "rss_mib": round(server.rss_mib(), 1),
                       "abuser_calls": sum(a.calls for a in abusers)}
             samples.append(sample)
             print(f"{sample['t_s']:>7.0f} {sample['rss_mib']:>17.0f} {sample['abuser_calls']:>13}", flush=True)
@@ -134,7 +111,7 @@ def main() -> None:
         rss = [s["rss_mib"] for s in samples] or [baseline]
         summary = {
             "duration_s": args.duration, "baseline_rss_mib": round(baseline, 1), "min_rss_mib": min(rss),
-            "max_rss_mib": max(rss), "last_rss_mib": rss[-1], "server_alive": server.poll() is None,
+            "max_rss_mib": max(rss), "last_rss_mib": rss[-1], "server_alive": server.process.poll() is None,
             "abuser_outcomes": [a.codes for a in abusers],
             "load": {key: report.get(key) for key in ("chunks", "chunks_per_s", "latency_ms", "errors",
                                                       "errors_total", "retries", "failed_chunks")},
@@ -147,11 +124,7 @@ def main() -> None:
             args.json.write_text(json.dumps({"samples": samples, "summary": summary}, indent=2, default=str))
     finally:
         stop.set()
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        server.stop()
         redis.stop()
 
 

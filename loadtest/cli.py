@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from loadtest.config import DEFAULT_MODEL, ConfigError, LoadConfig, default_prefix
-from loadtest.run import EXIT_CRASH, EXIT_USAGE, run_load
+from loadtest.run import EXIT_CRASH, EXIT_OK, EXIT_USAGE, run_load
 
 EXAMPLES = """\
 examples:
@@ -38,8 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
         "4 a chunk failed for good (a sequence broke)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    d = LoadConfig(stream_prefix="x")
-    load = parser.add_argument_group("load")
+    defaults = LoadConfig(stream_prefix="x")
+    _load_options(parser.add_argument_group("load"), defaults)
+    _security_options(parser.add_argument_group("security (as lstm-stream and lstm_stream.client take them)"))
+    _verify_options(parser.add_argument_group("verification"), defaults)
+    _output_options(parser.add_argument_group("output"), defaults)
+    return parser
+
+
+def _load_options(load: argparse._ArgumentGroup, d: LoadConfig) -> None:
     load.add_argument("--target", default=d.target, metavar="HOST:PORT",
                       help=f"server address HOST:PORT (default {d.target})")
     load.add_argument("--streams", type=int, default=d.streams, metavar="N",
@@ -83,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                       dest="fail_on_errors",
                       help="exit 4 when any chunk failed for good (refused, or still failing after its retries), "
                       "so a sequence broke; chunks answered after a retry are not failures (default on)")
-    security = parser.add_argument_group("security (as lstm-stream and lstm_stream.client take them)")
+
+
+def _security_options(security: argparse._ArgumentGroup) -> None:
     security.add_argument("--tls-ca", dest="tls_ca", metavar="PEM",
                           help="connect with TLS, verifying the server against this CA certificate")
     security.add_argument("--client-cert", dest="client_cert", metavar="PEM",
@@ -91,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     security.add_argument("--client-key", dest="client_key", metavar="PEM", help="private key of --client-cert")
     security.add_argument("--api-key", dest="api_key", metavar="KEY", default=os.environ.get("LSTM_STREAM_API_KEY"),
                           help="sent as `authorization: Bearer KEY` (default: $LSTM_STREAM_API_KEY)")
-    check = parser.add_argument_group("verification")
+
+
+def _verify_options(check: argparse._ArgumentGroup, d: LoadConfig) -> None:
     check.add_argument("--verify", action="store_true",
                        help="keep what each stream sent and got, recompute it with Keras after the load, and exit 1 "
                        "on any difference above the tolerance")
@@ -99,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"the server's model file, for --verify (default {DEFAULT_MODEL})")
     check.add_argument("--tolerance", type=float, default=d.tolerance, metavar="X",
                        help=f"largest accepted absolute difference (default {d.tolerance:g})")
-    out = parser.add_argument_group("output")
+
+
+def _output_options(out: argparse._ArgumentGroup, d: LoadConfig) -> None:
     out.add_argument("--json", type=Path, dest="json_path", metavar="PATH", help="write the report as JSON")
     out.add_argument("--plot", type=Path, dest="plot_path", metavar="PATH",
                      help="write a PNG: throughput over time and the latency distribution")
@@ -108,7 +121,6 @@ def build_parser() -> argparse.ArgumentParser:
     progress.add_argument("--no-progress", action="store_false", dest="progress")
     out.add_argument("--connect-timeout", type=float, default=d.connect_timeout_s, dest="connect_timeout_s",
                      metavar="S", help=f"wait this long for the server (default {d.connect_timeout_s:g} s)")
-    return parser
 
 
 def config_from_args(args: argparse.Namespace) -> LoadConfig:
@@ -189,44 +201,51 @@ def main(argv: list[str] | None = None) -> int:
     # Off a terminal rich assumes 80 columns; the table and the verify lines read better wider.
     err = Console(stderr=True, width=None if sys.stderr.isatty() else 120, highlight=False, markup=False)
     out = Console(width=None if sys.stdout.isatty() else 120, highlight=False)
-    from loadtest.engine import ConnectError
-    from loadtest.verify import VerifyError
-
     try:
         config = config_from_args(args)
     except ConfigError as exc:
         parser.error(str(exc))
-    view = None
-    if config.progress:
-        from loadtest.progress import LiveView
-
-        view = LiveView(config, err)
     err.print(f"lstm-loadtest: {config.streams} streams ({config.stream_prefix}-*) -> {config.target}, "
               f"{config.api}, chunks of {config.chunk_timesteps}, "
               + (f"open loop {config.rate:g} chunks/s per stream" if config.open_loop else "closed loop"))
+    report, failed = _run(config, err)
+    if report is None:
+        return failed
+    _write_outputs(report, args, out, err)
+    if report["totals"]["chunks"] == 0:
+        err.print("lstm-loadtest: no chunk was answered")
+    return int(report["exit_code"])
+
+
+def _run(config: LoadConfig, err: Console) -> tuple[dict[str, Any] | None, int]:
+    """The report, or None with the exit code of why there is none (the reason printed to `err`)."""
+    from loadtest.transports import ConnectError
+    from loadtest.verify import VerifyError
+
     try:
-        if view is not None:
-            with view:
-                report = run_load(config, view.update, lambda line: err.print(line))
-        else:
-            report = run_load(config, on_phase=lambda line: err.print(line))
+        if config.progress:
+            from loadtest.progress import LiveView
+
+            with LiveView(config, err) as view:
+                return run_load(config, view.update, lambda line: err.print(line)), EXIT_OK
+        return run_load(config, on_phase=lambda line: err.print(line)), EXIT_OK
     except ConfigError as exc:
         err.print(f"lstm-loadtest: error: {exc}")
-        return EXIT_USAGE
     except ConnectError as exc:
         err.print(f"lstm-loadtest: cannot connect: {exc}")
-        return EXIT_USAGE
     except VerifyError as exc:
         err.print(f"lstm-loadtest: cannot verify: {exc}")
-        return EXIT_USAGE
     except KeyboardInterrupt:
         err.print("lstm-loadtest: interrupted twice: aborted without a report")
-        return 130
+        return None, 130
     except Exception:
         # Not 1: a script must never read a crash of the tool as "the server's answers were wrong".
         err.print_exception()
-        return EXIT_CRASH
+        return None, EXIT_CRASH
+    return None, EXIT_USAGE
 
+
+def _write_outputs(report: dict[str, Any], args: argparse.Namespace, out: Console, err: Console) -> None:
     from loadtest.report import render
 
     render(report, out)
@@ -241,9 +260,6 @@ def main(argv: list[str] | None = None) -> int:
 
         plot_report(report, args.plot_path)
         err.print(f"plot written to {args.plot_path}")
-    if report["totals"]["chunks"] == 0:
-        err.print("lstm-loadtest: no chunk was answered")
-    return int(report["exit_code"])
 
 
 def _finite(value: Any) -> Any:

@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.api.validation import MAX_STREAM_ID_BYTES  # the server's limit, so no run is refused after connecting
-from server.config import DEFAULT_MODEL  # the model the server ships with; --verify recomputes with it by default
+from lstm_stream.client import defaults
+from lstm_stream.wire import MAX_STREAM_ID_BYTES  # the server's limit, so no run is refused after connecting
 
 APIS = ("unary", "stream")
+
+
+def _shipped_model() -> Path:
+    """The model lstm-serve serves by default: server/model/default.keras of the same distribution.
+
+    --verify recomputes with it unless given --model. Found where the `server` package lies, without
+    importing it: the load tester runs no server code (pyproject's import contracts say so).
+    """
+    spec = importlib.util.find_spec("server")
+    locations = list(spec.submodule_search_locations or ()) if spec is not None else []
+    package = Path(locations[0]).resolve() if locations else Path("server")
+    return package / "model" / "default.keras"
+
+
+DEFAULT_MODEL = _shipped_model()
 
 
 class ConfigError(ValueError):
@@ -30,7 +46,7 @@ class LoadConfig:
     kept in flight in all (default: one per stream, the most a stream can have, since its chunks must
     be applied in order)."""
 
-    target: str = "127.0.0.1:50051"
+    target: str = defaults.TARGET
     streams: int = 16
     chunk_timesteps: int = 1
     api: str = "unary"  # "unary": Predict; "stream": one PredictStream call per stream
@@ -43,7 +59,7 @@ class LoadConfig:
     processes: int = 1
     seed: int = 0
     stream_prefix: str = field(default_factory=default_prefix)
-    timeout_s: float = 10.0  # deadline of one attempt of one chunk
+    timeout_s: float = defaults.ATTEMPT_TIMEOUT_S  # deadline of one attempt of one chunk
     max_retries: int = 5  # resends of a chunk failing with a retryable status (lstm_stream.client.retry)
     use_offsets: bool = True  # send start_offset; otherwise a request_id per chunk keeps retries safe
     max_restarts: int = 3  # after an unrecoverable error a stream starts a new sequence this often, then stops

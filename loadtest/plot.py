@@ -16,11 +16,8 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
 
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
-    from matplotlib import ticker
 
     path = Path(path)
-    line = report["timeline"]
-    t = np.asarray(line["t_s"], dtype=float) + line["bucket_s"] / 2
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7.5), gridspec_kw={"height_ratios": [1.1, 1]})
     fig.suptitle(
         f"{report['streams']} streams x {report['chunk_timesteps']} timesteps/chunk, {report['api']}, "
@@ -28,7 +25,19 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
         f"timesteps/s  |  p50 {_num(report['latency_ms']['p50'])} ms, p99 {_num(report['latency_ms']['p99'])} ms",
         fontsize=11,
     )
+    _plot_timeline(top, report)
+    _plot_latency_distribution(bottom, report)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
+
+def _plot_timeline(top: Any, report: dict[str, Any]) -> None:
+    """Throughput (left axis) and p50 / p99 latency (right axis) per bucket of the timeline."""
+    line = report["timeline"]
+    t = np.asarray(line["t_s"], dtype=float) + line["bucket_s"] / 2
     top.step(t, line["chunks_per_s"], where="mid", color="tab:blue", linewidth=1.8, label="chunks/s")
     if report["open_loop"]:
         top.axhline(report["open_loop"]["target_chunks_per_s"], color="tab:blue", linestyle=":", linewidth=1,
@@ -57,6 +66,10 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
     top.legend(handles[0] + more[0], handles[1] + more[1], loc="lower center", bbox_to_anchor=(0.5, 1.0),
                fontsize=8, ncol=6, frameon=False)
 
+
+def _plot_latency_distribution(bottom: Any, report: dict[str, Any]) -> None:
+    from matplotlib import ticker
+
     hist = report["latency_histogram"]
     if hist["counts"]:
         edges = np.asarray(hist["edges_ms"])
@@ -79,12 +92,6 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
     bottom.set_ylabel("chunks")
     bottom.grid(alpha=0.3)
     bottom.set_title(f"latency distribution ({report['chunks']:,} measured chunks)", fontsize=10)
-
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def _num(value: float | None) -> str:

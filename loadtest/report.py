@@ -22,7 +22,7 @@ from lstm_stream.client.types import ModelInfo
 REPORT_VERSION = 1
 PERCENTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p99.9": 99.9}
 HISTOGRAM_BINS = 60
-# What the report says of the server's model (README "JSON report", `server.model`): GetModel's name,
+# What the report says of the server's model (docs/loadtest.md, "The JSON report", `server.model`): GetModel's name,
 # fingerprint and shapes.
 MODEL_FIELDS = ("name", "fingerprint", "input_features", "output_size", "per_timestep_outputs", "max_chunk_timesteps")
 

@@ -9,9 +9,10 @@ from collections.abc import Callable
 from typing import Any
 
 from loadtest.config import ConfigError, LoadConfig
-from loadtest.engine import ConnectError, fetch_model, run_local, run_processes
+from loadtest.engine import run_local, run_processes
 from loadtest.recorder import Snapshot, merge
 from loadtest.report import build_report
+from loadtest.transports import ConnectError, fetch_model
 from lstm_stream.client.types import ModelInfo
 
 EXIT_OK = 0

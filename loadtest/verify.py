@@ -21,6 +21,7 @@ import numpy as np
 
 from loadtest.recorder import StreamLog
 from lstm_stream.client.types import ModelInfo
+from lstm_stream.fingerprint import fingerprint
 
 # Largest padded batch, in timesteps x sequences, for one Keras call (bounds the memory it needs).
 BATCH_TIMESTEPS = 400_000
@@ -212,10 +213,6 @@ def verify_streams(model_path: Path, model: ModelInfo, logs: list[StreamLog], br
     }
 
 
-def _fingerprint_matches(keras_model: Any, server_fingerprint: str) -> bool | None:
-    """Whether the local file is the server's model (None when the server's digest is not at hand)."""
-    try:
-        from server.model.runner import fingerprint_model
-    except ImportError:
-        return None
-    return fingerprint_model(keras_model) == server_fingerprint
+def _fingerprint_matches(keras_model: Any, server_fingerprint: str) -> bool:
+    """Whether the local file is the server's model (same architecture and weights)."""
+    return fingerprint(keras_model) == server_fingerprint

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from server.state.connection import parse_sentinels, sentinel_credentials_in
+from server.redis_addresses import parse_sentinels, sentinel_credentials_in
 
 # Package data (server/model/default.keras, a link to models/default.keras in a checkout), so that a
 # non-editable install (pip install ., the container image) finds the model inside site-packages too.
@@ -61,12 +61,12 @@ class ServerConfig:
     stream_window: int = 64
     stream_window_bytes: int = 1024 * 1024
     http2_bdp_probe: bool = False
-    # Drain on SIGTERM (README "Shutdown and draining"). The delay covers a load balancer noticing
+    # Drain on SIGTERM (docs/operations.md, "Shutdown and draining"). The delay covers a load balancer noticing
     # NOT_SERVING: Envoy's active health check (interval 1 s x unhealthy threshold 2) plus a margin.
     # The grace bounds the whole shutdown; 15 s fits Kubernetes' default 30 s termination grace.
     drain_delay_s: float = 5.0
     shutdown_grace_s: float = 15.0
-    # Security (README.md "Security", docs/security.md).
+    # Security (docs/security.md).
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -287,22 +287,7 @@ def _check(config: ServerConfig, parser: argparse.ArgumentParser) -> None:
         parser.error("--state-ttl-s and --ended-ttl-s must be positive")
     if not 0 <= config.port <= 65535:
         parser.error("--port must be between 0 and 65535")
-    try:
-        sentinels = parse_sentinels(config.redis_sentinels)
-    except ValueError as exc:
-        parser.error(f"--redis-sentinels: {exc}")
-    if sentinels and config.redis_cluster:
-        parser.error("--redis-cluster and --redis-sentinels exclude each other: a cluster fails over by itself")
-    if sentinels and not config.redis_sentinel_master:
-        parser.error("--redis-sentinels needs --redis-sentinel-master, the name the sentinels monitor")
-    if not sentinels and (names := sentinel_credentials_in(config.redis_url)):
-        parser.error(f"--redis-url: {' and '.join(names)} are the sentinels' credentials, for --redis-sentinels only")
-    if config.redis_sentinel_master and not sentinels:
-        parser.error("--redis-sentinel-master needs --redis-sentinels host:port[,host:port...]")
-    if config.redis_wait_replicas < 0:
-        parser.error("--redis-wait-replicas must not be negative")
-    if config.redis_wait_timeout_ms < 1:
-        parser.error("--redis-wait-timeout-ms must be at least 1 (Redis reads WAIT 0 as wait forever)")
+    _check_redis(config, parser)
     if config.max_message_bytes < 0:
         parser.error("--max-message-bytes must not be negative (0: derived from --max-chunk-timesteps)")
     for name in ("max_concurrent_rpcs", "max_queued_chunks", "stream_window", "stream_window_bytes"):
@@ -323,3 +308,22 @@ def _check(config: ServerConfig, parser: argparse.ArgumentParser) -> None:
         parser.error("--tenant-max-streams and --tenant-chunks-per-s limit tenants, which need --api-keys")
     if config.tenant_max_streams < 0 or not 0 <= config.tenant_chunks_per_s < float("inf"):
         parser.error("--tenant-max-streams and --tenant-chunks-per-s must be 0 (no limit) or positive")
+
+
+def _check_redis(config: ServerConfig, parser: argparse.ArgumentParser) -> None:
+    try:
+        sentinels = parse_sentinels(config.redis_sentinels)
+    except ValueError as exc:
+        parser.error(f"--redis-sentinels: {exc}")
+    if sentinels and config.redis_cluster:
+        parser.error("--redis-cluster and --redis-sentinels exclude each other: a cluster fails over by itself")
+    if sentinels and not config.redis_sentinel_master:
+        parser.error("--redis-sentinels needs --redis-sentinel-master, the name the sentinels monitor")
+    if not sentinels and (names := sentinel_credentials_in(config.redis_url)):
+        parser.error(f"--redis-url: {' and '.join(names)} are the sentinels' credentials, for --redis-sentinels only")
+    if config.redis_sentinel_master and not sentinels:
+        parser.error("--redis-sentinel-master needs --redis-sentinels host:port[,host:port...]")
+    if config.redis_wait_replicas < 0:
+        parser.error("--redis-wait-replicas must not be negative")
+    if config.redis_wait_timeout_ms < 1:
+        parser.error("--redis-wait-timeout-ms must be at least 1 (Redis reads WAIT 0 as wait forever)")

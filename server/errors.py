@@ -1,4 +1,5 @@
-"""One exception type for every failure a caller should see, carrying its gRPC status code.
+"""One exception type for every failure a caller should see, carrying its gRPC status code, and one
+base for every failure at start-up (`StartupError`).
 
 The protocol edges map it in one place (a decorator for unary calls, an `error` field for streams);
 the data path below them (data plane, batcher, processor, state store) raises it and never imports
@@ -12,13 +13,27 @@ from __future__ import annotations
 
 import grpc
 
-# The name clients read the stream's offset from: its one home is the client distribution.
-from lstm_stream.client.types import OFFSET_METADATA_KEY
+# The metadata keys and outcomes clients read: their one home is the wire module of the client distribution.
+# On chunk errors from the state store the outcome is "not-applied" (certain) or "unknown" (invariant 9).
+from lstm_stream.wire import NOT_APPLIED, OFFSET_METADATA_KEY, OUTCOME_METADATA_KEY, OUTCOME_UNKNOWN
 
-# On chunk errors from the state store: "not-applied" (certain) or "unknown" (invariant 9).
-OUTCOME_METADATA_KEY = "x-chunk-outcome"
-NOT_APPLIED = "not-applied"
-OUTCOME_UNKNOWN = "unknown"
+# The exit code of a start-up failure: the supervisor of --workers does not restart a worker that exits
+# with it (every restart would fail the same way), and neither should a container's restart policy.
+EXIT_STARTUP_ERROR = 2
+
+
+class StartupError(Exception):
+    """The server cannot start as configured; the message says what to change.
+
+    Every start-up failure is one of these or a subclass (the model, Redis, the topology, key and
+    certificate files, ports), raised where it is found, never wrapped again, and caught once, by
+    `lstm-serve` (server/app/main.py), which logs `log_line()` and exits with EXIT_STARTUP_ERROR."""
+
+    # What kind of failure, before the message in the log line ("" for none).
+    headline = ""
+
+    def log_line(self) -> str:
+        return f"{self.headline}: {self}" if self.headline else str(self)
 
 
 class ServiceError(Exception):

@@ -1,16 +1,23 @@
-"""Fixtures: one real redis-server per session, real lstm-serve processes, real gRPC channels."""
+"""Fixtures shared by every folder: one real redis-server per session, real lstm-serve processes, real gRPC.
+
+The folders: unit/ (no processes: rules, records, conversions, configuration, client pieces) and one
+folder per subject of integration tests (model, serving, redis, faults, security, topologies, packaging,
+tools). The processes and helpers come from devkit/, shared with bench/ and scripts/.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from tests.support import DEFAULT_MODEL, RedisServer, ServerProcess
+from devkit.processes import RedisServer, ServerProcess
+from server.config import DEFAULT_MODEL
 
 
 @pytest.fixture(scope="session")
@@ -20,12 +27,48 @@ def redis_server() -> Iterator[RedisServer]:
     server.stop()
 
 
+# Shared servers, one per model, started on first use and stopped at the end of the session: a server
+# of a test's own costs a start-up (TensorFlow's import, the model's compilation) and is kept for the
+# tests that stop, kill, reconfigure or corrupt theirs.
+
+def _serve(redis_server: RedisServer, model: Path | str) -> Iterator[ServerProcess]:
+    server = ServerProcess(redis_server.url, model)
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def default_server(redis_server: RedisServer) -> Iterator[ServerProcess]:
     """One server on the default model, shared by the tests that do not stop or reconfigure it."""
-    server = ServerProcess(redis_server.url, DEFAULT_MODEL)
-    yield server
-    server.stop()
+    yield from _serve(redis_server, DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def default_replica(redis_server: RedisServer) -> Iterator[ServerProcess]:
+    """default_server's twin on the same Redis: the second replica for tests that send one stream's chunks
+    to both and stop neither."""
+    yield from _serve(redis_server, DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def small_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """devkit.small_models' models, built once: "last_step" (two features, one output row of three per
+    chunk) and "gru_stateful" (three features, stateful, a fixed batch of 4 rows)."""
+    from devkit.small_models import build_gru_stateful, build_last_step  # Keras: not at collection (tests/unit)
+
+    folder = tmp_path_factory.mktemp("models")
+    return {"last_step": build_last_step(folder / "last_step.keras"),
+            "gru_stateful": build_gru_stateful(folder / "gru_stateful.keras")}
+
+
+@pytest.fixture(scope="session")
+def last_step_server(redis_server: RedisServer, small_models: dict[str, Path]) -> Iterator[ServerProcess]:
+    yield from _serve(redis_server, small_models["last_step"])
+
+
+@pytest.fixture(scope="session")
+def gru_stateful_server(redis_server: RedisServer, small_models: dict[str, Path]) -> Iterator[ServerProcess]:
+    yield from _serve(redis_server, small_models["gru_stateful"])
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 
+from lstm_stream.wire import AUTHORIZATION_KEY, BEARER_PREFIX
 from server.errors import ServiceError, missing_api_key, unknown_api_key
 from server.security.tenants import Tenants
 
@@ -24,13 +25,13 @@ from server.security.tenants import Tenants
 TENANT: ContextVar[str] = ContextVar("lstm_serve_tenant", default="")
 
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
-_SCHEME = "bearer "
+_SCHEME = BEARER_PREFIX.lower()
 
 
 def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
     """The key from `authorization: Bearer <key>`, or None when there is none."""
     for key, value in metadata or ():
-        if key == "authorization" and isinstance(value, str) and value[: len(_SCHEME)].lower() == _SCHEME:
+        if key == AUTHORIZATION_KEY and isinstance(value, str) and value[: len(_SCHEME)].lower() == _SCHEME:
             return value[len(_SCHEME) :].strip() or None
     return None
 

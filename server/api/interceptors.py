@@ -23,6 +23,7 @@ from typing import Any
 
 import grpc
 
+from lstm_stream.wire import status_from_number
 from server import metrics
 from server.errors import ServiceError, draining, stream_drained
 
@@ -34,7 +35,6 @@ _PROTOCOLS = {
     "grpc.reflection.v1.ServerReflection": "reflection",
 }
 _UNGATED = {"health", "reflection"}
-_CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 _CODES_BY_NAME = {code.name: code for code in grpc.StatusCode}
 
 
@@ -42,7 +42,7 @@ def _message_code(response: Any) -> grpc.StatusCode:
     """The outcome of one streamed answer: both protocols answer a failed request inside the stream."""
     error = getattr(response, "error", None)  # native PredictResponse.error {code, message}
     if error is not None and not isinstance(error, str):
-        return _CODES_BY_NUMBER.get(error.code, grpc.StatusCode.UNKNOWN) if error.code else grpc.StatusCode.OK
+        return status_from_number(error.code) if error.code else grpc.StatusCode.OK
     message = getattr(response, "error_message", "")  # Triton: "CODE_NAME: message"
     if message:
         return _CODES_BY_NAME.get(message.split(":", 1)[0], grpc.StatusCode.UNKNOWN)

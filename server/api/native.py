@@ -10,6 +10,7 @@ import numpy as np
 
 from lstm_stream.v1 import stream_pb2 as pb
 from lstm_stream.v1 import stream_pb2_grpc as pb_grpc
+from lstm_stream.wire import status_number
 from server.api.auth import TENANT
 from server.api.errors import unary_errors
 from server.api.streaming import StreamWindow, answer_in_order
@@ -75,7 +76,7 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
             stream_id=request.stream_id,
             request_id=request.request_id,
             offset=error.current_offset or 0,
-            error=pb.Error(code=error.code.value[0], message=error.message),
+            error=pb.Error(code=status_number(error.code), message=error.message),
         )
 
     @unary_errors

@@ -15,17 +15,16 @@ import signal
 import grpc
 
 from server.api.auth import ApiKeyInterceptor
-from server.api.tls import ReloadingCredentials, TlsFileError
+from server.api.tls import ReloadingCredentials
 from server.config import ServerConfig
-from server.security.tenants import KeyFileError, TenantLimits, Tenants
+from server.errors import StartupError
+from server.security.limits import TenantLimits
+from server.security.tenants import KeyFileError, Tenants
+from server.security.tls_files import TlsFileError
 
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL_S = 1.0
-
-
-class SecurityConfigError(Exception):
-    """The key file or the certificates cannot be used at start-up; the message says why."""
 
 
 class Security:
@@ -40,7 +39,8 @@ class Security:
                 if config.tls_cert else None
             )
         except (KeyFileError, TlsFileError) as exc:
-            raise SecurityConfigError(str(exc)) from None
+            # The one wrap: the same errors at a reload are logged and the server serves on (`reload`).
+            raise StartupError(str(exc)) from None
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [ApiKeyInterceptor(self.tenants)] if self.tenants else []

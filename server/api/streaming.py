@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from server.api.errors import as_service_error
-from server.api.wire import Malformed
+from server.api.malformed import Malformed
 from server.errors import ServiceError, malformed_message
 
 

@@ -3,7 +3,7 @@
 The RPCs live here; converting messages to and from the server's types is server/api/triton_convert.py,
 the counters behind ModelStatistics server/api/triton_statistics.py.
 
-Triton's sequence parameters map onto streams (README.md, "Coming from Triton", says this for users):
+Triton's sequence parameters map onto streams (docs/triton.md says this for users):
 
 - `sequence_id` (int64, uint64 or string; 0 or "" means none) is the stream id. An integer id is the
   stream id of its decimal form, so native clients reach the slot of Triton sequence 42 as "42".
@@ -33,6 +33,7 @@ from lstm_stream.triton import grpc_service_pb2 as pb
 from lstm_stream.triton import grpc_service_pb2_grpc as pb_grpc
 from server.api.auth import TENANT
 from server.api.errors import as_service_error, unary_errors
+from server.api.malformed import add_servicer
 from server.api.streaming import StreamWindow, answer_in_order
 from server.api.triton_convert import (
     MODEL_ALIAS,
@@ -45,7 +46,6 @@ from server.api.triton_convert import (
     to_stream_error,
 )
 from server.api.triton_statistics import TritonStatistics
-from server.api.wire import add_servicer
 from server.dataplane.plane import DataPlane
 from server.errors import ServiceError, unknown_model
 from server.types import Prediction, StageTimes
@@ -75,8 +75,8 @@ class _Submitted:
 
 class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
-        self, dataplane: DataPlane, window: StreamWindow, *, max_batch_size: int = 1, max_queue_delay_us: int = 0,
-        sequence_idle_us: int = 0,
+        self, dataplane: DataPlane, window: StreamWindow, *, max_batch_size: int, max_queue_delay_us: int,
+        sequence_idle_us: int,
     ) -> None:
         self.dataplane = dataplane
         self.window = window
@@ -198,13 +198,14 @@ def add_triton_service(
     dataplane: DataPlane,
     window: StreamWindow,
     *,
-    max_batch_size: int = 1,
-    max_queue_delay_us: int = 0,
-    sequence_idle_us: int = 0,
+    max_batch_size: int,
+    max_queue_delay_us: int,
+    sequence_idle_us: int,
 ) -> str:
     """Serve the Triton protocol on `server` next to the native API; returns the full service name.
 
-    The keyword arguments only feed what ModelConfig reports (the batcher's limits, the state TTL).
+    The keyword arguments only feed what ModelConfig reports, and the caller passes the configuration's
+    values (`--max-batch`, `--max-delay-ms`, `--state-ttl-s`): the defaults live in server/config.py alone.
     """
     servicer = TritonServicer(
         dataplane,

@@ -11,11 +11,11 @@ import unicodedata
 
 import numpy as np
 
+from lstm_stream.wire import MAX_REQUEST_ID_CHARS, MAX_STREAM_ID_BYTES
 from server.errors import invalid_argument
 from server.types import Chunk
 
-MAX_STREAM_ID_BYTES = 256
-# Stream ids are UTF-8 text of 1 to 256 bytes without control characters (Unicode category Cc),
+# Stream ids are UTF-8 text of 1 to MAX_STREAM_ID_BYTES bytes without control characters (Unicode category Cc),
 # compared byte for byte: no normalisation, so "é" precomposed and "e" + combining accent are two
 # streams. Braces and spaces are fine: Redis keys are binary-safe, and a brace inside the id only
 # changes which cluster slot `<prefix>:{<id>}` hashes to, never the key's uniqueness. Format
@@ -104,7 +104,7 @@ def make_chunk(
     if stream_id is not None:
         check_stream_id(stream_id)
     check_start(start_offset, reset)
-    if len(request_id) > 256:
-        raise invalid_argument("request_id", f"is {len(request_id)} characters long; at most 256")
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise invalid_argument("request_id", f"is {len(request_id)} characters long; at most {MAX_REQUEST_ID_CHARS}")
     array = check_values(values, timesteps, features, max_timesteps)
     return Chunk(stream_id, array, start_offset, reset, end, request_id, tenant=tenant)

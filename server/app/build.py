@@ -20,17 +20,19 @@ from grpc_reflection.v1alpha import reflection
 from lstm_stream.v1 import stream_pb2, stream_pb2_grpc
 from server import metrics
 from server.api.interceptors import Drain, EdgeInterceptor
+from server.api.malformed import add_servicer
 from server.api.native import StreamInferenceServicer
-from server.api.security import Security, SecurityConfigError
+from server.api.security import Security
 from server.api.streaming import StreamWindow
 from server.api.triton import add_triton_service
-from server.api.wire import add_servicer
 from server.app.redis_health import RedisHealth
 from server.config import ServerConfig
 from server.dataplane.plane import DataPlane
 from server.dataplane.processor import StreamPolicy
+from server.errors import StartupError
 from server.model.runner import ModelRunner
-from server.security.tenants import ChunkRate
+from server.security.limits import ChunkRate
+from server.security.tenants import Tenants
 from server.state.cache import SavedSlots
 from server.state.connection import RedisTopology
 from server.state.live import LiveStreams
@@ -39,10 +41,6 @@ from server.state.store import StateStore
 from server.types import Runner
 
 log = logging.getLogger("server")
-
-
-class StartupError(Exception):
-    """The server cannot start as configured; the message says what to change."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,28 +59,15 @@ class BuiltServer:
 
 async def build_server(config: ServerConfig, worker_of: tuple[int, int] | None) -> BuiltServer:
     # Before the model loads (seconds): a bad key file or certificate should fail at once.
-    try:
-        security = Security(config)
-    except SecurityConfigError as exc:
-        raise StartupError(str(exc)) from None
+    security = Security(config)
     runner = _load_model(config)
     model = runner.description
     topology = RedisTopology.from_config(config)
-    store = StateStore(topology, config.key_prefix,
-                       wait=WaitPolicy(config.redis_wait_replicas, config.redis_wait_timeout_ms),
-                       saved_slots=SavedSlots(config.slot_memory_bytes, config.slot_memory_roaming_s)
-                       if config.slot_memory_bytes > 0 else None)
-    policy = StreamPolicy.from_config(config)
-    tenants = security.tenants
-    dataplane = DataPlane(
-        runner, store, policy,
-        max_batch=config.max_batch, max_delay_s=config.max_delay_s, max_in_flight=config.max_in_flight,
-        max_queued=config.max_queued_chunks,
-        # Per-tenant limits (invariants 12 and 13), only with API keys.
-        chunk_rate=ChunkRate(tenants.limits) if tenants else None,
-        live=LiveStreams(store, policy.state_ttl_ms, lambda tenant: tenants.limits(tenant).max_streams)
-        if tenants else None,
-    )
+    dataplane = _data_plane(config, runner, StateStore(
+        topology, config.key_prefix, wait=WaitPolicy(config.redis_wait_replicas, config.redis_wait_timeout_ms),
+        saved_slots=SavedSlots(config.slot_memory_bytes, config.slot_memory_roaming_s)
+        if config.slot_memory_bytes > 0 else None,
+    ), security.tenants)
     dataplane.start()
 
     # Invariant 12 (docs/invariants.md): no message larger than the largest valid chunk (plus headroom),
@@ -106,7 +91,7 @@ async def build_server(config: ServerConfig, worker_of: tuple[int, int] | None) 
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     window = StreamWindow(config.stream_window, config.stream_window_bytes)
-    # Malformed bytes get INVALID_ARGUMENT rather than grpc's UNKNOWN (server/api/wire.py).
+    # Malformed bytes get INVALID_ARGUMENT rather than grpc's UNKNOWN (server/api/malformed.py).
     native = StreamInferenceServicer(dataplane, window)
     add_servicer(stream_pb2_grpc.add_StreamInferenceServicer_to_server, native, server)
     # The Triton / KServe v2 protocol on the same port, over the same data plane.
@@ -124,8 +109,21 @@ async def build_server(config: ServerConfig, worker_of: tuple[int, int] | None) 
         port = security.add_port(server, config.address)
     except RuntimeError as exc:  # grpc raises this when the address is taken or invalid
         raise StartupError(f"cannot listen on {config.address}: {exc}; is another server running there?") from exc
-    return BuiltServer(server, port, dataplane, health, RedisHealth(store, health, inference_services), drain,
+    return BuiltServer(server, port, dataplane, health, RedisHealth(dataplane.store, health, inference_services), drain,
                        security, topology.mode)
+
+
+def _data_plane(config: ServerConfig, runner: Runner, store: StateStore, tenants: Tenants | None) -> DataPlane:
+    policy = StreamPolicy.from_config(config)
+    return DataPlane(
+        runner, store, policy,
+        max_batch=config.max_batch, max_delay_s=config.max_delay_s, max_in_flight=config.max_in_flight,
+        max_queued=config.max_queued_chunks,
+        # Per-tenant limits (invariants 12 and 13), only with API keys.
+        chunk_rate=ChunkRate(tenants.limits) if tenants else None,
+        live=LiveStreams(store, policy.state_ttl_ms, lambda tenant: tenants.limits(tenant).max_streams)
+        if tenants else None,
+    )
 
 
 def _load_model(config: ServerConfig) -> Runner:

@@ -14,10 +14,10 @@ import signal
 import sys
 
 from server.app.logs import carry_native_stderr, configure_logging
-from server.app.supervisor import EXIT_STARTUP_ERROR, SUPERVISOR_ENV, WORKER_ENV, exit_with_supervisor, run_workers
+from server.app.supervisor import SUPERVISOR_ENV, WORKER_ENV, exit_with_supervisor, run_workers
 from server.config import ServerConfig, load_config
-from server.state.connection import TopologyError
-from server.state.launcher import RedisUnavailable, check_redis, stop_private_redis
+from server.errors import EXIT_STARTUP_ERROR, StartupError
+from server.state.launcher import check_redis, stop_private_redis
 
 log = logging.getLogger("server")
 
@@ -51,15 +51,11 @@ def main(argv: list[str] | None = None) -> None:
     code = 0
     try:
         if worker_env is None:
-            try:
-                redis_process = check_redis(config)
-            except RedisUnavailable as exc:
-                log.error("no Redis: %s", exc)
-                sys.exit(EXIT_STARTUP_ERROR)
-            except TopologyError as exc:
-                log.error("Redis is not as configured: %s", exc)
-                sys.exit(EXIT_STARTUP_ERROR)
+            redis_process = check_redis(config)
         code = run_workers(config, argv) if supervising else _serve_until_stopped(config, worker_env)
+    except StartupError as exc:  # the one place a start-up failure is reported (server/errors.py)
+        log.error("%s", exc.log_line())  # the one line it writes: what to change
+        sys.exit(EXIT_STARTUP_ERROR)
     except _StopBeforeServing:
         log.info("stopped before serving: a signal arrived during start-up")
     finally:
@@ -70,22 +66,13 @@ def main(argv: list[str] | None = None) -> None:
 
 def _serve_until_stopped(config: ServerConfig, worker_env: str | None) -> int:
     # Imported here: TensorFlow takes seconds to import, and `lstm-serve --help` should not wait for it.
-    from server.app.build import StartupError
     from server.app.run import serve
-    from server.model.runner import ModelLoadError
 
     worker_of = tuple(int(part) for part in worker_env.split("/")) if worker_env else None
-    try:
-        asyncio.run(serve(config, worker_of))  # type: ignore[arg-type]
-        # Closing the loop put back the default handlers: a late signal must not kill the exit under way.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ModelLoadError as exc:
-        log.error("cannot serve this model: %s", exc)
-        return EXIT_STARTUP_ERROR
-    except StartupError as exc:
-        log.error("%s", exc)
-        return EXIT_STARTUP_ERROR
+    asyncio.run(serve(config, worker_of))  # type: ignore[arg-type]
+    # Closing the loop put back the default handlers: a late signal must not kill the exit under way.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     return 0
 
 

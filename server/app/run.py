@@ -1,4 +1,4 @@
-"""Running a built server until SIGTERM or SIGINT, then draining it (README "Shutdown and draining")."""
+"""Running a built server until SIGTERM or SIGINT, then draining it (docs/operations.md, "Shutdown and draining")."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import logging
 import signal
 
 from server import metrics
-from server.app.build import BuiltServer, StartupError, build_server
+from server.app.build import BuiltServer, build_server
 from server.config import ServerConfig
+from server.errors import StartupError
 from server.security.redact import redact_url
 
 log = logging.getLogger("server")

@@ -17,12 +17,10 @@ import time
 from dataclasses import dataclass
 
 from server.config import ServerConfig
+from server.errors import EXIT_STARTUP_ERROR
 
 log = logging.getLogger("server")
 
-# A worker process exits with this code for a start-up error (a bad flag, model or port): restarting
-# it would fail the same way, so the supervisor stops instead.
-EXIT_STARTUP_ERROR = 2
 WORKER_ENV = "LSTM_SERVE_WORKER"  # "index/count", set by the supervisor for each worker process
 SUPERVISOR_ENV = "LSTM_SERVE_SUPERVISOR_PID"  # a worker exits when this process is gone
 # A crash-looping worker is restarted after 0.5, 1, 2, 4 ... s, at most 30 s apart; a worker that ran
@@ -42,45 +40,58 @@ def run_workers(config: ServerConfig, argv: list[str]) -> int:
     passed on to every worker, which drains as a single server does; each worker exits by itself when
     the supervisor dies (`exit_with_supervisor`), so a SIGKILLed supervisor leaves no orphans serving.
     """
-    command = [sys.executable, "-m", "server", *argv]
-    stopping: list[int] = []  # the signal that stops the workers, once one came
+    supervisor = _Supervisor(config, [sys.executable, "-m", "server", *argv])
+    signal.signal(signal.SIGTERM, supervisor.stop)
+    signal.signal(signal.SIGINT, supervisor.stop)
+    signal.signal(signal.SIGHUP, supervisor.forward)  # each worker re-reads its keys and certificates
+    log.info("started workers", extra={"fields": {"workers": config.workers,
+                                                  "pids": [w.process.pid for w in supervisor.workers]}})
+    while not supervisor.stopping:
+        supervisor.look_after(time.monotonic())
+        time.sleep(SUPERVISOR_POLL_S)
+    codes = supervisor.wait_all()
+    log.info("workers stopped", extra={"fields": {"exit_codes": codes}})
+    return max((code for code in codes if code is not None and code > 0), default=0)
 
-    @dataclass
-    class Worker:
-        process: subprocess.Popen
-        started: float
-        crashes: int = 0  # consecutive crashes without a stable run between them
-        restart_at: float | None = None
 
-    def start(index: int) -> subprocess.Popen:
-        env = {**os.environ, WORKER_ENV: f"{index}/{config.workers}", SUPERVISOR_ENV: str(os.getpid()),
+@dataclass
+class _Worker:
+    process: subprocess.Popen
+    started: float
+    crashes: int = 0  # consecutive crashes without a stable run between them
+    restart_at: float | None = None
+
+
+class _Supervisor:
+    def __init__(self, config: ServerConfig, command: list[str]) -> None:
+        self.config = config
+        self.command = command
+        self.stopping: list[int] = []  # the signal that stops the workers, once one came
+        self.workers = [_Worker(self.start(index), time.monotonic()) for index in range(config.workers)]
+
+    def start(self, index: int) -> subprocess.Popen:
+        env = {**os.environ, WORKER_ENV: f"{index}/{self.config.workers}", SUPERVISOR_ENV: str(os.getpid()),
                "LSTM_SERVE_REDIS_AUTOSTART": "false"}
-        return subprocess.Popen(command, env=env)
+        return subprocess.Popen(self.command, env=env)
 
-    def stop(signum: int, _frame: object) -> None:
-        if not stopping:
-            stopping.append(signum)
-            for worker in workers:
+    def stop(self, signum: int, _frame: object) -> None:
+        if not self.stopping:
+            self.stopping.append(signum)
+            for worker in self.workers:
                 if worker.process.poll() is None:
                     worker.process.send_signal(signum)
 
-    def forward(signum: int, _frame: object) -> None:
-        for worker in workers:
+    def forward(self, signum: int, _frame: object) -> None:
+        for worker in self.workers:
             if worker.restart_at is None and worker.process.poll() is None:
                 worker.process.send_signal(signum)
 
-    workers = [Worker(start(index), time.monotonic()) for index in range(config.workers)]
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGHUP, forward)  # each worker re-reads its keys and certificates
-    log.info("started workers", extra={"fields": {"workers": config.workers,
-                                                  "pids": [w.process.pid for w in workers]}})
-    while not stopping:
-        now = time.monotonic()
-        for index, worker in enumerate(workers):
+    def look_after(self, now: float) -> None:
+        """Start again the workers whose delay is over; schedule a restart for those that exited."""
+        for index, worker in enumerate(self.workers):
             if worker.restart_at is not None:
                 if now >= worker.restart_at:
-                    worker.process, worker.started, worker.restart_at = start(index), now, None
+                    worker.process, worker.started, worker.restart_at = self.start(index), now, None
                     log.info("worker started again", extra={"fields": {"worker": index, "pid": worker.process.pid}})
                 continue
             code = worker.process.poll()
@@ -88,27 +99,27 @@ def run_workers(config: ServerConfig, argv: list[str]) -> int:
                 continue
             if code == EXIT_STARTUP_ERROR:  # a configuration error: every restart would fail the same way
                 log.error("worker %d exited with %d (a start-up error, see above); stopping", index, code)
-                stop(signal.SIGTERM, None)
-                break
+                self.stop(signal.SIGTERM, None)
+                return
             worker.crashes = 1 if now - worker.started >= RESTART_STABLE_AFTER_S else worker.crashes + 1
             delay = min(RESTART_MAX_DELAY_S, RESTART_FIRST_DELAY_S * 2 ** (worker.crashes - 1))
             worker.restart_at = now + delay
             log.warning("worker exited; starting it again after a delay", extra={"fields": {
                 "worker": index, "pid": worker.process.pid, "exit_code": code, "delay_s": delay,
                 "crashes": worker.crashes}})
-        time.sleep(SUPERVISOR_POLL_S)
-    # Each worker drains within the grace; a little more before the ones still running are killed.
-    deadline = time.monotonic() + config.shutdown_grace_s + 5.0
-    codes = []
-    for worker in workers:
-        try:
-            codes.append(worker.process.wait(max(0.1, deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
-            log.warning("worker %d did not stop within the grace; killing it", worker.process.pid)
-            worker.process.kill()
-            codes.append(worker.process.wait())
-    log.info("workers stopped", extra={"fields": {"exit_codes": codes}})
-    return max((code for code in codes if code is not None and code > 0), default=0)
+
+    def wait_all(self) -> list[int | None]:
+        # Each worker drains within the grace; a little more before the ones still running are killed.
+        deadline = time.monotonic() + self.config.shutdown_grace_s + 5.0
+        codes: list[int | None] = []
+        for worker in self.workers:
+            try:
+                codes.append(worker.process.wait(max(0.1, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                log.warning("worker %d did not stop within the grace; killing it", worker.process.pid)
+                worker.process.kill()
+                codes.append(worker.process.wait())
+        return codes
 
 
 def exit_with_supervisor(supervisor_pid: int) -> None:

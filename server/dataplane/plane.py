@@ -15,7 +15,7 @@ from server import metrics
 from server.dataplane.batcher import Batcher
 from server.dataplane.processor import BatchProcessor, StreamPolicy
 from server.errors import slot_wrong_type, tenant_rate_exceeded
-from server.security.tenants import ChunkRate
+from server.security.limits import ChunkRate
 from server.state.live import LiveStreams
 from server.state.record import CorruptRecord
 from server.state.store import StateStore, WrongType
@@ -92,7 +92,8 @@ class DataPlane:
         self._batcher.abandon(answers)
 
     async def reset_stream(self, stream_id: str, time_remaining: float | None = None, tenant: str = "") -> bool:
-        """Forget the stream's slot (Keras reset_states for this stream alone); True if it had one."""
+        """Forget the stream's slot (Keras reset_states for this stream alone); True if the stream existed:
+        an ended stream, whose record is kept only for retries of its last chunk, did not (GetStream agrees)."""
         deadline = self.deadline(time_remaining)
         existed = await self.store.delete(stream_id, deadline, tenant)
         if self._live is not None and tenant:

@@ -15,76 +15,13 @@ from collections.abc import Callable
 import keras
 import numpy as np
 
+from server.model.numpy_ops import Unsupported, activation, activation_name, padded, weights
+
 # Layers that compute nothing at inference.
 _INFERENCE_IDENTITY = tuple(
     kind for name in ("Dropout", "GaussianNoise", "GaussianDropout", "AlphaDropout", "SpatialDropout1D")
     if isinstance(kind := getattr(keras.layers, name, None), type)
 )
-
-
-def _tanh(x: np.ndarray) -> np.ndarray:
-    return np.tanh(x, out=x)
-
-
-def _relu(x: np.ndarray) -> np.ndarray:
-    return np.maximum(x, 0.0, out=x)
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    # sigmoid(x) = (1 + tanh(x / 2)) / 2: one transcendental call, in place.
-    x *= 0.5
-    np.tanh(x, out=x)
-    x += 1.0
-    x *= 0.5
-    return x
-
-
-def _linear(x: np.ndarray) -> np.ndarray:
-    return x
-
-
-# In-place activations, by Keras name; a model with any other activation gets no twin.
-_ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "tanh": _tanh, "relu": _relu, "sigmoid": _sigmoid, "linear": _linear,
-}
-
-
-def padded(inputs: list[np.ndarray], rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Chunks of different lengths as one [rows, longest, features] array padded at the end with zeros, and
-    the mask of real timesteps (rows past the chunks, idle padding, count as active throughout)."""
-    lengths = np.array([chunk.shape[0] for chunk in inputs])
-    longest = int(lengths.max())
-    x = np.zeros((rows, longest, inputs[0].shape[1]), np.float32)
-    for row, chunk in enumerate(inputs):
-        x[row, : chunk.shape[0]] = chunk
-    mask = np.ones((rows, longest), bool)
-    mask[: len(inputs)] = np.arange(longest) < lengths[:, None]
-    return x, mask
-
-
-class Unsupported(Exception):
-    """The model has a layer or option the twin does not compute; the message names it."""
-
-
-def _activation_name(function: object) -> str | None:
-    """Keras' name of a built-in activation; None for anything else (a custom function, a layer)."""
-    try:
-        name = keras.activations.serialize(function)
-    except Exception:  # Keras refuses to name some objects; none of them is a built-in activation
-        return None
-    return name if isinstance(name, str) else None
-
-
-def _activation(layer: keras.layers.Layer, option: str) -> Callable[[np.ndarray], np.ndarray]:
-    function = getattr(layer, option)
-    name = _activation_name(function)
-    if name not in _ACTIVATIONS:
-        raise Unsupported(f"layer {layer.name!r} has {option}={name or function!r}")
-    return _ACTIVATIONS[name]
-
-
-def _weights(*arrays: object) -> list[np.ndarray]:
-    return [np.ascontiguousarray(keras.ops.convert_to_numpy(a), dtype=np.float32) for a in arrays]
 
 
 class _Recurrent:
@@ -141,13 +78,13 @@ class _Gates:
 class _LSTM(_Recurrent):
     def __init__(self, layer: keras.layers.LSTM) -> None:
         cell = layer.cell
-        if _activation_name(cell.recurrent_activation) != "sigmoid" or _activation_name(cell.activation) != "tanh":
+        if activation_name(cell.recurrent_activation) != "sigmoid" or activation_name(cell.activation) != "tanh":
             raise Unsupported(f"layer {layer.name!r} has activations other than tanh and sigmoid")
         units = self.units = int(cell.units)
         self.state_sizes = (units, units)
         self.return_sequences = bool(layer.return_sequences)
-        kernel, recurrent = _weights(cell.kernel, cell.recurrent_kernel)
-        bias = _weights(cell.bias)[0] if cell.use_bias else np.zeros(4 * units, np.float32)
+        kernel, recurrent = weights(cell.kernel, cell.recurrent_kernel)
+        bias = weights(cell.bias)[0] if cell.use_bias else np.zeros(4 * units, np.float32)
         # Keras' gate order is i, f, c, o; reordered to i, f, o, c so the three sigmoid gates are one
         # slice, and those columns halved (exact in binary) so one tanh call gives every gate:
         # sigmoid(x) = (1 + tanh(x / 2)) / 2.
@@ -245,17 +182,17 @@ class _LSTMPair:
 class _GRU(_Recurrent):
     def __init__(self, layer: keras.layers.GRU) -> None:
         cell = layer.cell
-        self.activation = _activation(cell, "activation")
-        self.recurrent_activation = _activation(cell, "recurrent_activation")
+        self.activation = activation(cell, "activation")
+        self.recurrent_activation = activation(cell, "recurrent_activation")
         units = self.units = int(cell.units)
         self.state_sizes = (units,)
         self.return_sequences = bool(layer.return_sequences)
         self.reset_after = bool(cell.reset_after)
-        self.kernel, self.recurrent = _weights(cell.kernel, cell.recurrent_kernel)
+        self.kernel, self.recurrent = weights(cell.kernel, cell.recurrent_kernel)
         if not cell.use_bias:
             bias = np.zeros((2, 3 * units) if self.reset_after else (3 * units,), np.float32)
         else:
-            bias = _weights(cell.bias)[0]
+            bias = weights(cell.bias)[0]
         self.input_bias, self.recurrent_bias = (bias[0], bias[1]) if self.reset_after else (bias, None)
 
     def project(self, x: np.ndarray) -> np.ndarray:
@@ -284,12 +221,12 @@ class _GRU(_Recurrent):
 class _SimpleRNN(_Recurrent):
     def __init__(self, layer: keras.layers.SimpleRNN) -> None:
         cell = layer.cell
-        self.activation = _activation(cell, "activation")
+        self.activation = activation(cell, "activation")
         units = self.units = int(cell.units)
         self.state_sizes = (units,)
         self.return_sequences = bool(layer.return_sequences)
-        self.kernel, self.recurrent = _weights(cell.kernel, cell.recurrent_kernel)
-        self.bias = _weights(cell.bias)[0] if cell.use_bias else np.zeros(units, np.float32)
+        self.kernel, self.recurrent = weights(cell.kernel, cell.recurrent_kernel)
+        self.bias = weights(cell.bias)[0] if cell.use_bias else np.zeros(units, np.float32)
 
     def project(self, x: np.ndarray) -> np.ndarray:
         return np.matmul(x, self.kernel) + self.bias
@@ -303,9 +240,9 @@ class _SimpleRNN(_Recurrent):
 
 class _Dense:
     def __init__(self, layer: keras.layers.Dense) -> None:
-        self.activation = _activation(layer, "activation")
-        self.kernel = _weights(layer.kernel)[0]
-        self.bias = _weights(layer.bias)[0] if layer.use_bias else None
+        self.activation = activation(layer, "activation")
+        self.kernel = weights(layer.kernel)[0]
+        self.bias = weights(layer.bias)[0] if layer.use_bias else None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         y = np.matmul(x, self.kernel)
@@ -316,7 +253,7 @@ class _Dense:
 
 class _Activation:
     def __init__(self, layer: keras.layers.Activation) -> None:
-        self.activation = _activation(layer, "activation")
+        self.activation = activation(layer, "activation")
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.activation(np.array(x))  # a copy: the activations work in place

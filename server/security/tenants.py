@@ -17,9 +17,10 @@ import hashlib
 import math
 import os
 import re
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
+
+from server.security.files import file_signature
+from server.security.limits import NO_LIMITS, TenantLimits
 
 # Tenant names sit in Redis keys (`<prefix>:<tenant>:{<stream_id>}`) and in metric labels.
 TENANT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -29,12 +30,6 @@ _KEY_CHARS = re.compile(r"[\x21-\x7e]+")  # printable ASCII without spaces: what
 
 class KeyFileError(ValueError):
     """The key file cannot be used; the message names the line, never a key."""
-
-
-@dataclass(frozen=True, slots=True)
-class TenantLimits:
-    max_streams: int = 0  # live streams at once; 0: no limit
-    chunks_per_s: float = 0.0  # per replica (per worker process); 0: no limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +67,7 @@ def _limit(text: str, line_number: int) -> tuple[str, float]:
     return name, number
 
 
-def parse_key_file(text: str, defaults: TenantLimits = TenantLimits()) -> Directory:
+def parse_key_file(text: str, defaults: TenantLimits = NO_LIMITS) -> Directory:
     """Parse a key file; a KeyFileError names the line and what is wrong, never a field's content."""
     secret = os.urandom(32)
     tenants_by_digest: dict[bytes, str] = {}
@@ -116,19 +111,10 @@ def parse_key_file(text: str, defaults: TenantLimits = TenantLimits()) -> Direct
     return Directory(secret, tenants_by_digest, limits)
 
 
-def file_signature(path: str) -> tuple[int, int, int] | None:
-    """What changes when a file is replaced or rewritten: inode, size, modification time."""
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    return info.st_ino, info.st_size, info.st_mtime_ns
-
-
 class Tenants:
     """The current key directory, swapped whole on reload; read by the interceptor and the data plane."""
 
-    def __init__(self, path: str, defaults: TenantLimits = TenantLimits()) -> None:
+    def __init__(self, path: str, defaults: TenantLimits = NO_LIMITS) -> None:
         self.path = path
         self.defaults = defaults
         self.signature = file_signature(path)
@@ -161,39 +147,3 @@ class Tenants:
 
     def limits(self, tenant: str) -> TenantLimits:
         return self.directory.limits.get(tenant, self.defaults)
-
-
-@dataclass(slots=True)
-class _Bucket:
-    tokens: float
-    updated: float
-
-
-class ChunkRate:
-    """A token bucket per tenant, in this process: `chunks_per_s` tokens a second and one second's worth
-    (at least one chunk) of burst. Each replica and each worker process keeps its own buckets, so the
-    rate a tenant gets from a deployment is the limit times the number of processes serving it."""
-
-    def __init__(self, limits_of: Callable[[str], TenantLimits], clock: Callable[[], float] = time.monotonic) -> None:
-        self._limits_of = limits_of
-        self._clock = clock
-        self._buckets: dict[str, _Bucket] = {}
-
-    def limit(self, tenant: str) -> float:
-        return self._limits_of(tenant).chunks_per_s
-
-    def allow(self, tenant: str) -> bool:
-        rate = self.limit(tenant)
-        if rate <= 0:
-            return True
-        capacity = max(rate, 1.0)
-        now = self._clock()
-        bucket = self._buckets.get(tenant)
-        if bucket is None:
-            bucket = self._buckets[tenant] = _Bucket(capacity, now)
-        bucket.tokens = min(capacity, bucket.tokens + (now - bucket.updated) * rate)
-        bucket.updated = now
-        if bucket.tokens < 1.0:
-            return False
-        bucket.tokens -= 1.0
-        return True

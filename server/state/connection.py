@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import parse_qsl, urlsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -31,6 +30,8 @@ from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from server.errors import StartupError
+from server.redis_addresses import SENTINEL_CREDENTIALS, parse_sentinels
 from server.security.redact import redact_url
 from server.state.sentinel import NewestConfigSentinel
 
@@ -38,33 +39,10 @@ AsyncClient = aioredis.Redis | RedisCluster
 Mode = Literal["single", "sentinel", "cluster"]
 
 
-class TopologyError(RuntimeError):
+class TopologyError(StartupError):
     """Redis is not what the configuration says it is; the message says what to change."""
 
-
-# Query parameters of --redis-url that carry the sentinels' own credentials, as redis-py's options.
-SENTINEL_CREDENTIALS = {"sentinel_username": "username", "sentinel_password": "password"}
-
-
-def sentinel_credentials_in(url: str) -> list[str]:
-    """The names of the sentinel credential parameters `url` carries (its values are never returned)."""
-    try:
-        return [name for name, _ in parse_qsl(urlsplit(url).query) if name in SENTINEL_CREDENTIALS]
-    except ValueError:  # not a URL urllib can split: redis-py refuses it at start-up anyway
-        return []
-
-
-def parse_sentinels(text: str) -> tuple[tuple[str, int], ...]:
-    """'host:port,host:port' -> ((host, port), ...); ValueError naming the bad entry."""
-    addresses = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        host, sep, port = part.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"expected host:port, got {part!r}")
-        addresses.append((host.strip("[]"), int(port)))
-    return tuple(addresses)
+    headline = "Redis is not as configured"
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +94,7 @@ def connect(topology: RedisTopology) -> AsyncClient:
     """The asyncio client for this topology. It connects lazily: nothing is sent until the first command.
 
     No socket timeout and, on one node and with Sentinel, no automatic resends: the store bounds every
-    call by its caller's deadline and decides itself what may be resent (store.py). The cluster client
+    call by its caller's deadline and decides itself what may be resent (store.py, attempts.py). The cluster client
     keeps its own retries: they refresh the slot map after a node fails, and a resent save is harmless
     (saves are idempotent)."""
     async_options: dict[str, Any] = {"socket_timeout": None, "socket_connect_timeout": topology.timeout_s}

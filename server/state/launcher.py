@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 import redis
 
+from server.errors import StartupError
 from server.security.redact import redact_url
 from server.state.connection import RedisTopology, check_topology
 
@@ -29,8 +30,10 @@ HOW_TO_GET_REDIS = (
 )
 
 
-class RedisUnavailable(RuntimeError):
+class RedisUnavailable(StartupError):
     """No Redis can be had; the message says what to do."""
+
+    headline = "no Redis"
 
 
 def _where(url: str) -> str:

@@ -1,10 +1,10 @@
 """Live streams per tenant, for the per-tenant stream limit (`max_streams`; invariant 12, docs/invariants.md).
 
-Each limited tenant has one sorted set, `<prefix>:<tenant>:live` (no braces: it can never equal a
-stream's key `<prefix>:<tenant>:{<id>}`), holding its live streams' ids scored by the time they last
-ran a chunk. A stream is live from its first chunk until a chunk ends it, ResetStream forgets it, or
-it is idle for the state TTL: members older than the TTL are pruned before each count, the same TTL
-that expires the stream's state, so the set follows the states without a scan of Redis.
+Each limited tenant has one sorted set (its `live` key in server/state/keys.py, which never equals a
+stream's key), holding its live streams' ids scored by the time they last ran a chunk. A stream is live
+from its first chunk until a chunk ends it, ResetStream forgets it, or it is idle for the state TTL:
+members older than the TTL are pruned before each count, the same TTL that expires the stream's state,
+so the set follows the states without a scan of Redis.
 
 The count is exact across replicas: one Lua script per tenant prunes, counts, admits new streams while
 the count is below the limit, refreshes continuing ones and removes ending ones in one atomic step, so
@@ -72,7 +72,7 @@ class LiveStreams:
         self._update = self._redis.register_script(_UPDATE)
 
     def key(self, tenant: str) -> str:
-        return f"{self._store.key_prefix}:{tenant}:live"
+        return self._store.keys.live(tenant)
 
     async def apply(self, changes: Sequence[LiveChange], now_ms: int, deadline: float) -> list[bool]:
         """Record a batch's changes; False where a new stream is refused for its tenant's limit."""

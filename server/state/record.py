@@ -43,9 +43,11 @@ import numpy as np
 _HEADER_1 = struct.Struct("<8s2sBBQq8sQ16s8sIII")
 _HEADER = struct.Struct("<8s2sBBQq8sQ16s8sIII16s8sI")
 HEADER_SIZE = _HEADER.size
-_MAGIC = b"LS"
+MAGIC = b"LS"
 _FORMAT = 2
-_FLAG_ENDED = 1
+FLAG_ENDED = 1
+# Where the flags byte sits: the reset script (server/state/scripts.py) reads it without decoding a record.
+FLAGS_OFFSET = 11
 VERSION_SIZE = 8
 REQUEST_DIGEST_SIZE = 8
 # Request digests of the current sequence kept to recognise late duplicates of append-mode chunks
@@ -88,14 +90,14 @@ class SlotRecord:
     # The chunk that started the current sequence (zeros when unknown: a record of format 1).
     first_digest: bytes = bytes(16)
     first_request_id: bytes = bytes(REQUEST_DIGEST_SIZE)
-    # request_digest() (server/dataplane/processor.py) of the sequence's last RECENT_REQUESTS chunks that carried a
+    # request_digest() (server/dataplane/rules.py) of the sequence's last RECENT_REQUESTS chunks that carried a
     # request_id.
     recent_requests: bytes = b""
 
     def encode(self) -> bytes:
         rows, columns = self.last_outputs.shape
         header = _HEADER.pack(
-            self.version, _MAGIC, _FORMAT, _FLAG_ENDED if self.ended else 0, self.offset,
+            self.version, MAGIC, _FORMAT, FLAG_ENDED if self.ended else 0, self.offset,
             self.updated_unix_ms, self.fingerprint, self.last_start, self.last_digest,
             self.last_request_id, self.state.size, rows, columns, self.first_digest, self.first_request_id,
             len(self.recent_requests) // REQUEST_DIGEST_SIZE,
@@ -111,7 +113,7 @@ class SlotRecord:
     def decode(cls, data: bytes) -> SlotRecord:
         if len(data) < _HEADER_1.size:
             raise CorruptRecord(f"{len(data)} bytes is shorter than a record header", data[:VERSION_SIZE])
-        fmt = data[10] if data[8:10] == _MAGIC else None
+        fmt = data[10] if data[8:10] == MAGIC else None
         if fmt == 1:
             (version, _, _, flags, offset, updated, fingerprint, last_start, last_digest,
              last_request_id, state_len, rows, columns) = _HEADER_1.unpack_from(data)
@@ -131,7 +133,7 @@ class SlotRecord:
             version=version, offset=offset, updated_unix_ms=updated, fingerprint=fingerprint,
             last_start=last_start, last_digest=last_digest, last_request_id=last_request_id,
             state=body[:state_len], last_outputs=body[state_len:].reshape(rows, columns),
-            ended=bool(flags & _FLAG_ENDED), first_digest=first_digest, first_request_id=first_request_id,
+            ended=bool(flags & FLAG_ENDED), first_digest=first_digest, first_request_id=first_request_id,
             recent_requests=bytes(data[recent_at:]),
         )
 

@@ -4,7 +4,7 @@ On one node (or a Sentinel-managed master) a batch is one group. On a Redis Clus
 multi-key command may only touch keys of one slot, so each node's keys are split by slot: one MGET
 (or one script call) per slot, all of a node's calls in one redis-py cluster pipeline, which is one
 round trip to that node. The store runs the nodes concurrently, each under its own deadline and
-retries (store.py). redis-py finds the nodes and follows MOVED/ASK while a slot migrates.
+retries (store.py, attempts.py). redis-py finds the nodes and follows MOVED/ASK while a slot migrates.
 
 Redis WAIT (`--redis-wait-replicas`) is per connection: it waits for the replication offset of that
 connection's own last write. So it is queued in the same pipeline, after the node's script calls,

@@ -1,15 +1,9 @@
-"""Redis state store: one key per stream, loaded and saved a whole batch per round trip.
+"""Redis state store: one key per stream (keys.py), loaded and saved a whole batch per round trip.
 
-Key layout: `<prefix>:{<stream_id>}`, or `<prefix>:<tenant>:{<stream_id>}` with API keys: each tenant
-its own namespace (invariant 13, docs/invariants.md). A tenant name is 1-64 of [A-Za-z0-9_.-], never a
-brace, so no tenant's key can equal another tenant's or a key without tenant. The braces are a Redis
-Cluster hash tag, so everything kept for one stream lands on one cluster slot. Saves are
-compare-and-set on the record's version token (a Lua script, so the check and the write are one
-atomic step on the server): a crash at any instant leaves the old record or the new one, and two
-replicas can never both apply a chunk to the same base (invariant 5 in docs/invariants.md).
-
-Every call is bounded by the caller's deadline, not by a socket timeout (invariant 9): a Redis that
-stalls for less than the deadline costs latency, not an error.
+Saves are compare-and-set on the record's version token (a Lua script, scripts.py, so the check and the
+write are one atomic step on the server): a crash at any instant leaves the old record or the new one,
+and two replicas can never both apply a chunk to the same base (invariant 5 in docs/invariants.md).
+Every call is bounded by the caller's deadline, not by a socket timeout (invariant 9, attempts.py).
 
 - Reads (loads, inspections) and idempotent writes (deletes) are retried with backoff until the deadline.
 - A save is idempotent too: each record carries the random version it writes, and the script answers
@@ -38,91 +32,17 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 from redis import exceptions as redis_errors
 
 from server.errors import ServiceError, outcome_unknown, redis_unavailable, replication_unconfirmed, slot_wrong_type
+from server.state import scripts
+from server.state.attempts import LOST_ANSWER_ERRORS, Attempts, GaveUp, P
 from server.state.cache import SavedSlots
 from server.state.connection import AsyncClient, RedisTopology, connect
-from server.state.record import VERSION_SIZE, CorruptRecord, SlotRecord
+from server.state.keys import KeyLayout
+from server.state.record import CorruptRecord, SlotRecord
 from server.state.routing import NO_WAIT, NodeGroup, NodeRouter, WaitPolicy
-
-# KEYS: slot keys. ARGV: for each key, (expected version, new record, version of the new record, ttl ms).
-# Expected version "" means the key must not exist; a new record "" means delete the key (its version "").
-# Per key: 1 written now; 2 already written (the version is in place: an earlier send of this same save
-# got through); 0 refused (the key holds another version); "WRONGTYPE <type>" or "ERR <error>" when the key
-# could not be read or written. Every Redis call is pcall'd, so one key's failure never stops the others.
-_SAVE = f"""
-local results = {{}}
-for i, key in ipairs(KEYS) do
-  local expected, record, mine, ttl = ARGV[4 * i - 3], ARGV[4 * i - 2], ARGV[4 * i - 1], ARGV[4 * i]
-  local current = redis.pcall('GETRANGE', key, 0, {VERSION_SIZE - 1})
-  if type(current) == 'table' then
-    results[i] = 'WRONGTYPE ' .. redis.call('TYPE', key)['ok']
-  elseif current == expected then
-    local done
-    if record == '' then
-      done = redis.pcall('DEL', key)
-    else
-      done = redis.pcall('SET', key, record, 'PX', ttl)
-    end
-    if type(done) == 'table' and done['err'] then
-      results[i] = 'ERR ' .. done['err']
-    else
-      results[i] = 1
-    end
-  elseif current == mine then
-    -- A replicated no-op (the same time to live again), so that a WAIT after this resend covers the
-    -- earlier write, which was made on another connection.
-    redis.pcall('PEXPIRE', key, ttl)
-    results[i] = 2
-  else
-    results[i] = 0
-  end
-end
-return results
-"""
-
-# KEYS: slot keys. A write that changes nothing (the same remaining time to live) but is replicated: a
-# WAIT after it on the same connection confirms that replicas hold everything written to these keys so
-# far, which is what a replayed answer needs before it may be acknowledged with --redis-wait-replicas.
-_TOUCH = """
-local results = {}
-for i, key in ipairs(KEYS) do
-  local ttl = redis.call('PTTL', key)
-  if ttl > 0 then
-    redis.call('PEXPIRE', key, ttl)
-  end
-  results[i] = 1
-end
-return results
-"""
-
-# Errors after which the command surely did not run, and which pass by themselves: retried until the deadline.
-# (redis-py turns the known ones into classes; the others keep their code at the start of the message.)
-_TRANSIENT_ERRORS = (
-    redis_errors.BusyLoadingError,  # LOADING: a restarted Redis reading its append-only file
-    redis_errors.TryAgainError,
-    redis_errors.ClusterDownError,
-    redis_errors.MasterDownError,
-    redis_errors.ReadOnlyError,  # a replica during a failover
-)
-_TRANSIENT_REPLIES = ("BUSY", "NOREPLICAS")
-# Errors after which a command may or may not have reached Redis and run.
-_LOST_ANSWER_ERRORS = (
-    redis_errors.ConnectionError,
-    redis_errors.TimeoutError,
-    TimeoutError,
-    OSError,
-)
-# Retry pacing: first pause, longest pause, and the least time one attempt is given even when the
-# deadline is (almost) gone, so that a chunk that already ran is still saved when Redis is healthy.
-_FIRST_BACKOFF_S = 0.02
-_MAX_BACKOFF_S = 0.5
-_MIN_ATTEMPT_S = 0.25
-
-P = TypeVar("P")
 
 
 class Applied:
@@ -158,84 +78,37 @@ class SlotWrite:
 Loaded = SlotRecord | CorruptRecord | WrongType | None
 
 
-class _GaveUp(Exception):
-    """The deadline passed without an answer from Redis (or Redis refused the command)."""
-
-    def __init__(self, detail: str, *, maybe_ran: bool) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        # True when some attempt may have reached Redis and run: the outcome of a write is unknown.
-        self.maybe_ran = maybe_ran
-
-
-def _is_transient(exc: redis_errors.ResponseError) -> bool:
-    return isinstance(exc, _TRANSIENT_ERRORS) or str(exc).startswith(_TRANSIENT_REPLIES)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError | redis_errors.TimeoutError):
-        return "no answer in time"
-    return str(exc) or type(exc).__name__
-
-
 class StateStore:
     def __init__(self, redis: str | RedisTopology, key_prefix: str, *, wait: WaitPolicy = NO_WAIT,
                  saved_slots: SavedSlots | None = None) -> None:
         topology = redis if isinstance(redis, RedisTopology) else RedisTopology(redis)
-        self.key_prefix = key_prefix
+        self.keys = KeyLayout(key_prefix)
         # What this process saved last, per key (cache.py); None: every load reads Redis.
         self._saved = saved_slots
-        # False from a call Redis did not answer (or answered "not now") until one it answers. Meanwhile
-        # slots are read, not taken from memory: a chunk whose first Redis call is its save can only be
-        # answered "outcome unknown" when Redis is gone, one whose read fails is surely "not applied".
-        self._answering = True
+        # While Redis did not answer the last call, slots are read, not taken from memory: a chunk whose
+        # first Redis call is its save can only be answered "outcome unknown" when Redis is gone, one whose
+        # read fails is surely "not applied".
+        self._attempt = Attempts()
         # Bounds calls that have no caller behind them (health checks) and each connection attempt.
         self.timeout_s = topology.timeout_s
         # No socket timeout and no automatic resends (connection.py): every call here is bounded by its
         # caller's deadline, and a save is only ever resent by this module, knowing what a resend means.
         self._redis = connect(topology)
         self._router = NodeRouter(self._redis, wait)
+        self._reset_script = self._redis.register_script(scripts.RESET)
 
     def key(self, stream_id: str, tenant: str = "") -> str:
-        if tenant:
-            return f"{self.key_prefix}:{tenant}:{{{stream_id}}}"
-        return f"{self.key_prefix}:{{{stream_id}}}"
+        return self.keys.slot(stream_id, tenant)
 
     @property
     def waits_for_replicas(self) -> bool:
         return self._router.wait.replicas > 0
 
-    async def _attempt(self, call: Callable[[], Awaitable[P]], deadline: float, *, write: bool = False) -> P:
-        """call() until Redis answers, backing off between attempts, until the deadline (monotonic)."""
-        maybe_ran = False
-        pause = _FIRST_BACKOFF_S
-        while True:
-            try:
-                async with asyncio.timeout(max(deadline - time.monotonic(), _MIN_ATTEMPT_S)):
-                    answer = await call()
-                self._answering = True
-                return answer
-            except _LOST_ANSWER_ERRORS as exc:
-                maybe_ran = maybe_ran or write
-                problem = exc
-                self._answering = False
-            except redis_errors.ResponseError as exc:
-                if not _is_transient(exc):
-                    raise _GaveUp(f"Redis refused the command: {exc}", maybe_ran=maybe_ran) from exc
-                problem = exc
-                self._answering = False
-            except redis_errors.RedisError as exc:  # authentication, unusable URL, protocol trouble
-                raise _GaveUp(_describe(exc), maybe_ran=maybe_ran) from exc
-            if time.monotonic() + pause >= deadline:
-                raise _GaveUp(_describe(problem), maybe_ran=maybe_ran) from problem
-            await asyncio.sleep(pause)
-            pause = min(2 * pause, _MAX_BACKOFF_S)
-
     async def ping(self) -> bool:
         try:
             async with asyncio.timeout(self.timeout_s):
                 return bool(await self._redis.ping())
-        except (*_LOST_ANSWER_ERRORS, redis_errors.RedisError):
+        except (*LOST_ANSWER_ERRORS, redis_errors.RedisError):
             return False
 
     @property
@@ -248,7 +121,7 @@ class StateStore:
         the store's own reads are until the deadline; past it, UNAVAILABLE with nothing applied."""
         try:
             return await self._attempt(call, deadline)
-        except _GaveUp as exc:
+        except GaveUp as exc:
             raise redis_unavailable(exc.detail) from exc
 
     @property
@@ -261,7 +134,7 @@ class StateStore:
         the second list says which were. Such a slot may be stale: it may only be the base of a save, whose
         compare-and-set then finds out (server/dataplane/processor.py asks Redis before any other answer)."""
         saved = self._saved
-        if saved is None or not self._answering:
+        if saved is None or not self._attempt.answering:
             return await self.load(stream_ids, deadline, tenants), [False] * len(stream_ids)
         loaded: list[Loaded] = [None] * len(stream_ids)
         hits = [False] * len(stream_ids)
@@ -296,7 +169,7 @@ class StateStore:
         async def node(group: NodeGroup) -> None:
             try:
                 values = await self._attempt(lambda: self._load_group(keys, group), deadline)
-            except _GaveUp as exc:
+            except GaveUp as exc:
                 raise redis_unavailable(exc.detail) from exc
             for i, value in zip(group.indices, values, strict=True):
                 loaded[i] = value
@@ -357,8 +230,9 @@ class StateStore:
                  for key, write, record in zip(keys, writes, records, strict=True)]
         saved = self._saved
         try:
-            done = await self._attempt(lambda: self._router.run_script(_SAVE, items, group), deadline, write=True)
-        except _GaveUp as exc:
+            done = await self._attempt(lambda: self._router.run_script(scripts.SAVE, items, group), deadline,
+                                       write=True)
+        except GaveUp as exc:
             if saved is not None:
                 for i in group.indices:
                     saved.drop(keys[i])
@@ -392,8 +266,8 @@ class StateStore:
 
         async def node(group: NodeGroup) -> None:
             try:
-                done = await self._attempt(lambda: self._router.run_script(_TOUCH, items, group), deadline)
-            except _GaveUp as exc:
+                done = await self._attempt(lambda: self._router.run_script(scripts.TOUCH, items, group), deadline)
+            except GaveUp as exc:
                 for i in group.indices:
                     answers[i] = redis_unavailable(exc.detail, action="the chunk was applied before; retry it",
                                                    outcome=None)
@@ -421,11 +295,13 @@ class StateStore:
         return redis_unavailable(f"Redis refused to write the stream's key: {text.removeprefix('ERR ')}")
 
     async def delete(self, stream_id: str, deadline: float, tenant: str = "") -> bool:
-        """Remove the slot (any type of value under the key); True if there was one. DEL is idempotent,
-        so it is resent until the deadline."""
+        """Remove the slot (any type of value under the key); True if the stream existed: its key held
+        anything but the record of an ended stream, which GetStream reports as gone too. Deleting is
+        idempotent, so it is resent until the deadline."""
+        key = self.key(stream_id, tenant)
         try:
-            return bool(await self._attempt(lambda: self._redis.delete(self.key(stream_id, tenant)), deadline))
-        except _GaveUp as exc:
+            return await self._attempt(lambda: self._reset_script(keys=[key]), deadline) == scripts.RESET_LIVE
+        except GaveUp as exc:
             raise redis_unavailable(exc.detail, action="the stream may or may not have been reset; retry it",
                                     outcome=None) from exc
         finally:
@@ -438,7 +314,7 @@ class StateStore:
         """The slot and its remaining time to live in ms (-2 when missing, as PTTL says)."""
         try:
             return await self._attempt(lambda: self._inspect(stream_id, tenant), deadline)
-        except _GaveUp as exc:
+        except GaveUp as exc:
             raise redis_unavailable(exc.detail, action="retry it", outcome=None) from exc
 
     async def _inspect(self, stream_id: str, tenant: str) -> tuple[Loaded, int]:

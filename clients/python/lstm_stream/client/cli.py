@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -22,9 +23,11 @@ from typing import Any, TextIO
 import grpc
 import numpy as np
 
+from lstm_stream.client import defaults
 from lstm_stream.client.errors import (
     ClientError,
     InvalidInput,
+    OutputsLost,
     ServerUnavailable,
     StreamPositionError,
 )
@@ -61,12 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--target", default=os.environ.get("LSTM_STREAM_TARGET", "127.0.0.1:50051"),
-                        metavar="HOST:PORT", help="server address (default: $LSTM_STREAM_TARGET or 127.0.0.1:50051)")
-    parser.add_argument("--deadline", type=float, default=60.0, metavar="S",
-                        help="seconds one request may take with its retries (default 60)")
-    parser.add_argument("--attempt-timeout", type=float, default=10.0, metavar="S",
-                        help="seconds one attempt may take before it is retried (default 10)")
+    parser.add_argument("--target", default=os.environ.get("LSTM_STREAM_TARGET", defaults.TARGET),
+                        metavar="HOST:PORT", help=f"server address (default: $LSTM_STREAM_TARGET or {defaults.TARGET})")
+    parser.add_argument("--deadline", type=float, default=defaults.DEADLINE_S, metavar="S",
+                        help=f"seconds one request may take with its retries (default {defaults.DEADLINE_S:g})")
+    parser.add_argument("--attempt-timeout", type=float, default=defaults.ATTEMPT_TIMEOUT_S, metavar="S",
+                        help="seconds one attempt may take before it is retried "
+                        f"(default {defaults.ATTEMPT_TIMEOUT_S:g})")
     parser.add_argument("--tls-ca", metavar="PEM", help="connect with TLS, verifying the server against this CA")
     parser.add_argument("--client-cert", metavar="PEM", help="client certificate for mutual TLS (with --client-key)")
     parser.add_argument("--client-key", metavar="PEM", help="private key of --client-cert")
@@ -183,6 +187,28 @@ def run(args: argparse.Namespace, client: Client) -> int:
     return EXIT_OK
 
 
+def explain(error: ClientError) -> str:
+    """The error in this command's terms: the flags and commands to use, not the Python API's methods."""
+    if not isinstance(error, StreamPositionError):
+        return str(error)
+    stream_id = shlex.quote(error.stream_id)
+    resume = f"`lstm-stream predict {stream_id} FILE --resume`"
+    if isinstance(error, OutputsLost):
+        return (f"stream {error.stream_id!r}: the connection broke with several chunks in flight (--window); the "
+                f"chunks for timesteps {error.lost_from}..{error.lost_to - 1} were applied, but their outputs were "
+                f"lost (the server keeps only the last chunk's answer). The stream is at offset "
+                f"{error.server_offset}: send the rest of the data with {resume}, and use --window 1 where every "
+                "output must reach the file")
+    start_over = (f"`lstm-stream predict {stream_id} FILE` without --resume to start a new sequence, or "
+                  f"`lstm-stream reset {stream_id}` to forget the stream")
+    if error.server_offset is None:
+        return (f"stream {error.stream_id!r}: the server cannot continue it from offset {error.client_offset} "
+                f"({error.detail}); run {start_over}")
+    return (f"stream {error.stream_id!r}: the data was sent from offset {error.client_offset}, but the server's "
+            f"stream is at offset {error.server_offset} ({error.detail}); run {resume} to continue from offset "
+            f"{error.server_offset}, or {start_over}")
+
+
 def exit_code(error: ClientError) -> int:
     if isinstance(error, InvalidInput) or error.code == grpc.StatusCode.INVALID_ARGUMENT:
         return EXIT_USAGE
@@ -212,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         with Client(args.target, **settings) as client:
             return run(args, client)
     except ClientError as error:
-        print(f"lstm-stream: error: {error}", file=sys.stderr)
+        print(f"lstm-stream: error: {explain(error)}", file=sys.stderr)
         return exit_code(error)
     except OSError as error:  # a certificate file that cannot be read
         print(f"lstm-stream: error: {error}", file=sys.stderr)

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import grpc
 
+from lstm_stream.client.retry import RETRYABLE
+from lstm_stream.wire import offset_from_metadata
+
 
 class ClientError(Exception):
     """Base class. `code` is the gRPC status behind the error, when there was one."""
@@ -92,3 +95,11 @@ class OutputsLost(StreamPositionError):
         self.detail = "answers lost with the connection"
         self.lost_from = lost_from
         self.lost_to = lost_to
+
+
+def rejected(exc: grpc.aio.AioRpcError, target: str, retryable: frozenset[grpc.StatusCode] = RETRYABLE) -> ClientError:
+    """The client's error for a call that failed for good (a retryable status here means: retries ran out)."""
+    code = exc.code()
+    if code in retryable:
+        return ServerUnavailable(f"{target}: {code.name}: {exc.details()} (retries ran out within the deadline)", code)
+    return RequestRejected(f"{code.name}: {exc.details()}", code, offset_from_metadata(exc.trailing_metadata()))

@@ -19,6 +19,8 @@ from typing import TypeVar
 
 import grpc
 
+from lstm_stream.client import defaults
+
 T = TypeVar("T")
 
 # Statuses that leave a chunk unapplied or its outcome unknown, and that a later attempt can cure:
@@ -49,8 +51,8 @@ class RetryPolicy:
     max_attempts: None for as many as the deadline allows.
     """
 
-    deadline_s: float | None = 60.0
-    attempt_timeout_s: float = 10.0
+    deadline_s: float | None = defaults.DEADLINE_S
+    attempt_timeout_s: float = defaults.ATTEMPT_TIMEOUT_S
     initial_backoff_s: float = 0.05
     multiplier: float = 2.0
     max_backoff_s: float = 2.0

@@ -15,7 +15,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from lstm_stream.client.aio import DEFAULT_TARGET, AsyncClient, AsyncStream
+from lstm_stream.client import defaults
+from lstm_stream.client.aio import AsyncClient, AsyncStream
 from lstm_stream.client.retry import RetryPolicy
 from lstm_stream.client.types import ModelInfo, Pem, StreamInfo
 
@@ -55,9 +56,10 @@ class Client:
     ...     outputs = stream.send(samples)   # [timesteps, outputs] numpy array
     """
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, tls_ca: Pem | None = None,
+    def __init__(self, target: str = defaults.TARGET, *, tls_ca: Pem | None = None,
                  client_cert: tuple[Pem, Pem] | None = None, api_key: str | None = None,
-                 deadline: float = 60.0, attempt_timeout: float = 10.0, retry: RetryPolicy | None = None,
+                 deadline: float = defaults.DEADLINE_S, attempt_timeout: float = defaults.ATTEMPT_TIMEOUT_S,
+                 retry: RetryPolicy | None = None,
                  tls_server_name: str | None = None, options: tuple[tuple[str, Any], ...] = ()) -> None:
         self._loop = _Loop()
 

@@ -8,12 +8,10 @@ from pathlib import Path
 import grpc
 
 from lstm_stream.v1 import stream_pb2 as pb
+from lstm_stream.wire import AUTHORIZATION_KEY, BEARER_PREFIX
 
 # PEM given as bytes, or as a path to read.
 Pem = bytes | str | Path
-AUTHORIZATION = "authorization"
-# Trailing metadata of a FAILED_PRECONDITION: where the stream stands. The server imports it from here.
-OFFSET_METADATA_KEY = "x-stream-offset"
 _MESSAGE_LIMIT = 64 * 1024 * 1024
 # grpc's own reconnect backoff grows to 120 s by default; a client that retries within a deadline of
 # seconds wants the channel to try again soon after a server comes back.
@@ -89,7 +87,7 @@ def channel_credentials(tls_ca: Pem | None, client_cert: tuple[Pem, Pem] | None)
 def call_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
     """Sent with every call. The key travels as `authorization: Bearer KEY`; on a plaintext channel
     anyone on the path can read it, so use TLS beyond loopback."""
-    return () if not api_key else ((AUTHORIZATION, f"Bearer {api_key}"),)
+    return () if not api_key else ((AUTHORIZATION_KEY, f"{BEARER_PREFIX}{api_key}"),)
 
 
 def channel_options(tls_server_name: str | None,

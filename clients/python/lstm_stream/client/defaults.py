@@ -1,0 +1,9 @@
+"""The client's defaults, in one place: `AsyncClient`, `Client`, `RetryPolicy`, the `lstm-stream` CLI and
+`lstm-loadtest` all read them here, so their help texts and behaviour cannot drift apart."""
+
+# lstm-serve's default address (its --host and --port) seen from the same machine.
+TARGET = "127.0.0.1:50051"
+# Seconds one operation (one chunk, with all its retries) may take.
+DEADLINE_S = 60.0
+# Seconds one attempt may take before it is abandoned and retried, while the deadline allows.
+ATTEMPT_TIMEOUT_S = 10.0

@@ -1,0 +1,58 @@
+"""The wire contract of the native API beyond the protobuf messages, in one place for all three sides.
+
+The server (server/api, server/errors.py), the client (lstm_stream.client) and the load tester
+(loadtest) import these names from here, so a metadata key, a limit or a status number means the same
+on both ends of a call. It lives in the client distribution because the server depends on that
+distribution and the client must not depend on the server. Only grpc is imported: no protobuf, no NumPy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import grpc
+
+# --- metadata keys --------------------------------------------------------------------------------
+
+# Sent by the client with every call when an API key is configured: `authorization: Bearer KEY`.
+AUTHORIZATION_KEY = "authorization"
+BEARER_PREFIX = "Bearer "  # the server compares it case-insensitively
+# Trailing metadata of a FAILED_PRECONDITION for an offset mismatch: where the stream stands now.
+OFFSET_METADATA_KEY = "x-stream-offset"
+# Trailing metadata of a chunk's state-store error: whether the chunk was applied (invariant 9).
+OUTCOME_METADATA_KEY = "x-chunk-outcome"
+NOT_APPLIED = "not-applied"
+OUTCOME_UNKNOWN = "unknown"
+
+# --- limits of a request --------------------------------------------------------------------------
+
+# A stream id is UTF-8 text of 1 to MAX_STREAM_ID_BYTES bytes without control characters; the server
+# checks it (server/api/validation.py), the load tester checks its own ids before connecting.
+MAX_STREAM_ID_BYTES = 256
+MAX_REQUEST_ID_CHARS = 256
+
+# --- status codes as numbers ----------------------------------------------------------------------
+
+# A PredictStream answer carries a failed chunk's status in `Error.code` as its number.
+_STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def status_number(code: grpc.StatusCode) -> int:
+    """The number `Error.code` carries for `code` (google.rpc.Code)."""
+    return int(code.value[0])
+
+
+def status_from_number(number: int) -> grpc.StatusCode:
+    """The status an `Error.code` names; UNKNOWN for a number gRPC does not define."""
+    return _STATUS_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+
+
+def offset_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> int | None:
+    """The stream's offset named by `x-stream-offset` in a call's trailing metadata, or None."""
+    for key, value in metadata or ():
+        if key == OFFSET_METADATA_KEY:
+            try:
+                return int(value)
+            except ValueError:
+                continue
+    return None

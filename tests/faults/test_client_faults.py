@@ -1,0 +1,199 @@
+"""Exactly-once through faults, with the client library and no retry code in the tests.
+
+Invariants 4, 8, 9 and 11 (docs/invariants.md) as a caller sees them: whatever breaks in the middle
+of a stream, the caller gets every output exactly once, in order, equal to Keras on the whole
+sequence. The faults: the server process SIGKILLed and restarted on its port; Redis paused (SIGSTOP)
+for longer than an attempt's deadline, then resumed; the streaming connection cut by a TCP proxy, and
+by a server restart (SIGTERM). Each fault is triggered from inside the caller's chunk source, so it
+lands while chunks are in flight. Stream ids are fresh and carry no reset, so a late copy of a first
+chunk can never rewind them (the server's side of that is invariant 10).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import uuid
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+
+from devkit.processes import RedisServer, wait_until
+from devkit.references import TOLERANCE, keras_whole_sequence
+from devkit.tcp_proxy import TcpProxy
+from lstm_stream.client import AsyncClient, Client, OutputsLost
+from lstm_stream.v1 import stream_pb2 as pb
+from server.config import DEFAULT_MODEL
+
+pytestmark = pytest.mark.timeout(300)
+CHUNK = 6
+LENGTH = 120
+
+
+def signal_and_timesteps(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(LENGTH, 1)).astype(np.float32)
+
+
+def chunks(x: np.ndarray) -> list[np.ndarray]:
+    return [x[start:start + CHUNK] for start in range(0, x.shape[0], CHUNK)]
+
+
+def assert_exactly_once(x: np.ndarray, outputs: list[np.ndarray], what: str) -> None:
+    assert len(outputs) == len(chunks(x)), f"{what}: {len(outputs)} answers for {len(chunks(x))} chunks"
+    got = np.concatenate(outputs)
+    expected = keras_whole_sequence(DEFAULT_MODEL, x)
+    assert got.shape == expected.shape, what
+    diff = float(np.max(np.abs(got - expected)))
+    assert diff <= TOLERANCE, f"{what}: max abs diff {diff}"
+
+
+async def unary_and_pipe(client: AsyncClient, fault_at: int, fault) -> None:  # type: ignore[no-untyped-def]
+    """Two streams at once, one by unary send and one pipelined; the pipe's source fires the fault."""
+    x_unary, x_pipe = signal_and_timesteps(1), signal_and_timesteps(2)
+    fired = asyncio.Event()
+
+    async def source() -> AsyncIterator[np.ndarray]:
+        for number, chunk in enumerate(chunks(x_pipe)):
+            if number == fault_at:
+                await asyncio.to_thread(fault)
+                fired.set()
+            yield chunk
+
+    async def unary() -> list[np.ndarray]:
+        stream = client.stream(f"cf-u-{uuid.uuid4().hex[:6]}")
+        outputs = []
+        for number, chunk in enumerate(chunks(x_unary)):
+            if number == fault_at:
+                await fired.wait()  # the next send meets the fault
+            outputs.append(await stream.send(chunk))
+        return outputs
+
+    async def piped() -> list[np.ndarray]:
+        stream = client.stream(f"cf-p-{uuid.uuid4().hex[:6]}")
+        return [out async for out in stream.pipe(source())]
+
+    got_unary, got_pipe = await asyncio.gather(unary(), piped())
+    assert_exactly_once(x_unary, got_unary, "unary")
+    assert_exactly_once(x_pipe, got_pipe, "pipe")
+
+
+def test_server_killed_and_restarted_mid_stream(start_server) -> None:
+    server = start_server()
+    restarted: list[object] = []
+    # The restart takes seconds (TensorFlow, warm-up): meanwhile the client retries by itself. The client
+    # may finish as soon as the new server listens, before start_server has seen it ready and returned, so
+    # the thread is joined before the check (and before teardown, so the fixture stops the new server).
+    restart = threading.Thread(target=lambda: restarted.append(start_server(port=server.port)), daemon=True)
+
+    def kill_and_restart() -> None:
+        server.kill()
+        restart.start()
+
+    async def main() -> None:
+        async with AsyncClient(server.address, deadline=180, attempt_timeout=5) as client:
+            await unary_and_pipe(client, fault_at=8, fault=kill_and_restart)
+
+    asyncio.run(main())
+    restart.join(timeout=120)
+    assert restarted, "the server was restarted"
+
+
+def test_redis_paused_past_the_attempt_deadline(start_server) -> None:
+    redis_server = RedisServer()  # its own: it is stopped here
+    try:
+        server = start_server(redis_url=redis_server.url)
+        pid = redis_server.process.pid  # type: ignore[union-attr]
+
+        def pause_redis() -> None:
+            os.kill(pid, signal.SIGSTOP)
+            # Three attempt deadlines later, Redis comes back with whatever it had queued.
+            threading.Timer(3.0, os.kill, (pid, signal.SIGCONT)).start()
+
+        async def main() -> None:
+            async with AsyncClient(server.address, deadline=60, attempt_timeout=1) as client:
+                await unary_and_pipe(client, fault_at=5, fault=pause_redis)
+
+        asyncio.run(main())
+    finally:
+        os.kill(redis_server.process.pid, signal.SIGCONT)  # type: ignore[union-attr]
+        redis_server.stop()
+
+
+def test_streaming_connection_cut_by_a_proxy_and_by_a_server_restart(start_server) -> None:
+    server = start_server()
+    proxy = TcpProxy(server.port)
+    x = signal_and_timesteps(3)
+    # The restart runs in a thread while the client retries; joined before teardown, so the fixture knows
+    # the new server (it registers a server once it is ready) and stops it (else it outlives the suite).
+    restart = threading.Thread(target=start_server, kwargs={"port": server.port}, daemon=True)
+    try:
+        with Client(proxy.address, deadline=180, attempt_timeout=5) as client:
+
+            def source():  # type: ignore[no-untyped-def]
+                for number, chunk in enumerate(chunks(x)):
+                    if number == 5:
+                        proxy.sever()  # the TCP connection dies under the open PredictStream
+                    if number == 12:
+                        server.stop()  # SIGTERM: the server ends the stream and goes away
+                        restart.start()
+                    yield chunk
+
+            stream = client.stream(f"cf-cut-{uuid.uuid4().hex[:6]}")
+            outputs = list(stream.pipe(source()))
+        assert proxy.connections >= 3, "the proxy saw the reconnections"
+        assert_exactly_once(x, outputs, "pipe through a cut and a restart")
+    finally:
+        if restart.is_alive():
+            restart.join(120)
+        proxy.close()
+
+
+def test_a_wider_window_never_duplicates_and_names_lost_answers(default_server) -> None:
+    """With window > 1 a break can take the answers of several applied chunks with it (the server
+    replays only the last). The client must then say exactly which timesteps' answers are gone, never
+    repeat an output and never skip one silently. Forced here: the proxy drops the server's answers
+    while the server applies three chunks, then the connection is cut."""
+    proxy = TcpProxy(default_server.port)
+    x = signal_and_timesteps(4)
+    stream_id = f"cf-win-{uuid.uuid4().hex[:6]}"
+    delivered: list[np.ndarray] = []
+    try:
+        with Client(proxy.address, deadline=60, attempt_timeout=20) as client:
+            stream = client.stream(stream_id)
+            all_chunks = chunks(x)
+
+            def server_offset() -> int:  # asked of the server directly: the proxy is holding answers
+                return default_server.stub.GetStream(pb.GetStreamRequest(stream_id=stream_id), timeout=5).offset
+
+            def cut_once_applied() -> None:
+                wait_until(lambda: server_offset() == 7 * CHUNK, 30, "chunks 4-6 applied by the server")
+                proxy.sever()
+
+            def source():  # type: ignore[no-untyped-def]
+                for number, chunk in enumerate(all_chunks):
+                    if number == 4:
+                        # Everything before chunk 4 answered; from here the answers are dropped.
+                        wait_until(lambda: stream.offset == 4 * CHUNK, 30, "chunks 0-3 answered")
+                        proxy.hold_answers()
+                    if number == 6:
+                        threading.Thread(target=cut_once_applied, daemon=True).start()
+                    yield chunk
+
+            with pytest.raises(OutputsLost) as caught:
+                for out in stream.pipe(source(), window=3):
+                    delivered.append(out)
+            lost = caught.value
+            assert (lost.lost_from, lost.lost_to, lost.server_offset) == (4 * CHUNK, 7 * CHUNK, 7 * CHUNK)
+            assert stream.offset == 7 * CHUNK
+            # Every answer that did arrive arrived once, in order and right; the stream continues exactly.
+            rest = list(stream.pipe(all_chunks[7:]))
+        expected = keras_whole_sequence(DEFAULT_MODEL, x)
+        got = np.concatenate(delivered + rest)
+        want = np.concatenate([expected[: 4 * CHUNK], expected[7 * CHUNK:]])
+        assert got.shape == want.shape
+        assert float(np.max(np.abs(got - want))) <= TOLERANCE
+    finally:
+        proxy.close()
