@@ -10,12 +10,14 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from devkit.native_calls import outputs, predict
-from devkit.references import TOLERANCE, keras_whole_sequence
+from devkit.references import TOLERANCE, keras_whole_sequence, load_model
 from devkit.small_models import build_gru_stateful
 from lstm_stream.v1 import stream_pb2 as pb
-from server.config import ServerConfig
+from server.config import DEFAULT_MODEL, ServerConfig
+from server.model.layers import ServingStack
 from server.model.runner import ModelLoadError, ModelRunner
 from server.types import Runner
 
@@ -57,6 +59,28 @@ def test_refuses_models_that_cannot_be_streamed(tmp_path) -> None:
     (tmp_path / "junk.keras").write_bytes(b"junk")
     with pytest.raises(ModelLoadError, match="could not load"):
         load(tmp_path / "junk.keras")
+    generic_rnn = keras.Sequential([keras.Input((None, 1)), keras.layers.RNN(keras.layers.LSTMCell(4))])
+    with pytest.raises(ModelLoadError, match="supported recurrent layers are LSTM, GRU and SimpleRNN"):
+        load(save(generic_rnn, tmp_path / "rnn.keras"))
+    first, second = keras.Input((None, 1)), keras.Input((None, 1))
+    two_inputs = keras.Model([first, second], keras.layers.LSTM(4)(keras.layers.Concatenate()([first, second])))
+    with pytest.raises(ModelLoadError, match="the model has 2 inputs"):
+        load(save(two_inputs, tmp_path / "two.keras"))
+    flat = keras.Sequential([keras.Input((3,)), keras.layers.Reshape((3, 1)), keras.layers.LSTM(4)])
+    with pytest.raises(ModelLoadError, match=r"expected \[batch, time, features\]"):
+        load(save(flat, tmp_path / "flat.keras"))
+
+
+def test_the_serving_stack_carries_states_from_one_chunk_to_the_next() -> None:
+    """The stateless stack, run eagerly (the runner traces it; tracing hides it from line coverage): a
+    sequence in two chunks with the states handed over equals Keras on the whole sequence from zero."""
+    model = load_model(str(DEFAULT_MODEL))
+    stack = ServingStack(model)
+    x = np.random.default_rng(5).normal(size=(1, 30, stack.features)).astype(np.float32)
+    first, states = stack.forward(tf.constant(x[:, :12]), tf.zeros((1, stack.state_size)))
+    second, _ = stack.forward(tf.constant(x[:, 12:]), states)
+    got = np.concatenate([first.numpy(), second.numpy()], axis=1)[0]
+    np.testing.assert_allclose(got, keras_whole_sequence(DEFAULT_MODEL, x[0]), atol=TOLERANCE)
 
 
 def test_describes_stateful_model_and_fingerprints_weights(tmp_path) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from devkit.metrics import scrape, value
 from devkit.native_calls import outputs, request
-from devkit.references import TOLERANCE, load_model
+from devkit.references import TOLERANCE, keras_whole_sequences
 from devkit.small_models import build_gru_stateful
 from lstm_stream.v1 import stream_pb2_grpc
 from server.config import DEFAULT_MODEL
@@ -78,28 +78,8 @@ async def run_all(address: str, streams: dict[str, tuple[np.ndarray, list[int]]]
     return {stream_id: np.concatenate(chunks) for stream_id, chunks in results.items()}
 
 
-def keras_references(model_path, sequences: list[np.ndarray]) -> list[np.ndarray]:
-    """Keras' answers for whole sequences from zero state, all in one compiled call (predict_on_batch: one
-    sequence at a time in eager mode took minutes). A model with a fixed batch size B (stateful) gets them B
-    at a time, its states zeroed before each group. Each sequence is padded at its end to the longest: a
-    recurrent model is causal, so the padding cannot change its outputs."""
-    model = load_model(str(model_path))
-    batch = model.inputs[0].shape[0] or len(sequences)
-    length = max(len(x) for x in sequences)
-    inputs = np.zeros((-(-len(sequences) // batch) * batch, length, sequences[0].shape[1]), dtype=np.float32)
-    for row, x in enumerate(sequences):
-        inputs[row, : len(x)] = x
-    y = []
-    for start in range(0, len(inputs), batch):
-        for layer in model.layers:
-            if getattr(layer, "stateful", False):
-                layer.reset_state()
-        y.append(np.asarray(model.predict_on_batch(inputs[start : start + batch])))
-    return [row[: len(x)] for row, x in zip(np.concatenate(y), sequences, strict=False)]
-
-
 def check_against_keras(model_path, streams, got) -> None:
-    references = keras_references(model_path, [sequence for sequence, _ in streams.values()])
+    references = keras_whole_sequences(model_path, [sequence for sequence, _ in streams.values()])
     worst = 0.0
     for stream_id, expected in zip(streams, references, strict=True):
         assert got[stream_id].shape == expected.shape, stream_id
