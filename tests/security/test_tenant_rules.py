@@ -59,23 +59,24 @@ def test_key_file_maps_keys_to_tenants_with_their_limits() -> None:
     assert directory.limits == {"t": TenantLimits(3, 0.0)}
 
 
-@pytest.mark.parametrize(
-    ("text", "problem"),
-    [
-        (f"a:b {KEY_A}", "line 1: a tenant name is"),
-        (f"a{{b}} {KEY_A}", "a tenant name is"),
-        (f"{'x' * 65} {KEY_A}", "a tenant name is"),
-        ("team short-key", "at least 16"),
-        (f"{KEY_A} team", "line 1: a key is at least 16"),  # columns swapped: the key is not echoed
-        (f"team {KEY_A}\nother {KEY_A}", "line 2: this key is listed twice"),
-        (f"team {KEY_A} max_streams=lots", "max_streams must be a number"),
-        (f"team {KEY_A} chunks_per_s=-1", "0 (no limit) or a positive"),
-        (f"team {KEY_A} {KEY_B}", "after the key only max_streams=N"),
-        (f"team {KEY_A} max_streams=1\nteam {KEY_B} max_streams=2", "line 2: this tenant has other limits on line 1"),
-        (f"{KEY_A}", "line 1: expected `TENANT KEY"),
-        ("# nobody\n", "no keys"),
-    ],
-)
+# Each bad key file and the problem its refusal names; the test ids are the problems, since the keys are random.
+BAD_KEY_FILES = [
+    (f"a:b {KEY_A}", "line 1: a tenant name is"),
+    (f"a{{b}} {KEY_A}", "a tenant name is"),
+    (f"{'x' * 65} {KEY_A}", "a tenant name is"),
+    ("team short-key", "at least 16"),
+    (f"{KEY_A} team", "line 1: a key is at least 16"),  # columns swapped: the key is not echoed
+    (f"team {KEY_A}\nother {KEY_A}", "line 2: this key is listed twice"),
+    (f"team {KEY_A} max_streams=lots", "max_streams must be a number"),
+    (f"team {KEY_A} chunks_per_s=-1", "0 (no limit) or a positive"),
+    (f"team {KEY_A} {KEY_B}", "after the key only max_streams=N"),
+    (f"team {KEY_A} max_streams=1\nteam {KEY_B} max_streams=2", "line 2: this tenant has other limits on line 1"),
+    (f"{KEY_A}", "line 1: expected `TENANT KEY"),
+    ("# nobody\n", "no keys"),
+]
+
+
+@pytest.mark.parametrize(("text", "problem"), BAD_KEY_FILES, ids=[problem for _, problem in BAD_KEY_FILES])
 def test_a_bad_key_file_is_refused_by_line_without_showing_a_key(text: str, problem: str) -> None:
     with pytest.raises(KeyFileError) as refused:
         parse_key_file(text)
