@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -172,26 +171,12 @@ def triton_answers(metrics_port: int) -> int:
                    for method in ("ModelInfer", "ModelStreamInfer")))
 
 
-def free_port_run(count: int) -> int:
-    """A port p such that p .. p + count - 1 are free (worker i serves metrics on --metrics-port + i)."""
-    while True:
-        first = free_port()
-        try:
-            for port in range(first, first + count):
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-
-
 def start_ours(name: str, workers: int, redis: RedisServer) -> Server:
-    metrics_port = free_port_run(workers)
     flags = ["--workers", str(workers), "--warmup-timesteps", "20,1",
              *(["--identity-model"] if name == "ceiling" else [])]
-    ours = ServerProcess(redis.url, DEFAULT_MODEL, *flags, metrics_port=metrics_port, ready_timeout_s=180)
+    ours = ServerProcess(redis.url, DEFAULT_MODEL, *flags, ready_timeout_s=180)
     server = Server(name, ours.address, None, ours=ours, extra_pids=(redis.process.pid,),
-                    metrics_ports=tuple(range(metrics_port, metrics_port + workers)))
+                    metrics_ports=tuple(range(ours.metrics_port, ours.metrics_port + workers)))
     time.sleep(8)  # the warm-up shapes compile in the background; measure after
     return server
 

@@ -35,6 +35,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_port_run(count: int) -> int:
+    """A port p such that p .. p + count - 1 are free (worker i of --workers serves metrics on --metrics-port + i)."""
+    while True:
+        first = free_port()
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+
+
 def wait_until(condition: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.05) -> T:
     """Poll until condition() is truthy and return it; TimeoutError naming `what` after timeout_s."""
     deadline = time.monotonic() + timeout_s
@@ -156,10 +169,10 @@ class ServerProcess:
                  credentials: grpc.ChannelCredentials | None = None, metrics_port: int | None = None) -> None:
         """`redis_url` None: `extra` names it (--redis-url-file); `credentials`: the server serves TLS;
         `metrics_port`: /metrics there (0: none; None: a free port; worker i of --workers uses it + i)."""
-        # Not logged by the server, so chosen here.
-        self.metrics_port = free_port() if metrics_port is None else metrics_port
-        self.log_path = Path(tempfile.mkstemp(prefix="lstm-serve-", suffix=".log")[1])
         self.workers = int(extra[extra.index("--workers") + 1]) if "--workers" in extra else 1
+        # Not logged by the server, so chosen here: one port a worker.
+        self.metrics_port = free_port_run(self.workers) if metrics_port is None else metrics_port
+        self.log_path = Path(tempfile.mkstemp(prefix="lstm-serve-", suffix=".log")[1])
         if port is None and self.workers > 1:
             port = free_port()
         command = [
