@@ -169,6 +169,20 @@ def replication_unconfirmed(confirmed: int | None, wanted: int, timeout_ms: int)
     )
 
 
+def answer_unconfirmed(confirmed: int | None, wanted: int, timeout_ms: int) -> ServiceError:
+    """With --redis-wait-replicas, an answer that ends in no save (a replay, a refusal) is given only from a
+    master whose replicas confirm the stream's slot; this one could not (an old master cut off by a
+    failover has fewer replicas), so its slot may not be the stream's state."""
+    why = (f"only {confirmed} of {wanted} replicas confirmed" if confirmed is not None
+           else "its slot was moving between cluster nodes, so no replica confirmation was asked for")
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"the answer depends on the stream's slot on the Redis master, but {why} it within {timeout_ms} ms, "
+        "so the server does not answer from it; nothing was applied by this attempt: retry the chunk with its "
+        "start_offset or request_id",
+    )
+
+
 # --- UNAVAILABLE: the server is shutting down. ---
 
 def shutting_down() -> ServiceError:

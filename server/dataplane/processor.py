@@ -7,8 +7,8 @@ base of that compare-and-set; an answer without a save is decided on a slot read
 chunk does given its slot is the stream rules' decision (server/dataplane/rules.py); this module does
 the I/O around them. Every answer matches the state (invariant 9, docs/invariants.md): a chunk is
 answered OK only once Redis confirmed its save (with --redis-wait-replicas, once WAIT confirmed it on
-replicas, a replay too); the store finds out what happened to a save whose answer was lost, until the
-batch's deadline.
+replicas; a replay or a refusal, once the master holding its slot shows that replicas confirm it); the
+store finds out what happened to a save whose answer was lost, until the batch's deadline.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from server.config import ServerConfig
 from server.dataplane.rules import Planned, StreamRules, chunk_digest, live_change
 from server.errors import deadline_passed, tenant_streams_exceeded
 from server.state.live import LiveChange, LiveStreams
-from server.state.record import fingerprint_bytes
+from server.state.record import SlotRecord, fingerprint_bytes
 from server.state.store import APPLIED, REFUSED, Loaded, SlotWrite, StateStore, now_unix_ms
 from server.types import CONFLICT, BatchResult, Chunk, Prediction, Runner
 
@@ -59,6 +59,8 @@ class _Batch:
     from_memory: set[int] = field(default_factory=set)  # slots taken from this process's memory
     planned: list[Planned] = field(default_factory=list)  # the chunks that run
     recheck: list[tuple[int, bytes]] = field(default_factory=list)  # answers to decide on Redis' slot
+    # Chunks of streams answered from a slot read from Redis without a save (replays, refusals).
+    decided: set[int] = field(default_factory=set)
 
     def tenants(self, indices: Sequence[int]) -> list[str]:
         return [self.chunks[i].tenant for i in indices]
@@ -95,7 +97,7 @@ class BatchProcessor:
             await self._recheck(batch)
         if self.store.saved_slots is not None:
             metrics.count_slot_loads(len(stateful), len(batch.from_memory), rechecked)
-        await self._confirm_replays(batch)
+        await self._confirm_answers(batch)
         if self.live is not None and batch.planned:
             await self._admit(batch)
         if batch.planned:
@@ -130,6 +132,8 @@ class BatchProcessor:
             batch.recheck.append((index, digest))
         else:
             batch.results[index] = outcome
+            if batch.chunks[index].stream_id is not None:
+                batch.decided.add(index)
 
     async def _recheck(self, batch: _Batch) -> None:
         indices = [i for i, _ in batch.recheck]
@@ -140,18 +144,24 @@ class BatchProcessor:
             batch.from_memory.discard(index)
             self._plan_one(batch, index, digest)
 
-    async def _confirm_replays(self, batch: _Batch) -> None:
-        """With --redis-wait-replicas, a replayed answer is acknowledged only once replicas hold it (an
-        earlier attempt may have been answered UNAVAILABLE because WAIT came back short)."""
+    async def _confirm_answers(self, batch: _Batch) -> None:
+        """With --redis-wait-replicas, an answer that ends in no save (a replay, a refusal) is given only once
+        the master still holds the slot it was decided on and replicas confirm it, on one connection: an
+        earlier attempt may have been answered UNAVAILABLE because WAIT came back short, and a read may have
+        reached an old master cut off by a failover, or one since demoted (invariants 8 and 9). A slot that
+        changed meanwhile is decided again, as a refused save is."""
         if not self.store.waits_for_replicas:
             return
-        replays = [i for i, r in enumerate(batch.results) if isinstance(r, Prediction) and r.replayed]
-        if not replays:
+        indices = [i for i in batch.decided if isinstance(batch.slots.get(i), SlotRecord | None)]
+        if not indices:
             return
-        errors = await self.store.confirm(batch.stream_ids(replays), batch.deadline, batch.tenants(replays))
-        for index, error in zip(replays, errors, strict=True):
-            if error is not None:
-                batch.results[index] = error
+        versions = [slot.version if (slot := batch.slots.get(i)) is not None else b"" for i in indices]
+        answers = await self.store.confirm(batch.stream_ids(indices), versions, batch.deadline, batch.tenants(indices))
+        for index, answer in zip(indices, answers, strict=True):
+            if answer is REFUSED:
+                batch.results[index] = CONFLICT
+            elif answer is not None:
+                batch.results[index] = answer
 
     async def _admit(self, batch: _Batch) -> None:
         """Refuse (RESOURCE_EXHAUSTED) a chunk that would start a stream past its tenant's live-stream limit."""

@@ -27,7 +27,11 @@ for i, key in ipairs(KEYS) do
     else
       done = redis.pcall('SET', key, record, 'PX', ttl)
     end
-    if type(done) == 'table' and done['err'] then
+    if type(done) == 'table' and done['err'] and string.sub(done['err'], 1, 8) == 'READONLY' then
+      -- A replica (a master demoted by a failover): nothing can be written here. The error ends the
+      -- script, and redis-py's Sentinel connection is then dropped and finds the master again.
+      return redis.error_reply(done['err'])
+    elseif type(done) == 'table' and done['err'] then
       results[i] = 'ERR ' .. done['err']
     else
       results[i] = 1
@@ -35,7 +39,7 @@ for i, key in ipairs(KEYS) do
   elseif current == mine then
     -- A replicated no-op (the same time to live again), so that a WAIT after this resend covers the
     -- earlier write, which was made on another connection.
-    redis.pcall('PEXPIRE', key, ttl)
+    redis.call('PEXPIRE', key, ttl)  -- READONLY on a replica ends the script (as above)
     results[i] = 2
   else
     results[i] = 0
@@ -44,17 +48,34 @@ end
 return results
 """
 
-# KEYS: slot keys. A write that changes nothing (the same remaining time to live) but is replicated: a
-# WAIT after it on the same connection confirms that replicas hold everything written to these keys so
-# far, which is what a replayed answer needs before it may be acknowledged with --redis-wait-replicas.
-TOUCH = """
-local results = {}
+# KEYS: slot keys. ARGV: for each key, the version an answer was decided on ("" when the key was absent).
+# With --redis-wait-replicas an answer that ends in no save (a replayed retry, a refusal) is acknowledged
+# only through this script and the WAIT after it, on one connection (server/dataplane/processor.py): per
+# key 1 when the key still holds that version, 0 when it holds another (the answer was decided on a stale
+# read: the chunk is decided again). Where it holds that version, a write that changes nothing but is
+# replicated (the same time to live again, or the same value where it has none) makes the WAIT cover the
+# record too. On an absent key it deletes nothing, which still counts as a write: a replica refuses
+# (READONLY) every call here, so a connection to a master since demoted fails and is dropped, and a node
+# with fewer replicas than WAIT asks for (an old master cut off by a failover) cannot confirm anything.
+CONFIRM = f"""
+local results = {{}}
 for i, key in ipairs(KEYS) do
-  local ttl = redis.call('PTTL', key)
-  if ttl > 0 then
-    redis.call('PEXPIRE', key, ttl)
+  local current = redis.pcall('GETRANGE', key, 0, {VERSION_SIZE - 1})
+  if type(current) == 'table' or current ~= ARGV[i] then
+    results[i] = 0
+  else
+    if current == '' then
+      redis.call('DEL', key)
+    else
+      local ttl = redis.call('PTTL', key)
+      if ttl > 0 then
+        redis.call('PEXPIRE', key, ttl)
+      else
+        redis.call('SET', key, redis.call('GET', key), 'KEEPTTL')
+      end
+    end
+    results[i] = 1
   end
-  results[i] = 1
 end
 return results
 """

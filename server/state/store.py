@@ -35,7 +35,14 @@ from dataclasses import dataclass
 
 from redis import exceptions as redis_errors
 
-from server.errors import ServiceError, outcome_unknown, redis_unavailable, replication_unconfirmed, slot_wrong_type
+from server.errors import (
+    ServiceError,
+    answer_unconfirmed,
+    outcome_unknown,
+    redis_unavailable,
+    replication_unconfirmed,
+    slot_wrong_type,
+)
 from server.state import scripts
 from server.state.attempts import LOST_ANSWER_ERRORS, Attempts, GaveUp, P
 from server.state.cache import SavedSlots
@@ -254,26 +261,34 @@ class StateStore:
                     saved.drop(keys[i])
         return results
 
-    async def confirm(self, stream_ids: Sequence[str], deadline: float,
-                      tenants: Sequence[str] | None = None) -> list[ServiceError | None]:
-        """With --redis-wait-replicas, before a stored answer is replayed: None where replicas hold the
-        stream's slot, else the error to answer instead (the replay is not acknowledged yet)."""
+    async def confirm(self, stream_ids: Sequence[str], versions: Sequence[bytes], deadline: float,
+                      tenants: Sequence[str] | None = None) -> list[ServiceError | Refused | None]:
+        """With --redis-wait-replicas, before an answer that ends in no save (a replayed retry, a refusal)
+        is given: per stream None where the master still holds the version the answer was decided on
+        (b"": no slot) and replicas confirm it; REFUSED where it holds another (a stale read: decide again);
+        else the error to answer instead (nothing is acknowledged yet). One round trip per node, on the
+        connection WAIT asks about (scripts.CONFIRM)."""
         if not stream_ids or not self.waits_for_replicas:
             return [None] * len(stream_ids)
         keys = [self.key(s, t) for s, t in zip(stream_ids, tenants or [""] * len(stream_ids), strict=True)]
-        items = [(key, ()) for key in keys]
-        answers: list[ServiceError | None] = [None] * len(keys)
+        items = [(key, (version,)) for key, version in zip(keys, versions, strict=True)]
+        answers: list[ServiceError | Refused | None] = [None] * len(keys)
 
         async def node(group: NodeGroup) -> None:
             try:
-                done = await self._attempt(lambda: self._router.run_script(scripts.TOUCH, items, group), deadline)
+                done = await self._attempt(lambda: self._router.run_script(scripts.CONFIRM, items, group), deadline)
             except GaveUp as exc:
                 for i in group.indices:
-                    answers[i] = redis_unavailable(exc.detail, action="the chunk was applied before; retry it",
-                                                   outcome=None)
+                    answers[i] = redis_unavailable(
+                        exc.detail, action="nothing was applied by this attempt; retry the chunk", outcome=None)
                 return
+            for i, same in zip(group.indices, done.results, strict=True):
+                if not same:
+                    answers[i] = REFUSED
+            wait = self._router.wait
             for i, replicas in done.unconfirmed.items():
-                answers[i] = self._unconfirmed(replicas)
+                if answers[i] is None:
+                    answers[i] = answer_unconfirmed(replicas, wait.replicas, wait.timeout_ms)
 
         await _all(node(group) for group in await self._router.groups(keys))
         return answers

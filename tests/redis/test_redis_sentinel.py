@@ -17,7 +17,11 @@ that has not yet heard of a failover names the old master once it is back from i
 in one of three trials here: server/state/sentinel.py). In one CI run of the failover test above, nine
 streams were answered "at offset 39" after 42 was acknowledged: read, most likely, from that node while
 it was a replica one chunk behind, which redis-py's first-answer lookup could reach. The last two tests
-put a sentinel with another view first in the server's list.
+put a sentinel with another view first in the server's list. In a later CI run, under CPU load, Sentinel
+failed over twice (the first promoted replica missed its pings for a second), and a connection left on
+that replica refused a chunk with the offset it held from before ("at offset 36", 39 acknowledged): with
+WAIT, an answer without a save is now confirmed on the connection it was read from (scripts.CONFIRM;
+tests/redis/test_redis_wait.py makes that case on purpose).
 """
 
 from __future__ import annotations

@@ -69,3 +69,35 @@ def test_unconfirmed_chunk_is_unavailable_then_replayed_once_a_replica_holds_it(
         master.stop()
         if replica is not None:
             replica.stop()
+
+
+def test_an_old_master_cut_off_by_a_failover_answers_nothing_from_its_stale_slot(start_server) -> None:
+    """A server still connected to the old master after its replica was promoted (Sentinel's
+    connections live on until they fail) reads slots the new master has moved past. With WAIT, such a
+    node cannot confirm anything, so it neither refuses a chunk from its stale slot ("the stream is at
+    offset 5" when it is at 8: a wrong answer that breaks the client's sequence) nor acknowledges one:
+    UNAVAILABLE, and the client's retry reaches the new master. Seen in CI as a sequence broken by
+    "at offset 36, the chunk starts at 39" after a second failover (tests/redis/test_redis_sentinel.py)."""
+    old = NodeProcess(free_port(), ["appendonly no", "repl-diskless-sync-delay 0"])
+    new = NodeProcess(free_port(), ["appendonly no", f"replicaof 127.0.0.1 {old.port}"])
+    try:
+        wait_until(lambda: new.client().info("replication").get("master_link_status") == "up", 30,
+                   "the replica to sync")
+        on_old = start_server("--redis-wait-replicas", "1", redis_url=f"redis://127.0.0.1:{old.port}/0")
+        x = np.random.default_rng(11).normal(0, 1.5, size=(8, 1)).astype(np.float32)
+        predict(on_old.stub, "cut", x[:5], reset=True, start_offset=0)  # confirmed by the replica
+
+        new.client().execute_command("REPLICAOF", "NO", "ONE")  # promoted; the old master keeps running
+        on_new = start_server(redis_url=f"redis://127.0.0.1:{new.port}/0")
+        assert predict(on_new.stub, "cut", x[5:], start_offset=5).offset == 8  # the stream moves on there
+
+        code, message, _ = status_of(predict, on_old.stub, "cut", x[:3], start_offset=8)
+        assert code == grpc.StatusCode.UNAVAILABLE, message
+        assert "only 0 of 1 replicas confirmed it" in message and "nothing was applied" in message
+        # The chunk the new master applied is applied again on the old one, but never acknowledged there.
+        code, message, _ = status_of(predict, on_old.stub, "cut", x[5:], start_offset=5)
+        assert code == grpc.StatusCode.UNAVAILABLE and "0 of 1 replicas" in message, message
+        assert on_new.stub.GetStream(pb.GetStreamRequest(stream_id="cut"), timeout=10).offset == 8
+    finally:
+        old.stop()
+        new.stop()

@@ -70,12 +70,14 @@ class DictStore:
         self.waits_for_replicas = False
         self.unconfirmed: dict[str, ServiceError] = {}  # with waits_for_replicas: confirm()'s errors
         self.confirmed: list[str] = []
+        self.stale: dict[str, Any] = {}  # stream id -> what its next load reads instead (an old master's slot)
 
     saved_slots = None  # no memory of what it saved: every load reads the dict
 
     async def load(self, stream_ids: Sequence[str], deadline: float, tenants: Sequence[str]) -> list:
         self.deadlines.append(deadline)
-        return [self.slots.get((tenant, stream_id)) for stream_id, tenant in zip(stream_ids, tenants, strict=True)]
+        return [self.stale.pop(stream_id) if stream_id in self.stale else self.slots.get((tenant, stream_id))
+                for stream_id, tenant in zip(stream_ids, tenants, strict=True)]
 
     async def load_recent(self, stream_ids: Sequence[str], deadline: float, tenants: Sequence[str],
                           usable: Sequence[bool]) -> tuple[list, list[bool]]:
@@ -97,9 +99,14 @@ class DictStore:
             results.append(APPLIED)
         return results
 
-    async def confirm(self, stream_ids: Sequence[str], deadline: float, tenants: Sequence[str]) -> list:
+    async def confirm(self, stream_ids: Sequence[str], versions: Sequence[bytes], deadline: float,
+                      tenants: Sequence[str]) -> list:
         self.confirmed += stream_ids
-        return [self.unconfirmed.get(stream_id) for stream_id in stream_ids]
+        answers: list = []
+        for stream_id, version, tenant in zip(stream_ids, versions, tenants, strict=True):
+            current = getattr(self.slots.get((tenant, stream_id)), "version", b"")
+            answers.append(REFUSED if current != version else self.unconfirmed.get(stream_id))
+        return answers
 
     def record(self, stream_id: str, tenant: str = "") -> SlotRecord:
         slot = self.slots[(tenant, stream_id)]
@@ -480,3 +487,30 @@ def test_a_tenant_past_its_live_stream_limit_cannot_start_one(harness) -> None:
     assert [(c.stream_id, c.change) for c in live.changes] == [
         ("a", Change.NEW), ("b", Change.NEW), ("a", Change.END), ("b", Change.NEW)]
     assert h.one(chunk(3, stream="b", tenant="t")).offset == 2 and live.changes[-1].change is Change.CONTINUE
+
+
+def test_with_replicas_a_refusal_is_answered_only_once_confirmed(harness) -> None:
+    # Invariant 9 with WAIT: a node that cannot show its replicas hold the slot (an old master cut off by
+    # a failover) may hold a stale one, so "the stream is at offset N" is not said from it.
+    h = harness()
+    h.one(chunk(1, start_offset=0))
+    h.store.waits_for_replicas = True
+    h.store.unconfirmed = {"s": ServiceError(grpc.StatusCode.UNAVAILABLE, "only 0 of 1 replicas confirmed")}
+    assert h.one(chunk(2, start_offset=5)) is h.store.unconfirmed["s"]
+    h.store.unconfirmed = {}
+    refused(h.one(chunk(2, start_offset=5)), grpc.StatusCode.FAILED_PRECONDITION, "at offset 1")
+    assert h.store.confirmed == ["s", "s"]
+
+
+def test_with_replicas_an_answer_decided_on_a_stale_slot_is_decided_again(harness) -> None:
+    # The read reached a node a chunk behind (a master since demoted, or one cut off): the refusal it
+    # implies is not given; the chunk runs again (CONFLICT), and on the master's slot it continues.
+    h = harness()
+    h.one(chunk(1, start_offset=0))
+    behind = h.store.record("s")
+    h.one(chunk(2, start_offset=1))
+    h.store.waits_for_replicas = True
+    h.store.stale = {"s": behind}
+    assert h.one(chunk(3, start_offset=2)) is CONFLICT
+    assert sums(h.one(chunk(3, start_offset=2))) == [6] and h.store.record("s").offset == 3
+
