@@ -30,6 +30,7 @@ import yaml
 
 from devkit import ROOT
 from devkit.processes import find_binary, free_port, wait_until
+from devkit.releases import release_env
 
 ENVOY_CONFIG = ROOT / "deploy" / "envoy.yaml"
 CLUSTER = "lstm_serve"
@@ -111,12 +112,13 @@ class Topology:
     def redis_url(self) -> str:
         return f"redis://127.0.0.1:{self.redis_port}/0"
 
-    def _spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    def _spawn(self, name: str, command: list[str], env: dict[str, str] | None = None,
+               cwd: Path = ROOT) -> subprocess.Popen:
         assert self.workdir is not None
         with open(self.workdir / f"{name}.log", "ab") as log:
             # Own session: a Ctrl-C in the terminal reaches this script only, which stops the rest in order.
             return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    env=env, cwd=ROOT, start_new_session=True)
+                                    env=env, cwd=cwd, start_new_session=True)
 
     def log(self, name: str) -> str:
         assert self.workdir is not None
@@ -145,8 +147,10 @@ class Topology:
             return False
 
     # Replicas ------------------------------------------------------------------------------------
-    def start_replica(self, index: int) -> Replica:
-        """Start replica `index` (again); it is configured as in docker-compose.yml, by LSTM_SERVE_*."""
+    def start_replica(self, index: int, source: Path | None = None) -> Replica:
+        """Start replica `index` (again); it is configured as in docker-compose.yml, by LSTM_SERVE_*.
+        `source`: run the server of another source tree (an earlier release, devkit/releases.py), not
+        this checkout's."""
         replica = self.members[index]
         assert replica.process is None or replica.process.poll() is not None, f"replica {index} is running"
         env = {
@@ -158,7 +162,10 @@ class Topology:
             "LSTM_SERVE_REDIS_URL": self.redis_url,
             "LSTM_SERVE_REDIS_AUTOSTART": "false",
         }
-        replica.process = self._spawn(f"server-{index}", [sys.executable, "-m", "server", *self.server_args], env)
+        if source is not None:
+            env = release_env(source, env)
+        replica.process = self._spawn(f"server-{index}", [sys.executable, "-m", "server", *self.server_args], env,
+                                      cwd=source or ROOT)
         replica.starts += 1
         return replica
 

@@ -78,7 +78,8 @@ def _load_options(load: argparse._ArgumentGroup, d: LoadConfig) -> None:
                       help=f"deadline of one attempt of one chunk (default {d.timeout_s:g} s)")
     load.add_argument("--max-retries", type=int, default=d.max_retries, dest="max_retries", metavar="N",
                       help="resends of a chunk failing with UNAVAILABLE, DEADLINE_EXCEEDED, ABORTED or "
-                      f"RESOURCE_EXHAUSTED (default {d.max_retries})")
+                      "RESOURCE_EXHAUSTED, or whose call the transport or a proxy ended (a break, e.g. INTERNAL "
+                      f"'Stream removed' from Envoy) (default {d.max_retries})")
     load.add_argument("--max-restarts", type=int, default=d.max_restarts, dest="max_restarts", metavar="N",
                       help="after an error that ends a stream's sequence, start a new one this often, then stop "
                       f"the stream (default {d.max_restarts})")

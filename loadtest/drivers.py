@@ -12,10 +12,12 @@ once, spread over several channels (each its own TCP connection) and optionally 
   server that cannot keep up shows in the report instead of silently lowering the offered load.
 
 Retries: a chunk failing with a retryable status (UNAVAILABLE, DEADLINE_EXCEEDED, ABORTED, RESOURCE_EXHAUSTED,
-CANCELLED from the server)
-is resent with the same start_offset (or request_id), so the server applies it at most once and answers a
-repeat of an applied chunk with `replayed`. The backoff and the retry loop are the client library's
-(`lstm_stream.client.retry`, the one retry implementation of the repository); this module only records.
+CANCELLED from the server), or whose call the transport or a proxy ended (a break: Envoy's `INTERNAL: Stream
+removed` when a replica dies under a PredictStream, a stream that ends with the chunk unanswered;
+transports.py), is resent with the same start_offset (or request_id) on a new call, so the server applies
+it at most once and answers a repeat of an applied chunk with `replayed`. The backoff and the retry loop
+are the client library's (`lstm_stream.client.retry`, the one retry implementation of the repository);
+this module only records.
 Any other error ends the stream's sequence: it is recorded as broken at that timestep, and the stream
 starts a new sequence with a reset (at most `max_restarts` times).
 """

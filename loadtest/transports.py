@@ -3,6 +3,9 @@ transports a simulated sensor sends its chunks over (unary Predict, or one long-
 
 A transport turns every failure into `ChunkFailed` with the gRPC status (or BAD_RESPONSE) and, for an
 offset mismatch, the stream's offset on the server; the drivers (drivers.py) decide what to do with it.
+A call ended by the transport or a proxy (lstm_stream.wire.is_transport_break: UNAVAILABLE, CANCELLED,
+Envoy's `INTERNAL: Stream removed`, a PredictStream that ends with the chunk unanswered) is marked
+`transport_break`: a break to resume, retried like UNAVAILABLE, never a chunk's own error.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from loadtest.config import LoadConfig
 from lstm_stream.client.types import ModelInfo, call_metadata, channel_credentials
 from lstm_stream.v1 import stream_pb2 as pb
 from lstm_stream.v1 import stream_pb2_grpc as pb_grpc
-from lstm_stream.wire import offset_from_metadata, status_from_number
+from lstm_stream.wire import is_transport_break, offset_from_metadata, status_from_number
 
 BAD_RESPONSE = "BAD_RESPONSE"
 _MESSAGE_LIMIT = 64 * 1024 * 1024
@@ -64,11 +67,23 @@ def fetch_model(target: str, timeout_s: float, config: LoadConfig | None = None)
 
 
 class ChunkFailed(Exception):
-    def __init__(self, code: grpc.StatusCode | str, message: str, server_offset: int | None = None) -> None:
+    """A chunk's attempt failed. `transport_break`: the call ended without the server's answer (resume it:
+    lstm_stream.client.retry.is_break reads this flag), as opposed to the chunk's own error."""
+
+    def __init__(self, code: grpc.StatusCode | str, message: str, server_offset: int | None = None, *,
+                 transport_break: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.server_offset = server_offset
+        self.transport_break = transport_break
+
+    @classmethod
+    def from_rpc(cls, exc: grpc.aio.AioRpcError) -> ChunkFailed:
+        """A call that ended with a status: the server's answer, or a break (judged by lstm_stream.wire)."""
+        details, metadata = exc.details() or "", exc.trailing_metadata()
+        return cls(exc.code(), details, offset_from_metadata(metadata),
+                   transport_break=is_transport_break(exc.code(), details, metadata))
 
     @property
     def code_name(self) -> str:
@@ -84,7 +99,7 @@ class UnaryTransport:
         try:
             return await self.stub.Predict(request, timeout=timeout, metadata=self.metadata)
         except grpc.aio.AioRpcError as exc:
-            raise ChunkFailed(exc.code(), exc.details() or "", offset_from_metadata(exc.trailing_metadata())) from None
+            raise ChunkFailed.from_rpc(exc) from None
 
     async def close(self) -> None:
         pass
@@ -111,13 +126,13 @@ class StreamTransport:
             raise ChunkFailed(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout:g} s") from None
         except grpc.aio.AioRpcError as exc:
             self._drop()
-            raise ChunkFailed(exc.code(), exc.details() or "") from None
+            raise ChunkFailed.from_rpc(exc) from None
         except (grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
             self._drop()
-            raise ChunkFailed(grpc.StatusCode.UNAVAILABLE, f"stream broken: {exc}") from None
-        if response is grpc.aio.EOF:
+            raise ChunkFailed(grpc.StatusCode.UNAVAILABLE, f"stream broken: {exc}", transport_break=True) from None
+        if response is grpc.aio.EOF:  # the call ended with this chunk unanswered: a break
             self._drop()
-            raise ChunkFailed(grpc.StatusCode.UNAVAILABLE, "the server ended the stream")
+            raise ChunkFailed(grpc.StatusCode.UNAVAILABLE, "the server ended the stream", transport_break=True)
         if response.HasField("error"):
             code = status_from_number(response.error.code)
             offset = response.offset if code == grpc.StatusCode.FAILED_PRECONDITION else None

@@ -20,6 +20,8 @@ ENV_PREFIX = "LSTM_SERVE_"
 # Added to the largest valid chunk's float bytes for the derived message size limit: protobuf tags and
 # lengths, stream and request ids (256 bytes each), Triton's names, shape and parameters.
 MESSAGE_HEADROOM_BYTES = 64 * 1024
+# The record's count of kept answers is a uint32; more than this many would only make records large.
+MAX_REPLAY_WINDOW = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +40,10 @@ class ServerConfig:
     key_prefix: str = "lstm"
     state_ttl_s: float = 86_400.0
     ended_ttl_s: float = 300.0
+    # Answers kept per stream for retries (invariant 11): pipe()'s default window is the same
+    # (clients/python/lstm_stream/client/defaults.py). Chosen from docs/performance.md, "Replay window".
+    replay_window: int = 8
+    replay_window_bytes: int = 64 * 1024
     request_deadline_s: float = 10.0
     max_chunk_timesteps: int = 1024
     max_batch: int = 64
@@ -61,6 +67,9 @@ class ServerConfig:
     stream_window: int = 64
     stream_window_bytes: int = 1024 * 1024
     http2_bdp_probe: bool = False
+    # Longer than Envoy's upstream idle_timeout (300 s, deploy/envoy.yaml), so the proxy closes its pooled
+    # connections first; short enough that abandoned or flooding connections give their descriptors back.
+    max_connection_idle_s: float = 600.0
     # Drain on SIGTERM (docs/operations.md, "Shutdown and draining"). The delay covers a load balancer noticing
     # NOT_SERVING: Envoy's active health check (interval 1 s x unhealthy threshold 2) plus a margin.
     # The grace bounds the whole shutdown; 15 s fits Kubernetes' default 30 s termination grace.
@@ -102,6 +111,11 @@ class ServerConfig:
         return int(self.slot_memory_mb * 1024 * 1024)
 
     @property
+    def max_connection_idle_ms(self) -> int:
+        """grpc's `grpc.max_connection_idle_ms`, an int32: anything past 24 days is as good as never."""
+        return min(round(self.max_connection_idle_s * 1000), 2**31 - 1)
+
+    @property
     def ended_ttl_ms(self) -> int:
         return int(self.ended_ttl_s * 1000)
 
@@ -139,6 +153,10 @@ _HELP = {
     "key_prefix": "prefix of every Redis key this server writes",
     "state_ttl_s": "a stream's state expires after this many idle seconds",
     "ended_ttl_s": "after a chunk with end, its answer is kept this long for retries",
+    "replay_window": "answers of a stream's last applied chunks kept with its state, so a retry of any of them "
+    "(after a broken call, from any replica) is answered with its outputs instead of refused (1: the last only, "
+    "which the previous release reads too)",
+    "replay_window_bytes": "most bytes those answers take per stream (the last chunk's is kept whatever its size)",
     "request_deadline_s": "longest the server works on one call when its caller sets no deadline or a longer "
     "one: how long it keeps retrying a stalled or restarting Redis, and finding out whether a save whose "
     "answer was lost landed, before it answers UNAVAILABLE",
@@ -172,6 +190,8 @@ _HELP = {
     "(at least one request is always read)",
     "http2_bdp_probe": "let gRPC grow HTTP/2 flow-control windows to the measured bandwidth-delay product: faster "
     "large transfers over long links, but each connection may then hold several MiB the server has not read",
+    "max_connection_idle_s": "close a client connection that has had no call open for this many seconds (HTTP/2 "
+    "GOAWAY; clients reconnect on their next call, an open stream is never cut however quiet; 0: never)",
     "drain_delay_s": "on SIGTERM, health reads NOT_SERVING at once and calls are still served this long, so load "
     "balancers stop routing here; then new calls get UNAVAILABLE and open streams are ended",
     "shutdown_grace_s": "most seconds from SIGTERM to exit, drain delay included; accepted chunks are finished "
@@ -216,7 +236,27 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, type=kind, nargs="?", const=True, default=None, metavar="BOOL", help=help_text)
         else:
             parser.add_argument(flag, type=kind, default=None, help=help_text)
+    parser.add_argument("--version", action=_PrintVersion,
+                        help="print the server's version and the slot record formats it reads and writes, and exit")
     return parser
+
+
+class _PrintVersion(argparse.Action):
+    """`lstm-serve --version`: exits 0 before anything loads a model or reaches Redis (CHANGELOG.md)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        # Imported here: only --version needs them (numpy, a file read); neither imports TensorFlow or redis.
+        from server.state.record import NEWEST_FORMAT, PREVIOUS_RELEASE_FORMAT, READ_FORMATS
+        from server.version import server_version
+
+        reads = ", ".join(str(f) for f in READ_FORMATS)
+        print(f"lstm-serve {server_version()}\nslot record formats: reads {reads}; writes {PREVIOUS_RELEASE_FORMAT} "
+              f"to {NEWEST_FORMAT}, the newest its deployment's record-format key allows")
+        parser.exit(0)
 
 
 def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> ServerConfig:
@@ -283,6 +323,10 @@ def _check(config: ServerConfig, parser: argparse.ArgumentParser) -> None:
         parser.error("--max-delay-ms must not be negative")
     if not config.request_deadline_s > 0:
         parser.error("--request-deadline-s must be positive")
+    if not 1 <= config.replay_window <= MAX_REPLAY_WINDOW:
+        parser.error(f"--replay-window must be between 1 (the last answer only) and {MAX_REPLAY_WINDOW}")
+    if config.replay_window_bytes < 0:
+        parser.error("--replay-window-bytes must not be negative")
     if config.state_ttl_s <= 0 or config.ended_ttl_s <= 0:
         parser.error("--state-ttl-s and --ended-ttl-s must be positive")
     if not 0 <= config.port <= 65535:
@@ -293,6 +337,8 @@ def _check(config: ServerConfig, parser: argparse.ArgumentParser) -> None:
     for name in ("max_concurrent_rpcs", "max_queued_chunks", "stream_window", "stream_window_bytes"):
         if getattr(config, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not (config.max_connection_idle_s == 0 or 0.001 <= config.max_connection_idle_s < float("inf")):
+        parser.error("--max-connection-idle-s must be 0 (never close idle connections) or at least 0.001")
     if config.drain_delay_s < 0 or config.shutdown_grace_s <= 0:
         parser.error("--drain-delay-s must not be negative and --shutdown-grace-s must be positive")
     if config.drain_delay_s >= config.shutdown_grace_s:

@@ -15,7 +15,13 @@ import grpc
 
 # The metadata keys and outcomes clients read: their one home is the wire module of the client distribution.
 # On chunk errors from the state store the outcome is "not-applied" (certain) or "unknown" (invariant 9).
-from lstm_stream.wire import NOT_APPLIED, OFFSET_METADATA_KEY, OUTCOME_METADATA_KEY, OUTCOME_UNKNOWN
+from lstm_stream.wire import (
+    NOT_APPLIED,
+    OFFSET_METADATA_KEY,
+    OUTCOME_METADATA_KEY,
+    OUTCOME_UNKNOWN,
+    SERVER_INTERNAL_PREFIX,
+)
 
 # The exit code of a start-up failure: the supervisor of --workers does not restart a worker that exits
 # with it (every restart would fail the same way), and neither should a container's restart policy.
@@ -73,11 +79,13 @@ def malformed_message(problem: str) -> ServiceError:
 
 # --- FAILED_PRECONDITION: the chunk does not fit the stream's saved state; nothing was applied. ---
 
-def offset_mismatch(stream_id: str, requested: int, current: int) -> ServiceError:
+def offset_mismatch(stream_id: str, requested: int, current: int, replay_window: int = 1) -> ServiceError:
     if requested < current:
-        # Invariant 10: an earlier chunk of this sequence arriving late (or one of an older sequence).
-        why = ("it is a late duplicate of an already applied chunk or a chunk of an earlier sequence; "
-               "it was not applied")
+        # Invariant 10: an earlier chunk of this sequence arriving late (or one of an older sequence); a
+        # retry of one whose answer is kept was replayed before this (invariant 11).
+        why = (f"if it was applied before, its answer is no longer kept (answers are kept for the last "
+               f"{replay_window} chunks of a sequence: --replay-window), else it is a chunk of an earlier "
+               "sequence; it was not applied again")
     else:
         why = "it was not applied"
     return ServiceError(
@@ -234,6 +242,17 @@ def stream_kept_changing(stream_id: str | None) -> ServiceError:
     )
 
 
+def slot_from_newer_release(stream_id: str, found: int, newest: int) -> ServiceError:
+    """A record written by a newer release (a rolling upgrade under way, or after a rollback): not lost, but
+    not for this replica: UNAVAILABLE, so clients and Envoy retry and another replica answers."""
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"stream {stream_id!r} was saved by a newer release of the server (record format {found}; this replica "
+        f"reads formats up to {newest}); nothing was applied: retry it, a replica of the newer release reads it",
+        outcome=NOT_APPLIED,
+    )
+
+
 # --- DATA_LOSS: the stream's record cannot be read. ---
 
 def slot_unreadable(stream_id: str, problem: str) -> ServiceError:
@@ -258,6 +277,16 @@ def unknown_api_key() -> ServiceError:
     return ServiceError(grpc.StatusCode.UNAUTHENTICATED, "the API key in `authorization` is not known to this server")
 
 
+def api_key_withdrawn() -> ServiceError:
+    """An open call's key was removed from the key file, or moved to another tenant, by a reload."""
+    return ServiceError(
+        grpc.StatusCode.UNAUTHENTICATED,
+        "the API key of this call was revoked or moved to another tenant when the key file was reloaded; the "
+        "call is ended, and the request received after the reload was not applied: open a new call with a "
+        "valid key",
+    )
+
+
 def tenant_rate_exceeded(tenant: str, chunks_per_s: float) -> ServiceError:
     return ServiceError(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -280,7 +309,8 @@ def tenant_streams_exceeded(tenant: str, max_streams: int) -> ServiceError:
 
 def internal_error(detail: str) -> ServiceError:
     """An exception nobody expected; `detail` names it (never a Redis error: the store sorts those)."""
-    return ServiceError(grpc.StatusCode.INTERNAL, f"internal error: {detail}")
+    # The prefix tells clients it is the server's own INTERNAL, not a call cut by the transport.
+    return ServiceError(grpc.StatusCode.INTERNAL, f"{SERVER_INTERNAL_PREFIX}{detail}")
 
 
 # --- The Triton / KServe v2 protocol's own errors (server/api/triton.py). ---

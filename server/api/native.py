@@ -18,6 +18,7 @@ from server.api.validation import check_stream_id, make_chunk
 from server.dataplane.plane import DataPlane
 from server.errors import ServiceError
 from server.types import Chunk, Prediction
+from server.version import server_version
 
 
 class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
@@ -117,4 +118,5 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
                 for layer in model.recurrent_layers
             ],
             state_size=model.state_size,
+            server_version=server_version(),
         )

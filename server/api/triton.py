@@ -22,7 +22,6 @@ take it) and one output "OUTPUT" (FP32 [rows, output_size], with the leading 1 w
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -45,21 +44,15 @@ from server.api.triton_convert import (
     to_response,
     to_stream_error,
 )
-from server.api.triton_statistics import TritonStatistics
+from server.api.triton_statistics import TenantStatistics
 from server.dataplane.plane import DataPlane
 from server.errors import ServiceError, unknown_model
 from server.types import Prediction, StageTimes
+from server.version import server_version
 
 EXTENSIONS = ("model_configuration", "sequence", "sequence(string_id)", "statistics")
 
 Context = grpc.aio.ServicerContext
-
-
-def _server_version() -> str:
-    try:
-        return importlib.metadata.version("lstm-stream-server")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 @dataclass(slots=True)
@@ -71,6 +64,7 @@ class _Submitted:
     batched: bool  # the input was [1, T, F], so the output gets the leading 1 too
     started_ns: int
     times: StageTimes  # filled in by the data path, for ModelStatistics
+    tenant: str  # whose statistics count it
 
 
 class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -83,8 +77,8 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.max_batch_size = max_batch_size
         self.max_queue_delay_us = max_queue_delay_us
         self.sequence_idle_us = sequence_idle_us
-        self.statistics = TritonStatistics()
-        self.version = _server_version()
+        self.statistics = TenantStatistics()
+        self.version = server_version()  # ServerMetadata's; the same as GetModel's and `lstm-serve --version`
 
     def _is_model(self, name: str, version: str) -> bool:
         return self._model_error(name, version) is None
@@ -105,25 +99,26 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _submit(self, request: pb.ModelInferRequest, time_remaining: float | None = None) -> _Submitted:
         """Validate and hand to the data plane now, so a stream's chunks reach the batcher in order."""
         self._check_model(request.model_name, request.model_version)
-        started_ns, times, batched = time.monotonic_ns(), StageTimes(), False
+        started_ns, times, batched, tenant = time.monotonic_ns(), StageTimes(), False, TENANT.get()
         try:
             chunk, batched = to_chunk(
-                request, self.dataplane.model, self.dataplane.max_chunk_timesteps, TENANT.get(), times
+                request, self.dataplane.model, self.dataplane.max_chunk_timesteps, tenant, times
             )
             times.queued = time.monotonic_ns()
             answer = self.dataplane.submit(chunk, time_remaining)
         except Exception as exc:  # a bad request: its failure is delivered like the data plane's
             answer = asyncio.get_running_loop().create_future()
             answer.set_exception(as_service_error(exc))
-        return _Submitted(request, answer, batched, started_ns, times)
+        return _Submitted(request, answer, batched, started_ns, times, tenant)
 
     async def _finish(self, submitted: _Submitted) -> pb.ModelInferResponse:
+        statistics = self.statistics.of(submitted.tenant)
         try:
             prediction = await submitted.answer
         except Exception:
-            self.statistics.record_failure(submitted.started_ns)
+            statistics.record_failure(submitted.started_ns)
             raise
-        self.statistics.record_success(submitted.started_ns, submitted.times)
+        statistics.record_success(submitted.started_ns, submitted.times)
         return to_response(submitted.request, prediction, submitted.batched, self.dataplane.model.name)
 
     @unary_errors
@@ -190,7 +185,9 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
             self._check_model(request.name, request.version)
         # Under the name asked for, as Triton answers: perf_analyzer -m default looks its statistics up by it.
         name = request.name or self.dataplane.model.name
-        return pb.ModelStatisticsResponse(model_stats=[self.statistics.message(name, MODEL_VERSION)])
+        # With API keys, the caller's tenant's own requests only (invariant 13).
+        statistics = self.statistics.of(TENANT.get())
+        return pb.ModelStatisticsResponse(model_stats=[statistics.message(name, MODEL_VERSION)])
 
 
 def add_triton_service(

@@ -13,6 +13,10 @@ A request answered without the model (a replayed retry) counts its whole batch a
 `execution_count` counts model calls: a call shared by n requests counts 1/n for each, so requests
 of the native API that shared a call are not counted, and under Triton-only load it is the number of
 model calls.
+
+With API keys (invariant 13, docs/invariants.md) each tenant has its own counters, and ModelStatistics
+answers a caller with its tenant's alone: another tenant's traffic is not the caller's to see.
+Without keys there is one set of counters, under the tenant "".
 """
 
 from __future__ import annotations
@@ -85,3 +89,16 @@ class TritonStatistics:
                 compute_output=self.compute_output.message(),
             ),
         )
+
+
+class TenantStatistics:
+    """One TritonStatistics per tenant, made on a tenant's first request (tenants come from the key file)."""
+
+    def __init__(self) -> None:
+        self._by_tenant: dict[str, TritonStatistics] = {}
+
+    def of(self, tenant: str) -> TritonStatistics:
+        statistics = self._by_tenant.get(tenant)
+        if statistics is None:
+            statistics = self._by_tenant[tenant] = TritonStatistics()
+        return statistics

@@ -35,6 +35,7 @@ from server.security.limits import ChunkRate
 from server.security.tenants import Tenants
 from server.state.cache import SavedSlots
 from server.state.connection import RedisTopology
+from server.state.formats import RecordFormat
 from server.state.live import LiveStreams
 from server.state.routing import WaitPolicy
 from server.state.store import StateStore
@@ -63,11 +64,14 @@ async def build_server(config: ServerConfig, worker_of: tuple[int, int] | None) 
     runner = _load_model(config)
     model = runner.description
     topology = RedisTopology.from_config(config)
-    dataplane = _data_plane(config, runner, StateStore(
+    store = StateStore(
         topology, config.key_prefix, wait=WaitPolicy(config.redis_wait_replicas, config.redis_wait_timeout_ms),
         saved_slots=SavedSlots(config.slot_memory_bytes, config.slot_memory_roaming_s)
         if config.slot_memory_bytes > 0 else None,
-    ), security.tenants)
+    )
+    record_format = RecordFormat(store.client, config.key_prefix)
+    await record_format.settle()  # before the first save: which format this deployment writes
+    dataplane = _data_plane(config, runner, store, security.tenants, record_format)
     dataplane.start()
 
     # Invariant 12 (docs/invariants.md): no message larger than the largest valid chunk (plus headroom),
@@ -86,6 +90,11 @@ async def build_server(config: ServerConfig, worker_of: tuple[int, int] | None) 
             ("grpc.http2.bdp_probe", 1 if config.http2_bdp_probe else 0),
             # Workers share one port; a lone server must fail loudly if the port is taken.
             ("grpc.so_reuseport", 1 if worker_of is not None else 0),
+            # A connection with no call open (one that sent only the HTTP/2 preface, or a client gone quiet)
+            # gets GOAWAY and is closed after this long, so idle connections cannot pile up until the
+            # descriptors run out; an open call, however quiet, keeps its connection.
+            *([("grpc.max_connection_idle_ms", config.max_connection_idle_ms)]
+              if config.max_connection_idle_s else []),
         ]
     )
     health = HealthServicer()
@@ -113,7 +122,8 @@ async def build_server(config: ServerConfig, worker_of: tuple[int, int] | None) 
                        security, topology.mode)
 
 
-def _data_plane(config: ServerConfig, runner: Runner, store: StateStore, tenants: Tenants | None) -> DataPlane:
+def _data_plane(config: ServerConfig, runner: Runner, store: StateStore, tenants: Tenants | None,
+                record_format: RecordFormat) -> DataPlane:
     policy = StreamPolicy.from_config(config)
     return DataPlane(
         runner, store, policy,
@@ -123,6 +133,7 @@ def _data_plane(config: ServerConfig, runner: Runner, store: StateStore, tenants
         chunk_rate=ChunkRate(tenants.limits) if tenants else None,
         live=LiveStreams(store, policy.state_ttl_ms, lambda tenant: tenants.limits(tenant).max_streams)
         if tenants else None,
+        record_format=record_format,
     )
 
 

@@ -17,7 +17,7 @@ from server.app.logs import carry_native_stderr, configure_logging
 from server.app.supervisor import SUPERVISOR_ENV, WORKER_ENV, exit_with_supervisor, run_workers
 from server.config import ServerConfig, load_config
 from server.errors import EXIT_STARTUP_ERROR, StartupError
-from server.state.launcher import check_redis, stop_private_redis
+from server.state.launcher import check_redis, release_private_redis
 
 log = logging.getLogger("server")
 
@@ -32,6 +32,10 @@ def _stop_before_serving(signum: int, _frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["admin"]:  # operator steps on the deployment's Redis (server/app/admin.py)
+        from server.app.admin import main as admin
+
+        sys.exit(admin(argv[1:]))
     config = load_config(argv)
     configure_logging(config.log_level, config.log_format)
     worker_env = os.environ.get(WORKER_ENV)
@@ -47,11 +51,11 @@ def main(argv: list[str] | None = None) -> None:
         exit_with_supervisor(int(os.environ[SUPERVISOR_ENV]))
     if config.log_format == "json" and not supervising:
         carry_native_stderr()  # before TensorFlow is imported: its C++ logs become JSON lines too
-    redis_process = None
+    private_redis = None
     code = 0
     try:
         if worker_env is None:
-            redis_process = check_redis(config)
+            private_redis = check_redis(config)  # a private Redis, when one is used: watched until released
         code = run_workers(config, argv) if supervising else _serve_until_stopped(config, worker_env)
     except StartupError as exc:  # the one place a start-up failure is reported (server/errors.py)
         log.error("%s", exc.log_line())  # the one line it writes: what to change
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     except _StopBeforeServing:
         log.info("stopped before serving: a signal arrived during start-up")
     finally:
-        stop_private_redis(redis_process)
+        release_private_redis(private_redis)  # stopped only when no other lstm-serve uses it
     log.info("stopped", extra={"fields": {"exit_code": code}})
     sys.exit(code)
 

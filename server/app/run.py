@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
+import resource
 import signal
 
 from server import metrics
@@ -22,15 +24,18 @@ STOP_MARGIN_S = 1.0
 
 async def serve(config: ServerConfig, worker_of: tuple[int, int] | None = None) -> None:
     """Build the server, serve until signalled, drain. `worker_of`: (index, count) under --workers."""
+    raised_from = raise_fd_limit()
     built = await build_server(config, worker_of)
-    await run_until_signalled(built, config, worker_of)
+    await run_until_signalled(built, config, worker_of, raised_from)
 
 
-async def run_until_signalled(built: BuiltServer, config: ServerConfig, worker_of: tuple[int, int] | None) -> None:
+async def run_until_signalled(built: BuiltServer, config: ServerConfig, worker_of: tuple[int, int] | None,
+                              raised_from: int | None = None) -> None:
     # Every service name has its status before the port opens: no caller sees SERVING (the health
     # servicer's default for "") or NOT_FOUND before the first answer from Redis.
     await built.redis_health.check()
     await built.server.start()
+    log_fd_limit(config, raised_from)
     # TensorFlow leaves hundreds of thousands of objects behind at start-up; a full garbage collection
     # walks them all (pauses of 100-200 ms under load). Freezing them takes them out of every collection.
     gc.collect()
@@ -91,3 +96,52 @@ async def _drain(config: ServerConfig, built: BuiltServer, tracker: asyncio.Task
         log.warning("the shutdown grace ran out; cancelling the calls still running",
                     extra={"fields": {"calls_in_flight": drain.calls, "shutdown_grace_s": config.shutdown_grace_s}})
     await built.server.stop(max(0.0, min(STOP_MARGIN_S, deadline - loop.time())))
+
+
+def raise_fd_limit() -> int | None:
+    """Raise the soft RLIMIT_NOFILE to the hard one; the old soft limit if it was raised, else None.
+
+    Every client connection holds a descriptor. The soft limit is often 1,024 (systemd keeps it there for
+    programs that still use select(), and leaves the hard limit at 524,288 for those that do not); this
+    server waits with epoll only (grpc, asyncio, redis-py), so it takes what the hard limit allows, as
+    nginx and Envoy deployments do. Lowering the hard limit (ulimit -Hn, LimitNOFILE=) caps it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:  # the kernel refuses more than fs.nr_open
+        try:
+            with open("/proc/sys/fs/nr_open") as nr_open:
+                target = int(nr_open.read())
+        except (OSError, ValueError):
+            return None
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("could not raise the file-descriptor limit", extra={"fields": {
+                "soft": soft, "hard": hard, "error": str(exc)}})
+            return None
+        return soft
+    return None
+
+
+def log_fd_limit(config: ServerConfig, raised_from: int | None) -> None:
+    """The descriptor limit in use and the client connections it leaves room for (one descriptor each)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    open_now = _open_fds()
+    limit = None if soft == resource.RLIM_INFINITY else soft
+    log.info("file descriptors", extra={"fields": {
+        "limit": limit, "hard_limit": None if hard == resource.RLIM_INFINITY else hard,
+        "raised_from": raised_from, "open": open_now,
+        # Beyond this many connections at once, accepting fails and new clients wait (DEADLINE_EXCEEDED).
+        "max_connections": limit - open_now if limit is not None and open_now is not None else None,
+        "max_connection_idle_s": config.max_connection_idle_s or None}})
+
+
+def _open_fds() -> int | None:
+    for folder in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return len(os.listdir(folder)) - 1  # less the descriptor listdir itself held open
+        except OSError:
+            continue
+    return None

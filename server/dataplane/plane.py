@@ -14,10 +14,11 @@ from collections.abc import Sequence
 from server import metrics
 from server.dataplane.batcher import Batcher
 from server.dataplane.processor import BatchProcessor, StreamPolicy
-from server.errors import slot_wrong_type, tenant_rate_exceeded
+from server.errors import slot_from_newer_release, slot_wrong_type, tenant_rate_exceeded
 from server.security.limits import ChunkRate
+from server.state.formats import RecordFormat
 from server.state.live import LiveStreams
-from server.state.record import CorruptRecord
+from server.state.record import NEWEST_FORMAT, CorruptRecord, NewerRecord
 from server.state.store import StateStore, WrongType
 from server.types import Chunk, ModelDescription, Prediction, Runner, StreamStatus
 
@@ -35,14 +36,17 @@ class DataPlane:
         max_queued: int,
         chunk_rate: ChunkRate | None = None,
         live: LiveStreams | None = None,
+        record_format: RecordFormat | None = None,
     ) -> None:
         self.runner = runner
         self.store = store
+        self.record_format = record_format  # which record format saves use (rolling upgrades)
+        self._format_refresh: asyncio.Task[None] | None = None
         self.request_deadline_s = policy.request_deadline_s
         # Per-tenant limits (invariants 12 and 13): chunks/s in this process, live streams in Redis.
         self._chunk_rate = chunk_rate
         self._live = live
-        self._processor = BatchProcessor(runner, store, policy, live)
+        self._processor = BatchProcessor(runner, store, policy, live, record_format)
         self._batcher = Batcher(
             self._processor, max_batch=max_batch, max_delay_s=max_delay_s, max_in_flight=max_in_flight,
             max_queued=max_queued,
@@ -58,8 +62,12 @@ class DataPlane:
 
     def start(self) -> None:
         self._batcher.start()
+        if self.record_format is not None:
+            self._format_refresh = asyncio.create_task(self.record_format.track(), name="record-format")
 
     async def stop(self) -> None:
+        if self._format_refresh is not None:
+            self._format_refresh.cancel()
         await self._batcher.stop()
         self._processor.close()
         self.runner.close()
@@ -105,6 +113,8 @@ class DataPlane:
         slot, ttl_ms = await self.store.inspect(stream_id, self.deadline(time_remaining), tenant)
         if isinstance(slot, WrongType):
             raise slot_wrong_type(stream_id, slot.key, slot.redis_type)
+        if isinstance(slot, NewerRecord):
+            raise slot_from_newer_release(stream_id, slot.format, NEWEST_FORMAT)
         if slot is None or isinstance(slot, CorruptRecord) or slot.ended:
             return StreamStatus(stream_id, exists=False)
         return StreamStatus(

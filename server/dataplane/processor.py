@@ -25,6 +25,7 @@ from server import metrics
 from server.config import ServerConfig
 from server.dataplane.rules import Planned, StreamRules, chunk_digest, live_change
 from server.errors import deadline_passed, tenant_streams_exceeded
+from server.state.formats import RecordFormat
 from server.state.live import LiveChange, LiveStreams
 from server.state.record import SlotRecord, fingerprint_bytes
 from server.state.store import APPLIED, REFUSED, Loaded, SlotWrite, StateStore, now_unix_ms
@@ -40,10 +41,14 @@ class StreamPolicy:
     reset_on_model_change: bool
     # How long a batch may wait for Redis when none of its chunks carries a deadline.
     request_deadline_s: float
+    # Answers kept per stream for retries, and their bytes (--replay-window, --replay-window-bytes).
+    replay_window: int = 1
+    replay_window_bytes: int = 0
 
     @classmethod
     def from_config(cls, config: ServerConfig) -> StreamPolicy:
-        return cls(config.state_ttl_ms, config.ended_ttl_ms, config.reset_on_model_change, config.request_deadline_s)
+        return cls(config.state_ttl_ms, config.ended_ttl_ms, config.reset_on_model_change, config.request_deadline_s,
+                   config.replay_window, config.replay_window_bytes)
 
 
 @dataclass(slots=True)
@@ -71,14 +76,16 @@ class _Batch:
 
 class BatchProcessor:
     def __init__(
-        self, runner: Runner, store: StateStore, policy: StreamPolicy, live: LiveStreams | None = None
+        self, runner: Runner, store: StateStore, policy: StreamPolicy, live: LiveStreams | None = None,
+        record_format: RecordFormat | None = None,
     ) -> None:
         self.runner = runner
         self.store = store
         self.policy = policy
         self.live = live  # per-tenant live-stream limits; None without API keys or without such limits
         self.rules = StreamRules(fingerprint_bytes(runner.description.fingerprint), runner.zero_states(1)[0],
-                                 policy.reset_on_model_change)
+                                 policy.reset_on_model_change, policy.replay_window, policy.replay_window_bytes,
+                                 (lambda: record_format.keeps_earlier_answers) if record_format else lambda: True)
         # One thread owns the model: calls never overlap, and the event loop stays free meanwhile.
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 

@@ -4,9 +4,11 @@ Pure decisions, no I/O: server/dataplane/processor.py loads the slots, asks `Str
 chunk, runs the model for the chunks that run, and saves the records `StreamRules.record_after` builds.
 
 - `reset` starts from zero state at offset 0; otherwise the stream continues from its slot.
-- A retry of the last applied chunk (same data, and the same start offset or request id; for a reset
-  chunk, the same request id or none) is answered with the stored response, `replayed=True`, and the
-  state is not advanced again.
+- A retry of one of the sequence's last `replay_window` applied chunks (same data, and the same start
+  offset or request id; for a reset chunk, the same request id or none) is answered with its stored
+  response, `replayed=True`, and the state is not advanced again (invariant 11). The answers are those
+  of the current sequence: a reset starts the window again, so a chunk of an earlier sequence that
+  happens to repeat data at an offset of this one is never taken for a retry.
 - A late duplicate of an earlier chunk of the current sequence changes nothing (invariant 10): a reset
   chunk equal to the one that started the sequence (same data and request id), or a chunk without a
   start offset whose request id and data match one of the sequence's last RECENT_REQUESTS chunks with
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,12 +33,22 @@ from server.errors import (
     late_duplicate,
     offset_mismatch,
     saved_by_other_model,
+    slot_from_newer_release,
     slot_unreadable,
     slot_wrong_type,
     stream_not_started,
 )
 from server.state.live import Change
-from server.state.record import RECENT_REQUESTS, REQUEST_DIGEST_SIZE, CorruptRecord, SlotRecord, new_version
+from server.state.record import (
+    NEWEST_FORMAT,
+    RECENT_REQUESTS,
+    REQUEST_DIGEST_SIZE,
+    CorruptRecord,
+    KeptAnswer,
+    NewerRecord,
+    SlotRecord,
+    new_version,
+)
 from server.state.store import Loaded, WrongType
 from server.types import BatchResult, Chunk, Prediction
 
@@ -81,6 +94,8 @@ class Planned:
     first_digest: bytes = b""
     first_request_id: bytes = b""
     recent_requests: bytes = b""
+    # The answers of the sequence's chunks before this one that the new record may keep, oldest first.
+    earlier: tuple[KeptAnswer, ...] = ()
 
 
 def live_change(planned: Planned, slot: Loaded) -> Change:
@@ -94,10 +109,22 @@ def live_change(planned: Planned, slot: Loaded) -> Change:
 class StreamRules:
     """The rules for one model: `fingerprint` is the one its slots must carry, `zero_state` a fresh state."""
 
-    def __init__(self, fingerprint: bytes, zero_state: np.ndarray, reset_on_model_change: bool) -> None:
+    def __init__(self, fingerprint: bytes, zero_state: np.ndarray, reset_on_model_change: bool,
+                 replay_window: int = 1, replay_window_bytes: int = 0,
+                 earlier_allowed: Callable[[], bool] = lambda: True) -> None:
         self.fingerprint = fingerprint
         self.zero_state = zero_state
         self.reset_on_model_change = reset_on_model_change
+        # --replay-window: answers kept per stream (the last chunk's always); --replay-window-bytes: the
+        # most bytes they take in a record (the last chunk's answer kept whatever its size).
+        self._replay_window = replay_window
+        self.replay_window_bytes = replay_window_bytes
+        # False while the deployment's record format cannot carry earlier answers (server/state/formats.py).
+        self._earlier_allowed = earlier_allowed
+
+    @property
+    def replay_window(self) -> int:
+        return self._replay_window if self._earlier_allowed() else 1
 
     def plan(self, index: int, chunk: Chunk, digest: bytes, slot: Loaded) -> Planned | BatchResult:
         """The chunk runs (Planned), or is answered without running: a replay or an error."""
@@ -106,12 +133,14 @@ class StreamRules:
         stream_id = chunk.stream_id
         if isinstance(slot, WrongType):
             return slot_wrong_type(stream_id, slot.key, slot.redis_type)
+        if isinstance(slot, NewerRecord):  # never overwritten here, not even by a reset: it may hold more
+            return slot_from_newer_release(stream_id, slot.format, NEWEST_FORMAT)
         if isinstance(slot, CorruptRecord):
             if not chunk.reset:
                 return slot_unreadable(stream_id, str(slot))
             return self._from_zero(index, chunk, digest, slot.version)
-        if slot is not None and _is_retry(chunk, digest, slot):
-            return Prediction(stream_id, slot.last_outputs, slot.offset, True, chunk.request_id)
+        if slot is not None and (replay := _replay(chunk, digest, slot)) is not None:
+            return replay
         if slot is not None and not slot.ended and (duplicate := _late_duplicate(chunk, digest, slot)):
             return duplicate
         if chunk.must_exist and not chunk.reset and (slot is None or slot.ended):
@@ -130,13 +159,14 @@ class StreamRules:
                 return self._from_zero(index, chunk, digest, slot.version)
             return saved_by_other_model(stream_id, slot.fingerprint.hex(), self.fingerprint.hex())
         if chunk.start_offset is not None and chunk.start_offset != slot.offset:
-            return offset_mismatch(stream_id, chunk.start_offset, slot.offset)
+            return offset_mismatch(stream_id, chunk.start_offset, slot.offset, self.replay_window)
         if slot.state.size != self.zero_state.size:
             return slot_unreadable(
                 stream_id, f"the saved state has {slot.state.size} values, the model needs {self.zero_state.size}"
             )
+        last = KeptAnswer.of(slot.last_start, slot.last_digest, slot.last_request_id, slot.last_outputs)
         return Planned(index, chunk, slot.state, slot.offset, slot.version, digest,
-                       slot.first_digest, slot.first_request_id, slot.recent_requests)
+                       slot.first_digest, slot.first_request_id, slot.recent_requests, (*slot.earlier, last))
 
     def _from_zero(self, index: int, chunk: Chunk, digest: bytes, version: bytes) -> Planned | ServiceError:
         """The chunk starts a new sequence: it is the one whose late copies are recognised (invariant 10)."""
@@ -166,19 +196,45 @@ class StreamRules:
             first_digest=planned.first_digest,
             first_request_id=planned.first_request_id,
             recent_requests=recent,
+            # An ended sequence keeps its last answer only: its first chunk again deliberately starts a new one.
+            earlier=() if chunk.end else self._kept(planned.earlier, output),
         )
 
+    def _kept(self, earlier: tuple[KeptAnswer, ...], last_outputs: np.ndarray) -> tuple[KeptAnswer, ...]:
+        """The newest of `earlier` that fit beside the last answer: replay_window - 1 at most, and their
+        bytes with the last answer's within replay_window_bytes."""
+        window = self.replay_window
+        kept = earlier[max(0, len(earlier) - window + 1):] if window > 1 else ()
+        room = self.replay_window_bytes - 4 * last_outputs.size
+        used = sum(answer.size for answer in kept)
+        while kept and used > room:
+            used -= kept[0].size
+            kept = kept[1:]
+        return kept
 
-def _is_retry(chunk: Chunk, digest: bytes, slot: SlotRecord) -> bool:
-    if slot.last_digest != digest:
+
+def _replay(chunk: Chunk, digest: bytes, slot: SlotRecord) -> Prediction | None:
+    """The stored answer when the chunk is a retry of one of the sequence's kept chunks, newest first."""
+    stream_id = chunk.stream_id or ""
+    if _is_retry(chunk, digest, slot.last_start, slot.last_digest, slot.last_request_id):
+        return Prediction(stream_id, slot.last_outputs, slot.offset, True, chunk.request_id)
+    for answer in reversed(slot.earlier):
+        if _is_retry(chunk, digest, answer.start, answer.digest, answer.request_id):
+            return Prediction(stream_id, answer.outputs, answer.start + chunk.timesteps, True, chunk.request_id)
+    return None
+
+
+def _is_retry(chunk: Chunk, digest: bytes, start: int, applied_digest: bytes, applied_request_id: bytes) -> bool:
+    """Whether the chunk is a retry of the applied chunk with this start offset and these digests."""
+    if applied_digest != digest:
         return False
-    if chunk.start_offset is not None:
-        return chunk.start_offset == slot.last_start
     if chunk.reset:
-        # The digest covers the reset flag, so the last chunk was this reset (at offset 0): the same
-        # request id, or none on both, makes it a retry rather than a second restart.
-        return request_id_digest(chunk.request_id) == slot.last_request_id
-    return bool(chunk.request_id) and request_id_digest(chunk.request_id) == slot.last_request_id
+        # The digest covers the reset flag, so the applied chunk was this reset (at offset 0): the same
+        # request id, or none on both, makes it a retry; another request id, a deliberate restart.
+        return request_id_digest(chunk.request_id) == applied_request_id and chunk.start_offset in (None, 0)
+    if chunk.start_offset is not None:
+        return chunk.start_offset == start
+    return bool(chunk.request_id) and request_id_digest(chunk.request_id) == applied_request_id
 
 
 def _late_duplicate(chunk: Chunk, digest: bytes, slot: SlotRecord) -> ServiceError | None:

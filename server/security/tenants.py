@@ -112,13 +112,18 @@ def parse_key_file(text: str, defaults: TenantLimits = NO_LIMITS) -> Directory:
 
 
 class Tenants:
-    """The current key directory, swapped whole on reload; read by the interceptor and the data plane."""
+    """The current key directory, swapped whole on reload; read by the interceptor and the data plane.
+
+    `generation` counts the directories loaded: an open call compares it with the one its key was
+    checked under, one integer per message, and looks its key up again only when it changed.
+    """
 
     def __init__(self, path: str, defaults: TenantLimits = NO_LIMITS) -> None:
         self.path = path
         self.defaults = defaults
         self.signature = file_signature(path)
         self.directory = self._read()
+        self.generation = 0
 
     def _read(self) -> Directory:
         try:
@@ -137,6 +142,7 @@ class Tenants:
         self.signature = file_signature(self.path)
         directory = self._read()
         self.directory = directory
+        self.generation += 1
         return directory
 
     def changed(self) -> bool:

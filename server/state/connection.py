@@ -31,8 +31,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from server.errors import StartupError
-from server.redis_addresses import SENTINEL_CREDENTIALS, parse_sentinels
-from server.security.redact import redact_url
+from server.redis_addresses import SENTINEL_CREDENTIALS, parse_sentinels, url_spelling_problem
+from server.security.redact import redact_url, scrub
 from server.state.sentinel import NewestConfigSentinel
 
 AsyncClient = aioredis.Redis | RedisCluster
@@ -43,6 +43,29 @@ class TopologyError(StartupError):
     """Redis is not what the configuration says it is; the message says what to change."""
 
     headline = "Redis is not as configured"
+
+
+class RedisUrlError(StartupError):
+    """--redis-url cannot be read as written; the message shows it with its credentials masked, and says
+    how to spell them. No message quotes a parser's view of a malformed URL unscrubbed: for urllib a
+    password holding '#' is a host or a port, and would be printed as one."""
+
+    headline = "bad --redis-url"
+
+    @classmethod
+    def misspelled(cls, url: str, problem: str) -> RedisUrlError:
+        return cls(f"{redact_url(url)}: {problem}")
+
+    @classmethod
+    def unreadable(cls, url: str, exc: Exception) -> RedisUrlError:
+        return cls(f"{redact_url(url)} is not a Redis URL ({scrub(str(exc), url)}); expected "
+                   "redis://[[user]:password@]host[:port][/db], rediss://... (TLS) or unix:///path/to/redis.sock")
+
+
+def check_url(url: str) -> None:
+    """RedisUrlError when --redis-url would not be read as written (a password with an unencoded '#')."""
+    if (problem := url_spelling_problem(url)) is not None:
+        raise RedisUrlError.misspelled(url, problem)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +102,10 @@ class RedisTopology:
 
     def _sentinel_options(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(options for master connections, options for sentinel connections) from the URL."""
-        options = parse_url(self.url)
+        try:
+            options = parse_url(self.url)
+        except ValueError as exc:
+            raise RedisUrlError.unreadable(self.url, exc) from None
         options.pop("host", None)
         options.pop("port", None)
         tls = options.pop("connection_class", None) is SSLConnection
@@ -97,31 +123,39 @@ def connect(topology: RedisTopology) -> AsyncClient:
     call by its caller's deadline and decides itself what may be resent (store.py, attempts.py). The cluster client
     keeps its own retries: they refresh the slot map after a node fails, and a resent save is harmless
     (saves are idempotent)."""
+    check_url(topology.url)  # RedisUrlError: a parser's error would quote pieces of a misspelt password
     async_options: dict[str, Any] = {"socket_timeout": None, "socket_connect_timeout": topology.timeout_s}
-    if topology.mode == "cluster":
-        return RedisCluster.from_url(topology.url, **async_options)
     no_resend = {**async_options, "retry": Retry(NoBackoff(), 0), "health_check_interval": 30}
-    if topology.mode == "sentinel":
-        master, sentinel = topology._sentinel_options()
-        return NewestConfigSentinel(topology.sentinels, sentinel_kwargs=sentinel).master_for(
-            topology.sentinel_master, **{**master, **no_resend}
-        )
-    return aioredis.Redis.from_url(topology.url, **no_resend)
+    try:
+        if topology.mode == "cluster":
+            return RedisCluster.from_url(topology.url, **async_options)
+        if topology.mode == "sentinel":
+            master, sentinel = topology._sentinel_options()
+            return NewestConfigSentinel(topology.sentinels, sentinel_kwargs=sentinel).master_for(
+                topology.sentinel_master, **{**master, **no_resend}
+            )
+        return aioredis.Redis.from_url(topology.url, **no_resend)
+    except ValueError as exc:
+        raise RedisUrlError.unreadable(topology.url, exc) from None
 
 
 def check_topology(topology: RedisTopology) -> None:
     """Refuse, with one line saying what to change, a topology that cannot work (TopologyError)."""
+    check_url(topology.url)
     if topology.mode == "sentinel":
         _check_sentinels(topology)
         return
-    client = redis.Redis.from_url(topology.url, **topology._timeouts())
+    try:
+        client = redis.Redis.from_url(topology.url, **topology._timeouts())
+    except ValueError as exc:  # redis-py's parser: its message may quote what it took for the host or port
+        raise RedisUrlError.unreadable(topology.url, exc) from None
     shown = redact_url(topology.url)
     try:
         info = client.info("cluster")
     except redis.exceptions.AuthenticationError as exc:
-        raise TopologyError(f"Redis at {shown} refused the credentials in --redis-url: {exc}") from exc
+        raise TopologyError(refused_credentials(topology.url, exc)) from None
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
-        raise TopologyError(f"nothing answers at {shown}: {exc}") from exc
+        raise TopologyError(f"nothing answers at {shown}: {scrub(str(exc), topology.url)}") from None
     finally:
         client.close()
     enabled = bool(info.get("cluster_enabled"))
@@ -137,6 +171,13 @@ def check_topology(topology: RedisTopology) -> None:
         )
 
 
+def refused_credentials(url: str, exc: Exception) -> str:
+    """The message for an AuthenticationError: the URL masked, and the one spelling mistake that causes it."""
+    return (f"Redis at {redact_url(url)} refused the credentials in --redis-url ({scrub(str(exc), url)}); "
+            "if the password holds one of % # / ? @ : it must be percent-encoded (% as %25, # as %23, / as %2F, "
+            "? as %3F, @ as %40, : as %3A)")
+
+
 def _check_sentinels(topology: RedisTopology) -> None:
     _, options = topology._sentinel_options()
     failures, known_masters = [], set()
@@ -148,14 +189,15 @@ def _check_sentinels(topology: RedisTopology) -> None:
             known_masters.update(client.sentinel_masters())
         except redis.exceptions.AuthenticationError as exc:
             if "password" in options:
-                failures.append(f"{host}:{port} (refused the sentinel credentials in --redis-url: {exc})")
+                failures.append(f"{host}:{port} (refused the sentinel credentials in --redis-url: "
+                                f"{scrub(str(exc), topology.url)})")
             else:
                 failures.append(f"{host}:{port} (requires a password: give the sentinels' own in --redis-url "
                                 "as ?sentinel_password=...)")
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
-            failures.append(f"{host}:{port} ({exc})")
+            failures.append(f"{host}:{port} ({scrub(str(exc), topology.url)})")
         except redis.exceptions.ResponseError as exc:  # a plain Redis, not a sentinel
-            failures.append(f"{host}:{port} (not a sentinel: {exc})")
+            failures.append(f"{host}:{port} (not a sentinel: {scrub(str(exc), topology.url)})")
         finally:
             client.close()
     if len(failures) == len(topology.sentinels):

@@ -1,12 +1,14 @@
 """The binary record of one stream's slot, and the only code that knows its layout.
 
-Format 2 (written since late duplicates are recognised, invariant 10 in docs/invariants.md):
+Format 3 (written since the answers of the last chunks are kept for retries, invariant 11 in
+docs/invariants.md; format 2 while only the last answer is kept, so that a server of the previous
+release reads every record written with `--replay-window 1`):
 
     offset  size  field
     0       8     version: a random token, new on every write; the compare-and-set compares it, and a
                   save whose answer was lost is resolved by looking for it (invariant 9)
     8       2     magic b"LS"
-    10      1     format (2)
+    10      1     format (3)
     11      1     flags: bit 0 = the sequence ended (state dropped, record kept only to answer retries)
     12      8     offset: timesteps consumed since the last reset (uint64)
     20      8     updated_unix_ms (int64)
@@ -20,13 +22,18 @@ Format 2 (written since late duplicates are recognised, invariant 10 in docs/inv
     80      16    digest of the data of the chunk that started the current sequence
     96      8     digest of that chunk's request_id (zeros when it had none)
     104     4     number of recent request digests that follow the outputs (uint32, at most RECENT_REQUESTS)
-    108     ...   state float32[state length], then last outputs float32[rows * columns], then the recent
-                  request digests, 8 bytes each, oldest first
+    108     4     number of earlier answers that follow the request digests (uint32; format 3 only)
+    112     ...   state float32[state length], then last outputs float32[rows * columns], then the recent
+                  request digests, 8 bytes each, oldest first, then the earlier answers, oldest first:
+                  each its chunk's start offset (uint64), data digest (16), request_id digest (8), rows and
+                  columns (uint32 each), then its outputs float32[rows * columns]
 
-Format 1 is format 2 without the bytes from 80 to 108 and without recent request digests; it is still
-read (an upgraded server keeps every stream), and written back as format 2 on the stream's next chunk.
+Format 2 is format 3 without the count at 108 and without earlier answers (its header is 108 bytes);
+format 1 is format 2 without the bytes from 80 to 108 and without recent request digests. Both are
+still read (an upgraded server keeps every stream), and written back in the current format on the
+stream's next chunk.
 
-All little-endian. Keeping the last response lets a retry be answered identically without running
+All little-endian. Keeping the last responses lets a retry be answered identically without running
 the model again or advancing the state twice; keeping the chunk that started the sequence and the
 recent request ids lets a late copy of an earlier chunk be recognised and refused.
 """
@@ -37,14 +44,25 @@ import os
 import random
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 _HEADER_1 = struct.Struct("<8s2sBBQq8sQ16s8sIII")
-_HEADER = struct.Struct("<8s2sBBQq8sQ16s8sIII16s8sI")
+_HEADER_2 = struct.Struct("<8s2sBBQq8sQ16s8sIII16s8sI")
+_HEADER = struct.Struct("<8s2sBBQq8sQ16s8sIII16s8sII")
+_ANSWER = struct.Struct("<Q16s8sII")  # an earlier answer's start offset, digests, rows and columns
 HEADER_SIZE = _HEADER.size
 MAGIC = b"LS"
-_FORMAT = 2
+_FORMAT = 3
+# The newest format whose readers need not know about earlier answers: written while a record keeps none.
+_FORMAT_WITHOUT_EARLIER = 2
+# What this release reads and writes (`lstm-serve --version`; server/state/formats.py, rolling upgrades).
+READ_FORMATS = (1, 2, 3)
+NEWEST_FORMAT = _FORMAT
+# The newest format the previous release (0.1.0) reads: a deployment upgraded from it writes this until
+# the operator allows the newest (docs/deploy.md, "Rolling upgrades").
+PREVIOUS_RELEASE_FORMAT = _FORMAT_WITHOUT_EARLIER
 FLAG_ENDED = 1
 # Where the flags byte sits: the reset script (server/state/scripts.py) reads it without decoding a record.
 FLAGS_OFFSET = 11
@@ -64,6 +82,15 @@ class CorruptRecord(ValueError):
         self.version = version
 
 
+class NewerRecord(CorruptRecord):
+    """A record in a format newer than this release reads: written by a newer replica during a rolling
+    upgrade (or after a rollback). Not lost: a replica of the newer release reads it."""
+
+    def __init__(self, found: int, version: bytes) -> None:
+        super().__init__(f"record format {found}, newer than this release reads (up to {NEWEST_FORMAT})", version)
+        self.format = found
+
+
 # Versions only need to differ (a writer's compare-and-set must not match another writer's token), not
 # to be unpredictable: a generator seeded once from the OS draws them without a getrandom() system call
 # per chunk (os.urandom measured 2-3 % of the event loop's time under load). Reseeded in a forked child.
@@ -73,6 +100,35 @@ os.register_at_fork(after_in_child=lambda: _versions.seed(os.urandom(32)))
 
 def new_version() -> bytes:
     return _versions.getrandbits(8 * VERSION_SIZE).to_bytes(VERSION_SIZE, "little")
+
+
+class KeptAnswer(NamedTuple):
+    """The answer of an applied chunk before the last one, kept for its retries (--replay-window).
+
+    The outputs stay the record's bytes until a retry asks for them: every chunk decodes and encodes
+    the whole window, and only a retry reads one answer (a named tuple: built several times a chunk,
+    it costs a third of a frozen dataclass)."""
+
+    start: int  # the chunk's start offset
+    digest: bytes  # of its data
+    request_id: bytes  # digest of its request_id (zeros when it had none)
+    rows: int
+    columns: int
+    data: bytes  # the outputs, float32 little-endian, rows x columns
+
+    @classmethod
+    def of(cls, start: int, digest: bytes, request_id: bytes, outputs: np.ndarray) -> KeptAnswer:
+        rows, columns = outputs.shape
+        return cls(start, digest, request_id, rows, columns, outputs.astype("<f4", copy=False).tobytes())
+
+    @property
+    def outputs(self) -> np.ndarray:
+        return np.frombuffer(self.data, dtype="<f4").reshape(self.rows, self.columns)
+
+    @property
+    def size(self) -> int:
+        """Its bytes in a record."""
+        return _ANSWER.size + len(self.data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,17 +149,24 @@ class SlotRecord:
     # request_digest() (server/dataplane/rules.py) of the sequence's last RECENT_REQUESTS chunks that carried a
     # request_id.
     recent_requests: bytes = b""
+    # The answers of the applied chunks before the last one, oldest first (--replay-window - 1 at most).
+    earlier: tuple[KeptAnswer, ...] = ()
 
     def encode(self) -> bytes:
         rows, columns = self.last_outputs.shape
-        header = _HEADER.pack(
-            self.version, MAGIC, _FORMAT, FLAG_ENDED if self.ended else 0, self.offset,
-            self.updated_unix_ms, self.fingerprint, self.last_start, self.last_digest,
-            self.last_request_id, self.state.size, rows, columns, self.first_digest, self.first_request_id,
-            len(self.recent_requests) // REQUEST_DIGEST_SIZE,
+        fields = (
+            self.version, MAGIC, _FORMAT if self.earlier else _FORMAT_WITHOUT_EARLIER,
+            FLAG_ENDED if self.ended else 0, self.offset, self.updated_unix_ms, self.fingerprint, self.last_start,
+            self.last_digest, self.last_request_id, self.state.size, rows, columns, self.first_digest,
+            self.first_request_id, len(self.recent_requests) // REQUEST_DIGEST_SIZE,
         )
-        return b"".join((header, self.state.astype("<f4", copy=False).tobytes(),
-                         self.last_outputs.astype("<f4", copy=False).tobytes(), self.recent_requests))
+        parts = [_HEADER.pack(*fields, len(self.earlier)) if self.earlier else _HEADER_2.pack(*fields),
+                 self.state.astype("<f4", copy=False).tobytes(),
+                 self.last_outputs.astype("<f4", copy=False).tobytes(), self.recent_requests]
+        for answer in self.earlier:
+            parts.append(_ANSWER.pack(answer.start, answer.digest, answer.request_id, answer.rows, answer.columns))
+            parts.append(answer.data)
+        return b"".join(parts)
 
     def has_recent_request(self, digest: bytes) -> bool:
         recent = self.recent_requests
@@ -114,19 +177,31 @@ class SlotRecord:
         if len(data) < _HEADER_1.size:
             raise CorruptRecord(f"{len(data)} bytes is shorter than a record header", data[:VERSION_SIZE])
         fmt = data[10] if data[8:10] == MAGIC else None
+        earlier_count = 0
         if fmt == 1:
             (version, _, _, flags, offset, updated, fingerprint, last_start, last_digest,
              last_request_id, state_len, rows, columns) = _HEADER_1.unpack_from(data)
             first_digest, first_request_id, recent_count, body_at = bytes(16), bytes(8), 0, _HEADER_1.size
+        elif fmt == 2 and len(data) >= _HEADER_2.size:
+            (version, _, _, flags, offset, updated, fingerprint, last_start, last_digest, last_request_id,
+             state_len, rows, columns, first_digest, first_request_id, recent_count) = _HEADER_2.unpack_from(data)
+            body_at = _HEADER_2.size
         elif fmt == _FORMAT and len(data) >= HEADER_SIZE:
             (version, _, _, flags, offset, updated, fingerprint, last_start, last_digest, last_request_id,
-             state_len, rows, columns, first_digest, first_request_id, recent_count) = _HEADER.unpack_from(data)
+             state_len, rows, columns, first_digest, first_request_id, recent_count,
+             earlier_count) = _HEADER.unpack_from(data)
             body_at = HEADER_SIZE
+        elif fmt is not None and fmt > _FORMAT:
+            raise NewerRecord(fmt, data[:VERSION_SIZE])
         else:
-            raise CorruptRecord("not a slot record of format 1 or 2", data[:VERSION_SIZE])
+            raise CorruptRecord("not a slot record of format 1, 2 or 3", data[:VERSION_SIZE])
         floats = state_len + rows * columns
         recent_at = body_at + 4 * floats
-        if len(data) != recent_at + REQUEST_DIGEST_SIZE * recent_count:
+        earlier_at = recent_at + REQUEST_DIGEST_SIZE * recent_count
+        if len(data) < earlier_at:
+            raise CorruptRecord("record length does not match its header", version)
+        earlier, end = _decode_answers(data, earlier_at, earlier_count, version)
+        if len(data) != end:
             raise CorruptRecord("record length does not match its header", version)
         body = np.frombuffer(data, dtype="<f4", offset=body_at, count=floats)
         return cls(
@@ -134,8 +209,24 @@ class SlotRecord:
             last_start=last_start, last_digest=last_digest, last_request_id=last_request_id,
             state=body[:state_len], last_outputs=body[state_len:].reshape(rows, columns),
             ended=bool(flags & FLAG_ENDED), first_digest=first_digest, first_request_id=first_request_id,
-            recent_requests=bytes(data[recent_at:]),
+            recent_requests=bytes(data[recent_at:earlier_at]), earlier=earlier,
         )
+
+
+def _decode_answers(data: bytes, at: int, count: int, version: bytes) -> tuple[tuple[KeptAnswer, ...], int]:
+    """`count` earlier answers from `at`; and where they end."""
+    answers = []
+    unpack, header = _ANSWER.unpack_from, _ANSWER.size
+    for _ in range(count):
+        if len(data) < at + header:
+            raise CorruptRecord("record length does not match its header", version)
+        start, digest, request_id, rows, columns = unpack(data, at)
+        end = at + header + 4 * rows * columns
+        if len(data) < end:
+            raise CorruptRecord("record length does not match its header", version)
+        answers.append(KeptAnswer(start, digest, request_id, rows, columns, data[at + header:end]))
+        at = end
+    return tuple(answers), at
 
 
 def fingerprint_bytes(fingerprint_hex: str) -> bytes:

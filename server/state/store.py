@@ -120,7 +120,8 @@ class StateStore:
 
     @property
     def client(self) -> AsyncClient:
-        """The Redis connection, for the tenant bookkeeping that shares it (server/state/live.py)."""
+        """The Redis connection, for the state layer's other keys: tenants' live streams (live.py), the record
+        format (formats.py)."""
         return self._redis
 
     async def run(self, call: Callable[[], Awaitable[P]], deadline: float) -> P:

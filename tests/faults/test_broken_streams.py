@@ -148,18 +148,23 @@ def test_a_broken_stream_drops_its_queued_chunks_and_resumes_exactly(start_serve
     assert stub.GetStream(pb.GetStreamRequest(stream_id=stream), timeout=30).offset == CHUNKS * STEPS
 
 
-def test_unanswered_chunks_before_the_last_applied_one_are_refused_with_the_offset(default_server) -> None:
-    """What docs/api.md ("Resume after a break") tells a reconnecting client: skip chunks refused with
-    FAILED_PRECONDITION whose end is at or before the offset in `x-stream-offset`; the last applied one replays."""
-    stub = default_server.stub
-    stream = f"resume-{uuid.uuid4().hex[:8]}"
-    x = np.random.default_rng(32).normal(size=(4 * STEPS, 1)).astype(np.float32)
-    messages = [request(stream, x[i * STEPS:(i + 1) * STEPS], start_offset=i * STEPS) for i in range(4)]
-    for message in messages[:3]:  # applied, but (as after a break) the client never read the answers
-        stub.Predict(message, timeout=30)
-    replies = list(stub.PredictStream(iter(messages), timeout=60))
-    assert [r.error.code for r in replies[:2]] == [grpc.StatusCode.FAILED_PRECONDITION.value[0]] * 2
-    assert all(r.offset == 3 * STEPS for r in replies[:2])  # the current offset: skip these
-    assert replies[2].replayed and replies[3].offset == 4 * STEPS
-    got = np.concatenate([outputs(r) for r in replies[2:]])
-    assert np.max(np.abs(got - keras_whole_sequence(DEFAULT_MODEL, x)[2 * STEPS:])) <= TOLERANCE
+def test_unanswered_applied_chunks_replay_inside_the_window_and_older_ones_are_refused(start_server) -> None:
+    """What docs/api.md ("Resume after a break") tells a reconnecting client: the applied chunks among the
+    last --replay-window replay with their answers; an older one is refused FAILED_PRECONDITION as no longer
+    kept, with the offset in `x-stream-offset` (skip it: its end is at or before that offset), and is
+    never applied again."""
+    for window in (8, 2):
+        stub = start_server("--replay-window", str(window)).stub
+        stream = f"resume-{uuid.uuid4().hex[:8]}"
+        x = np.random.default_rng(32).normal(size=(4 * STEPS, 1)).astype(np.float32)
+        messages = [request(stream, x[i * STEPS:(i + 1) * STEPS], start_offset=i * STEPS) for i in range(4)]
+        for message in messages[:3]:  # applied, but (as after a break) the client never read the answers
+            stub.Predict(message, timeout=30)
+        replies = list(stub.PredictStream(iter(messages), timeout=60))
+        refused = 3 - min(window, 3)  # the applied chunks older than the window
+        assert [r.error.code for r in replies[:refused]] == [grpc.StatusCode.FAILED_PRECONDITION.value[0]] * refused
+        assert all("no longer kept" in r.error.message and r.offset == 3 * STEPS for r in replies[:refused])
+        assert [r.replayed for r in replies[refused:]] == [True] * (3 - refused) + [False]
+        assert replies[3].offset == 4 * STEPS
+        got = np.concatenate([outputs(r) for r in replies[refused:]])
+        assert np.max(np.abs(got - keras_whole_sequence(DEFAULT_MODEL, x)[refused * STEPS:])) <= TOLERANCE

@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import numpy as np
 import pytest
@@ -151,48 +151,114 @@ def test_streaming_connection_cut_by_a_proxy_and_by_a_server_restart(start_serve
         proxy.close()
 
 
-def test_a_wider_window_never_duplicates_and_names_lost_answers(default_server) -> None:
-    """With window > 1 a break can take the answers of several applied chunks with it (the server
-    replays only the last). The client must then say exactly which timesteps' answers are gone, never
-    repeat an output and never skip one silently. Forced here: the proxy drops the server's answers
-    while the server applies three chunks, then the connection is cut."""
+WINDOW = 8  # lstm_stream.client.defaults.PIPE_WINDOW, the server's default --replay-window
+
+
+def applied_unanswered_then(server, proxy: TcpProxy, stream_id: str, stream, answered: int, applied: int,  # type: ignore[no-untyped-def]
+                            fault) -> Callable[[list[np.ndarray]], Iterator[np.ndarray]]:
+    """A chunk source for `pipe()`: chunks 0..answered-1 are answered; then the proxy drops the server's
+    answers while it applies chunks up to `applied` (so several applied chunks are unanswered, all in
+    the window), and then `fault()` breaks the call."""
+
+    def server_offset() -> int:  # asked of the server directly: the proxy is holding answers
+        return server.stub.GetStream(pb.GetStreamRequest(stream_id=stream_id), timeout=5).offset
+
+    def break_once_applied() -> None:
+        wait_until(lambda: server_offset() == applied * CHUNK, 30, f"chunks {answered}-{applied - 1} applied")
+        fault()
+
+    def source(all_chunks: list[np.ndarray]) -> Iterator[np.ndarray]:
+        for number, chunk in enumerate(all_chunks):
+            if number == answered:
+                # Everything before this chunk answered; from here the answers are dropped.
+                wait_until(lambda: stream.offset == answered * CHUNK, 30, f"chunks 0-{answered - 1} answered")
+                proxy.hold_answers()
+            if number == applied - 1:
+                threading.Thread(target=break_once_applied, daemon=True).start()
+            yield chunk
+
+    return source
+
+
+def test_window_8_through_a_proxy_cut_gets_every_output_once(default_server) -> None:
+    """Issue 24: with a window up to the server's replay window, a break loses no answer. The proxy
+    drops the server's answers while it applies a full window of 8 chunks, then cuts the connection; the
+    client resends the 8 (answered `replayed`, not applied again) and the rest: every output, in order,
+    equal to Keras, no OutputsLost, and the stream ends exactly at its length (nothing applied twice)."""
     proxy = TcpProxy(default_server.port)
     x = signal_and_timesteps(4)
     stream_id = f"cf-win-{uuid.uuid4().hex[:6]}"
+    try:
+        with Client(proxy.address, deadline=60, attempt_timeout=20) as client:
+            stream = client.stream(stream_id)
+            source = applied_unanswered_then(default_server, proxy, stream_id, stream, answered=4, applied=12,
+                                             fault=proxy.sever)
+            outputs = list(stream.pipe(source(chunks(x)), window=WINDOW))
+            assert stream.offset == LENGTH
+        assert proxy.connections >= 2, "the proxy saw the reconnection"
+        assert_exactly_once(x, outputs, "window 8 through a proxy cut")
+        info = default_server.stub.GetStream(pb.GetStreamRequest(stream_id=stream_id), timeout=30)
+        assert info.offset == LENGTH
+    finally:
+        proxy.close()
+
+
+def test_window_8_through_a_server_kill_and_restart_gets_every_output_once(start_server) -> None:
+    """The same with the server SIGKILLed while 8 applied chunks are unanswered, and started again on its
+    port: the answers are kept with the slot in Redis, so the new process replays them."""
+    server = start_server()
+    proxy = TcpProxy(server.port)
+    x = signal_and_timesteps(5)
+    stream_id = f"cf-kill-{uuid.uuid4().hex[:6]}"
+    restart = threading.Thread(target=start_server, kwargs={"port": server.port}, daemon=True)
+
+    def kill_and_restart() -> None:
+        server.kill()
+        proxy.sever()
+        restart.start()
+
+    try:
+        with Client(proxy.address, deadline=180, attempt_timeout=5) as client:
+            stream = client.stream(stream_id)
+            source = applied_unanswered_then(server, proxy, stream_id, stream, answered=4, applied=12,
+                                             fault=kill_and_restart)
+            outputs = list(stream.pipe(source(chunks(x)), window=WINDOW))
+            assert stream.offset == LENGTH
+            assert client.stream_info(stream_id).offset == LENGTH  # nothing applied twice
+        assert_exactly_once(x, outputs, "window 8 through a server kill and restart")
+    finally:
+        if restart.is_alive():
+            restart.join(120)
+        proxy.close()
+
+
+def test_a_window_wider_than_the_servers_names_lost_answers_and_never_duplicates(start_server) -> None:
+    """OutputsLost remains only for a window larger than the server keeps: with `--replay-window 2`, 8
+    applied chunks lose their answers in a break; the retry of the oldest is refused as no longer kept,
+    and the client says exactly which timesteps' answers are gone, never repeats an output, never skips
+    one silently, and the stream continues exactly."""
+    server = start_server("--replay-window", "2")
+    proxy = TcpProxy(server.port)
+    x = signal_and_timesteps(6)
+    stream_id = f"cf-wide-{uuid.uuid4().hex[:6]}"
     delivered: list[np.ndarray] = []
     try:
         with Client(proxy.address, deadline=60, attempt_timeout=20) as client:
             stream = client.stream(stream_id)
             all_chunks = chunks(x)
-
-            def server_offset() -> int:  # asked of the server directly: the proxy is holding answers
-                return default_server.stub.GetStream(pb.GetStreamRequest(stream_id=stream_id), timeout=5).offset
-
-            def cut_once_applied() -> None:
-                wait_until(lambda: server_offset() == 7 * CHUNK, 30, "chunks 4-6 applied by the server")
-                proxy.sever()
-
-            def source():  # type: ignore[no-untyped-def]
-                for number, chunk in enumerate(all_chunks):
-                    if number == 4:
-                        # Everything before chunk 4 answered; from here the answers are dropped.
-                        wait_until(lambda: stream.offset == 4 * CHUNK, 30, "chunks 0-3 answered")
-                        proxy.hold_answers()
-                    if number == 6:
-                        threading.Thread(target=cut_once_applied, daemon=True).start()
-                    yield chunk
-
+            source = applied_unanswered_then(server, proxy, stream_id, stream, answered=4, applied=12,
+                                             fault=proxy.sever)
             with pytest.raises(OutputsLost) as caught:
-                for out in stream.pipe(source(), window=3):
+                for out in stream.pipe(source(all_chunks), window=WINDOW):
                     delivered.append(out)
             lost = caught.value
-            assert (lost.lost_from, lost.lost_to, lost.server_offset) == (4 * CHUNK, 7 * CHUNK, 7 * CHUNK)
-            assert stream.offset == 7 * CHUNK
-            # Every answer that did arrive arrived once, in order and right; the stream continues exactly.
-            rest = list(stream.pipe(all_chunks[7:]))
+            assert (lost.lost_from, lost.lost_to, lost.server_offset) == (4 * CHUNK, 12 * CHUNK, 12 * CHUNK)
+            assert "no longer kept" in str(lost)
+            assert stream.offset == 12 * CHUNK
+            rest = list(stream.pipe(all_chunks[12:]))
         expected = keras_whole_sequence(DEFAULT_MODEL, x)
         got = np.concatenate(delivered + rest)
-        want = np.concatenate([expected[: 4 * CHUNK], expected[7 * CHUNK:]])
+        want = np.concatenate([expected[: 4 * CHUNK], expected[12 * CHUNK:]])
         assert got.shape == want.shape
         assert float(np.max(np.abs(got - want))) <= TOLERANCE
     finally:

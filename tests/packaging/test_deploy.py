@@ -135,7 +135,7 @@ def test_compose_envoy_publishes_only_the_grpc_port_and_reaches_every_replica(
     services = compose["services"]
     published = {name: service["ports"] for name, service in services.items()
                  if service.get("ports") and not service.get("profiles")}
-    assert published == {"envoy": ["50051:50051"]}
+    assert published == {"envoy": ["127.0.0.1:50051:50051"]}
     assert services["envoy"]["image"].startswith("envoyproxy/envoy:")
     assert "./deploy/envoy.yaml:/etc/envoy/envoy.yaml:ro" in services["envoy"]["volumes"]
     config = server_config(services["server"]["environment"])
@@ -158,6 +158,31 @@ def test_compose_envoy_publishes_only_the_grpc_port_and_reaches_every_replica(
     (route,) = manager["route_config"]["virtual_hosts"][0]["routes"]
     assert route["route"]["timeout"] == "0s", "a route timeout would cut every long-lived stream"
     assert set(route["route"]["retry_policy"]["retry_on"].split(",")) <= SAFE_RETRY_ON
+
+
+def published_host_ips(port: str | dict[str, Any]) -> list[str | None]:
+    """The host addresses a compose `ports` entry binds: None where it binds every interface.
+
+    Short syntax "[HOST_IP:]HOST_PORT:CONTAINER_PORT[/PROTOCOL]" (IPv6 in brackets), or the long syntax's
+    `host_ip`; a bare "CONTAINER_PORT" publishes on every interface too."""
+    if isinstance(port, dict):
+        return [port.get("host_ip")]
+    text = str(port).rsplit("/", 1)[0]
+    if text.startswith("["):
+        return [text[1:text.index("]")]]
+    parts = text.split(":")
+    return [parts[0] if len(parts) == 3 else None]
+
+
+def test_compose_publishes_every_port_on_loopback_only(compose: dict[str, Any]) -> None:
+    """Issue 24, item 12: Envoy's plaintext, key-less port was published on every interface (0.0.0.0)."""
+    assert published_host_ips("50051:50051") == [None] and published_host_ips("0.0.0.0:1:1") == ["0.0.0.0"]
+    assert published_host_ips({"target": 1, "host_ip": "127.0.0.1"}) == ["127.0.0.1"]
+    published = {name: service["ports"] for name, service in compose["services"].items() if service.get("ports")}
+    assert {"envoy", "prometheus", "grafana"} <= set(published), published
+    for name, ports in published.items():
+        for port in ports:
+            assert published_host_ips(port) == ["127.0.0.1"], f"{name} publishes {port!r} beyond loopback"
 
 
 def test_compose_profiles_load_through_envoy_and_scrape_every_replica(compose: dict[str, Any]) -> None:

@@ -141,12 +141,15 @@ def test_a_roaming_stream_is_kept_in_memory_again_after_the_roaming_time(replica
 
 def test_a_late_retry_is_refused_not_replayed_from_stale_memory(replicas) -> None:
     a, b = replicas
-    stream, x = sequence(20, seed=4)
-    predict(a.stub, stream, x[:10], start_offset=0)
-    predict(b.stub, stream, x[10:], start_offset=10)
+    window = ServerConfig().replay_window
+    stream, x = sequence(2 * (window + 1), seed=4)
+    predict(a.stub, stream, x[:2], start_offset=0)
+    for n in range(2, len(x), 2):  # b moves the stream on until the first chunk's answer is no longer kept
+        predict(b.stub, stream, x[n:n + 2], start_offset=n)
     # In a's memory the first chunk is still the last one applied, so it looks like a retry to replay.
-    code, message, _ = status_of(predict, a.stub, stream, x[:10], start_offset=0)
-    assert code == grpc.StatusCode.FAILED_PRECONDITION and "20" in message, (code, message)
+    code, message, _ = status_of(predict, a.stub, stream, x[:2], start_offset=0)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and f"at offset {len(x)}" in message, (code, message)
+    assert "no longer kept" in message
     # Append mode, where a retry is recognised by its request id: a's stale memory would replay r2.
     stream, x = sequence(20, seed=5)
     predict(a.stub, stream, x[:10], reset=True, request_id="r1")

@@ -6,7 +6,9 @@ while each replica in turn gets SIGTERM and is started again (a rolling restart)
 verify against Keras (invariant 1, docs/invariants.md), with nothing lost (invariant 8) or applied
 twice (invariant 4: a retried chunk is answered again, never applied twice); calls may fail only as
 UNAVAILABLE, which the client retries with its start_offset (invariant 11); and both replicas must have
-served chunks (read from their /metrics). And the script itself is one command that Ctrl-C stops
+served chunks (read from their /metrics). The same kill under PredictStream load: Envoy's reset of the
+streams (`INTERNAL: Stream removed`) is a break the load tester resumes, and every sequence verifies.
+And the script itself is one command that Ctrl-C stops
 cleanly: exit 0, nothing left listening.
 """
 
@@ -71,6 +73,33 @@ def served(topology: Topology, index: int) -> int:
     return int(sum(float(value) for value in OK_CHUNKS.findall(topology.metrics(index))))
 
 
+def start_load(topology: Topology, report_path: Path, *args: str) -> subprocess.Popen[str]:
+    """`lstm-loadtest --verify` through Envoy, open loop, until SIGINT (then it reports and verifies)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "loadtest", "--no-progress", "--target", topology.address, *args, "--chunk", "5",
+         "--duration", "240", "--warmup", "0", "--max-retries", "10", "--verify", "--model", str(DEFAULT_MODEL),
+         "--json", str(report_path)],
+        cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def end_load(load: subprocess.Popen[str] | None) -> None:
+    if load is not None and load.poll() is None:
+        load.kill()
+        load.communicate()
+
+
+def verified(report_path: Path, streams: int) -> dict[str, Any]:
+    """The load's report, once it says every stream verified and nothing broke or stayed unanswered."""
+    report = json.loads(report_path.read_text())
+    assert report["verify"]["passed"], report["verify"]
+    assert report["verify"]["streams"] == streams and not report["verify"]["state_lost"]
+    assert report["failed_chunks"] == 0 and report["broken_streams"] == [], report["broken_streams"]
+    assert report["retries"] == sum(report["totals"]["errors"].values())  # every failed attempt was retried
+    return report
+
+
 def test_loadtest_through_envoy_survives_a_killed_replica_and_a_rolling_restart(tmp_path: Path) -> None:
     # --xla false: a replica starts in seconds (no XLA compilations), which keeps the restarts short; a
     # drain delay of 3 s still outlasts Envoy's detection of NOT_SERVING (2 checks 1 s apart).
@@ -81,14 +110,8 @@ def test_loadtest_through_envoy_survives_a_killed_replica_and_a_rolling_restart(
     load = None
     try:
         topology.start()
-        # Open loop, so the load leaves CPU for the restarts; it runs until SIGINT, then reports and verifies.
-        load = subprocess.Popen(
-            [sys.executable, "-m", "loadtest", "--no-progress", "--target", topology.address, "--streams", "8",
-             "--chunk", "5", "--rate", "25", "--duration", "240", "--warmup", "0", "--max-retries", "10",
-             "--verify", "--model", str(DEFAULT_MODEL), "--json", str(report_path)],
-            cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True,
-        )
+        # Open loop, so the load leaves CPU for the restarts.
+        load = start_load(topology, report_path, "--streams", "8", "--rate", "25")
         wait_until(lambda: served(topology, 0) > 20 and served(topology, 1) > 20, 60, "both replicas to serve")
 
         # SIGKILL in the middle of the run: chunks in flight on it fail as UNAVAILABLE and are retried.
@@ -111,21 +134,45 @@ def test_loadtest_through_envoy_survives_a_killed_replica_and_a_rolling_restart(
         output, _ = load.communicate(timeout=120)
         assert load.returncode == 0, output
     finally:
-        if load is not None and load.poll() is None:
-            load.kill()
-            load.communicate()
+        end_load(load)
         topology.stop()
 
-    report = json.loads(report_path.read_text())
-    assert report["verify"]["passed"], report["verify"]
-    assert report["verify"]["streams"] == 8 and not report["verify"]["state_lost"]
-    assert report["failed_chunks"] == 0 and report["broken_streams"] == [], report["broken_streams"]
+    report = verified(report_path, 8)
     assert set(report["totals"]["errors"]) <= {"UNAVAILABLE"}, report["totals"]["errors"]
-    assert report["retries"] == sum(report["totals"]["errors"].values())  # every failed attempt was retried
     assert report["totals"]["chunks"] > 0
     assert all(total > 0 for total in totals), totals
     print(f"chunks per replica {totals}, errors {report['totals']['errors']}, retries {report['retries']}, "
           f"replays {report['replays']}")
+
+
+def test_streaming_load_through_envoy_resumes_across_a_killed_replica(tmp_path: Path) -> None:
+    """Issue 24, item 10: a replica SIGKILLed under PredictStream load. Envoy resets the streams it carried
+    and gRPC reports them as `INTERNAL: Stream removed` (RST_STREAM), not UNAVAILABLE; the load tester
+    must take that as a break (invariant 11), resend the unanswered chunk on a new call, and every
+    sequence must verify: exit 0, no broken stream, retries > 0."""
+    topology = Topology(replicas=2, workdir=tmp_path / "topology",
+                        server_args=["--xla", "false", "--drain-delay-s", "3"], envoy_concurrency=1)
+    report_path = tmp_path / "report.json"
+    load = None
+    try:
+        topology.start()
+        load = start_load(topology, report_path, "--streams", "16", "--api", "stream", "--rate", "10")
+        wait_until(lambda: served(topology, 0) > 20 and served(topology, 1) > 20, 60, "both replicas to serve")
+        before = served(topology, 1)
+        topology.stop_replica(0, signal.SIGKILL)  # the streams it carried break under their chunks
+        wait_until(lambda: served(topology, 1) > before + 100, 60, "the other replica to take the streams")
+        topology.start_replica(0)
+        topology.wait_in_rotation(0)
+        load.send_signal(signal.SIGINT)
+        output, _ = load.communicate(timeout=120)
+        assert load.returncode == 0, output
+    finally:
+        end_load(load)
+        topology.stop()
+
+    report = verified(report_path, 16)
+    assert report["retries"] > 0, "the kill broke no stream: nothing was tested"
+    print(f"errors {report['totals']['errors']}, retries {report['retries']}, replays {report['replays']}")
 
 
 def test_the_script_is_one_command_and_ctrl_c_stops_everything(tmp_path: Path) -> None:

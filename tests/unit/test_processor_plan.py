@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from lstm_stream.wire import OFFSET_METADATA_KEY
+from server.config import ServerConfig
 from server.dataplane.processor import BatchProcessor, StreamPolicy
 from server.errors import ServiceError
 from server.state.live import Change, LiveChange
@@ -55,6 +56,9 @@ class SummingRunner:
             outputs.append(sums.reshape(-1, 1).astype(np.float32))
             new_states[row, 0] = sums[-1]
         return outputs, new_states
+
+
+DEFAULTS = ServerConfig()
 
 
 class DictStore:
@@ -145,11 +149,13 @@ class Harness:
     """One processor over the fakes; `one` and `batch` run it as the batcher would."""
 
     def __init__(self, *, reset_on_model_change: bool = False, live: LiveCount | None = None,
-                 runner: SummingRunner | None = None) -> None:
+                 runner: SummingRunner | None = None, replay_window: int = DEFAULTS.replay_window,
+                 replay_window_bytes: int = DEFAULTS.replay_window_bytes) -> None:
         self.runner = runner or SummingRunner()
         self.store = DictStore()
         policy = StreamPolicy(state_ttl_ms=STATE_TTL_MS, ended_ttl_ms=ENDED_TTL_MS,
-                              reset_on_model_change=reset_on_model_change, request_deadline_s=7.0)
+                              reset_on_model_change=reset_on_model_change, request_deadline_s=7.0,
+                              replay_window=replay_window, replay_window_bytes=replay_window_bytes)
         self.processor = BatchProcessor(self.runner, self.store, policy, live)  # type: ignore[arg-type]
 
     def batch(self, *chunks: Chunk) -> list[Any]:
@@ -249,7 +255,7 @@ def test_a_chunk_without_an_offset_is_appended(harness) -> None:
     assert sums(again) == [11] and again.offset == 4 and not again.replayed
 
 
-@pytest.mark.parametrize(("start", "why"), [(5, "it was not applied;"), (1, "late duplicate of an already applied")])
+@pytest.mark.parametrize(("start", "why"), [(5, "it was not applied;"), (1, "its answer is no longer kept")])
 def test_a_chunk_at_another_offset_is_refused_with_the_streams_offset(harness, start: int, why: str) -> None:
     h = harness()
     h.one(chunk(1, 2, start_offset=0))
@@ -338,7 +344,7 @@ def test_end_drops_the_state_and_keeps_the_answer_for_retries(harness) -> None:
 
 
 def test_a_late_copy_of_the_sequences_first_reset_is_refused(harness) -> None:
-    h = harness()
+    h = harness(replay_window=1)  # its answer no longer kept (inside the window it is replayed: below)
     h.one(chunk(1, reset=True, request_id="start"))
     h.one(chunk(2, start_offset=1))
     error = refused(h.one(chunk(1, reset=True, request_id="start")), grpc.StatusCode.FAILED_PRECONDITION,
@@ -349,7 +355,7 @@ def test_a_late_copy_of_the_sequences_first_reset_is_refused(harness) -> None:
 
 
 def test_a_late_copy_of_a_recent_appended_chunk_is_refused(harness) -> None:
-    h = harness()
+    h = harness(replay_window=1)
     h.one(chunk(1, request_id="a"))
     h.one(chunk(2, request_id="b"))
     error = refused(h.one(chunk(1, request_id="a")), grpc.StatusCode.FAILED_PRECONDITION,
@@ -514,3 +520,66 @@ def test_with_replicas_an_answer_decided_on_a_stale_slot_is_decided_again(harnes
     assert h.one(chunk(3, start_offset=2)) is CONFLICT
     assert sums(h.one(chunk(3, start_offset=2))) == [6] and h.store.record("s").offset == 3
 
+
+# --- the replay window (invariant 11): the answers of the sequence's last chunks ----------------------------
+
+
+def test_a_retry_of_any_chunk_in_the_window_is_replayed_and_changes_nothing(harness) -> None:
+    h = harness(replay_window=4)
+    answers = [h.one(chunk(float(n), float(n), start_offset=2 * n)) for n in range(6)]
+    before, calls = h.store.record("s"), h.model_calls()
+    for n in (2, 3, 4, 5):  # the last four, in any order
+        retry = h.one(chunk(float(n), float(n), start_offset=2 * n))
+        assert retry.replayed and retry.offset == 2 * n + 2 and sums(retry) == sums(answers[n])
+    # Older than the window: refused, never applied again, and the message says why.
+    error = refused(h.one(chunk(1.0, 1.0, start_offset=2)), grpc.StatusCode.FAILED_PRECONDITION,
+                    "'s' is at offset 12", "its answer is no longer kept", "last 4 chunks", "--replay-window")
+    assert error.current_offset == 12
+    assert h.store.record("s") is before and h.model_calls() == calls
+
+
+def test_retries_by_request_id_and_late_copies_inside_the_window_are_replayed(harness) -> None:
+    h = harness(replay_window=3)
+    first = h.one(chunk(1, reset=True, request_id="start"))
+    h.one(chunk(2, request_id="b"))
+    h.one(chunk(3, request_id="c"))
+    calls = h.model_calls()
+    again = h.one(chunk(1, reset=True, request_id="start"))  # the reset that started the sequence
+    assert again.replayed and again.offset == 1 and sums(again) == sums(first)
+    assert h.one(chunk(2, request_id="b")).replayed
+    assert h.model_calls() == calls and h.store.record("s").offset == 3
+    h.one(chunk(4, request_id="d"))  # now "start" is out of the window: the old rule refuses it
+    refused(h.one(chunk(1, reset=True, request_id="start")), grpc.StatusCode.FAILED_PRECONDITION,
+            "late duplicate of the chunk that started the current sequence")
+
+
+def test_the_window_is_the_current_sequences(harness) -> None:
+    # After a reset, a chunk that repeats an earlier sequence's data at the same offset is a new chunk.
+    h = harness(replay_window=8)
+    h.one(chunk(1, reset=True, start_offset=0))
+    h.one(chunk(5, start_offset=1))
+    h.one(chunk(1, reset=True, start_offset=0, request_id="new sequence"))
+    repeated = h.one(chunk(5, start_offset=1))
+    assert not repeated.replayed and repeated.offset == 2 and sums(repeated) == [6]
+
+
+def test_the_window_is_bounded_by_its_bytes(harness) -> None:
+    # Each answer here is 2 outputs (8 bytes) plus 40 bytes of its own header: 48 bytes each.
+    h = harness(replay_window=16, replay_window_bytes=8 + 2 * 48)
+    for n in range(6):
+        h.one(chunk(float(n), float(n), start_offset=2 * n))
+    assert len(h.store.record("s").earlier) == 2
+    assert h.one(chunk(3.0, 3.0, start_offset=6)).replayed  # the last three answers are kept
+    refused(h.one(chunk(2.0, 2.0, start_offset=4)), grpc.StatusCode.FAILED_PRECONDITION, "no longer kept")
+
+
+def test_with_a_window_of_one_records_stay_in_the_previous_format(harness) -> None:
+    h = harness(replay_window=1)
+    for n in range(3):
+        h.one(chunk(float(n), start_offset=n))
+    record = h.store.record("s")
+    assert record.earlier == () and record.encode()[10] == 2
+    wide = harness(replay_window=2)
+    for n in range(3):
+        wide.one(chunk(float(n), start_offset=n))
+    assert len(wide.store.record("s").earlier) == 1 and wide.store.record("s").encode()[10] == 3

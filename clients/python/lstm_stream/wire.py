@@ -56,3 +56,39 @@ def offset_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> 
             except ValueError:
                 continue
     return None
+
+
+# --- a call ended by the transport: a break to resume, not an answer ------------------------------
+
+# Every error the server itself sends is a `ServiceError` (server/errors.py): a chunk's own error on a
+# PredictStream travels in-band (`PredictResponse.error`, the call goes on), and a unary call's error
+# ends it with a status. A server bug is INTERNAL with a message that begins with this prefix
+# (server/errors.py `internal_error`); the server's state-store errors carry `x-chunk-outcome`.
+SERVER_INTERNAL_PREFIX = "internal error: "
+# Statuses that end a call whatever the server did: a dead replica, a reset connection, a proxy that gave
+# up (Envoy resets the upstream HTTP/2 stream, and gRPC reports `INTERNAL: Stream removed` or
+# `Received RST_STREAM with error code 2`). UNAVAILABLE and CANCELLED are always breaks (the client's
+# own cancellations never reach it as a status: they surface as asyncio.CancelledError).
+BREAK_STATUSES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+# INTERNAL and UNKNOWN are breaks unless the server marked them as its own (`is_server_error`).
+MAYBE_BREAK_STATUSES = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+
+
+def is_server_error(details: str | None, metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
+    """True when an INTERNAL/UNKNOWN status was sent by the server's own code: it carries the server's
+    trailing metadata (`x-chunk-outcome` or `x-stream-offset`) or its message begins `internal error: `.
+    A reset stream or a proxy's error carries neither."""
+    if (details or "").startswith(SERVER_INTERNAL_PREFIX):
+        return True
+    return any(key in (OUTCOME_METADATA_KEY, OFFSET_METADATA_KEY) for key, _ in metadata or ())
+
+
+def is_transport_break(code: grpc.StatusCode, details: str | None = None,
+                       metadata: Iterable[tuple[str, str | bytes]] | None = None) -> bool:
+    """Whether a call that ended with this status was ended by the transport or a proxy, not answered by
+    the server: UNAVAILABLE, CANCELLED, or INTERNAL/UNKNOWN without the server's marks. Such a call is a
+    break to resume: every chunk it carried was applied once or not at all (invariant 11), so the
+    unanswered ones are resent in order, with their `start_offset` and `request_id`, on a new call."""
+    if code in BREAK_STATUSES:
+        return True
+    return code in MAYBE_BREAK_STATUSES and not is_server_error(details, metadata)

@@ -5,8 +5,8 @@ Exactly-once, from the client's side (the server's rules are invariants 4, 9 and
 docs/invariants.md):
 
 - Every chunk carries `start_offset` (where the handle believes the stream stands) and a `request_id`.
-  The server applies a chunk only at that offset, and answers a repeat of the last applied chunk with
-  its stored answer (`replayed`). So a chunk whose outcome is unknown (the server, its Redis or the
+  The server applies a chunk only at that offset, and answers a repeat of one of its last applied
+  chunks with its stored answer (`replayed`). So a chunk whose outcome is unknown (the server, its Redis or the
   network failed mid-call) is simply sent again, the same bytes, until an answer comes or the deadline
   passes: it is applied once, and its outputs reach the caller once.
 - A FAILED_PRECONDITION answer means the server's stream is somewhere else (reset or advanced by
@@ -14,15 +14,17 @@ docs/invariants.md):
   where the server stands; `resume()` continues there, `start_new()` starts over.
 
 Pipelining (`pipe`, its state machine in pipe.py) keeps up to `window` chunks in flight on one
-PredictStream call. When the call breaks, the chunks not yet answered are resent in order on a new
-call with their offsets. The server applies a stream's chunks in order, so at the break it had
-applied a prefix of them; it can replay only the last applied one. With window=1 (the default) that
-prefix is at most that one chunk, so every output reaches the caller exactly once, whatever breaks.
-With a larger window, two or more chunks can be applied with their answers lost; the client then sees
-a FAILED_PRECONDITION whose offset is the end of a later unanswered chunk, knows exactly which
-timesteps' outputs are gone, and raises `OutputsLost` (never a duplicate, never a silent gap). A
-larger window buys throughput on long round trips for the risk of that error when a connection
-breaks.
+PredictStream call. When the call breaks (any status the transport or a proxy made, an answer that never
+came, the call ending with chunks unanswered: pipe.py's docstring), the chunks not yet answered are
+resent in order on a new call with their offsets and request ids. The server applies a stream's chunks
+in order, so at the break it had applied a prefix of them, and it keeps the answers of its last K
+applied chunks of each stream (`lstm-serve --replay-window K`, default 8): each of the prefix is
+answered again (`replayed`), the rest are applied. So with a window up to K (the default window,
+`defaults.PIPE_WINDOW`, equals the server's default K) every output reaches the caller exactly once,
+whatever breaks. With a larger window, more than K chunks can be applied with their answers lost; the
+server refuses the retry of the oldest as no longer kept (FAILED_PRECONDITION with its offset), the
+client knows exactly which timesteps' outputs are gone, and raises `OutputsLost` (never a duplicate,
+never a silent gap).
 """
 
 from __future__ import annotations
@@ -225,10 +227,10 @@ class AsyncStream:
             return exc
         return StreamPositionError(self.stream_id, start, exc.server_offset, exc.message)
 
-    async def pipe(self, chunks: Chunks, *, window: int = 1) -> AsyncIterator[np.ndarray]:
+    async def pipe(self, chunks: Chunks, *, window: int = defaults.PIPE_WINDOW) -> AsyncIterator[np.ndarray]:
         """Stream chunks over one PredictStream call with up to `window` unanswered at once; yields each
         chunk's outputs in order. A broken connection is reopened and the unanswered chunks resent by
-        offset (see the module's docstring for what window > 1 risks)."""
+        offset (see the module's docstring for what a window larger than the server's replay window risks)."""
         if window < 1:
             raise ValueError("window must be at least 1")
         client = self.client

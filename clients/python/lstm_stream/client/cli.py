@@ -95,9 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--chunk", type=int, default=20, metavar="T", help="timesteps per chunk (default 20)")
     predict.add_argument("--resume", action="store_true",
                          help="continue the stream at the server's offset instead of starting a new sequence")
-    predict.add_argument("--window", type=int, default=1, metavar="N",
-                         help="chunks in flight on one PredictStream (default 1: every output survives a broken "
-                         "connection)")
+    predict.add_argument("--window", type=int, default=defaults.PIPE_WINDOW, metavar="N",
+                         help=f"chunks in flight on one PredictStream (default {defaults.PIPE_WINDOW}, the server's "
+                         "default --replay-window: every output survives a broken connection while N is at most "
+                         "the server's --replay-window)")
     predict.add_argument("--out", type=Path, metavar="PATH", help="write the outputs here instead of stdout")
     return parser
 
@@ -196,9 +197,10 @@ def explain(error: ClientError) -> str:
     if isinstance(error, OutputsLost):
         return (f"stream {error.stream_id!r}: the connection broke with several chunks in flight (--window); the "
                 f"chunks for timesteps {error.lost_from}..{error.lost_to - 1} were applied, but their outputs were "
-                f"lost (the server keeps only the last chunk's answer). The stream is at offset "
-                f"{error.server_offset}: send the rest of the data with {resume}, and use --window 1 where every "
-                "output must reach the file")
+                f"lost (the server keeps the answers of its last --replay-window chunks only). The stream is at "
+                f"offset {error.server_offset}: send the rest of the data with {resume}, and use a --window no "
+                "larger than the server's --replay-window (--window 1 is always safe) where every output must "
+                "reach the file")
     start_over = (f"`lstm-stream predict {stream_id} FILE` without --resume to start a new sequence, or "
                   f"`lstm-stream reset {stream_id}` to forget the stream")
     if error.server_offset is None:

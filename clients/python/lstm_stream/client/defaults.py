@@ -7,3 +7,8 @@ TARGET = "127.0.0.1:50051"
 DEADLINE_S = 60.0
 # Seconds one attempt may take before it is abandoned and retried, while the deadline allows.
 ATTEMPT_TIMEOUT_S = 10.0
+# Chunks `pipe()` keeps in flight on one PredictStream call (`lstm-stream predict --window`). Equal to the
+# server's default replay window (lstm-serve --replay-window, server/config.py): after a break every
+# unanswered chunk is resent and the server answers each one, replayed or applied, so a window up to
+# the server's loses no output. A server run with a smaller --replay-window needs a window no larger.
+PIPE_WINDOW = 8

@@ -3,11 +3,13 @@
 Which one tells the caller what to do next:
 
 - `ServerUnavailable`: retries ran out within the deadline (the server, its Redis or the network was
-  down all that time). Nothing was applied twice; resend later with the same handle (same offset).
+  down all that time, or every call was ended by the transport or a proxy). Nothing was applied twice;
+  resend later with the same handle (same offset).
 - `StreamPositionError`: the server's stream is not where this handle expected it (FAILED_PRECONDITION).
   `server_offset` says where it stands; `resume()` continues from there, `start_new()` starts over.
-- `OutputsLost`: a pipelined connection broke while several chunks were applied but unanswered; the
-  state is right, but the answers of the chunks before the last applied one cannot be fetched again.
+- `OutputsLost`: a pipelined connection broke while more chunks were applied but unanswered than the
+  server keeps answers for (its `--replay-window`); the state is right, but the answers of the oldest
+  of them cannot be fetched again. Never raised for a window up to the server's.
 - `RequestRejected`: the server refused the request for good (INVALID_ARGUMENT naming the field,
   UNAUTHENTICATED, PERMISSION_DENIED, DATA_LOSS, ...). Resending the same request cannot help.
 - `InvalidInput`: refused before sending (wrong shape or feature count); also a `ValueError`.
@@ -18,7 +20,7 @@ from __future__ import annotations
 import grpc
 
 from lstm_stream.client.retry import RETRYABLE
-from lstm_stream.wire import offset_from_metadata
+from lstm_stream.wire import is_transport_break, offset_from_metadata
 
 
 class ClientError(Exception):
@@ -75,9 +77,10 @@ class OutputsLost(StreamPositionError):
     """A broken pipelined connection took the answers of applied chunks with it.
 
     The chunks covering timesteps [lost_from, lost_to) were applied once (the state is exact), but the
-    server keeps only the last applied chunk's answer, so their outputs cannot be fetched again. The
-    handle now stands at `server_offset`; sending on continues the stream correctly. Use
-    `pipe(..., window=1)` (the default) where every output must reach the caller.
+    server keeps the answers of only its last `--replay-window` applied chunks of a stream, and refused
+    the retry of an older one as no longer kept, so their outputs cannot be fetched again. The handle
+    now stands at `server_offset`; sending on continues the stream correctly. A `pipe()` window no
+    larger than the server's replay window (the default window is) never loses an output.
     """
 
     def __init__(self, stream_id: str, lost_from: int, lost_to: int, server_offset: int) -> None:
@@ -85,8 +88,10 @@ class OutputsLost(StreamPositionError):
             self,
             f"stream {stream_id!r}: the connection broke while several pipelined chunks were in flight; the "
             f"chunks for timesteps {lost_from}..{lost_to - 1} were applied, but their answers were lost and "
-            f"cannot be replayed (the server keeps only the last chunk's answer). The stream is at offset "
-            f"{server_offset} and this handle continues from there; use window=1 where every output matters",
+            f"are no longer kept by the server (it keeps the answers of its last --replay-window chunks of a "
+            f"stream). The stream is at offset {server_offset} and this handle continues from there; use a "
+            f"window no larger than the server's replay window (window=1 is always safe) where every output "
+            f"matters",
             grpc.StatusCode.FAILED_PRECONDITION,
         )
         self.stream_id = stream_id
@@ -100,6 +105,6 @@ class OutputsLost(StreamPositionError):
 def rejected(exc: grpc.aio.AioRpcError, target: str, retryable: frozenset[grpc.StatusCode] = RETRYABLE) -> ClientError:
     """The client's error for a call that failed for good (a retryable status here means: retries ran out)."""
     code = exc.code()
-    if code in retryable:
+    if code in retryable or is_transport_break(code, exc.details(), exc.trailing_metadata()):
         return ServerUnavailable(f"{target}: {code.name}: {exc.details()} (retries ran out within the deadline)", code)
     return RequestRejected(f"{code.name}: {exc.details()}", code, offset_from_metadata(exc.trailing_metadata()))

@@ -1,6 +1,12 @@
 """`AsyncStream.pipe`'s state machine: up to `window` chunks in flight on one PredictStream call, the
 unanswered ones resent in order, by offset, on a new call after a break (the rules are in aio.py's
-docstring; what a break may cost with window > 1 is `OutputsLost`).
+docstring; what a break may cost with a window larger than the server's replay window is `OutputsLost`).
+
+A break is anything that ends the call without an answer for the oldest unanswered chunk: a call-level
+status the transport or a proxy made (`lstm_stream.wire.is_transport_break`: UNAVAILABLE, CANCELLED,
+INTERNAL "Stream removed" / RST_STREAM without the server's marks), a retryable status, the call ending
+(EOF) with chunks unanswered, or no answer within the attempt timeout. A chunk's own error (in-band
+`error`: FAILED_PRECONDITION, INVALID_ARGUMENT, ...) is not a break: it is raised.
 
 Three tasks share one `Pipe`: the feeder pulls the caller's chunks as window slots free up, the writer
 puts pending pieces on the current call, and `outputs` (the caller's iteration) reads the answers in
@@ -33,11 +39,7 @@ from lstm_stream.client.errors import (
 from lstm_stream.client.retry import Budget, RetryPolicy
 from lstm_stream.client.types import ModelInfo
 from lstm_stream.v1 import stream_pb2 as pb
-from lstm_stream.wire import status_from_number
-
-# A broken PredictStream call may surface as any of these besides the retryable statuses: all of them
-# leave every unanswered chunk applied once or not at all (invariant 11), so the chunks are resent.
-STREAM_BREAKS = frozenset({grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+from lstm_stream.wire import is_transport_break, status_from_number
 
 
 class PipedStream(Protocol):
@@ -198,7 +200,10 @@ class Pipe:
             self.broke = f"no answer within {self.policy.attempt_timeout_s:g} s"
             return None
         except grpc.aio.AioRpcError as exc:
-            if exc.code() not in self.policy.retryable | STREAM_BREAKS:
+            # The server ends a PredictStream with a status only for the whole call (UNAUTHENTICATED, a
+            # limit): those are raised. Everything else ended it under the chunks: resend them.
+            if exc.code() not in self.policy.retryable and not is_transport_break(
+                    exc.code(), exc.details(), exc.trailing_metadata()):
                 raise rejected(exc, self.target) from None
             self.broke = f"{exc.code().name}: {exc.details()}"
             return None
@@ -249,8 +254,9 @@ class Pipe:
             raise RequestRejected(f"stream {stream.stream_id!r}, chunk at offset {head.start}: {code.name}: "
                                   f"{error.message}", code)
         if head.sends > 1 and server_offset > head.start:
-            # A resent chunk after a break: the server went on past it. Which unanswered chunk ends
-            # where the server stands tells how many were applied with their answers lost.
+            # A resent chunk after a break, refused: the server went on past it and no longer keeps its
+            # answer (more chunks were applied unanswered than its --replay-window). Which unanswered
+            # chunk ends where the server stands tells how many were applied with their answers lost.
             applied = [piece for piece in self.pending if piece.end == server_offset]
             if applied:
                 stream.offset = server_offset

@@ -1,9 +1,11 @@
 """The one retry implementation of the repository: jittered exponential backoff within a deadline.
 
 Retrying a chunk is safe only because it carries its `start_offset` (and a `request_id`): the server
-applies a chunk at most once and answers a repeat of the last applied chunk with its stored answer
-(`replayed`), invariant 4 in the server's docs/invariants.md. So every status that may mean "not
-applied" or "not known" is retried with the very same request.
+applies a chunk at most once and answers a repeat of one of the last applied chunks of its stream with
+its stored answer (`replayed`), invariants 4 and 11 in the server's docs/invariants.md. So every status
+that may mean "not applied" or "not known" is retried with the very same request, and so is a call
+ended by the transport or a proxy (`is_break`: UNAVAILABLE, CANCELLED, or an INTERNAL/UNKNOWN the server
+did not send, such as Envoy's `INTERNAL: Stream removed`): a break counts as UNAVAILABLE.
 
 `lstm-loadtest` uses this module too (through `retry_async`, with its own bookkeeping in `on_error`).
 """
@@ -20,6 +22,7 @@ from typing import TypeVar
 import grpc
 
 from lstm_stream.client import defaults
+from lstm_stream.wire import is_transport_break
 
 T = TypeVar("T")
 
@@ -119,6 +122,16 @@ def status_of(error: BaseException) -> grpc.StatusCode | None:
     return None
 
 
+def is_break(error: BaseException) -> bool:
+    """Whether `error` ended its call without the server's answer (lstm_stream.wire.is_transport_break):
+    a gRPC error judged by its status, details and trailing metadata, or one of this repository's own
+    errors that says so (`transport_break = True`, as lstm-loadtest's ChunkFailed does)."""
+    if isinstance(error, grpc.RpcError) and hasattr(error, "code"):
+        metadata = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+        return is_transport_break(error.code(), error.details(), metadata)
+    return bool(getattr(error, "transport_break", False))
+
+
 async def retry_async(
     attempt: Callable[[float], Awaitable[T]],
     policy: RetryPolicy,
@@ -127,16 +140,20 @@ async def retry_async(
     on_error: Callable[[BaseException, bool], None] | None = None,
     stop: Callable[[], bool] | None = None,
     rng: random.Random | None = None,
+    breaks: Callable[[BaseException], bool] = is_break,
 ) -> T:
     """Await `attempt(timeout_s)` until it succeeds, retrying errors whose `code_of` is in the policy's
-    retryable set while the budget lasts. `on_error(error, will_retry)` sees every failure; `stop()`
-    true ends the retries early. The last error is raised as it is."""
+    retryable set, and breaks (`breaks(error)`, retried as UNAVAILABLE is), while the budget lasts.
+    `on_error(error, will_retry)` sees every failure; `stop()` true ends the retries early. The last error
+    is raised as it is."""
     budget = Budget(policy, rng)
     while True:
         try:
             return await attempt(budget.attempt_timeout_s())
         except Exception as error:
-            wait = budget.next_wait_s() if code_of(error) in policy.retryable else None
+            retry = code_of(error) in policy.retryable or (
+                breaks(error) and grpc.StatusCode.UNAVAILABLE in policy.retryable)
+            wait = budget.next_wait_s() if retry else None
             if wait is not None and stop is not None and stop():
                 wait = None
             if on_error is not None:

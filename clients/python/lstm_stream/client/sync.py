@@ -138,7 +138,7 @@ class Stream:
     def start_new(self) -> None:
         self._handle.start_new()
 
-    def pipe(self, chunks: Iterable[Any], *, window: int = 1) -> Iterator[np.ndarray]:
+    def pipe(self, chunks: Iterable[Any], *, window: int = defaults.PIPE_WINDOW) -> Iterator[np.ndarray]:
         """Pipelined streaming (see `AsyncStream.pipe`): yields each chunk's outputs in order. `chunks`
         is read on a worker thread, so a source that blocks (a sensor) does not stall the answers."""
         outputs: AsyncIterator[np.ndarray] = self._handle.pipe(_pulled(chunks), window=window)

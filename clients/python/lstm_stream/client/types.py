@@ -43,13 +43,14 @@ class ModelInfo:
     per_timestep_outputs: bool  # False: one output row per chunk (its last step)
     recurrent_layers: tuple[RecurrentLayer, ...]
     state_size: int
+    server_version: str = ""  # the answering replica's release; empty from 0.1.0
 
     @classmethod
     def from_proto(cls, message: pb.ModelInfo) -> ModelInfo:
         return cls(message.name, message.fingerprint, message.input_features, message.output_size,
                    message.max_chunk_timesteps, message.per_timestep_outputs,
                    tuple(RecurrentLayer(layer.name, layer.kind, layer.units) for layer in message.recurrent_layers),
-                   message.state_size)
+                   message.state_size, message.server_version)
 
 
 @dataclass(frozen=True)

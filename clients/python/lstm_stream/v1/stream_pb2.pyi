@@ -101,7 +101,7 @@ class RecurrentLayer(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., units: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "fingerprint", "input_features", "output_size", "max_chunk_timesteps", "per_timestep_outputs", "recurrent_layers", "state_size")
+    __slots__ = ("name", "fingerprint", "input_features", "output_size", "max_chunk_timesteps", "per_timestep_outputs", "recurrent_layers", "state_size", "server_version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     INPUT_FEATURES_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,7 @@ class ModelInfo(_message.Message):
     PER_TIMESTEP_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     RECURRENT_LAYERS_FIELD_NUMBER: _ClassVar[int]
     STATE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     fingerprint: str
     input_features: int
@@ -118,4 +119,5 @@ class ModelInfo(_message.Message):
     per_timestep_outputs: bool
     recurrent_layers: _containers.RepeatedCompositeFieldContainer[RecurrentLayer]
     state_size: int
-    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., input_features: _Optional[int] = ..., output_size: _Optional[int] = ..., max_chunk_timesteps: _Optional[int] = ..., per_timestep_outputs: _Optional[bool] = ..., recurrent_layers: _Optional[_Iterable[_Union[RecurrentLayer, _Mapping]]] = ..., state_size: _Optional[int] = ...) -> None: ...
+    server_version: str
+    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., input_features: _Optional[int] = ..., output_size: _Optional[int] = ..., max_chunk_timesteps: _Optional[int] = ..., per_timestep_outputs: _Optional[bool] = ..., recurrent_layers: _Optional[_Iterable[_Union[RecurrentLayer, _Mapping]]] = ..., state_size: _Optional[int] = ..., server_version: _Optional[str] = ...) -> None: ...
