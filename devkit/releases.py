@@ -22,6 +22,23 @@ from devkit import ROOT
 PREVIOUS_RELEASE = "v0.1.0"
 
 
+class ReleaseMissing(RuntimeError):
+    """The tag is not in this clone, and the clone is shallow: it has no history to hold it."""
+
+
+def tag_available(tag: str) -> bool:
+    """Whether `tag` names a commit here; raises ReleaseMissing when it does not in a shallow clone (a CI
+    checkout without history), where its absence says nothing about the repository."""
+    found = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{tag}^{{commit}}"],
+                           capture_output=True, timeout=30).returncode == 0
+    if not found:
+        shallow = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--is-shallow-repository"],
+                                 capture_output=True, text=True, timeout=30).stdout.strip() == "true"
+        if shallow:
+            raise ReleaseMissing(f"{tag} is not in this shallow clone: fetch it (git fetch --tags --unshallow)")
+    return found
+
+
 def materialise(tag: str, folder: Path) -> Path:
     """The tree of `tag`, written under folder/tag (once; an existing one is reused). Its path."""
     tree = folder / tag
