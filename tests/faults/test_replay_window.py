@@ -119,9 +119,10 @@ def check(stream: str, x: np.ndarray, answered: list[pb.PredictResponse], resume
 
 
 @pytest.fixture
-def replicas(start_server) -> tuple[ServerProcess, ServerProcess]:
-    """Two replicas on one Redis, as behind a load balancer."""
-    return start_server(), start_server()
+def replicas(default_server: ServerProcess, default_replica: ServerProcess) -> tuple[ServerProcess, ServerProcess]:
+    """Two replicas on one Redis, as behind a load balancer: the session's shared pair (each test uses its
+    own streams and leaves the servers as it found them)."""
+    return default_server, default_replica
 
 
 @pytest.mark.parametrize("window", [2, K])
@@ -171,8 +172,8 @@ def test_a_cancelled_call_resumes_on_another_replica_with_every_output(replicas,
         check(stream, x, client.answers, resumed, -(client.sent - len(client.answers)), other.stub)
 
 
-def test_a_killed_replica_s_chunks_are_answered_by_another_and_by_itself_restarted(start_server, replicas) -> None:
-    victim, other = replicas
+def test_a_killed_replica_s_chunks_are_answered_by_another_and_by_itself_restarted(start_server) -> None:
+    victim, other = start_server(), start_server()  # their own: one is killed
     stream = f"killed-{uuid.uuid4().hex[:6]}"
     x = np.random.default_rng(20).normal(size=(CHUNKS * STEPS, 1)).astype(np.float32)
     messages = messages_of(stream, x)
