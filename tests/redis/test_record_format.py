@@ -114,3 +114,19 @@ def test_a_record_of_a_newer_release_is_unavailable_here_not_lost(default_server
 def test_admin_refuses_a_format_this_release_does_not_write(redis_server) -> None:
     done = admin(redis_server.url, "9")
     assert done.returncode == 2 and "not one this release writes" in done.stderr
+
+
+def test_admin_says_what_is_wrong_without_a_traceback_or_a_password(redis_server) -> None:
+    usage = subprocess.run([sys.executable, "-m", "server", "admin"], capture_output=True, text=True, timeout=60,
+                           cwd=ROOT)
+    assert usage.returncode == 2 and "usage: lstm-serve admin record-format" in usage.stderr
+    nobody = admin("redis://127.0.0.1:1/0")
+    assert nobody.returncode == 2 and "cannot reach Redis" in nobody.stderr and "Traceback" not in nobody.stderr
+    malformed = admin("redis://:Secret#Part@127.0.0.1:6379/0")
+    assert malformed.returncode == 2 and "percent-encode" in malformed.stderr
+    assert "Secret" not in malformed.stderr + malformed.stdout and "Traceback" not in malformed.stderr
+    client = redis.Redis.from_url(redis_server.url)
+    client.set("garbled:record-format", "three")
+    garbled = subprocess.run([sys.executable, "-m", "server", "admin", "record-format", "--redis-url", redis_server.url,
+                              "--key-prefix", "garbled"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert garbled.returncode == 2 and "not a format number" in garbled.stderr
