@@ -10,11 +10,20 @@ As a library::
 from loadtest.config import ConfigError, LoadConfig
 from loadtest.plot import plot_report
 from loadtest.report import render
-from loadtest.run import EXIT_CRASH, EXIT_FAILED_CHUNKS, EXIT_OK, EXIT_USAGE, EXIT_VERIFY_FAILED, run_load
+from loadtest.run import (
+    EXIT_CRASH,
+    EXIT_FAILED_CHUNKS,
+    EXIT_OK,
+    EXIT_SOAK_FAILED,
+    EXIT_USAGE,
+    EXIT_VERIFY_FAILED,
+    run_load,
+)
 from loadtest.transports import ConnectError
 
 __all__ = [
-    "EXIT_CRASH", "EXIT_FAILED_CHUNKS", "EXIT_OK", "EXIT_USAGE", "EXIT_VERIFY_FAILED", "ConfigError", "ConnectError",
+    "EXIT_CRASH", "EXIT_FAILED_CHUNKS", "EXIT_OK", "EXIT_SOAK_FAILED", "EXIT_USAGE", "EXIT_VERIFY_FAILED",
+    "ConfigError", "ConnectError",
     "LoadConfig",
     "plot_report", "render", "run_load",
 ]

@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok; 1 verification failed; 2 usage error, connection error, or nothing answered;
 3 the tool itself failed (a traceback is printed); 4 a chunk failed for good, so a sequence broke
-(--no-fail-on-errors turns this one off). A chunk answered after retries is not a failure.
+(--no-fail-on-errors turns this one off); 5 --soak: the server's memory or p99 did not hold steady.
+A chunk answered after retries is not a failure.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ examples:
   lstm-loadtest --target 127.0.0.1:50051 --streams 64 --chunk 20 --duration 30 --plot load.png
   lstm-loadtest --streams 200 --rate 10 --api stream --duration 60 --json report.json
   lstm-loadtest --streams 16 --chunks 4000 --verify
+  lstm-loadtest --streams 64 --chunk 20 --api stream --duration 600 --soak --soak-churn 4 --plot soak.png
 """
 
 
@@ -35,15 +37,40 @@ def build_parser() -> argparse.ArgumentParser:
         description="Drive an lstm-serve server with simulated sensors (seeded, reproducible), measure "
         "throughput and latency, and optionally verify every answer against Keras.",
         epilog=EXAMPLES + "\nexit codes: 0 ok, 1 verification failed, 2 usage or connection error, 3 the tool failed, "
-        "4 a chunk failed for good (a sequence broke)",
+        "4 a chunk failed for good (a sequence broke), 5 --soak: memory or p99 did not hold steady",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     defaults = LoadConfig(stream_prefix="x")
     _load_options(parser.add_argument_group("load"), defaults)
     _security_options(parser.add_argument_group("security (as lstm-stream and lstm_stream.client take them)"))
     _verify_options(parser.add_argument_group("verification"), defaults)
+    _soak_options(parser.add_argument_group("soak (the server's /metrics sampled through the run)"), defaults)
     _output_options(parser.add_argument_group("output"), defaults)
     return parser
+
+
+def _soak_options(soak: argparse._ArgumentGroup, d: LoadConfig) -> None:
+    soak.add_argument("--soak", action="store_true",
+                      help="sample the server's memory, open streams, calls in flight, Redis memory and p50/p99 "
+                      "from its /metrics through the run; exit 5 when memory grows or p99 drifts past the limits")
+    soak.add_argument("--soak-metrics", dest="soak_metrics", metavar="URL",
+                      help="the server's metrics URL (default http://<--target's host>:9464/metrics)")
+    soak.add_argument("--soak-interval", type=float, default=d.soak_interval_s, dest="soak_interval_s", metavar="S",
+                      help=f"seconds between scrapes (default {d.soak_interval_s:g})")
+    soak.add_argument("--soak-churn", type=int, default=d.soak_churn, dest="soak_churn", metavar="N",
+                      help="beside the load, start N short-lived streams every --soak-churn-every seconds; each "
+                      f"sends --soak-churn-chunks chunks and is reset (default {d.soak_churn}: none)")
+    soak.add_argument("--soak-churn-every", type=float, default=d.soak_churn_every_s, dest="soak_churn_every_s",
+                      metavar="S", help=f"seconds between rounds of churned streams (default {d.soak_churn_every_s:g})")
+    soak.add_argument("--soak-churn-chunks", type=int, default=d.soak_churn_chunks, dest="soak_churn_chunks",
+                      metavar="N", help=f"chunks of each churned stream (default {d.soak_churn_chunks})")
+    soak.add_argument("--max-memory-slope", type=float, default=d.max_memory_slope_mib_h,
+                      dest="max_memory_slope_mib_h", metavar="MIB_PER_H",
+                      help="fail when the server's RSS grows faster than this, a least-squares line over the samples "
+                      f"after the warm-up (default {d.max_memory_slope_mib_h:g} MiB/h)")
+    soak.add_argument("--max-p99-drift", type=float, default=d.max_p99_drift, dest="max_p99_drift", metavar="X",
+                      help="fail when the server's p99 over the last fifth of the samples is more than X times its p99 "
+                      f"over the first fifth after the warm-up (default {d.max_p99_drift:g})")
 
 
 def _load_options(load: argparse._ArgumentGroup, d: LoadConfig) -> None:
@@ -105,12 +132,30 @@ def _security_options(security: argparse._ArgumentGroup) -> None:
 
 def _verify_options(check: argparse._ArgumentGroup, d: LoadConfig) -> None:
     check.add_argument("--verify", action="store_true",
-                       help="keep what each stream sent and got, recompute it with Keras after the load, and exit 1 "
-                       "on any difference above the tolerance")
+                       help="check every answer against Keras as the load runs (a verifier process carries each "
+                       "stream's state), and exit 1 on any difference above the tolerance")
     check.add_argument("--model", dest="model_path", default=None, metavar="PATH",
                        help=f"the server's model file, for --verify (default {DEFAULT_MODEL})")
     check.add_argument("--tolerance", type=float, default=d.tolerance, metavar="X",
                        help=f"largest accepted absolute difference (default {d.tolerance:g})")
+    check.add_argument("--verify-sample", type=_count_or_all, default=d.verify_sample, dest="verify_sample",
+                       metavar="N|all",
+                       help="streams also recomputed whole from zero state after the run, independently of any "
+                       f"chunking (default {d.verify_sample}; all: every stream, memory grows with the run)")
+    check.add_argument("--verify-sample-timesteps", type=int, default=d.verify_sample_timesteps,
+                       dest="verify_sample_timesteps", metavar="T",
+                       help=f"timesteps of each sampled sequence kept for that (default {d.verify_sample_timesteps:,})")
+    check.add_argument("--verify-threads", type=int, default=d.verify_threads, dest="verify_threads", metavar="N",
+                       help=f"TensorFlow threads of the verifier process (default {d.verify_threads}; 0: all cores)")
+
+
+def _count_or_all(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of streams or all, not {text!r}") from None
 
 
 def _output_options(out: argparse._ArgumentGroup, d: LoadConfig) -> None:
@@ -149,6 +194,9 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         verify=args.verify,
         model_path=args.model_path,
         tolerance=args.tolerance,
+        verify_sample=args.verify_sample,
+        verify_sample_timesteps=args.verify_sample_timesteps,
+        verify_threads=args.verify_threads,
         fail_on_errors=args.fail_on_errors,
         cleanup=args.cleanup,
         progress=sys.stderr.isatty() if args.progress is None else args.progress,
@@ -157,6 +205,14 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         client_cert=args.client_cert,
         client_key=args.client_key,
         api_key=args.api_key,
+        soak=args.soak,
+        soak_metrics=args.soak_metrics,
+        soak_interval_s=args.soak_interval_s,
+        soak_churn=args.soak_churn,
+        soak_churn_every_s=args.soak_churn_every_s,
+        soak_churn_chunks=args.soak_churn_chunks,
+        max_memory_slope_mib_h=args.max_memory_slope_mib_h,
+        max_p99_drift=args.max_p99_drift,
     ).check()
 
 
@@ -167,10 +223,21 @@ def print_verify(result: dict[str, Any], console: Console) -> None:
     if result["model_fingerprint_matches"] is False:
         console.print(f"[yellow]warning: {escape(result['model_file'])} is not the model the server runs (the "
                       "fingerprints differ); pass the server's model file with --model[/yellow]")
+    whole, verifier = result["whole"], result["verifier"]
+    checked = (f"checked as the load ran; the verdict {result['seconds']:.1f} s after it, verifier CPU "
+               f"{verifier['check_cpu_s']:.1f} s, peak memory {verifier['peak_rss_mib']:.0f} MiB")
+    if whole is not None:
+        checked += (f"; {whole['streams']} streams also whole from zero state ({whole['timesteps']:,} timesteps, "
+                    f"max abs diff {whole['max_abs_diff']:.3g})")
     if result["passed"]:
         console.print(f"[green]verify: OK[/green]: {summary}")
+        console.print(f"    {checked}")
         return
     console.print(f"[red bold]verify: FAILED[/red bold]: {summary}")
+    console.print(f"    {checked}")
+    if whole is not None and whole["mismatches"]:
+        streams = ", ".join(sorted({m["stream_id"] for m in whole["mismatches"]}))
+        console.print(f"[red]the whole-sequence check also failed for: {escape(streams)}[/red]")
     for item in result["mismatches"][:20]:
         console.print(
             f"[red]stream {escape(item['stream_id'])}[/red] (sequence {item['segment']}): first mismatch at timestep "
@@ -252,6 +319,10 @@ def _write_outputs(report: dict[str, Any], args: argparse.Namespace, out: Consol
     render(report, out)
     if report["verify"] is not None:
         print_verify(report["verify"], out)
+    if report["soak"] is not None:
+        from loadtest.soak import print_soak
+
+        print_soak(report["soak"], out)
     if args.json_path:
         args.json_path.parent.mkdir(parents=True, exist_ok=True)
         args.json_path.write_text(json.dumps(_finite(report), indent=1, allow_nan=False) + "\n")

@@ -13,6 +13,9 @@ from lstm_stream.client import defaults
 from lstm_stream.wire import MAX_STREAM_ID_BYTES  # the server's limit, so no run is refused after connecting
 
 APIS = ("unary", "stream")
+# lstm-serve's default --metrics-port (README, "Ports"), for soak mode without --soak-metrics; not imported from
+# the server, which the load tester never imports.
+DEFAULT_METRICS_PORT = 9464
 
 
 def _shipped_model() -> Path:
@@ -66,6 +69,13 @@ class LoadConfig:
     verify: bool = False
     model_path: str | None = None
     tolerance: float = 1e-4
+    # --verify checks every answer as the load runs (loadtest/live_verify.py); these streams (None: all)
+    # also keep their sequences' first verify_sample_timesteps, recomputed whole after the run.
+    verify_sample: int | None = 4
+    verify_sample_timesteps: int = 50_000
+    verify_batch: int = 64  # sequences per Keras call of the live verifier
+    verify_threads: int = 1  # TensorFlow threads of the verifier process (0: TensorFlow's choice)
+    verify_nice: int = 10  # the verifier's niceness increment: the load comes first
     # Exit 4 when a chunk failed for good (a sequence broke); retries that were answered are not failures.
     fail_on_errors: bool = True
     cleanup: bool = True  # ResetStream every stream after the run, so no slot waits for its idle expiry
@@ -76,6 +86,28 @@ class LoadConfig:
     client_cert: str | None = None
     client_key: str | None = None
     api_key: str | None = None
+    # Soak mode (loadtest/soak.py; docs/loadtest.md, "Soak mode"): the server's /metrics sampled through the run,
+    # short-lived streams churned beside it, and a verdict on memory growth and latency drift (exit 5).
+    soak: bool = False
+    soak_metrics: str | None = None  # the server's Prometheus URL; None: http://<target's host>:9464/metrics
+    soak_interval_s: float = 5.0  # seconds between scrapes
+    soak_scrape_timeout_s: float = 2.0  # a scrape slower than this is a gap in the samples, not a stall
+    soak_churn: int = 0  # short-lived streams started every soak_churn_every_s beside the load (0: none)
+    soak_churn_every_s: float = 1.0
+    soak_churn_chunks: int = 3  # chunks each churned stream sends before its ResetStream
+    # Past either, the soak fails. A least-squares fit of the server's RSS over the samples after the warm-up:
+    # a server leaking 1 KiB a chunk at 1,000 chunks/s grows 3.4 GiB/h, while allocator noise and caches filling
+    # stay within tens of MiB/h over ten minutes (docs/loadtest.md, "Soak mode").
+    max_memory_slope_mib_h: float = 64.0
+    max_p99_drift: float = 2.0  # the server's p99 over the last fifth of the samples / over the first fifth
+
+    @property
+    def metrics_url(self) -> str:
+        """Where soak mode scrapes: --soak-metrics, or lstm-serve's default --metrics-port on the target's host."""
+        if self.soak_metrics:
+            return self.soak_metrics
+        host = self.target.rsplit(":", 1)[0] if ":" in self.target else self.target
+        return f"http://{host}:{DEFAULT_METRICS_PORT}/metrics"
 
     @property
     def open_loop(self) -> bool:
@@ -134,6 +166,12 @@ class LoadConfig:
             problems.append("max retries and max restarts must not be negative")
         if not self.tolerance >= 0:
             problems.append("tolerance must not be negative")
+        if self.verify_sample is not None and self.verify_sample < 0:
+            problems.append("verify sample must not be negative (or all)")
+        if self.verify_sample_timesteps < 1 or self.verify_batch < 1 or self.verify_threads < 0 or \
+                not 0 <= self.verify_nice <= 19:
+            problems.append("verify sample timesteps and verify batch must be at least 1, verify threads at least 0, "
+                            "verify nice between 0 and 19")
         last_id = self.stream_id(self.streams - 1)
         if len(last_id.encode()) > MAX_STREAM_ID_BYTES:
             problems.append(f"stream ids like {last_id!r} are longer than {MAX_STREAM_ID_BYTES} bytes")
@@ -147,9 +185,30 @@ class LoadConfig:
                 problems.append(f"--{name.replace('_', '-')} {path!r} is not a readable file")
         if self.verify and not self.model_file.is_file():
             problems.append(f"--verify needs the server's model file; {str(self.model_file)!r} does not exist")
+        problems += self._soak_problems()
         if problems:
             raise ConfigError("; ".join(problems))
         return self
+
+    def _soak_problems(self) -> list[str]:
+        problems = []
+        if not self.soak and (self.soak_metrics is not None or self.soak_churn):
+            problems.append("--soak-metrics and --soak-churn apply to a soak run: add --soak")
+        if not self.soak_interval_s > 0 or not self.soak_scrape_timeout_s > 0 or not self.soak_churn_every_s > 0:
+            problems.append("the soak interval, scrape timeout and churn period must be positive")
+        if self.soak_churn < 0 or self.soak_churn_chunks < 1:
+            problems.append("soak churn must not be negative, and each churned stream sends at least one chunk")
+        if not self.max_memory_slope_mib_h > 0 or not self.max_p99_drift > 1:
+            problems.append("the largest memory slope must be positive and the largest p99 drift above 1")
+        if self.soak and not self.metrics_url.startswith(("http://", "https://")):
+            problems.append(f"--soak-metrics must be an http:// or https:// URL, not {self.metrics_url!r}")
+        churn_id = self.churn_stream_id(10**9)
+        if self.soak_churn and len(churn_id.encode()) > MAX_STREAM_ID_BYTES:
+            problems.append(f"churned stream ids like {churn_id!r} are longer than {MAX_STREAM_ID_BYTES} bytes")
+        return problems
+
+    def churn_stream_id(self, index: int) -> str:
+        return f"{self.stream_prefix}-churn-{index}"
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)

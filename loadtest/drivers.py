@@ -33,7 +33,8 @@ import grpc
 import numpy as np
 
 from loadtest.config import LoadConfig
-from loadtest.recorder import Recorder, Segment, StreamLog
+from loadtest.live_verify import LiveFeed
+from loadtest.recorder import Recorder
 from loadtest.sensors import Sensor
 from loadtest.transports import (
     BAD_RESPONSE,
@@ -64,7 +65,8 @@ class StreamDriver:
     """One simulated sensor: its signal, its position in the stream, and its chunks one by one."""
 
     def __init__(self, index: int, config: LoadConfig, model: ModelInfo, transport: UnaryTransport | StreamTransport,
-                 recorder: Recorder, gate: asyncio.Semaphore | None, stop: asyncio.Event) -> None:
+                 recorder: Recorder, gate: asyncio.Semaphore | None, stop: asyncio.Event,
+                 feed: LiveFeed | None = None) -> None:
         self.index = index
         self.config = config
         self.model = model
@@ -74,9 +76,7 @@ class StreamDriver:
         self.stop = stop
         self.stream_id = config.stream_id(index)
         self.sensor = Sensor(config.seed + index, model.input_features)
-        self.log = StreamLog(self.stream_id, config.seed + index) if config.verify else None
-        if self.log is not None:
-            recorder.logs[self.stream_id] = self.log
+        self.feed = feed  # --verify: every answered chunk goes to the live verifier
         self.offset = 0
         self.fresh = True  # the next chunk resets the stream: a rerun with the same ids starts over
         # The library's backoff (0.05 s doubling to 1 s, jittered), bounded by attempts rather than a deadline.
@@ -157,13 +157,9 @@ class StreamDriver:
         self.recorder.chunk(sent - origin, done - sent, chunk.shape[0], lag)
         self.offset += chunk.shape[0]
         self.fresh = False
-        if self.log is not None:
-            segment = self.log.segments[-1]
-            segment.inputs.append(chunk)
-            segment.outputs.append(
-                np.asarray(response.outputs, dtype=np.float32).reshape(response.timesteps, response.output_size)
-            )
-            segment.server_offsets.append(response.offset)
+        if self.feed is not None:
+            outputs = np.asarray(response.outputs, dtype=np.float32).reshape(response.timesteps, response.output_size)
+            self.feed.chunk(self.stream_id, self.segment, chunk, outputs, response.offset)
         return True
 
     def _check(self, response: pb.PredictResponse, timesteps: int) -> None:
@@ -195,18 +191,18 @@ class StreamDriver:
         self.segment += 1
         self.offset = 0
         self.fresh = True
-        if self.log is not None:
-            self.log.segments.append(Segment())
 
 
 class ProcessLoad:
     """The streams one process drives, over its own channels."""
 
-    def __init__(self, config: LoadConfig, model: ModelInfo, indices: Iterable[int], recorder: Recorder) -> None:
+    def __init__(self, config: LoadConfig, model: ModelInfo, indices: Iterable[int], recorder: Recorder,
+                 feed: LiveFeed | None = None) -> None:
         self.config = config
         self.model = model
         self.indices = list(indices)
         self.recorder = recorder
+        self.feed = feed
         self.channels: list[grpc.aio.Channel] = []
         self.transports: list[UnaryTransport | StreamTransport] = []
 
@@ -233,7 +229,7 @@ class ProcessLoad:
             # This process's share of the chunks in flight.
             share = max(1, round(config.in_flight * len(self.indices) / config.streams))
             gate = asyncio.Semaphore(share)
-        drivers = [StreamDriver(index, config, self.model, transport, self.recorder, gate, stop)
+        drivers = [StreamDriver(index, config, self.model, transport, self.recorder, gate, stop, self.feed)
                    for index, transport in zip(self.indices, self.transports, strict=True)]
         deadline = origin + config.warmup_s + config.duration_s if config.duration_s is not None else None
         delay = origin - time.monotonic()

@@ -1,6 +1,7 @@
 """Running the load: every stream's driver in this process, or split over several worker processes
-(spawned, with a common start time, progress snapshots and results sent back over a queue). What one
-simulated sensor does is drivers.py; how it talks to the server, transports.py.
+(spawned, with a common start time, progress snapshots and results sent back over a queue). With
+--verify every process ships its answered chunks to the verifier process (live_verify.py) as it goes.
+What one simulated sensor does is drivers.py; how it talks to the server, transports.py.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from loadtest.config import LoadConfig
 from loadtest.drivers import ProcessLoad
+from loadtest.live_verify import FEED_INTERVAL_S, LiveFeed
 from loadtest.recorder import Recorder, Snapshot
 from loadtest.transports import ConnectError
 from lstm_stream.client.types import ModelInfo
@@ -54,10 +56,22 @@ async def _drive(load: ProcessLoad, origin: float, source: int,
             await asyncio.sleep(SNAPSHOT_INTERVAL_S)
             on_snapshot(load.recorder.snapshot(source, time.monotonic() - origin))  # type: ignore[misc]
 
+    feed = load.feed
+
+    async def ship() -> None:
+        while feed is not None:
+            await asyncio.sleep(FEED_INTERVAL_S)
+            feed.flush()
+
     reporter = asyncio.create_task(report()) if on_snapshot else None
+    shipper = asyncio.create_task(ship()) if feed is not None else None
     try:
         await load.run(origin, stop)
     finally:
+        if shipper is not None:
+            shipper.cancel()
+        if feed is not None:
+            feed.done()  # its last chunks, then the verifier may conclude
         if follower is not None:
             follower.cancel()
         if reporter is not None:
@@ -71,22 +85,24 @@ async def _drive(load: ProcessLoad, origin: float, source: int,
     return load.recorder.export()
 
 
-async def run_local(config: LoadConfig, model: ModelInfo,
-                    on_snapshot: Callable[[Snapshot], None] | None = None) -> tuple[dict[str, Any], float]:
+async def run_local(config: LoadConfig, model: ModelInfo, on_snapshot: Callable[[Snapshot], None] | None = None,
+                    verifier_inbox: Any = None) -> tuple[dict[str, Any], float]:
     """Every stream in this process. Returns the recording and the origin (monotonic seconds)."""
-    load = ProcessLoad(config, model, range(config.streams), Recorder())
+    feed = LiveFeed(verifier_inbox, 0) if verifier_inbox is not None else None
+    load = ProcessLoad(config, model, range(config.streams), Recorder(), feed)
     await load.connect()
     origin = time.monotonic() + 0.05
     return await _drive(load, origin, 0, on_snapshot), origin
 
 
 def _child(config: LoadConfig, model: ModelInfo, indices: list[int], source: int, messages: Any,
-           start: Any, origin: Any, stop: Any) -> None:
+           start: Any, origin: Any, stop: Any, verifier_inbox: Any) -> None:
     """A worker process: connect, say ready, wait for the common origin, drive its streams, send results."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # until the loop's own handler is installed
 
     async def main() -> None:
-        load = ProcessLoad(config, model, indices, Recorder())
+        feed = LiveFeed(verifier_inbox, source) if verifier_inbox is not None else None
+        load = ProcessLoad(config, model, indices, Recorder(), feed)
         try:
             await load.connect()
         except ConnectError as exc:
@@ -108,8 +124,8 @@ def _child(config: LoadConfig, model: ModelInfo, indices: list[int], source: int
         messages.put(("error", source, f"{type(exc).__name__}: {exc}"))
 
 
-def run_processes(config: LoadConfig, model: ModelInfo,
-                  on_snapshot: Callable[[Snapshot], None] | None = None) -> tuple[list[dict[str, Any]], float]:
+def run_processes(config: LoadConfig, model: ModelInfo, on_snapshot: Callable[[Snapshot], None] | None = None,
+                  verifier_inbox: Any = None) -> tuple[list[dict[str, Any]], float]:
     """Streams split over `config.processes` worker processes (spawned: no gRPC state is forked)."""
     context = multiprocessing.get_context("spawn")
     messages = context.Queue()
@@ -117,7 +133,8 @@ def run_processes(config: LoadConfig, model: ModelInfo,
     stop = context.Event()
     origin = context.Value("d", 0.0)
     groups = [list(range(p, config.streams, config.processes)) for p in range(config.processes)]
-    workers = [context.Process(target=_child, args=(config, model, group, p, messages, start, origin, stop),
+    workers = [context.Process(target=_child, args=(config, model, group, p, messages, start, origin, stop,
+                                                     verifier_inbox),
                                name=f"lstm-loadtest-{p}", daemon=True) for p, group in enumerate(groups)]
     for worker in workers:
         worker.start()

@@ -1,4 +1,5 @@
-"""The PNG: throughput and latency over time on top, the latency distribution below.
+"""The PNG: throughput and latency over time on top, the latency distribution below; with a `soak` section,
+two more panels: the server's and Redis' memory over time, then open streams, calls in flight and p99.
 
 Drawn from the report dict alone, so a saved JSON report can be plotted again later.
 """
@@ -18,7 +19,12 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7.5), gridspec_kw={"height_ratios": [1.1, 1]})
+    soak = report.get("soak")
+    if soak:
+        fig, (top, bottom, memory, load) = plt.subplots(4, 1, figsize=(11, 14),
+                                                        gridspec_kw={"height_ratios": [1.1, 1, 1, 1]})
+    else:
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7.5), gridspec_kw={"height_ratios": [1.1, 1]})
     fig.suptitle(
         f"{report['streams']} streams x {report['chunk_timesteps']} timesteps/chunk, {report['api']}, "
         f"{report['mode']} loop  |  {report['chunks_per_s']:,.0f} chunks/s, {report['timesteps_per_s']:,.0f} "
@@ -27,6 +33,9 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
     )
     _plot_timeline(top, report)
     _plot_latency_distribution(bottom, report)
+    if soak:
+        _plot_soak_memory(memory, soak)
+        _plot_soak_load(load, soak)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -92,6 +101,87 @@ def _plot_latency_distribution(bottom: Any, report: dict[str, Any]) -> None:
     bottom.set_ylabel("chunks")
     bottom.grid(alpha=0.3)
     bottom.set_title(f"latency distribution ({report['chunks']:,} measured chunks)", fontsize=10)
+
+
+def _series(samples: list[dict[str, Any]], name: str, scale: float = 1.0) -> np.ndarray:
+    """One figure of every soak sample, NaN where the scrape failed or the server does not export it."""
+    return np.asarray([np.nan if s[name] is None else s[name] / scale for s in samples], dtype=float)
+
+
+def _shade_soak(axis: Any, soak: dict[str, Any], samples: list[dict[str, Any]]) -> None:
+    if soak["warmup_s"] > 0:
+        axis.axvspan(0, soak["warmup_s"], color="0.85", alpha=0.6, label="warm-up (not judged)")
+    gaps = [s["t_s"] for s in samples if s["error"] is not None]
+    if gaps:
+        axis.scatter(gaps, np.zeros(len(gaps)), marker="x", color="red", zorder=5, label="failed scrapes",
+                     clip_on=False)
+    axis.set_xlabel("seconds since start")
+    axis.grid(alpha=0.3)
+
+
+def _legend_below(axis: Any, handles: list[Any], labels: list[str]) -> None:
+    # Under the time axis: over two twin axes full of samples there is no empty corner to put it in.
+    axis.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=6, frameon=False)
+
+
+def _plot_soak_memory(axis: Any, soak: dict[str, Any]) -> None:
+    """The server's RSS (with its fitted slope) and Redis' used memory, in MiB."""
+    samples = soak["samples"]
+    t = np.asarray([s["t_s"] for s in samples], dtype=float)
+    rss = _series(samples, "rss_bytes", 1024 * 1024)
+    memory = soak["memory"]
+    axis.plot(t, rss, color="tab:purple", marker=".", linewidth=1.4, label="server RSS")
+    judged = np.isfinite(rss) & (t >= soak["warmup_s"])
+    if memory["slope_mib_per_h"] is not None and judged.sum() >= 2:
+        # The line the verdict fitted (the same least squares), so a reader sees what was judged.
+        slope, intercept = np.polyfit(t[judged], rss[judged], 1)
+        axis.plot(t[judged], intercept + slope * t[judged], color="tab:purple", linestyle=":", linewidth=1.2,
+                  label="fitted line")
+    _shade_soak(axis, soak, samples)
+    # Not from zero: a leak of a few MiB must show beside hundreds.
+    axis.set_ylabel("server RSS (MiB)", color="tab:purple")
+    handles, labels = axis.get_legend_handles_labels()
+    redis = _series(samples, "redis_used_memory_bytes", 1024 * 1024)
+    if np.isfinite(redis).any():
+        # Its own axis: Redis holds a few MiB where the server holds hundreds, and its growth must show too.
+        redis_axis = axis.twinx()
+        redis_axis.plot(t, redis, color="tab:red", marker=".", linewidth=1.2, label="Redis used memory")
+        redis_axis.set_ylabel("Redis used memory (MiB)", color="tab:red")
+        redis_axis.set_ylim(bottom=0)
+        more_handles, more_labels = redis_axis.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    slope = memory["slope_mib_per_h"]
+    verdict = {True: "OK", False: "FAILED", None: "no verdict"}[memory["passed"]]
+    axis.set_title(f"memory: server RSS slope {'-' if slope is None else f'{slope:,.1f}'} MiB/h after the warm-up "
+                   f"(limit {memory['max_slope_mib_per_h']:g}): {verdict}", fontsize=10)
+    _legend_below(axis, handles, labels)
+
+
+def _plot_soak_load(axis: Any, soak: dict[str, Any]) -> None:
+    """Open streams and calls in flight (left axis); the server's and the load's p99 per interval (right axis)."""
+    samples = soak["samples"]
+    t = np.asarray([s["t_s"] for s in samples], dtype=float)
+    axis.plot(t, _series(samples, "open_streams"), color="tab:blue", linewidth=1.4, label="open streams")
+    axis.plot(t, _series(samples, "in_flight_calls"), color="tab:cyan", linewidth=1.2, linestyle="--",
+              label="calls in flight")
+    axis.set_ylabel("streams, calls")
+    axis.set_ylim(bottom=0)
+    _shade_soak(axis, soak, samples)
+    latency = axis.twinx()
+    latency.plot(t, _series(samples, "server_p99_ms"), color="tab:orange", marker=".", linewidth=1.2,
+                 label="server p99")
+    latency.plot(t, _series(samples, "client_p99_ms"), color="tab:brown", linewidth=1.0, alpha=0.7,
+                 label="load tester p99")
+    latency.set_ylabel("p99 per interval (ms)")
+    latency.set_ylim(bottom=0)
+    drift = soak["p99_drift"]
+    ratio = "-" if drift["drift"] is None else f"x{drift['drift']:.2f}"
+    verdict = {True: "OK", False: "FAILED", None: "no verdict"}[drift["passed"]]
+    axis.set_title(f"streams and latency: server p99 drift {ratio}, last fifth over first (limit "
+                   f"x{drift['max_drift']:g}): {verdict}", fontsize=10)
+    handles, labels = axis.get_legend_handles_labels()
+    more_handles, more_labels = latency.get_legend_handles_labels()
+    _legend_below(axis, handles + more_handles, labels + more_labels)
 
 
 def _num(value: float | None) -> str:

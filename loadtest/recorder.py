@@ -1,5 +1,6 @@
-"""What a run keeps: one row per finished chunk in flat arrays, error events, and (for --verify) what
-each stream sent and received.
+"""What a run keeps: one row per finished chunk in flat arrays, and error events. (What --verify needs
+goes to the live verifier as the load runs: loadtest/live_verify.py; `StreamLog` is its record of the
+streams it checks whole.)
 
 Times are seconds since the run's origin (a `time.monotonic()` value every process shares), so the
 recordings of several processes merge by concatenation.
@@ -61,7 +62,6 @@ class Recorder:
         self.failed_chunks = 0
         self.late = 0
         self.broken: list[dict[str, Any]] = []
-        self.logs: dict[str, StreamLog] = {}
         self.active_streams = 0
         self._snapshot_at = 0
         self._timesteps_total = 0
@@ -98,7 +98,6 @@ class Recorder:
             "failed_chunks": self.failed_chunks,
             "late": self.late,
             "broken": list(self.broken),
-            "logs": list(self.logs.values()),
         }
 
 
@@ -109,7 +108,7 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for key in ("sent", "latency", "timesteps", "lag", "error_times"):
         merged[key] = np.concatenate([part[key] for part in parts])
-    for key in ("error_codes", "broken", "logs"):
+    for key in ("error_codes", "broken"):
         merged[key] = [item for part in parts for item in part[key]]
     for key in ("retries", "replays", "failed_chunks", "late"):
         merged[key] = sum(part[key] for part in parts)

@@ -1,4 +1,7 @@
-"""--verify: after the load, recompute every stream with Keras and compare with what the server answered.
+"""The whole-sequence check: recompute sequences with Keras from zero state, in one pass each, and compare
+with what the server answered. --verify runs it, after the load, on the sample of streams the live
+verifier kept whole (loadtest/live_verify.py; every stream with --verify-sample all): the check that
+shares no chunking with the server or with the live verifier.
 
 For every sequence a stream sent (from its reset to its end, or to the error that broke it) the
 expected outputs are Keras' on the whole sequence from zero state, computed here from the model file.
@@ -24,7 +27,7 @@ from lstm_stream.client.types import ModelInfo
 from lstm_stream.fingerprint import fingerprint
 
 # Largest padded batch, in timesteps x sequences, for one Keras call (bounds the memory it needs).
-BATCH_TIMESTEPS = 400_000
+BATCH_TIMESTEPS = 200_000
 MAX_BATCH = 64
 CLONE_TOLERANCE = 1e-5
 SHOWN_VALUES = 4
@@ -60,6 +63,22 @@ def _sequences(logs: list[StreamLog], per_timestep: bool) -> list[_Sequence]:
     return sequences
 
 
+def every_timestep_copy(model: Any, inputs: Any, stateful: bool) -> Any:
+    """`model` rebuilt on `inputs` (a keras.Input) with every recurrent layer returning sequences, stateful
+    or not, with the same weights."""
+    import keras
+
+    def copy_layer(layer: Any) -> Any:
+        config = layer.get_config()
+        if isinstance(layer, keras.layers.RNN):
+            config.update(return_sequences=True, stateful=stateful)
+        return type(layer).from_config(config)
+
+    copy = keras.models.clone_model(model, input_tensors=inputs, clone_function=copy_layer)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 class KerasReference:
     """The model file as Keras runs it, giving outputs at every timestep of whole sequences."""
 
@@ -81,21 +100,10 @@ class KerasReference:
         self._self_check()
 
     def _clone(self) -> Any:
-        keras = self._keras
-
-        def clone_layer(layer: Any) -> Any:
-            config = layer.get_config()
-            if isinstance(layer, keras.layers.RNN):
-                config.update(return_sequences=True, stateful=False)
-            return type(layer).from_config(config)
-
         try:
-            clone = keras.models.clone_model(self.model, input_tensors=keras.Input(shape=(None, self.features)),
-                                             clone_function=clone_layer)
-            clone.set_weights(self.model.get_weights())
+            return every_timestep_copy(self.model, self._keras.Input(shape=(None, self.features)), stateful=False)
         except Exception as exc:
             raise VerifyError(f"cannot rebuild the model to give outputs at every timestep: {exc}") from exc
-        return clone
 
     def original(self, x: np.ndarray) -> np.ndarray:
         """The unmodified model on whole sequences from zero state (a fixed-batch model gets padded rows)."""
@@ -155,11 +163,12 @@ def _offset_note(sequence: _Sequence) -> dict[str, int] | None:
 
 
 def verify_streams(model_path: Path, model: ModelInfo, logs: list[StreamLog], broken: list[dict[str, Any]],
-                   tolerance: float) -> dict[str, Any]:
-    """Compare every recorded answer with Keras; the returned dict is the report's `verify` section."""
+                   tolerance: float, reference: KerasReference | None = None) -> dict[str, Any]:
+    """Compare every recorded answer with Keras (`reference`, or the model file loaded here)."""
     started = time.monotonic()
-    reference = KerasReference(model_path, model.input_features)
-    fingerprint_matches = _fingerprint_matches(reference.model, model.fingerprint)
+    if reference is None:
+        reference = KerasReference(model_path, model.input_features)
+    matches = fingerprint_matches(reference.model, model.fingerprint)
     sequences = _sequences(logs, model.per_timestep_outputs)
     worst = 0.0
     rows = 0
@@ -208,11 +217,11 @@ def verify_streams(model_path: Path, model: ModelInfo, logs: list[StreamLog], br
         "mismatches": mismatches,
         "state_lost": state_lost,
         "model_file": str(model_path),
-        "model_fingerprint_matches": fingerprint_matches,
+        "model_fingerprint_matches": matches,
         "seconds": round(time.monotonic() - started, 3),
     }
 
 
-def _fingerprint_matches(keras_model: Any, server_fingerprint: str) -> bool:
+def fingerprint_matches(keras_model: Any, server_fingerprint: str) -> bool:
     """Whether the local file is the server's model (same architecture and weights)."""
     return fingerprint(keras_model) == server_fingerprint

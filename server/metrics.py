@@ -7,7 +7,8 @@ Where each number comes from:
 - batch sizes, batch times and the wait in the batcher's queue: the batcher;
 - queued and in-flight chunks: read from the batcher at scrape time (`Gauge.set_function`), so a
   scrape sees the queue as it is, not as it was at the last batch;
-- Redis up and its round-trip time: the health tracker's ping (server/app/redis_health.py);
+- Redis up, its round-trip time and its used memory: the health tracker's ping and INFO memory
+  (server/app/redis_health.py), never the data path;
 - compiles: the model runner. The dashboard deploy/grafana/dashboards/lstm-serve.json uses these names.
 """
 
@@ -67,6 +68,9 @@ SLOT_MEMORY_REFUSED = Counter("lstm_serve_slot_memory_refused_total", "Chunks ru
 REDIS_UP = Gauge("lstm_serve_redis_up", "1 while the state store answers the health tracker's PING")
 REDIS_PING_SECONDS = Histogram("lstm_serve_redis_ping_seconds", "Round-trip time of the health tracker's PING",
                                buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0))
+REDIS_USED_MEMORY = Gauge("lstm_serve_redis_used_memory_bytes",
+                          "Bytes Redis uses (INFO memory used_memory; on a Cluster the sum over its masters), read "
+                          "by the health tracker every second; it keeps its last value while Redis does not answer")
 MODEL = Info("lstm_serve_model", "The model served: name, fingerprint and shapes")
 MODEL_CALLS = Counter("lstm_serve_model_calls_total",
                       "Model calls by path: numpy (small batches, the NumPy twin) or tensorflow", ["path"])

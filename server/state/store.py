@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from redis import exceptions as redis_errors
+from redis.asyncio.cluster import RedisCluster
 
 from server.errors import (
     ServiceError,
@@ -117,6 +118,21 @@ class StateStore:
                 return bool(await self._redis.ping())
         except (*LOST_ANSWER_ERRORS, redis_errors.RedisError):
             return False
+
+    async def used_memory(self) -> int | None:
+        """Bytes Redis uses (INFO memory's `used_memory`): on a Cluster the sum over its masters, the nodes this
+        store writes to (replicas hold copies, not more streams). None when any node does not answer in time."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                if isinstance(self._redis, RedisCluster):
+                    await self._redis.initialize()  # the masters are known once the client has met the cluster
+                    answers = [await self._redis.info("memory", target_nodes=node)
+                               for node in self._redis.get_primaries()]
+                else:
+                    answers = [await self._redis.info("memory")]
+        except (*LOST_ANSWER_ERRORS, redis_errors.RedisError):
+            return None
+        return sum(int(answer["used_memory"]) for answer in answers) if answers else None
 
     @property
     def client(self) -> AsyncClient:

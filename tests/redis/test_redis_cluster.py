@@ -166,6 +166,21 @@ def test_wait_goes_once_to_each_node_that_took_writes(cluster: RedisClusterNodes
     assert all(getattr(result, "code", None) is not None and "0 of 1 replicas" in result.message for result in outcome)
 
 
+def test_used_memory_is_the_sum_over_the_masters(cluster: RedisClusterNodes) -> None:
+    # lstm_serve_redis_used_memory_bytes on a cluster: every master's INFO memory, read through a fresh store
+    # (whose client has not met the cluster yet: the masters must be found first, not summed as none).
+    async def used() -> int | None:
+        store = StateStore(RedisTopology(cluster.url, cluster=True), key_prefix="lstm")
+        try:
+            return await store.used_memory()
+        finally:
+            await store.close()
+
+    reported = asyncio.run(used())
+    masters = sum(node.client().info("memory")["used_memory"] for node in cluster.nodes)  # no replicas here
+    assert reported is not None and 0.8 * masters < reported < 1.2 * masters, (reported, masters)
+
+
 def test_a_write_redirected_mid_migration_is_not_acknowledged_without_wait(cluster: RedisClusterNodes) -> None:
     # With WAIT on, a write that is redirected (ASK: its key already moved to the importing node) lands on
     # another node than the queued WAIT asked: it is applied, and answered UNAVAILABLE until confirmed.

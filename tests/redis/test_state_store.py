@@ -90,6 +90,21 @@ def test_an_unreadable_slot_is_data_loss_until_reset(default_server, redis_serve
     assert predict(default_server.stub, stream, x, reset=True).offset == 3
 
 
+def test_used_memory_is_redis_info_memory_or_none_when_unanswered(redis_server) -> None:
+    # What lstm_serve_redis_used_memory_bytes shows: None (the gauge left as it was) when Redis does not answer.
+    async def used(url: str) -> int | None:
+        store = StateStore(url, "lstm")
+        try:
+            return await store.used_memory()
+        finally:
+            await store.close()
+
+    reported = asyncio.run(used(redis_server.url))
+    direct = redis_server.client().info("memory")["used_memory"]
+    assert reported is not None and 0.8 * direct < reported < 1.2 * direct, (reported, direct)
+    assert asyncio.run(used("redis://127.0.0.1:1/0")) is None
+
+
 def test_format_1_records_still_decode() -> None:
     # A record as the first release wrote it: an upgraded server keeps every stream (docs/invariants.md, 10).
     import struct

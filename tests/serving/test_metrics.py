@@ -68,6 +68,8 @@ def test_every_outcome_is_counted_by_protocol_method_and_code(default_server) ->
     assert value(after, "lstm_serve_open_streams", protocol="native") == 0
     assert value(after, "lstm_serve_redis_up") == 1 and value(after, "lstm_serve_ready") == 1
     assert value(after, "lstm_serve_redis_ping_seconds_count") >= 1
+    # Redis' own memory, read by the health tracker (INFO memory): a real redis-server uses a few hundred KiB at least.
+    assert value(after, "lstm_serve_redis_used_memory_bytes") > 100_000
     info = default_server.stub.GetModel(pb.GetModelRequest(), timeout=5)
     (labels,) = after["lstm_serve_model_info"]
     assert dict(labels)["fingerprint"] == info.fingerprint and dict(labels)["name"] == info.name

@@ -37,7 +37,7 @@ REPORT_FIELDS = {
 }
 VERIFY_FIELDS = {
     "passed", "tolerance", "max_abs_diff", "streams", "sequences", "timesteps", "rows_compared", "mismatches",
-    "state_lost", "model_fingerprint_matches", "seconds",
+    "state_lost", "model_fingerprint_matches", "seconds", "verifier", "whole",
 }
 
 
@@ -66,11 +66,14 @@ def offset_of(server: ServerProcess, stream_id: str) -> int:
 
 
 @pytest.mark.parametrize(
-    ("api", "rate"), [("unary", None), ("stream", 40.0)], ids=["unary-closed-loop", "stream-open-loop"]
+    ("api", "rate", "processes"), [("unary", None, 1), ("stream", 40.0, 1), ("stream", None, 2)],
+    ids=["unary-closed-loop", "stream-open-loop", "stream-two-processes"]
 )
-def test_verify_passes_on_a_healthy_server(default_server: ServerProcess, api: str, rate: float | None) -> None:
+def test_verify_passes_on_a_healthy_server(default_server: ServerProcess, api: str, rate: float | None,
+                                           processes: int) -> None:
     config = LoadConfig(target=default_server.address, streams=6, chunk_timesteps=5, api=api, rate=rate,
-                        duration_s=1.5, warmup_s=0.5, channels=2, verify=True, model_path=str(DEFAULT_MODEL))
+                        duration_s=1.5, warmup_s=0.5, channels=2, processes=processes, verify=True,
+                        model_path=str(DEFAULT_MODEL))
     report = run_load(config)
     assert report["exit_code"] == EXIT_OK
     assert report["verify"]["passed"], report["verify"]
@@ -79,8 +82,13 @@ def test_verify_passes_on_a_healthy_server(default_server: ServerProcess, api: s
     assert set(report["verify"]) >= VERIFY_FIELDS
     assert report["chunks"] > 0 and not report["errors"] and not report["broken_streams"]
     assert (report["open_loop"] is not None) == (rate is not None)
-    # What was compared is what was sent: every answered chunk's rows.
+    # What was compared is what was sent: every answered chunk's rows (the live check, every stream's)...
     assert report["verify"]["rows_compared"] == report["totals"]["timesteps"]
+    # ... and the default sample of 4 streams again, whole from zero state after the run.
+    whole = report["verify"]["whole"]
+    assert whole["streams"] == 4 and not whole["mismatches"]
+    assert 0 < whole["rows_compared"] < report["totals"]["timesteps"]
+    assert report["verify"]["verifier"]["held_bytes_max"] > 0
 
 
 @pytest.mark.parametrize("model", ["last_step", "gru_stateful"], ids=["last-step-2-features",
@@ -153,8 +161,8 @@ def test_verify_fails_when_a_stream_is_reset_behind_its_back(default_server: Ser
     prefix = f"lt-reset-{os.getpid()}"
     json_path = tmp_path / "report.json"
     process = start_cli("--target", default_server.address, "--streams", "3", "--chunk", "2", "--duration", "4",
-                        "--warmup", "0", "--no-offsets", "--stream-prefix", prefix, "--verify", "--json",
-                        str(json_path))
+                        "--warmup", "0", "--no-offsets", "--stream-prefix", prefix, "--verify", "--verify-sample",
+                        "all", "--json", str(json_path))
     victim = f"{prefix}-1"
     wait_until(lambda: process.poll() is not None or offset_of(default_server, victim) >= 20, 60,
                "the load to get going")
@@ -167,6 +175,12 @@ def test_verify_fails_when_a_stream_is_reset_behind_its_back(default_server: Ser
     mismatch = mismatches[0]
     assert mismatch["timestep"] >= 20 and mismatch["max_abs_diff"] > report["verify"]["tolerance"]
     assert mismatch["offset_drift"] is not None
+    # The live check (states carried in the verifier's own rounds) and the whole-sequence check agree.
+    whole = report["verify"]["whole"]
+    assert whole["streams"] == 3
+    assert [(m["stream_id"], m["segment"], m["timestep"], m["rows_over_tolerance"], m["rows"])
+            for m in whole["mismatches"]] == [(victim, 0, mismatch["timestep"], mismatch["rows_over_tolerance"],
+                                                mismatch["rows"])]
     assert f"stream {victim} (sequence 0): first mismatch at timestep {mismatch['timestep']}" in " ".join(out.split())
 
 
