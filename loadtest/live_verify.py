@@ -91,7 +91,7 @@ class _Sequence:
 class CarriedReference:
     """The model file, run chunk after chunk on up to `batch` sequences with their states carried."""
 
-    def __init__(self, model_path: Path, features: int, batch: int, threads: int) -> None:
+    def __init__(self, model_path: Path, features: int, batch: int) -> None:
         os.environ.setdefault("KERAS_BACKEND", "tensorflow")
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import keras
@@ -99,10 +99,6 @@ class CarriedReference:
 
         from loadtest.verify import KerasReference, VerifyError, every_timestep_copy
 
-        if threads > 0:
-            # The verifier shares the machine with the load and often the server: one core is its share.
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(threads)
         self.whole = KerasReference(model_path, features)  # loads the file and proves the stateless copy
         self.batch = batch
         self.features = features
@@ -328,9 +324,18 @@ def _verifier_main(config: LoadConfig, model: ModelInfo, producers: int, inbox: 
     parent = os.getppid()
     from loadtest.verify import VerifyError, fingerprint_matches, verify_streams
 
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if config.verify_threads > 0:
+        # The verifier shares the machine with the load and often the server: one core is its share. Set
+        # before TensorFlow runs anything (it refuses afterwards), which in this fresh process holds.
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(config.verify_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(config.verify_threads)
     try:
         reference = CarriedReference(config.model_file, model.input_features,
-                                     batch=min(config.streams, config.verify_batch), threads=config.verify_threads)
+                                     batch=min(config.streams, config.verify_batch))
     except VerifyError as exc:
         outbox.put(("error", str(exc)))
         return

@@ -68,7 +68,7 @@ def feed(checker: LiveChecker, chunks: list[tuple[str, np.ndarray, np.ndarray, i
 
 @pytest.fixture(scope="module")
 def carried() -> CarriedReference:
-    return CarriedReference(DEFAULT_MODEL, 1, batch=8, threads=1)
+    return CarriedReference(DEFAULT_MODEL, 1, batch=8)
 
 
 @pytest.mark.parametrize("check_every", [7, 50], ids=["small-rounds", "large-rounds"])
@@ -93,7 +93,7 @@ def test_a_planted_wrong_answer_is_found_at_its_stream_and_timestep(carried: Car
 
 
 def test_a_last_step_model_is_checked_at_each_chunks_last_timestep(small_models: dict[str, Path]) -> None:
-    reference = CarriedReference(small_models["last_step"], 2, batch=4, threads=1)
+    reference = CarriedReference(small_models["last_step"], 2, batch=4)
     checker = LiveChecker(reference, per_timestep=False, tolerance=TOLERANCE, sampled=set(), sample_timesteps=1)
     chunks = answered_chunks(reference.whole, 4, 90, per_timestep=False, seed=3)
     feed(checker, chunks, 5)
