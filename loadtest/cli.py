@@ -237,7 +237,7 @@ def print_verify(result: dict[str, Any], console: Console) -> None:
     console.print(f"    {checked}")
     if whole is not None and whole["mismatches"]:
         streams = ", ".join(sorted({m["stream_id"] for m in whole["mismatches"]}))
-        console.print(f"[red]the whole-sequence check also failed for: {escape(streams)}[/red]")
+        console.print(f"[red]the whole-sequence check (the sample) failed for: {escape(streams)}[/red]")
     for item in result["mismatches"][:20]:
         console.print(
             f"[red]stream {escape(item['stream_id'])}[/red] (sequence {item['segment']}): first mismatch at timestep "
