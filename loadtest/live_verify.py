@@ -8,10 +8,10 @@ inputs and answers not yet checked; so its memory is bounded by the streams, not
 Each round runs every sequence with something pending through a stateful copy of the model (same weights,
 every recurrent layer returning sequences, batch of `batch` rows): the states of the round's sequences
 are written into the layers' state variables, the model runs on their next timesteps, and the states are
-read back. A round takes the same number of timesteps from each of its sequences (the fewest any of them
-has pending; the rest waits for the next round), so no padding enters a state; the verifier's boundaries
-are its own, not the server's chunks. A self-check before the load proves that carrying states this way
-equals the unmodified model on whole sequences.
+read back. A round takes the same number of timesteps from each of its sequences (while the load runs, the
+median backlog from every sequence that has that much; after it, everything), so no padding enters a
+state; the verifier's boundaries are its own, not the server's chunks. A self-check before the load
+proves that carrying states this way equals the unmodified model on whole sequences.
 
 The independent check stays: a sample of streams (`LoadConfig.verify_sample`) also keeps the first
 `verify_sample_timesteps` of each sequence, recomputed after the run from zero state in one pass
@@ -35,6 +35,16 @@ import numpy as np
 
 from loadtest.config import LoadConfig
 from loadtest.recorder import Segment, StreamLog
+from loadtest.verify import (
+    CLONE_TOLERANCE,
+    KerasReference,
+    VerifyError,
+    every_timestep_copy,
+    fingerprint_matches,
+    first_mismatch,
+    row_differences,
+    verify_streams,
+)
 from lstm_stream.client.types import ModelInfo
 
 FEED_INTERVAL_S = 0.25  # how often a load process ships its answered chunks to the verifier
@@ -42,7 +52,6 @@ CHECK_INTERVAL_S = 1.0  # how often the verifier runs what arrived: long rounds 
 READY_TIMEOUT_S = 180.0  # the verifier imports TensorFlow and self-checks: slow on a busy machine
 RESULT_TIMEOUT_S = 600.0  # after the load, for the backlog the verifier still has to check
 SELF_CHECK_TIMESTEPS = 37
-SHOWN_VALUES = 4
 
 
 class _Stop(Exception):
@@ -97,8 +106,6 @@ class CarriedReference:
         import keras
         import tensorflow as tf
 
-        from loadtest.verify import KerasReference, VerifyError, every_timestep_copy
-
         self.whole = KerasReference(model_path, features)  # loads the file and proves the stateless copy
         self.batch = batch
         self.features = features
@@ -134,8 +141,6 @@ class CarriedReference:
         return y, [[layer_state[row].copy() for layer_state in after] for row in range(n)]
 
     def _self_check(self) -> None:
-        from loadtest.verify import CLONE_TOLERANCE, VerifyError
-
         rng = np.random.default_rng(1)
         n = min(self.batch, 3)
         x = rng.normal(size=(n, SELF_CHECK_TIMESTEPS, self.features)).astype(np.float32)
@@ -243,13 +248,7 @@ class LiveChecker:
             sequence.checked += length
 
     def _compare(self, sequence: _Sequence, times: np.ndarray, got: np.ndarray, expected: np.ndarray) -> None:
-        if got.shape != expected.shape:
-            from loadtest.verify import VerifyError
-
-            raise VerifyError(f"stream {sequence.stream_id}: the server's outputs have shape {got.shape}, "
-                              f"Keras gives {expected.shape}")
-        diff = np.max(np.abs(got - expected), axis=1)
-        diff = np.where(np.isnan(diff), np.inf, diff)
+        diff = row_differences(sequence.stream_id, got, expected)
         self.rows_compared += diff.size
         sequence.compared += diff.size
         worst = float(diff.max())
@@ -259,10 +258,7 @@ class LiveChecker:
         if bad.any():
             sequence.over += int(bad.sum())
             if sequence.first_bad is None:
-                first = int(np.argmax(bad))
-                sequence.first_bad = {"timestep": int(times[first]), "abs_diff": float(diff[first]),
-                                      "expected": [float(v) for v in expected[first][:SHOWN_VALUES]],
-                                      "got": [float(v) for v in got[first][:SHOWN_VALUES]]}
+                sequence.first_bad = first_mismatch(times, diff, bad, got, expected)
 
     def result(self) -> dict[str, Any]:
         mismatches = []
@@ -322,8 +318,6 @@ def _verifier_main(config: LoadConfig, model: ModelInfo, producers: int, inbox: 
     # catches up after the load if it must (its backlog is in the report).
     os.nice(config.verify_nice)
     parent = os.getppid()
-    from loadtest.verify import VerifyError, fingerprint_matches, verify_streams
-
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if config.verify_threads > 0:
@@ -420,8 +414,6 @@ class LiveVerifier:
         return self._expect("result", RESULT_TIMEOUT_S)
 
     def _expect(self, wanted: str, timeout_s: float) -> Any:
-        from loadtest.verify import VerifyError
-
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:

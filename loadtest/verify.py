@@ -181,27 +181,19 @@ def verify_streams(model_path: Path, model: ModelInfo, logs: list[StreamLog], br
         y = reference(x)
         for row, sequence in enumerate(batch):
             expected = y[row, sequence.rows_at]
-            if expected.shape != sequence.got.shape:
-                raise VerifyError(f"stream {sequence.stream_id}: the server's outputs have shape {sequence.got.shape}, "
-                                  f"Keras gives {expected.shape}")
-            diff = np.max(np.abs(sequence.got - expected), axis=1)
-            diff = np.where(np.isnan(diff), np.inf, diff)
+            diff = row_differences(sequence.stream_id, sequence.got, expected)
             rows += diff.size
             stream_worst = float(diff.max())
             worst = max(worst, stream_worst)
             bad = diff > tolerance
             if bad.any():
-                first = int(np.argmax(bad))
                 mismatches.append({
                     "stream_id": sequence.stream_id,
                     "segment": sequence.segment,
-                    "timestep": int(sequence.rows_at[first]),
-                    "abs_diff": float(diff[first]),
+                    **first_mismatch(sequence.rows_at, diff, bad, sequence.got, expected),
                     "max_abs_diff": stream_worst,
                     "rows_over_tolerance": int(bad.sum()),
                     "rows": int(diff.size),
-                    "expected": [float(v) for v in expected[first][:SHOWN_VALUES]],
-                    "got": [float(v) for v in sequence.got[first][:SHOWN_VALUES]],
                     "offset_drift": _offset_note(sequence),
                 })
     mismatches.sort(key=lambda m: (m["stream_id"], m["segment"]))
@@ -220,6 +212,24 @@ def verify_streams(model_path: Path, model: ModelInfo, logs: list[StreamLog], br
         "model_fingerprint_matches": matches,
         "seconds": round(time.monotonic() - started, 3),
     }
+
+
+def row_differences(stream_id: str, got: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    """Each answered row's largest absolute difference from Keras' (a NaN counts as infinitely far)."""
+    if expected.shape != got.shape:
+        raise VerifyError(f"stream {stream_id}: the server's outputs have shape {got.shape}, Keras gives "
+                          f"{expected.shape}")
+    diff = np.max(np.abs(got - expected), axis=1)
+    return np.where(np.isnan(diff), np.inf, diff)
+
+
+def first_mismatch(times: np.ndarray, diff: np.ndarray, bad: np.ndarray, got: np.ndarray,
+                   expected: np.ndarray) -> dict[str, Any]:
+    """Where the first row over the tolerance is (`times`: each row's timestep), and its first values."""
+    first = int(np.argmax(bad))
+    return {"timestep": int(times[first]), "abs_diff": float(diff[first]),
+            "expected": [float(v) for v in expected[first][:SHOWN_VALUES]],
+            "got": [float(v) for v in got[first][:SHOWN_VALUES]]}
 
 
 def fingerprint_matches(keras_model: Any, server_fingerprint: str) -> bool:
