@@ -20,6 +20,9 @@ ENV_PREFIX = "LSTM_SERVE_"
 # Added to the largest valid chunk's float bytes for the derived message size limit: protobuf tags and
 # lengths, stream and request ids (256 bytes each), Triton's names, shape and parameters.
 MESSAGE_HEADROOM_BYTES = 64 * 1024
+# Per chunk of a PredictBatchRequest, beyond its float bytes: its stream and request ids (256 bytes each)
+# and the tags and lengths around them.
+BATCH_CHUNK_OVERHEAD_BYTES = 560
 # The record's count of kept answers is a uint32; more than this many would only make records large.
 MAX_REPLAY_WINDOW = 256
 
@@ -64,6 +67,8 @@ class ServerConfig:
     max_message_bytes: int = 0
     max_concurrent_rpcs: int = 1024
     max_queued_chunks: int = 10_000
+    max_batch_chunks: int = 1024
+    max_batch_timesteps: int = 65_536
     stream_window: int = 64
     stream_window_bytes: int = 1024 * 1024
     http2_bdp_probe: bool = False
@@ -123,8 +128,11 @@ class ServerConfig:
         """(receive, send) limits in bytes: the largest valid chunk or answer plus headroom, unless set."""
         if self.max_message_bytes:
             return self.max_message_bytes, self.max_message_bytes
-        receive = self.max_chunk_timesteps * input_features * 4 + MESSAGE_HEADROOM_BYTES
-        send = self.max_chunk_timesteps * output_size * 4 + MESSAGE_HEADROOM_BYTES
+        # The largest of one chunk (Predict) and one full gateway message (PredictBatch).
+        timesteps = max(self.max_chunk_timesteps, self.max_batch_timesteps)
+        overhead = MESSAGE_HEADROOM_BYTES + self.max_batch_chunks * BATCH_CHUNK_OVERHEAD_BYTES
+        receive = timesteps * input_features * 4 + overhead
+        send = timesteps * output_size * 4 + overhead
         return receive, max(receive, send)
 
     def warmup_lengths(self) -> tuple[int, ...]:
@@ -180,10 +188,15 @@ _HELP = {
     "identity_model": "benchmark ceiling: skip the model call (outputs copy inputs), keep every other step",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "log_format": "json (one object a line) or text",
-    "max_message_bytes": "largest gRPC message accepted or sent (0: derived, max_chunk_timesteps x features x 4 "
-    f"bytes + {MESSAGE_HEADROOM_BYTES // 1024} KiB); a larger one is refused with RESOURCE_EXHAUSTED",
+    "max_message_bytes": "largest gRPC message accepted or sent (0: derived, the larger of max_chunk_timesteps "
+    f"and max_batch_timesteps x features x 4 bytes + {MESSAGE_HEADROOM_BYTES // 1024} KiB + "
+    f"{BATCH_CHUNK_OVERHEAD_BYTES} bytes per max_batch_chunks); a larger one is refused with RESOURCE_EXHAUSTED",
     "max_concurrent_rpcs": "calls served at once, open streams included; more are refused with RESOURCE_EXHAUSTED",
     "max_queued_chunks": "chunks waiting for a batch; more are refused with RESOURCE_EXHAUSTED",
+    "max_batch_chunks": "most chunks one PredictBatch message may carry; a larger message is refused whole with "
+    "RESOURCE_EXHAUSTED",
+    "max_batch_timesteps": "most timesteps (all chunks together) one PredictBatch message may carry; a larger "
+    "message is refused whole with RESOURCE_EXHAUSTED",
     "stream_window": "requests one stream connection may have read but not yet answered; then reading pauses "
     "(HTTP/2 flow control pushes back on the client)",
     "stream_window_bytes": "bytes of requests one stream connection may have read but not yet answered "
@@ -334,7 +347,8 @@ def _check(config: ServerConfig, parser: argparse.ArgumentParser) -> None:
     _check_redis(config, parser)
     if config.max_message_bytes < 0:
         parser.error("--max-message-bytes must not be negative (0: derived from --max-chunk-timesteps)")
-    for name in ("max_concurrent_rpcs", "max_queued_chunks", "stream_window", "stream_window_bytes"):
+    for name in ("max_concurrent_rpcs", "max_queued_chunks", "stream_window", "stream_window_bytes",
+                 "max_batch_chunks", "max_batch_timesteps"):
         if getattr(config, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if not (config.max_connection_idle_s == 0 or 0.001 <= config.max_connection_idle_s < float("inf")):

@@ -235,6 +235,36 @@ def queue_full(limit: int) -> ServiceError:
     )
 
 
+def batch_too_many_chunks(chunks: int, limit: int) -> ServiceError:
+    """Invariant 12: a PredictBatch message carries at most --max-batch-chunks chunks; a larger one is refused whole."""
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"chunks: the message carries {chunks} chunks; at most {limit} are allowed in one message "
+        "(--max-batch-chunks): split it; nothing of it was applied",
+        outcome=NOT_APPLIED,
+    )
+
+
+def batch_too_many_timesteps(timesteps: int, limit: int) -> ServiceError:
+    """Invariant 12: the chunks of one PredictBatch message carry at most --max-batch-timesteps timesteps."""
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"chunks: the message carries {timesteps} timesteps in all; at most {limit} are allowed in one message "
+        "(--max-batch-timesteps): split it; nothing of it was applied",
+        outcome=NOT_APPLIED,
+    )
+
+
+def queue_full_for_batch(chunks: int, waiting: int, limit: int) -> ServiceError:
+    """Invariant 12: a message's chunks are queued all or none, so a full queue refuses the whole message."""
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"server busy: the message's {chunks} chunks do not fit beside the {waiting} already waiting for a batch "
+        f"(--max-queued-chunks {limit}); nothing of it was applied, retry it after a short wait",
+        outcome=NOT_APPLIED,
+    )
+
+
 def stream_kept_changing(stream_id: str | None) -> ServiceError:
     """Another writer replaced the stream's record under the chunk more often than the batcher retries."""
     return ServiceError(

@@ -12,7 +12,8 @@ from lstm_stream.v1 import stream_pb2 as pb
 from lstm_stream.v1 import stream_pb2_grpc as pb_grpc
 from lstm_stream.wire import status_number
 from server.api.auth import TENANT
-from server.api.errors import unary_errors
+from server.api.batch_convert import BatchLimits, batch_chunks, batch_response, refused_response
+from server.api.errors import as_service_error, unary_errors
 from server.api.streaming import StreamWindow, answer_in_order
 from server.api.validation import check_stream_id, make_chunk
 from server.dataplane.plane import DataPlane
@@ -20,11 +21,19 @@ from server.errors import ServiceError
 from server.types import Chunk, Prediction
 from server.version import server_version
 
+# Per chunk of a PredictBatch message: its answer to come, or the error it was refused with at once.
+BatchAnswers = list[asyncio.Future[Prediction] | ServiceError]
+
+
+def _futures(messages: list[BatchAnswers]) -> list[asyncio.Future[Prediction]]:
+    return [answer for answers in messages for answer in answers if not isinstance(answer, ServiceError)]
+
 
 class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
-    def __init__(self, dataplane: DataPlane, window: StreamWindow) -> None:
+    def __init__(self, dataplane: DataPlane, window: StreamWindow, batch_limits: BatchLimits) -> None:
         self.dataplane = dataplane
         self.window = window
+        self.batch_limits = batch_limits
 
     def _chunk(self, request: pb.PredictRequest) -> Chunk:
         return make_chunk(
@@ -68,6 +77,59 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
 
         async for response in answer_in_order(
             requests, start, finish, self._stream_error, self.dataplane.abandon, self.window
+        ):
+            yield response
+
+    def _submit_batch(self, request: pb.PredictBatchRequest, time_remaining: float | None) -> BatchAnswers:
+        """Validate and queue a message's chunks; raises ServiceError when the message is refused whole."""
+        chunks = batch_chunks(
+            request, features=self.dataplane.model.input_features, max_timesteps=self.dataplane.max_chunk_timesteps,
+            limits=self.batch_limits, tenant=TENANT.get(), deadline=self.dataplane.deadline(time_remaining),
+        )
+        return self.dataplane.submit_many(chunks)
+
+    async def _batch_answers(self, request: pb.PredictBatchRequest, answers: BatchAnswers) -> pb.PredictBatchResponse:
+        """Wait for every chunk's answer; a chunk's error is its own result. If the wait is cancelled (the
+        call broke), the chunks not yet started are dropped, never run later (invariant 11)."""
+        outcomes: list[Prediction | ServiceError] = []
+        try:
+            for answer in answers:
+                if isinstance(answer, ServiceError):
+                    outcomes.append(answer)
+                    continue
+                try:
+                    outcomes.append(await answer)
+                except ServiceError as exc:
+                    outcomes.append(exc)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    outcomes.append(as_service_error(exc))
+        except BaseException:
+            self.dataplane.abandon(_futures([answers]))
+            raise
+        return batch_response(request, outcomes)
+
+    @unary_errors
+    async def PredictBatch(
+        self, request: pb.PredictBatchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PredictBatchResponse:
+        return await self._batch_answers(request, self._submit_batch(request, context.time_remaining()))
+
+    async def PredictBatchStream(
+        self, requests: AsyncIterator[pb.PredictBatchRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.PredictBatchResponse]:
+        def start(request: pb.PredictBatchRequest) -> tuple[pb.PredictBatchRequest, BatchAnswers]:
+            return request, self._submit_batch(request, context.time_remaining())
+
+        async def finish(handle: tuple[pb.PredictBatchRequest, BatchAnswers]) -> pb.PredictBatchResponse:
+            return await self._batch_answers(*handle)
+
+        def abandon(handles: list[tuple[pb.PredictBatchRequest, BatchAnswers]]) -> None:
+            self.dataplane.abandon(_futures([answers for _, answers in handles]))
+
+        async for response in answer_in_order(
+            requests, start, finish, lambda _request, error: refused_response(error), abandon, self.window
         ):
             yield response
 
@@ -119,4 +181,5 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
             ],
             state_size=model.state_size,
             server_version=server_version(),
+            max_batch_chunks=self.batch_limits.chunks,
         )

@@ -99,6 +99,7 @@ def make_chunk(
     end: bool = False,
     request_id: str = "",
     tenant: str = "",
+    deadline: float | None = None,
 ) -> Chunk:
     """Validate native-API fields into a Chunk (other protocols call the check_* pieces directly)."""
     if stream_id is not None:
@@ -107,4 +108,4 @@ def make_chunk(
     if len(request_id) > MAX_REQUEST_ID_CHARS:
         raise invalid_argument("request_id", f"is {len(request_id)} characters long; at most {MAX_REQUEST_ID_CHARS}")
     array = check_values(values, timesteps, features, max_timesteps)
-    return Chunk(stream_id, array, start_offset, reset, end, request_id, tenant=tenant)
+    return Chunk(stream_id, array, start_offset, reset, end, request_id, deadline=deadline, tenant=tenant)

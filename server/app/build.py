@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from lstm_stream.v1 import stream_pb2, stream_pb2_grpc
 from server import metrics
+from server.api.batch_convert import BatchLimits
 from server.api.interceptors import Drain, EdgeInterceptor
 from server.api.malformed import add_servicer
 from server.api.native import StreamInferenceServicer
@@ -101,7 +102,8 @@ async def build_server(config: ServerConfig, worker_of: tuple[int, int] | None) 
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     window = StreamWindow(config.stream_window, config.stream_window_bytes)
     # Malformed bytes get INVALID_ARGUMENT rather than grpc's UNKNOWN (server/api/malformed.py).
-    native = StreamInferenceServicer(dataplane, window)
+    batch_limits = BatchLimits(config.max_batch_chunks, config.max_batch_timesteps)
+    native = StreamInferenceServicer(dataplane, window, batch_limits)
     add_servicer(stream_pb2_grpc.add_StreamInferenceServicer_to_server, native, server)
     # The Triton / KServe v2 protocol on the same port, over the same data plane.
     triton_service = add_triton_service(

@@ -21,7 +21,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from server import metrics
-from server.errors import ServiceError, internal_error, queue_full, shutting_down, stream_kept_changing
+from server.errors import (
+    ServiceError,
+    internal_error,
+    queue_full,
+    queue_full_for_batch,
+    shutting_down,
+    stream_kept_changing,
+)
 from server.types import BatchResult, Chunk, Conflict, Prediction, StreamKey
 
 log = logging.getLogger(__name__)
@@ -106,6 +113,21 @@ class Batcher:
         self._queue.append(_Waiting(chunk, future))
         self._changed.set()
         return future
+
+    def submit_many(self, chunks: Sequence[Chunk]) -> list[asyncio.Future[Prediction]]:
+        """Queue the chunks of one message, all or none: a message that does not fit beside what already waits
+        (`max_queued`) is refused whole with RESOURCE_EXHAUSTED, so no part of it is applied. Chunks of one
+        stream keep their order, as separate submits would."""
+        if len(self._queue) + len(chunks) > self.max_queued:
+            self._drop_abandoned()
+            if len(self._queue) + len(chunks) > self.max_queued:
+                metrics.CHUNKS.labels("RESOURCE_EXHAUSTED").inc(len(chunks))
+                raise queue_full_for_batch(len(chunks), len(self._queue), self.max_queued)
+        loop = self._loop or self._bind_loop()
+        futures = [loop.create_future() for _ in chunks]
+        self._queue.extend(map(_Waiting, chunks, futures))
+        self._changed.set()
+        return futures
 
     def abandon(self, futures: Sequence[asyncio.Future[Prediction]]) -> None:
         """Nobody will read these answers (a broken stream): drop their chunks that have not started.

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from server import metrics
 from server.dataplane.batcher import Batcher
 from server.dataplane.processor import BatchProcessor, StreamPolicy
-from server.errors import slot_from_newer_release, slot_wrong_type, tenant_rate_exceeded
+from server.errors import ServiceError, slot_from_newer_release, slot_wrong_type, tenant_rate_exceeded
 from server.security.limits import ChunkRate
 from server.state.formats import RecordFormat
 from server.state.live import LiveStreams
@@ -94,6 +94,27 @@ class DataPlane:
         if chunk.deadline is None:
             chunk = dataclasses.replace(chunk, deadline=self.deadline(time_remaining))
         return self._batcher.submit(chunk)
+
+    def submit_many(self, chunks: Sequence[Chunk | ServiceError]
+                    ) -> list[asyncio.Future[Prediction] | ServiceError]:
+        """Queue the valid chunks of one message (each with its deadline set) without waiting; an invalid one
+        (a ServiceError from validation) and one over its tenant's chunks/s come back as their own error.
+        Raises ServiceError (RESOURCE_EXHAUSTED) when the message does not fit in the queue: nothing is queued."""
+        answers: list[asyncio.Future[Prediction] | ServiceError] = list(chunks)  # type: ignore[arg-type]
+        valid: list[Chunk] = []
+        positions: list[int] = []
+        for index, chunk in enumerate(chunks):
+            if isinstance(chunk, ServiceError):
+                continue
+            if self._chunk_rate is not None and chunk.tenant and not self._chunk_rate.allow(chunk.tenant):
+                metrics.TENANT_CHUNKS.labels(chunk.tenant, "RESOURCE_EXHAUSTED").inc()
+                answers[index] = tenant_rate_exceeded(chunk.tenant, self._chunk_rate.limit(chunk.tenant))
+                continue
+            valid.append(chunk)
+            positions.append(index)
+        for index, future in zip(positions, self._batcher.submit_many(valid), strict=True):
+            answers[index] = future
+        return answers
 
     def abandon(self, answers: Sequence[asyncio.Future[Prediction]]) -> None:
         """The caller is gone (a broken stream): chunks not yet started are dropped, never run later."""

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1blstm_stream/v1/stream.proto\x12\x0elstm_stream.v1\"\xa6\x01\n\x0ePredictRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x12\n\x06values\x18\x02 \x03(\x02\x42\x02\x10\x01\x12\x11\n\ttimesteps\x18\x03 \x01(\r\x12\x19\n\x0cstart_offset\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\r\n\x05reset\x18\x05 \x01(\x08\x12\x0b\n\x03\x65nd\x18\x06 \x01(\x08\x12\x12\n\nrequest_id\x18\x07 \x01(\tB\x0f\n\r_start_offset\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xbd\x01\n\x0fPredictResponse\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x13\n\x07outputs\x18\x02 \x03(\x02\x42\x02\x10\x01\x12\x11\n\ttimesteps\x18\x03 \x01(\r\x12\x13\n\x0boutput_size\x18\x04 \x01(\r\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12$\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x15.lstm_stream.v1.Error\"\'\n\x12ResetStreamRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\"&\n\x13ResetStreamResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"%\n\x10GetStreamRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\"\x8a\x01\n\nStreamInfo\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x0e\n\x06\x65xists\x18\x02 \x01(\x08\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x17\n\x0fupdated_unix_ms\x18\x04 \x01(\x03\x12\x15\n\rexpires_in_ms\x18\x05 \x01(\x03\x12\x19\n\x11model_fingerprint\x18\x06 \x01(\t\"\x11\n\x0fGetModelRequest\";\n\x0eRecurrentLayer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05units\x18\x03 \x01(\r\"\xfc\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x16\n\x0einput_features\x18\x03 \x01(\r\x12\x13\n\x0boutput_size\x18\x04 \x01(\r\x12\x1b\n\x13max_chunk_timesteps\x18\x05 \x01(\r\x12\x1c\n\x14per_timestep_outputs\x18\x06 \x01(\x08\x12\x38\n\x10recurrent_layers\x18\x07 \x03(\x0b\x32\x1e.lstm_stream.v1.RecurrentLayer\x12\x12\n\nstate_size\x18\x08 \x01(\r\x12\x16\n\x0eserver_version\x18\t \x01(\t2\x9e\x03\n\x0fStreamInference\x12J\n\x07Predict\x12\x1e.lstm_stream.v1.PredictRequest\x1a\x1f.lstm_stream.v1.PredictResponse\x12T\n\rPredictStream\x12\x1e.lstm_stream.v1.PredictRequest\x1a\x1f.lstm_stream.v1.PredictResponse(\x01\x30\x01\x12V\n\x0bResetStream\x12\".lstm_stream.v1.ResetStreamRequest\x1a#.lstm_stream.v1.ResetStreamResponse\x12I\n\tGetStream\x12 .lstm_stream.v1.GetStreamRequest\x1a\x1a.lstm_stream.v1.StreamInfo\x12\x46\n\x08GetModel\x12\x1f.lstm_stream.v1.GetModelRequest\x1a\x19.lstm_stream.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1blstm_stream/v1/stream.proto\x12\x0elstm_stream.v1\"\xa6\x01\n\x0ePredictRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x12\n\x06values\x18\x02 \x03(\x02\x42\x02\x10\x01\x12\x11\n\ttimesteps\x18\x03 \x01(\r\x12\x19\n\x0cstart_offset\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\r\n\x05reset\x18\x05 \x01(\x08\x12\x0b\n\x03\x65nd\x18\x06 \x01(\x08\x12\x12\n\nrequest_id\x18\x07 \x01(\tB\x0f\n\r_start_offset\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xbd\x01\n\x0fPredictResponse\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x13\n\x07outputs\x18\x02 \x03(\x02\x42\x02\x10\x01\x12\x11\n\ttimesteps\x18\x03 \x01(\r\x12\x13\n\x0boutput_size\x18\x04 \x01(\r\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12$\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x15.lstm_stream.v1.Error\"U\n\x13PredictBatchRequest\x12.\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x1e.lstm_stream.v1.PredictRequest\x12\x0e\n\x06values\x18\x02 \x01(\x0c\"\x7f\n\x14PredictBatchResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.lstm_stream.v1.PredictResponse\x12\x0f\n\x07outputs\x18\x02 \x01(\x0c\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.lstm_stream.v1.Error\"\'\n\x12ResetStreamRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\"&\n\x13ResetStreamResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"%\n\x10GetStreamRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\"\x8a\x01\n\nStreamInfo\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x0e\n\x06\x65xists\x18\x02 \x01(\x08\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x17\n\x0fupdated_unix_ms\x18\x04 \x01(\x03\x12\x15\n\rexpires_in_ms\x18\x05 \x01(\x03\x12\x19\n\x11model_fingerprint\x18\x06 \x01(\t\"\x11\n\x0fGetModelRequest\";\n\x0eRecurrentLayer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05units\x18\x03 \x01(\r\"\x96\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x16\n\x0einput_features\x18\x03 \x01(\r\x12\x13\n\x0boutput_size\x18\x04 \x01(\r\x12\x1b\n\x13max_chunk_timesteps\x18\x05 \x01(\r\x12\x1c\n\x14per_timestep_outputs\x18\x06 \x01(\x08\x12\x38\n\x10recurrent_layers\x18\x07 \x03(\x0b\x32\x1e.lstm_stream.v1.RecurrentLayer\x12\x12\n\nstate_size\x18\x08 \x01(\r\x12\x16\n\x0eserver_version\x18\t \x01(\t\x12\x18\n\x10max_batch_chunks\x18\n \x01(\r2\xde\x04\n\x0fStreamInference\x12J\n\x07Predict\x12\x1e.lstm_stream.v1.PredictRequest\x1a\x1f.lstm_stream.v1.PredictResponse\x12T\n\rPredictStream\x12\x1e.lstm_stream.v1.PredictRequest\x1a\x1f.lstm_stream.v1.PredictResponse(\x01\x30\x01\x12Y\n\x0cPredictBatch\x12#.lstm_stream.v1.PredictBatchRequest\x1a$.lstm_stream.v1.PredictBatchResponse\x12\x63\n\x12PredictBatchStream\x12#.lstm_stream.v1.PredictBatchRequest\x1a$.lstm_stream.v1.PredictBatchResponse(\x01\x30\x01\x12V\n\x0bResetStream\x12\".lstm_stream.v1.ResetStreamRequest\x1a#.lstm_stream.v1.ResetStreamResponse\x12I\n\tGetStream\x12 .lstm_stream.v1.GetStreamRequest\x1a\x1a.lstm_stream.v1.StreamInfo\x12\x46\n\x08GetModel\x12\x1f.lstm_stream.v1.GetModelRequest\x1a\x19.lstm_stream.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,20 +41,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ERROR']._serialized_end=254
   _globals['_PREDICTRESPONSE']._serialized_start=257
   _globals['_PREDICTRESPONSE']._serialized_end=446
-  _globals['_RESETSTREAMREQUEST']._serialized_start=448
-  _globals['_RESETSTREAMREQUEST']._serialized_end=487
-  _globals['_RESETSTREAMRESPONSE']._serialized_start=489
-  _globals['_RESETSTREAMRESPONSE']._serialized_end=527
-  _globals['_GETSTREAMREQUEST']._serialized_start=529
-  _globals['_GETSTREAMREQUEST']._serialized_end=566
-  _globals['_STREAMINFO']._serialized_start=569
-  _globals['_STREAMINFO']._serialized_end=707
-  _globals['_GETMODELREQUEST']._serialized_start=709
-  _globals['_GETMODELREQUEST']._serialized_end=726
-  _globals['_RECURRENTLAYER']._serialized_start=728
-  _globals['_RECURRENTLAYER']._serialized_end=787
-  _globals['_MODELINFO']._serialized_start=790
-  _globals['_MODELINFO']._serialized_end=1042
-  _globals['_STREAMINFERENCE']._serialized_start=1045
-  _globals['_STREAMINFERENCE']._serialized_end=1459
+  _globals['_PREDICTBATCHREQUEST']._serialized_start=448
+  _globals['_PREDICTBATCHREQUEST']._serialized_end=533
+  _globals['_PREDICTBATCHRESPONSE']._serialized_start=535
+  _globals['_PREDICTBATCHRESPONSE']._serialized_end=662
+  _globals['_RESETSTREAMREQUEST']._serialized_start=664
+  _globals['_RESETSTREAMREQUEST']._serialized_end=703
+  _globals['_RESETSTREAMRESPONSE']._serialized_start=705
+  _globals['_RESETSTREAMRESPONSE']._serialized_end=743
+  _globals['_GETSTREAMREQUEST']._serialized_start=745
+  _globals['_GETSTREAMREQUEST']._serialized_end=782
+  _globals['_STREAMINFO']._serialized_start=785
+  _globals['_STREAMINFO']._serialized_end=923
+  _globals['_GETMODELREQUEST']._serialized_start=925
+  _globals['_GETMODELREQUEST']._serialized_end=942
+  _globals['_RECURRENTLAYER']._serialized_start=944
+  _globals['_RECURRENTLAYER']._serialized_end=1003
+  _globals['_MODELINFO']._serialized_start=1006
+  _globals['_MODELINFO']._serialized_end=1284
+  _globals['_STREAMINFERENCE']._serialized_start=1287
+  _globals['_STREAMINFERENCE']._serialized_end=1893
 # @@protoc_insertion_point(module_scope)

@@ -52,6 +52,24 @@ class PredictResponse(_message.Message):
     error: Error
     def __init__(self, stream_id: _Optional[str] = ..., outputs: _Optional[_Iterable[float]] = ..., timesteps: _Optional[int] = ..., output_size: _Optional[int] = ..., offset: _Optional[int] = ..., replayed: _Optional[bool] = ..., request_id: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
+class PredictBatchRequest(_message.Message):
+    __slots__ = ("chunks", "values")
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[PredictRequest]
+    values: bytes
+    def __init__(self, chunks: _Optional[_Iterable[_Union[PredictRequest, _Mapping]]] = ..., values: _Optional[bytes] = ...) -> None: ...
+
+class PredictBatchResponse(_message.Message):
+    __slots__ = ("results", "outputs", "error")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[PredictResponse]
+    outputs: bytes
+    error: Error
+    def __init__(self, results: _Optional[_Iterable[_Union[PredictResponse, _Mapping]]] = ..., outputs: _Optional[bytes] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
 class ResetStreamRequest(_message.Message):
     __slots__ = ("stream_id",)
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
@@ -101,7 +119,7 @@ class RecurrentLayer(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., units: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "fingerprint", "input_features", "output_size", "max_chunk_timesteps", "per_timestep_outputs", "recurrent_layers", "state_size", "server_version")
+    __slots__ = ("name", "fingerprint", "input_features", "output_size", "max_chunk_timesteps", "per_timestep_outputs", "recurrent_layers", "state_size", "server_version", "max_batch_chunks")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     INPUT_FEATURES_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +129,7 @@ class ModelInfo(_message.Message):
     RECURRENT_LAYERS_FIELD_NUMBER: _ClassVar[int]
     STATE_SIZE_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     name: str
     fingerprint: str
     input_features: int
@@ -120,4 +139,5 @@ class ModelInfo(_message.Message):
     recurrent_layers: _containers.RepeatedCompositeFieldContainer[RecurrentLayer]
     state_size: int
     server_version: str
-    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., input_features: _Optional[int] = ..., output_size: _Optional[int] = ..., max_chunk_timesteps: _Optional[int] = ..., per_timestep_outputs: _Optional[bool] = ..., recurrent_layers: _Optional[_Iterable[_Union[RecurrentLayer, _Mapping]]] = ..., state_size: _Optional[int] = ..., server_version: _Optional[str] = ...) -> None: ...
+    max_batch_chunks: int
+    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., input_features: _Optional[int] = ..., output_size: _Optional[int] = ..., max_chunk_timesteps: _Optional[int] = ..., per_timestep_outputs: _Optional[bool] = ..., recurrent_layers: _Optional[_Iterable[_Union[RecurrentLayer, _Mapping]]] = ..., state_size: _Optional[int] = ..., server_version: _Optional[str] = ..., max_batch_chunks: _Optional[int] = ...) -> None: ...

@@ -44,6 +44,16 @@ class StreamInferenceStub:
                 request_serializer=lstm__stream_dot_v1_dot_stream__pb2.PredictRequest.SerializeToString,
                 response_deserializer=lstm__stream_dot_v1_dot_stream__pb2.PredictResponse.FromString,
                 _registered_method=True)
+        self.PredictBatch = channel.unary_unary(
+                '/lstm_stream.v1.StreamInference/PredictBatch',
+                request_serializer=lstm__stream_dot_v1_dot_stream__pb2.PredictBatchRequest.SerializeToString,
+                response_deserializer=lstm__stream_dot_v1_dot_stream__pb2.PredictBatchResponse.FromString,
+                _registered_method=True)
+        self.PredictBatchStream = channel.stream_stream(
+                '/lstm_stream.v1.StreamInference/PredictBatchStream',
+                request_serializer=lstm__stream_dot_v1_dot_stream__pb2.PredictBatchRequest.SerializeToString,
+                response_deserializer=lstm__stream_dot_v1_dot_stream__pb2.PredictBatchResponse.FromString,
+                _registered_method=True)
         self.ResetStream = channel.unary_unary(
                 '/lstm_stream.v1.StreamInference/ResetStream',
                 request_serializer=lstm__stream_dot_v1_dot_stream__pb2.ResetStreamRequest.SerializeToString,
@@ -74,6 +84,22 @@ class StreamInferenceServicer:
     def PredictStream(self, request_iterator, context):
         """A long-lived connection (a sensor or gateway): one response per request, in request order.
         A chunk that fails is answered with `error` set; the stream stays open.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PredictBatch(self, request, context):
+        """Many chunks in one message (one tick of a gateway forwarding many sensors): one result per chunk,
+        in request order. Every rule of Predict holds for each chunk; a chunk's failure is its own
+        result's `error`, never the others'; two chunks of one stream in one message apply in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PredictBatchStream(self, request_iterator, context):
+        """A long-lived gateway connection: one PredictBatchResponse per PredictBatchRequest, in order.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,6 +138,16 @@ def add_StreamInferenceServicer_to_server(servicer, server):
                     servicer.PredictStream,
                     request_deserializer=lstm__stream_dot_v1_dot_stream__pb2.PredictRequest.FromString,
                     response_serializer=lstm__stream_dot_v1_dot_stream__pb2.PredictResponse.SerializeToString,
+            ),
+            'PredictBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.PredictBatch,
+                    request_deserializer=lstm__stream_dot_v1_dot_stream__pb2.PredictBatchRequest.FromString,
+                    response_serializer=lstm__stream_dot_v1_dot_stream__pb2.PredictBatchResponse.SerializeToString,
+            ),
+            'PredictBatchStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.PredictBatchStream,
+                    request_deserializer=lstm__stream_dot_v1_dot_stream__pb2.PredictBatchRequest.FromString,
+                    response_serializer=lstm__stream_dot_v1_dot_stream__pb2.PredictBatchResponse.SerializeToString,
             ),
             'ResetStream': grpc.unary_unary_rpc_method_handler(
                     servicer.ResetStream,
@@ -183,6 +219,60 @@ class StreamInference:
             '/lstm_stream.v1.StreamInference/PredictStream',
             lstm__stream_dot_v1_dot_stream__pb2.PredictRequest.SerializeToString,
             lstm__stream_dot_v1_dot_stream__pb2.PredictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PredictBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstm_stream.v1.StreamInference/PredictBatch',
+            lstm__stream_dot_v1_dot_stream__pb2.PredictBatchRequest.SerializeToString,
+            lstm__stream_dot_v1_dot_stream__pb2.PredictBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PredictBatchStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/lstm_stream.v1.StreamInference/PredictBatchStream',
+            lstm__stream_dot_v1_dot_stream__pb2.PredictBatchRequest.SerializeToString,
+            lstm__stream_dot_v1_dot_stream__pb2.PredictBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

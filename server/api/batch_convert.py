@@ -1,0 +1,127 @@
+"""PredictBatch messages <-> chunks and answers: the conversion of the native API's many-chunk messages.
+
+A message is checked as a whole first (its number of chunks and timesteps, the size of its values block:
+invariant 12), then chunk by chunk: a bad chunk becomes its own ServiceError and the others go on. With the
+values in one block (`PredictBatchRequest.values`), the block is read as one NumPy view: no Python object
+per value, and each chunk's values are a slice of it; the answer's outputs are written back as one block.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lstm_stream.v1 import stream_pb2 as pb
+from lstm_stream.wire import status_number
+from server.api.validation import make_chunk
+from server.errors import ServiceError, batch_too_many_chunks, batch_too_many_timesteps, invalid_argument
+from server.types import Chunk, Prediction
+
+LITTLE_ENDIAN_FLOAT32 = np.dtype("<f4")
+
+
+class BatchLimits:
+    """What one PredictBatch message may carry (ServerConfig's max_batch_chunks and max_batch_timesteps)."""
+
+    __slots__ = ("chunks", "timesteps")
+
+    def __init__(self, chunks: int, timesteps: int) -> None:
+        self.chunks = chunks
+        self.timesteps = timesteps
+
+
+def batch_chunks(
+    request: pb.PredictBatchRequest,
+    *,
+    features: int,
+    max_timesteps: int,
+    limits: BatchLimits,
+    tenant: str,
+    deadline: float,
+) -> list[Chunk | ServiceError]:
+    """The message's chunks, validated one by one; raises ServiceError when the message is refused whole."""
+    requests = request.chunks
+    if len(requests) > limits.chunks:
+        raise batch_too_many_chunks(len(requests), limits.chunks)
+    declared = [r.timesteps for r in requests]
+    total = sum(declared)
+    if total > limits.timesteps:
+        raise batch_too_many_timesteps(total, limits.timesteps)
+    block: np.ndarray | None = None
+    if request.values:
+        if len(request.values) % 4:
+            raise invalid_argument("values", f"is {len(request.values)} bytes long: not whole float32 values")
+        block = np.frombuffer(request.values, dtype=LITTLE_ENDIAN_FLOAT32)
+        if block.size != total * features:
+            raise invalid_argument(
+                "values", f"has {block.size} values; the chunks' timesteps add up to {total}, times {features} "
+                f"features = {total * features}"
+            )
+        for index, chunk in enumerate(requests):
+            if chunk.values:
+                raise invalid_argument(f"chunks[{index}].values", "must be empty when the message's values are set")
+    chunks: list[Chunk | ServiceError] = []
+    start = 0
+    for chunk_request, timesteps in zip(requests, declared, strict=True):
+        if block is not None:
+            values = block[start:start + timesteps * features]
+            start += timesteps * features
+        else:
+            values = np.asarray(chunk_request.values, dtype=np.float32)
+        try:
+            chunks.append(make_chunk(
+                stream_id=chunk_request.stream_id,
+                values=values,
+                timesteps=timesteps,
+                features=features,
+                max_timesteps=max_timesteps,
+                start_offset=chunk_request.start_offset if chunk_request.HasField("start_offset") else None,
+                reset=chunk_request.reset,
+                end=chunk_request.end,
+                request_id=chunk_request.request_id,
+                tenant=tenant,
+                deadline=deadline,
+            ))
+        except ServiceError as exc:
+            chunks.append(exc)
+    return chunks
+
+
+def error_result(request: pb.PredictRequest, error: ServiceError) -> pb.PredictResponse:
+    """A failed chunk's result: as PredictStream answers one (stream and request id echoed, no outputs)."""
+    return pb.PredictResponse(
+        stream_id=request.stream_id,
+        request_id=request.request_id,
+        offset=error.current_offset or 0,
+        error=pb.Error(code=status_number(error.code), message=error.message),
+    )
+
+
+def batch_response(
+    request: pb.PredictBatchRequest, answers: list[Prediction | ServiceError]
+) -> pb.PredictBatchResponse:
+    """One result per chunk, in order; the outputs in one block when the request's values came in one."""
+    response = pb.PredictBatchResponse()
+    results = response.results
+    packed = bool(request.values)
+    blocks: list[bytes] = []
+    for chunk_request, answer in zip(request.chunks, answers, strict=True):
+        if isinstance(answer, ServiceError):
+            results.append(error_result(chunk_request, answer))
+            continue
+        rows, columns = answer.outputs.shape
+        result = results.add(
+            stream_id=answer.stream_id or "", timesteps=rows, output_size=columns, offset=answer.offset,
+            replayed=answer.replayed, request_id=answer.request_id,
+        )
+        if packed:
+            blocks.append(answer.outputs.astype(LITTLE_ENDIAN_FLOAT32, copy=False).tobytes())
+        else:
+            result.outputs.extend(answer.outputs.reshape(-1).tolist())
+    if packed:
+        response.outputs = b"".join(blocks)
+    return response
+
+
+def refused_response(error: ServiceError) -> pb.PredictBatchResponse:
+    """PredictBatchStream's answer to a message refused whole: the stream goes on."""
+    return pb.PredictBatchResponse(error=pb.Error(code=status_number(error.code), message=error.message))
