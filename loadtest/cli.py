@@ -95,6 +95,10 @@ def _load_options(load: argparse._ArgumentGroup, d: LoadConfig) -> None:
                       help=f"seconds at the start excluded from the figures (default {d.warmup_s:g})")
     load.add_argument("--channels", type=int, default=d.channels, metavar="N",
                       help=f"gRPC channels (TCP connections) per process (default {d.channels})")
+    load.add_argument("--gateways", type=int, default=d.gateways, metavar="G",
+                      help="spread the sensors over G gateway connections, each forwarding many sensors' chunks "
+                      "per message (PredictBatch; with --api stream one PredictBatchStream each); 0: every sensor "
+                      "sends its own (default)")
     load.add_argument("--processes", type=int, default=d.processes, metavar="N",
                       help="client processes; streams are split between them and the reports merged (default 1)")
     load.add_argument("--seed", type=int, default=d.seed, metavar="S",
@@ -184,6 +188,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         total_chunks=args.total_chunks,
         warmup_s=args.warmup_s,
         channels=args.channels,
+        gateways=args.gateways,
         processes=args.processes,
         seed=args.seed,
         stream_prefix=args.stream_prefix or default_prefix(),

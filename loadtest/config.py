@@ -59,6 +59,9 @@ class LoadConfig:
     total_chunks: int | None = None  # chunks of all streams together, warm-up included
     warmup_s: float = 1.0
     channels: int = 4
+    # Gateway connections the sensors are spread over (in all processes together), each forwarding many
+    # sensors' chunks per message (PredictBatch / PredictBatchStream); 0: every sensor sends its own.
+    gateways: int = 0
     processes: int = 1
     seed: int = 0
     stream_prefix: str = field(default_factory=default_prefix)
@@ -156,6 +159,10 @@ class LoadConfig:
             problems.append("warm-up must not be negative")
         if self.channels < 1:
             problems.append("channels must be at least 1")
+        if self.gateways < 0 or self.gateways > self.streams:
+            problems.append("gateways must be between 0 (none) and the number of streams")
+        if self.gateways and self.gateways < self.processes:
+            problems.append("gateways must be at least the number of processes (each process forwards through its own)")
         if not 1 <= self.processes <= max(1, self.streams):
             problems.append("processes must be between 1 and the number of streams")
         if self.processes > 4 * (os.cpu_count() or 1):

@@ -33,6 +33,7 @@ import grpc
 import numpy as np
 
 from loadtest.config import LoadConfig
+from loadtest.gateways import ChunkAnswer, GatewayTransport
 from loadtest.live_verify import LiveFeed
 from loadtest.recorder import Recorder
 from loadtest.sensors import Sensor
@@ -49,6 +50,7 @@ from lstm_stream.client.types import ModelInfo, call_metadata
 from lstm_stream.v1 import stream_pb2 as pb
 from lstm_stream.v1 import stream_pb2_grpc as pb_grpc
 
+Transport = UnaryTransport | StreamTransport | GatewayTransport
 # The server's idea of the stream differs from the tool's: its state was lost, reset or replaced.
 STATE_ERRORS = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DATA_LOSS})
 # An open-loop chunk sent more than this share of its period after its schedule counts as late.
@@ -64,7 +66,7 @@ def output_rows(model: ModelInfo, timesteps: int) -> int:
 class StreamDriver:
     """One simulated sensor: its signal, its position in the stream, and its chunks one by one."""
 
-    def __init__(self, index: int, config: LoadConfig, model: ModelInfo, transport: UnaryTransport | StreamTransport,
+    def __init__(self, index: int, config: LoadConfig, model: ModelInfo, transport: Transport,
                  recorder: Recorder, gate: asyncio.Semaphore | None, stop: asyncio.Event,
                  feed: LiveFeed | None = None) -> None:
         self.index = index
@@ -77,6 +79,7 @@ class StreamDriver:
         self.stream_id = config.stream_id(index)
         self.sensor = Sensor(config.seed + index, model.input_features)
         self.feed = feed  # --verify: every answered chunk goes to the live verifier
+        self.packs_values = isinstance(transport, GatewayTransport)
         self.offset = 0
         self.fresh = True  # the next chunk resets the stream: a rerun with the same ids starts over
         # The library's backoff (0.05 s doubling to 1 s, jittered), bounded by attempts rather than a deadline.
@@ -121,9 +124,10 @@ class StreamDriver:
             self.recorder.active_streams -= 1
 
     def _request(self, chunk: np.ndarray) -> pb.PredictRequest:
-        # tolist(): protobuf takes a list of Python floats about 3 times faster than a NumPy array.
-        request = pb.PredictRequest(stream_id=self.stream_id, values=chunk.reshape(-1).tolist(),
-                                    timesteps=chunk.shape[0], reset=self.fresh)
+        request = pb.PredictRequest(stream_id=self.stream_id, timesteps=chunk.shape[0], reset=self.fresh)
+        if not self.packs_values:  # a gateway sends every chunk's values in one block
+            # tolist(): protobuf takes a list of Python floats about 3 times faster than a NumPy array.
+            request.values.extend(chunk.reshape(-1).tolist())
         if self.config.use_offsets:
             request.start_offset = self.offset
         else:
@@ -135,8 +139,11 @@ class StreamDriver:
         request = self._request(chunk)
         sent = time.monotonic()
 
-        async def attempt(timeout: float) -> pb.PredictResponse:
-            response = await self.transport.send(request, timeout)
+        async def attempt(timeout: float) -> pb.PredictResponse | ChunkAnswer:
+            if isinstance(self.transport, GatewayTransport):
+                response = await self.transport.send(request, timeout, chunk)
+            else:
+                response = await self.transport.send(request, timeout)
             self._check(response, chunk.shape[0])
             return response
 
@@ -162,7 +169,7 @@ class StreamDriver:
             self.feed.chunk(self.stream_id, self.segment, chunk, outputs, response.offset)
         return True
 
-    def _check(self, response: pb.PredictResponse, timesteps: int) -> None:
+    def _check(self, response: pb.PredictResponse | ChunkAnswer, timesteps: int) -> None:
         rows, columns = output_rows(self.model, timesteps), self.model.output_size
         if response.timesteps != rows or response.output_size != columns or len(response.outputs) != rows * columns:
             raise ChunkFailed(
@@ -204,11 +211,15 @@ class ProcessLoad:
         self.recorder = recorder
         self.feed = feed
         self.channels: list[grpc.aio.Channel] = []
-        self.transports: list[UnaryTransport | StreamTransport] = []
+        self.transports: list[Transport] = []  # one per stream (a gateway's is shared by its streams)
+        self.gateways: list[GatewayTransport] = []
 
     async def connect(self) -> None:
         config = self.config
-        self.channels = [aio_channel(config) for _ in range(min(config.channels, len(self.indices)))]
+        # With gateways, each gateway has its own connection; this process takes its share of them.
+        gateways = max(1, round(config.gateways * len(self.indices) / config.streams)) if config.gateways else 0
+        connections = gateways or min(config.channels, len(self.indices))
+        self.channels = [aio_channel(config) for _ in range(connections)]
         try:
             async with asyncio.timeout(config.connect_timeout_s):
                 await asyncio.gather(*(channel.channel_ready() for channel in self.channels))
@@ -217,9 +228,14 @@ class ProcessLoad:
             waited = config.connect_timeout_s
             raise ConnectError(f"no server answers at {config.target} (waited {waited:g} s)") from None
         stubs = [pb_grpc.StreamInferenceStub(channel) for channel in self.channels]
+        metadata = call_metadata(config.api_key)
+        if gateways:
+            self.gateways = [GatewayTransport(stub, self.recorder, metadata, streaming=config.api == "stream",
+                                              max_chunks=self.model.max_batch_chunks or 1024) for stub in stubs]
+            self.transports = [self.gateways[n % gateways] for n in range(len(self.indices))]
+            return
         kind = StreamTransport if config.api == "stream" else UnaryTransport
         # Streams take the channels in turn; unary streams could share a transport, but one each is as cheap.
-        metadata = call_metadata(config.api_key)
         self.transports = [kind(stubs[n % len(stubs)], metadata) for n in range(len(self.indices))]
 
     async def run(self, origin: float, stop: asyncio.Event) -> None:
@@ -254,5 +270,6 @@ class ProcessLoad:
         await asyncio.gather(*(reset(n, index) for n, index in enumerate(self.indices)))
 
     async def close(self) -> None:
-        await asyncio.gather(*(transport.close() for transport in self.transports), return_exceptions=True)
+        unique = list({id(transport): transport for transport in self.transports}.values())
+        await asyncio.gather(*(transport.close() for transport in unique), return_exceptions=True)
         await asyncio.gather(*(channel.close() for channel in self.channels), return_exceptions=True)

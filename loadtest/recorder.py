@@ -61,6 +61,7 @@ class Recorder:
         self.replays = 0
         self.failed_chunks = 0
         self.late = 0
+        self.gateway_messages = 0  # --gateways: PredictBatch messages sent (retries' resends included)
         self.broken: list[dict[str, Any]] = []
         self.active_streams = 0
         self._snapshot_at = 0
@@ -97,6 +98,7 @@ class Recorder:
             "replays": self.replays,
             "failed_chunks": self.failed_chunks,
             "late": self.late,
+            "gateway_messages": self.gateway_messages,
             "broken": list(self.broken),
         }
 
@@ -110,7 +112,7 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
         merged[key] = np.concatenate([part[key] for part in parts])
     for key in ("error_codes", "broken"):
         merged[key] = [item for part in parts for item in part[key]]
-    for key in ("retries", "replays", "failed_chunks", "late"):
+    for key in ("retries", "replays", "failed_chunks", "late", "gateway_messages"):
         merged[key] = sum(part[key] for part in parts)
     return merged
 

@@ -137,6 +137,13 @@ def build_report(config: LoadConfig, model: ModelInfo, recording: dict[str, Any]
             "warmup_chunks": int(sent.size - chunks),
         },
         "open_loop": None,
+        # --gateways: the sensors' chunks went through this many gateway connections, many per message.
+        "gateways": {
+            "connections": config.gateways,
+            "messages": recording["gateway_messages"],
+            "chunks_per_message": round(int(sent.size) / recording["gateway_messages"], 2)
+            if recording["gateway_messages"] else 0.0,
+        } if config.gateways else None,
         "latency_histogram": histogram(latency[measured]),
         "timeline": timeline(done, latency, timesteps, recording["error_times"], span),
         "verify": None,
@@ -182,6 +189,8 @@ def render(report: dict[str, Any], console: Console) -> None:
                   style="red" if errors else None)
     table.add_row("retries", f"{report['retries']:,}")
     table.add_row("replays (retries answered, not applied twice)", f"{report['replays']:,}")
+    if report["gateways"]:
+        table.add_row("chunks per gateway message", _fmt(report["gateways"]["chunks_per_message"], 1))
     broken = report["broken_streams"]
     table.add_row("broken sequences", f"{len(broken):,}", style="red" if broken else None)
     open_loop = report["open_loop"]

@@ -59,6 +59,8 @@ def batch_chunks(
         for index, chunk in enumerate(requests):
             if chunk.values:
                 raise invalid_argument(f"chunks[{index}].values", "must be empty when the message's values are set")
+    # One pass over the whole block; only a message with a NaN or an Inf checks its chunks one by one.
+    finite = block is not None and bool(np.isfinite(block).all())
     chunks: list[Chunk | ServiceError] = []
     start = 0
     for chunk_request, timesteps in zip(requests, declared, strict=True):
@@ -80,6 +82,7 @@ def batch_chunks(
                 request_id=chunk_request.request_id,
                 tenant=tenant,
                 deadline=deadline,
+                known_finite=finite,
             ))
         except ServiceError as exc:
             chunks.append(exc)

@@ -56,8 +56,10 @@ def check_values(
     *,
     values_field: str = "values",
     timesteps_field: str = "timesteps",
+    known_finite: bool = False,
 ) -> np.ndarray:
-    """Return `values` as a contiguous float32 [timesteps, features] array, or raise."""
+    """Return `values` as a contiguous float32 [timesteps, features] array, or raise. `known_finite`: the caller
+    checked a larger array these values are part of (a PredictBatch message's block) in one pass."""
     if timesteps <= 0:
         raise invalid_argument(timesteps_field, f"must be at least 1 (got {timesteps})")
     if timesteps > max_timesteps:
@@ -71,6 +73,8 @@ def check_values(
             values_field,
             f"has {flat.size} values; expected timesteps x features = {timesteps} x {features} = {expected}",
         )
+    if known_finite:
+        return flat.reshape(timesteps, features)  # a slice of a contiguous block: contiguous already
     finite = np.isfinite(flat)
     if not finite.all():
         index = int(np.argmin(finite))
@@ -100,6 +104,7 @@ def make_chunk(
     request_id: str = "",
     tenant: str = "",
     deadline: float | None = None,
+    known_finite: bool = False,
 ) -> Chunk:
     """Validate native-API fields into a Chunk (other protocols call the check_* pieces directly)."""
     if stream_id is not None:
@@ -107,5 +112,5 @@ def make_chunk(
     check_start(start_offset, reset)
     if len(request_id) > MAX_REQUEST_ID_CHARS:
         raise invalid_argument("request_id", f"is {len(request_id)} characters long; at most {MAX_REQUEST_ID_CHARS}")
-    array = check_values(values, timesteps, features, max_timesteps)
+    array = check_values(values, timesteps, features, max_timesteps, known_finite=known_finite)
     return Chunk(stream_id, array, start_offset, reset, end, request_id, deadline=deadline, tenant=tenant)

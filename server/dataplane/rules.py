@@ -41,10 +41,12 @@ from server.errors import (
 from server.state.live import Change
 from server.state.record import (
     NEWEST_FORMAT,
+    NO_EARLIER,
     RECENT_REQUESTS,
     REQUEST_DIGEST_SIZE,
     CorruptRecord,
     KeptAnswer,
+    KeptAnswers,
     NewerRecord,
     SlotRecord,
     new_version,
@@ -95,7 +97,7 @@ class Planned:
     first_request_id: bytes = b""
     recent_requests: bytes = b""
     # The answers of the sequence's chunks before this one that the new record may keep, oldest first.
-    earlier: tuple[KeptAnswer, ...] = ()
+    earlier: KeptAnswers = NO_EARLIER
 
 
 def live_change(planned: Planned, slot: Loaded) -> Change:
@@ -166,7 +168,7 @@ class StreamRules:
             )
         last = KeptAnswer.of(slot.last_start, slot.last_digest, slot.last_request_id, slot.last_outputs)
         return Planned(index, chunk, slot.state, slot.offset, slot.version, digest,
-                       slot.first_digest, slot.first_request_id, slot.recent_requests, (*slot.earlier, last))
+                       slot.first_digest, slot.first_request_id, slot.recent_requests, slot.earlier.appended(last))
 
     def _from_zero(self, index: int, chunk: Chunk, digest: bytes, version: bytes) -> Planned | ServiceError:
         """The chunk starts a new sequence: it is the one whose late copies are recognised (invariant 10)."""
@@ -190,31 +192,28 @@ class StreamRules:
             last_start=planned.base_offset,
             last_digest=planned.digest,
             last_request_id=request_id_digest(chunk.request_id),
-            state=state[:0] if chunk.end else state,
-            last_outputs=output,
+            # Copies: this process keeps the record in memory (server/state/cache.py), and a row of the batch's
+            # arrays would keep the whole batch's arrays alive with it.
+            state=state[:0] if chunk.end else state.copy(),
+            last_outputs=output.copy(),
             ended=chunk.end,
             first_digest=planned.first_digest,
             first_request_id=planned.first_request_id,
             recent_requests=recent,
             # An ended sequence keeps its last answer only: its first chunk again deliberately starts a new one.
-            earlier=() if chunk.end else self._kept(planned.earlier, output),
+            earlier=NO_EARLIER if chunk.end else self._kept(planned.earlier, output),
         )
 
-    def _kept(self, earlier: tuple[KeptAnswer, ...], last_outputs: np.ndarray) -> tuple[KeptAnswer, ...]:
+    def _kept(self, earlier: KeptAnswers, last_outputs: np.ndarray) -> KeptAnswers:
         """The newest of `earlier` that fit beside the last answer: replay_window - 1 at most, and their
         bytes with the last answer's within replay_window_bytes."""
-        window = self.replay_window
-        kept = earlier[max(0, len(earlier) - window + 1):] if window > 1 else ()
-        room = self.replay_window_bytes - 4 * last_outputs.size
-        used = sum(answer.size for answer in kept)
-        while kept and used > room:
-            used -= kept[0].size
-            kept = kept[1:]
-        return kept
+        return earlier.newest(self.replay_window - 1, self.replay_window_bytes - 4 * last_outputs.size)
 
 
 def _replay(chunk: Chunk, digest: bytes, slot: SlotRecord) -> Prediction | None:
     """The stored answer when the chunk is a retry of one of the sequence's kept chunks, newest first."""
+    if chunk.start_offset is not None and chunk.start_offset == slot.offset and not chunk.reset:
+        return None  # the next chunk of the stream (the common case): every kept chunk started before it
     stream_id = chunk.stream_id or ""
     if _is_retry(chunk, digest, slot.last_start, slot.last_digest, slot.last_request_id):
         return Prediction(stream_id, slot.last_outputs, slot.offset, True, chunk.request_id)

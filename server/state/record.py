@@ -43,8 +43,9 @@ from __future__ import annotations
 import os
 import random
 import struct
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, overload
 
 import numpy as np
 
@@ -71,6 +72,11 @@ REQUEST_DIGEST_SIZE = 8
 # Request digests of the current sequence kept to recognise late duplicates of append-mode chunks
 # (invariant 10): 16 x 8 bytes beside about 1 KiB of state on the default model.
 RECENT_REQUESTS = 16
+
+
+# What a decoded record holds in memory beyond its encoding's bytes: the record, its arrays' and bytes objects'
+# headers, KeptAnswers (646 bytes measured with tracemalloc on CPython 3.11; independent of the model's size).
+DECODED_OVERHEAD_BYTES = 660
 
 
 class CorruptRecord(ValueError):
@@ -105,9 +111,7 @@ def new_version() -> bytes:
 class KeptAnswer(NamedTuple):
     """The answer of an applied chunk before the last one, kept for its retries (--replay-window).
 
-    The outputs stay the record's bytes until a retry asks for them: every chunk decodes and encodes
-    the whole window, and only a retry reads one answer (a named tuple: built several times a chunk,
-    it costs a third of a frozen dataclass)."""
+    The outputs stay the record's bytes until a retry asks for them (a named tuple: cheap to build)."""
 
     start: int  # the chunk's start offset
     digest: bytes  # of its data
@@ -130,8 +134,105 @@ class KeptAnswer(NamedTuple):
         """Its bytes in a record."""
         return _ANSWER.size + len(self.data)
 
+    def encode(self) -> bytes:
+        return _ANSWER.pack(self.start, self.digest, self.request_id, self.rows, self.columns) + self.data
 
-@dataclass(frozen=True, slots=True)
+
+# Where an answer's rows and columns sit in its bytes: enough to know its size without decoding it.
+_ANSWER_SHAPE = struct.Struct("<II")
+_ANSWER_SHAPE_AT = _ANSWER.size - _ANSWER_SHAPE.size
+
+
+class KeptAnswers(Sequence[KeptAnswer]):
+    """A record's earlier answers, oldest first, kept as the record's bytes.
+
+    Every chunk carries the window over into its stream's next record (the oldest answer dropped, the last
+    one added) and only a retry reads an answer, so the bytes are copied along whole and an answer is decoded
+    only when asked for: per chunk that is one slice and one join, not a tuple per answer."""
+
+    __slots__ = ("_count", "raw")
+
+    def __init__(self, raw: bytes = b"", count: int = 0) -> None:
+        self.raw = raw
+        self._count = count
+
+    @classmethod
+    def of(cls, answers: Iterable[KeptAnswer]) -> KeptAnswers:
+        answers = list(answers)
+        return cls(b"".join(answer.encode() for answer in answers), len(answers))
+
+    @classmethod
+    def read(cls, data: bytes, at: int, count: int, version: bytes) -> tuple[KeptAnswers, int]:
+        """`count` answers from `at` in a record, and where they end (each answer's size read, none decoded)."""
+        end = at
+        for _ in range(count):
+            if len(data) < end + _ANSWER.size:
+                raise CorruptRecord("record length does not match its header", version)
+            rows, columns = _ANSWER_SHAPE.unpack_from(data, end + _ANSWER_SHAPE_AT)
+            end += _ANSWER.size + 4 * rows * columns
+        if len(data) < end:
+            raise CorruptRecord("record length does not match its header", version)
+        return cls(bytes(data[at:end]), count), end
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[KeptAnswer]:
+        raw, at = self.raw, 0
+        for _ in range(self._count):
+            start, digest, request_id, rows, columns = _ANSWER.unpack_from(raw, at)
+            end = at + _ANSWER.size + 4 * rows * columns
+            yield KeptAnswer(start, digest, request_id, rows, columns, raw[at + _ANSWER.size:end])
+            at = end
+
+    @overload
+    def __getitem__(self, index: int) -> KeptAnswer: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[KeptAnswer, ...]: ...
+
+    def __getitem__(self, index: int | slice) -> KeptAnswer | tuple[KeptAnswer, ...]:
+        return tuple(self)[index]
+
+    def __reversed__(self) -> Iterator[KeptAnswer]:
+        return reversed(tuple(self))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, KeptAnswers):
+            return self.raw == other.raw and self._count == other._count
+        return isinstance(other, tuple) and tuple(self) == other
+
+    def __hash__(self) -> int:
+        return hash((self.raw, self._count))
+
+    def __repr__(self) -> str:
+        return f"KeptAnswers({list(self)!r})"
+
+    @property
+    def size(self) -> int:
+        """Their bytes in a record."""
+        return len(self.raw)
+
+    def appended(self, answer: KeptAnswer) -> KeptAnswers:
+        return KeptAnswers(self.raw + answer.encode(), self._count + 1)
+
+    def newest(self, count: int, max_bytes: int) -> KeptAnswers:
+        """The newest answers: at most `count`, and at most `max_bytes` of them (the oldest dropped first)."""
+        raw, kept = self.raw, self._count
+        at = 0
+        while kept and (kept > count or len(raw) - at > max_bytes):
+            rows, columns = _ANSWER_SHAPE.unpack_from(raw, at + _ANSWER_SHAPE_AT)
+            at += _ANSWER.size + 4 * rows * columns
+            kept -= 1
+        return self if at == 0 else KeptAnswers(raw[at:], kept)
+
+
+NO_EARLIER = KeptAnswers()
+
+
+# Not frozen, though never changed once built: one is decoded and one built per chunk, and a frozen dataclass's
+# __init__ costs about four times as much (server/types.py, Chunk).
+@dataclass(slots=True)
 class SlotRecord:
     version: bytes
     offset: int
@@ -150,7 +251,11 @@ class SlotRecord:
     # request_id.
     recent_requests: bytes = b""
     # The answers of the applied chunks before the last one, oldest first (--replay-window - 1 at most).
-    earlier: tuple[KeptAnswer, ...] = ()
+    earlier: KeptAnswers = NO_EARLIER
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.earlier, KeptAnswers):  # a sequence of KeptAnswer, as tests and tools build them
+            self.earlier = KeptAnswers.of(self.earlier)
 
     def encode(self) -> bytes:
         rows, columns = self.last_outputs.shape
@@ -163,9 +268,7 @@ class SlotRecord:
         parts = [_HEADER.pack(*fields, len(self.earlier)) if self.earlier else _HEADER_2.pack(*fields),
                  self.state.astype("<f4", copy=False).tobytes(),
                  self.last_outputs.astype("<f4", copy=False).tobytes(), self.recent_requests]
-        for answer in self.earlier:
-            parts.append(_ANSWER.pack(answer.start, answer.digest, answer.request_id, answer.rows, answer.columns))
-            parts.append(answer.data)
+        parts.append(self.earlier.raw)
         return b"".join(parts)
 
     def has_recent_request(self, digest: bytes) -> bool:
@@ -200,7 +303,7 @@ class SlotRecord:
         earlier_at = recent_at + REQUEST_DIGEST_SIZE * recent_count
         if len(data) < earlier_at:
             raise CorruptRecord("record length does not match its header", version)
-        earlier, end = _decode_answers(data, earlier_at, earlier_count, version)
+        earlier, end = KeptAnswers.read(data, earlier_at, earlier_count, version)
         if len(data) != end:
             raise CorruptRecord("record length does not match its header", version)
         body = np.frombuffer(data, dtype="<f4", offset=body_at, count=floats)
@@ -211,22 +314,6 @@ class SlotRecord:
             ended=bool(flags & FLAG_ENDED), first_digest=first_digest, first_request_id=first_request_id,
             recent_requests=bytes(data[recent_at:earlier_at]), earlier=earlier,
         )
-
-
-def _decode_answers(data: bytes, at: int, count: int, version: bytes) -> tuple[tuple[KeptAnswer, ...], int]:
-    """`count` earlier answers from `at`; and where they end."""
-    answers = []
-    unpack, header = _ANSWER.unpack_from, _ANSWER.size
-    for _ in range(count):
-        if len(data) < at + header:
-            raise CorruptRecord("record length does not match its header", version)
-        start, digest, request_id, rows, columns = unpack(data, at)
-        end = at + header + 4 * rows * columns
-        if len(data) < end:
-            raise CorruptRecord("record length does not match its header", version)
-        answers.append(KeptAnswer(start, digest, request_id, rows, columns, data[at + header:end]))
-        at = end
-    return tuple(answers), at
 
 
 def fingerprint_bytes(fingerprint_hex: str) -> bytes:

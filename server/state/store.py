@@ -49,7 +49,7 @@ from server.state.attempts import LOST_ANSWER_ERRORS, Attempts, GaveUp, P
 from server.state.cache import SavedSlots
 from server.state.connection import AsyncClient, RedisTopology, connect
 from server.state.keys import KeyLayout
-from server.state.record import CorruptRecord, SlotRecord
+from server.state.record import DECODED_OVERHEAD_BYTES, CorruptRecord, SlotRecord
 from server.state.routing import NO_WAIT, NodeGroup, NodeRouter, WaitPolicy
 
 
@@ -74,7 +74,7 @@ class WrongType:
     redis_type: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # one per saved chunk: not frozen, for the cheaper __init__ (server/types.py, Chunk)
 class SlotWrite:
     stream_id: str
     expected_version: bytes  # b"" when the key must not exist
@@ -88,7 +88,7 @@ Loaded = SlotRecord | CorruptRecord | WrongType | None
 
 class StateStore:
     def __init__(self, redis: str | RedisTopology, key_prefix: str, *, wait: WaitPolicy = NO_WAIT,
-                 saved_slots: SavedSlots | None = None) -> None:
+                 saved_slots: SavedSlots[SlotRecord] | None = None) -> None:
         topology = redis if isinstance(redis, RedisTopology) else RedisTopology(redis)
         self.keys = KeyLayout(key_prefix)
         # What this process saved last, per key (cache.py); None: every load reads Redis.
@@ -149,7 +149,7 @@ class StateStore:
             raise redis_unavailable(exc.detail) from exc
 
     @property
-    def saved_slots(self) -> SavedSlots | None:
+    def saved_slots(self) -> SavedSlots[SlotRecord] | None:
         return self._saved
 
     async def load_recent(self, stream_ids: Sequence[str], deadline: float, tenants: Sequence[str],
@@ -168,7 +168,7 @@ class StateStore:
             if data is None:
                 missing.append(i)
             else:
-                loaded[i] = SlotRecord.decode(data)  # bytes this module encoded: always readable
+                loaded[i] = data  # the record this process saved last, as it encoded it
                 hits[i] = True
         if missing:
             fresh = await self.load([stream_ids[i] for i in missing], deadline, [tenants[i] for i in missing])
@@ -271,7 +271,7 @@ class StateStore:
             if saved is not None:
                 # Kept only what Redis now holds under the key (applied and, with WAIT, confirmed).
                 if results[n] is APPLIED and records[i]:
-                    saved.put(keys[i], records[i], writes[i].ttl_ms)
+                    saved.put(keys[i], writes[i].record, writes[i].ttl_ms, len(records[i]) + DECODED_OVERHEAD_BYTES)
                 elif results[n] is REFUSED:
                     saved.roam(keys[i])  # written elsewhere too: its chunks read Redis for a while
                 else:

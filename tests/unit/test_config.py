@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from server.config import DEFAULT_MODEL, ENV_PREFIX, MESSAGE_HEADROOM_BYTES, ServerConfig, build_parser, load_config
+from server.config import (
+    BATCH_CHUNK_OVERHEAD_BYTES,
+    DEFAULT_MODEL,
+    ENV_PREFIX,
+    MESSAGE_HEADROOM_BYTES,
+    ServerConfig,
+    build_parser,
+    load_config,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -103,11 +111,18 @@ def test_the_environment_is_checked_like_the_flags(capsys) -> None:
     assert "--max-batch must be at least 1" in refusal(capsys, [], {"LSTM_SERVE_MAX_BATCH": "0"})
 
 
-def test_message_limits_fit_the_largest_chunk_unless_set() -> None:
-    derived = load_config(["--max-chunk-timesteps", "100"], environ={})
-    assert derived.message_limits(input_features=3, output_size=5) == (
-        100 * 3 * 4 + MESSAGE_HEADROOM_BYTES, 100 * 5 * 4 + MESSAGE_HEADROOM_BYTES)
-    assert derived.message_limits(input_features=5, output_size=3)[1] == 100 * 5 * 4 + MESSAGE_HEADROOM_BYTES
+def test_message_limits_fit_the_largest_chunk_or_gateway_message_unless_set() -> None:
+    """The derived limit fits the larger of one chunk (Predict) and one full PredictBatch message: its
+    timesteps' floats, plus the ids and tags of --max-batch-chunks chunks."""
+    derived = load_config(["--max-chunk-timesteps", "100", "--max-batch-timesteps", "50",
+                           "--max-batch-chunks", "10"], environ={})
+    headroom = MESSAGE_HEADROOM_BYTES + 10 * BATCH_CHUNK_OVERHEAD_BYTES
+    assert derived.message_limits(input_features=3, output_size=5) == (100 * 3 * 4 + headroom, 100 * 5 * 4 + headroom)
+    assert derived.message_limits(input_features=5, output_size=3)[1] == 100 * 5 * 4 + headroom
+    gateway = load_config(["--max-chunk-timesteps", "100", "--max-batch-timesteps", "4000",
+                           "--max-batch-chunks", "256"], environ={})
+    headroom = MESSAGE_HEADROOM_BYTES + 256 * BATCH_CHUNK_OVERHEAD_BYTES
+    assert gateway.message_limits(input_features=2, output_size=1) == (4000 * 2 * 4 + headroom,) * 2
     assert load_config(["--max-message-bytes", "1000"], environ={}).message_limits(3, 5) == (1000, 1000)
 
 
