@@ -40,6 +40,7 @@ import numpy as np
 from lstm_stream.client import defaults
 from lstm_stream.client.arrays import Chunks, as_input, join, outputs_of, pieces
 from lstm_stream.client.errors import ClientError, RequestRejected, StreamPositionError, rejected
+from lstm_stream.client.gateway import AsyncGateway
 from lstm_stream.client.health_codec import decode_status, encode_request
 from lstm_stream.client.pipe import Pipe, Position, StreamLane
 from lstm_stream.client.retry import RetryPolicy, retry_async
@@ -112,6 +113,12 @@ class AsyncClient:
         """A handle on one stream. It starts at offset 0: the first chunk starts the stream unless the
         server already holds it elsewhere (then StreamPositionError; call resume() or start_new())."""
         return AsyncStream(self, stream_id)
+
+    def gateway(self, *, max_message_timesteps: int = defaults.MESSAGE_TIMESTEPS) -> AsyncGateway:
+        """Many streams' chunks per message on this connection: `send({stream_id: values, ...})` sends a
+        tick in one PredictBatch message, `pipe(ticks)` pipelines ticks on one PredictBatchStream call
+        (gateway.py). `max_message_timesteps`: the server's --max-batch-timesteps, if lowered."""
+        return AsyncGateway(self, max_message_timesteps=max_message_timesteps)
 
     async def stream_info(self, stream_id: str) -> StreamInfo:
         return StreamInfo.from_proto(await self._call(self._stub.GetStream, pb.GetStreamRequest(stream_id=stream_id)))

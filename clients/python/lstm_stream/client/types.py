@@ -44,13 +44,14 @@ class ModelInfo:
     recurrent_layers: tuple[RecurrentLayer, ...]
     state_size: int
     server_version: str = ""  # the answering replica's release; empty from 0.1.0
+    max_batch_chunks: int = 0  # the most chunks one PredictBatch message may carry; 0 from 0.1.0 (no PredictBatch)
 
     @classmethod
     def from_proto(cls, message: pb.ModelInfo) -> ModelInfo:
         return cls(message.name, message.fingerprint, message.input_features, message.output_size,
                    message.max_chunk_timesteps, message.per_timestep_outputs,
                    tuple(RecurrentLayer(layer.name, layer.kind, layer.units) for layer in message.recurrent_layers),
-                   message.state_size, message.server_version)
+                   message.state_size, message.server_version, message.max_batch_chunks)
 
 
 @dataclass(frozen=True)
