@@ -29,7 +29,9 @@ from lstm_stream.client import (
     StreamPositionError,
     Tick,
 )
+from lstm_stream.client.cli import EXIT_OK, EXIT_USAGE
 from server.config import DEFAULT_MODEL
+from tests.serving.test_client_cli import cli
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -209,3 +211,51 @@ def test_long_chunks_and_wide_ticks_are_split(start_server) -> None:
             else:
                 results = list(gateway.pipe(script.ticks, window=8))
             script.check(results, f"split, {way}")
+
+
+def test_cli_predicts_many_streams_from_one_csv(default_server, tmp_path) -> None:
+    """`lstm-stream predict --stream-column`: rows of three streams interleaved in one file; every stream's
+    outputs equal Keras, its lines marked with its id; --resume continues them all, and a bad stream id in
+    the file fails alone (exit 2, the others written)."""
+    rng = np.random.default_rng(8)
+    tag = uuid.uuid4().hex[:6]
+    signals = {f"cli-gw-{tag}-{n}": rng.normal(size=(int(rng.integers(5, 30)), 1)).astype(np.float32)
+               for n in range(3)}
+    order = [s for s, x in signals.items() for _ in range(len(x))]
+    random.Random(1).shuffle(order)  # interleaved; each stream's rows stay in order below
+    taken = dict.fromkeys(signals, 0)
+    lines = ["time,sensor,value"]
+    for number, stream_id in enumerate(order):
+        lines.append(f"{number},{stream_id},{signals[stream_id][taken[stream_id], 0]:.9g}")
+        taken[stream_id] += 1
+    path = tmp_path / "ticks.csv"
+    path.write_text("\n".join(lines) + "\n")
+    # The time column is a feature too: a two-feature file for a one-feature model is refused at once.
+    refused = cli("predict", "--stream-column", "sensor", str(path), target=default_server.address)
+    assert refused.returncode == EXIT_USAGE and "[timesteps, 1]" in refused.stderr, refused.stderr
+    path.write_text("\n".join(",".join(line.split(",")[1:]) for line in lines) + "\n")
+
+    result = cli("predict", "--stream-column", "sensor", str(path), "--chunk", "4", target=default_server.address)
+    assert result.returncode == EXIT_OK, result.stderr
+    header, *rows = result.stdout.splitlines()
+    assert header == "sensor,output_0"
+    got: dict[str, list[float]] = {}
+    for row in rows:
+        stream_id, value = row.split(",")
+        got.setdefault(stream_id, []).append(float(value))
+    expected = keras_whole_sequences(DEFAULT_MODEL, list(signals.values()))
+    for stream_id, want in zip(signals, expected, strict=True):
+        assert np.max(np.abs(np.array(got[stream_id]).reshape(-1, 1) - want)) <= TOLERANCE, stream_id
+    assert "3 of 3 streams" in result.stderr
+
+    # --resume continues every stream where the server stands; a bad stream id fails alone (exit 2).
+    bad = "b" * 300
+    path.write_text(path.read_text() + f"{bad},0.5\n")
+    resumed = cli("predict", "--stream-column", "sensor", str(path), "--resume", target=default_server.address)
+    assert resumed.returncode == EXIT_USAGE, resumed.stderr
+    assert "3 of 4 streams" in resumed.stderr and "stream_id" in resumed.stderr, resumed.stderr
+    assert {row.split(",")[0] for row in resumed.stdout.splitlines()[1:]} == set(signals)
+    with Client(default_server.address) as client:
+        assert [client.stream_info(s).offset for s in signals] == [2 * len(x) for x in signals.values()]
+    usage = cli("predict", "sensor-1", "--stream-column", "sensor", str(path), target=default_server.address)
+    assert usage.returncode == EXIT_USAGE and "--stream-column" in usage.stderr
