@@ -10,11 +10,14 @@
 `AsyncClient` is the same API for asyncio. Every chunk carries its start offset and a request id and
 is retried with jittered exponential backoff within the deadline, so it is applied once and answered
 once; `pipe()` streams over one connection and resends unanswered chunks after a break. See aio.py's
-docstring for the rules and errors.py for what each error means.
+docstring for the rules and errors.py for what each error means. `client.gateway()` sends many streams'
+chunks per message, a tick at a time (`send`) or pipelined (`pipe`), with the same rules per stream
+(gateway.py).
 """
 
 from lstm_stream.client.aio import AsyncClient, AsyncStream
 from lstm_stream.client.errors import (
+    ChunksFailed,
     ClientError,
     InvalidInput,
     OutputsLost,
@@ -22,16 +25,21 @@ from lstm_stream.client.errors import (
     ServerUnavailable,
     StreamPositionError,
 )
+from lstm_stream.client.gateway import AsyncGateway, GatewayResult, Tick
 from lstm_stream.client.retry import RETRYABLE, RetryPolicy
-from lstm_stream.client.sync import Client, Stream
+from lstm_stream.client.sync import Client, Gateway, Stream
 from lstm_stream.client.types import ModelInfo, RecurrentLayer, StreamInfo
 
 __all__ = [
     "RETRYABLE",
     "AsyncClient",
+    "AsyncGateway",
     "AsyncStream",
+    "ChunksFailed",
     "Client",
     "ClientError",
+    "Gateway",
+    "GatewayResult",
     "InvalidInput",
     "ModelInfo",
     "OutputsLost",
@@ -42,4 +50,5 @@ __all__ = [
     "Stream",
     "StreamInfo",
     "StreamPositionError",
+    "Tick",
 ]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -39,8 +40,9 @@ import numpy as np
 from lstm_stream.client import defaults
 from lstm_stream.client.arrays import Chunks, as_input, join, outputs_of, pieces
 from lstm_stream.client.errors import ClientError, RequestRejected, StreamPositionError, rejected
+from lstm_stream.client.gateway import AsyncGateway
 from lstm_stream.client.health_codec import decode_status, encode_request
-from lstm_stream.client.pipe import Pipe
+from lstm_stream.client.pipe import Pipe, Position, StreamLane
 from lstm_stream.client.retry import RetryPolicy, retry_async
 from lstm_stream.client.types import (
     ModelInfo,
@@ -112,6 +114,12 @@ class AsyncClient:
         server already holds it elsewhere (then StreamPositionError; call resume() or start_new())."""
         return AsyncStream(self, stream_id)
 
+    def gateway(self, *, max_message_timesteps: int = defaults.MESSAGE_TIMESTEPS) -> AsyncGateway:
+        """Many streams' chunks per message on this connection: `send({stream_id: values, ...})` sends a
+        tick in one PredictBatch message, `pipe(ticks)` pipelines ticks on one PredictBatchStream call
+        (gateway.py). `max_message_timesteps`: the server's --max-batch-timesteps, if lowered."""
+        return AsyncGateway(self, max_message_timesteps=max_message_timesteps)
+
     async def stream_info(self, stream_id: str) -> StreamInfo:
         return StreamInfo.from_proto(await self._call(self._stub.GetStream, pb.GetStreamRequest(stream_id=stream_id)))
 
@@ -143,23 +151,27 @@ class AsyncStream:
     def __init__(self, client: AsyncClient, stream_id: str) -> None:
         self.client = client
         self.stream_id = stream_id
-        self.offset = 0
-        self._new_sequence = False  # the next chunk carries reset: start_new() was called
+        self.position = Position()
         self._token = secrets.token_hex(6)
-        self._sequence = 0
+
+    @property
+    def offset(self) -> int:
+        """Timesteps the server has consumed since the sequence began, as far as this handle knows."""
+        return self.position.offset
+
+    @offset.setter
+    def offset(self, offset: int) -> None:
+        self.position = replace(self.position, offset=offset, new_sequence=False)
 
     def start_new(self) -> None:
         """The next chunk starts a new sequence at offset 0 (sent with `reset`, in the same request:
         atomic, and safe to retry)."""
-        self.offset = 0
-        self._new_sequence = True
-        self._sequence += 1
+        self.position = Position(0, self.position.sequence + 1, new_sequence=True)
 
     async def resume(self) -> int:
         """Continue where the server stands (after a restart of this program): returns the offset."""
         info = await self.info()
         self.offset = info.offset if info.exists else 0
-        self._new_sequence = False
         return self.offset
 
     async def info(self) -> StreamInfo:
@@ -168,9 +180,7 @@ class AsyncStream:
     async def reset(self) -> bool:
         """Forget the stream's state now (ResetStream); the handle goes back to offset 0."""
         existed = await self.client.reset_stream(self.stream_id)
-        self.offset = 0
-        self._new_sequence = False
-        self._sequence += 1
+        self.position = Position(0, self.position.sequence + 1)
         return existed
 
     async def send(self, values: Any) -> np.ndarray:
@@ -194,33 +204,33 @@ class AsyncStream:
         outputs = []
         for number, piece in enumerate(split):
             last = number == len(split) - 1
-            request = self._request(piece, self.offset, end=end and last)
+            request = self._request(piece, self.position, end=end and last)
             try:
                 response = await self.client._call(self.client._stub.Predict, request)
             except RequestRejected as exc:
                 raise self._position_error(exc, self.offset) from None
-            outputs.append(self._accept(response, request))
+            self._accept(response, request, self.position.after(request))
+            outputs.append(outputs_of(response))
         return join(outputs, model)
 
-    def _request(self, piece: np.ndarray, start: int, *, end: bool) -> pb.PredictRequest:
-        # tolist(): protobuf takes a list of Python floats about 3 times faster than a NumPy array.
-        return pb.PredictRequest(stream_id=self.stream_id, values=piece.reshape(-1).tolist(),
-                                 timesteps=piece.shape[0], start_offset=start,
-                                 reset=self._new_sequence and start == 0, end=end,
-                                 request_id=f"{self._token}.{self._sequence}.{start}")
+    def _request(self, piece: np.ndarray, at: Position, *, end: bool, packed: bool = False) -> pb.PredictRequest:
+        """The request for `piece` sent from position `at` (the handle's, or one planned ahead by a pipe).
+        `packed`: its values travel in a PredictBatchRequest's block, not in the request."""
+        request = pb.PredictRequest(stream_id=self.stream_id, timesteps=piece.shape[0], start_offset=at.offset,
+                                    reset=at.new_sequence and at.offset == 0, end=end,
+                                    request_id=f"{self._token}.{at.sequence}.{at.offset}")
+        if not packed:
+            # tolist(): protobuf takes a list of Python floats about 3 times faster than a NumPy array.
+            request.values.extend(piece.reshape(-1).tolist())
+        return request
 
-    def _accept(self, response: pb.PredictResponse, request: pb.PredictRequest) -> np.ndarray:
+    def _accept(self, response: pb.PredictResponse, request: pb.PredictRequest, after: Position) -> None:
+        """Take the answer to `request`: the handle moves to `after` (`Position.after(request)`)."""
         expected = request.start_offset + request.timesteps
         if response.offset != expected:
             raise ClientError(f"stream {self.stream_id!r}: the server answered the chunk at offset "
                               f"{request.start_offset} with offset {response.offset}, expected {expected}")
-        self._new_sequence = False
-        if request.end:
-            self.offset = 0
-            self._sequence += 1
-        else:
-            self.offset = expected
-        return outputs_of(response)
+        self.position = after
 
     def _position_error(self, exc: RequestRejected, start: int) -> ClientError:
         if exc.code != grpc.StatusCode.FAILED_PRECONDITION:
@@ -235,7 +245,8 @@ class AsyncStream:
             raise ValueError("window must be at least 1")
         client = self.client
         model = await client._model_cached()
-        run = Pipe(self, model, window, client.retry, client.target,
-                   lambda: client._stub.PredictStream(metadata=client._metadata))
+        lane = StreamLane(self, model, client.target, client.retry.retryable)
+        run: Pipe[np.ndarray] = Pipe(lane, window, client.retry,
+                                     lambda: client._stub.PredictStream(metadata=client._metadata))
         async for outputs in run.outputs(chunks):
             yield outputs

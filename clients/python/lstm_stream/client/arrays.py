@@ -13,6 +13,7 @@ from lstm_stream.client.types import ModelInfo
 from lstm_stream.v1 import stream_pb2 as pb
 
 Chunks = Iterable[Any] | AsyncIterable[Any]
+LITTLE_ENDIAN_FLOAT32 = np.dtype("<f4")
 
 
 def as_input(values: Any, model: ModelInfo) -> np.ndarray:
@@ -36,6 +37,31 @@ def pieces(x: np.ndarray, limit: int) -> list[np.ndarray]:
 
 def outputs_of(response: pb.PredictResponse) -> np.ndarray:
     return np.asarray(response.outputs, dtype=np.float32).reshape(response.timesteps, response.output_size)
+
+
+def batch_request(chunks: list[pb.PredictRequest], values: list[np.ndarray]) -> pb.PredictBatchRequest:
+    """A PredictBatch message: the chunks (their own `values` empty) and their values in one block of
+    little-endian float32, chunk after chunk."""
+    block = b"".join(x.astype(LITTLE_ENDIAN_FLOAT32, copy=False).tobytes() for x in values)
+    return pb.PredictBatchRequest(chunks=chunks, values=block)
+
+
+def batch_outputs(response: pb.PredictBatchResponse) -> list[np.ndarray | None]:
+    """Each result's outputs [timesteps, output_size], from the response's block (or the results' own
+    outputs); None for a failed chunk's result."""
+    block = np.frombuffer(response.outputs, dtype=LITTLE_ENDIAN_FLOAT32)
+    answers: list[np.ndarray | None] = []
+    start = 0
+    for result in response.results:
+        if result.HasField("error"):
+            answers.append(None)
+        elif response.outputs:
+            size = result.timesteps * result.output_size
+            answers.append(block[start:start + size].reshape(result.timesteps, result.output_size))
+            start += size
+        else:
+            answers.append(outputs_of(result))
+    return answers
 
 
 def join(parts: list[np.ndarray], model: ModelInfo) -> np.ndarray:

@@ -28,6 +28,7 @@ from lstm_stream.client.errors import (
     ClientError,
     InvalidInput,
     OutputsLost,
+    RequestRejected,
     ServerUnavailable,
     StreamPositionError,
 )
@@ -47,6 +48,7 @@ examples:
   lstm-stream info sensor-42                         # offset, last update, expiry
   lstm-stream predict sensor-42 samples.csv --chunk 20 --out forecasts.csv
   lstm-stream predict sensor-42 more.npy --resume    # continue the stream where the server stands
+  lstm-stream predict --stream-column sensor ticks.csv --chunk 5   # many streams, one column names each
   lstm-stream reset sensor-42
   LSTM_STREAM_API_KEY=... lstm-stream --tls-ca ca.pem --target serve.example:443 model
 
@@ -86,19 +88,29 @@ def build_parser() -> argparse.ArgumentParser:
     reset.add_argument("stream_id", metavar="ID")
     predict = commands.add_parser(
         "predict", help="stream a CSV or .npy file through the model; outputs as CSV",
+        usage="lstm-stream predict [options] ID FILE\n       lstm-stream predict [options] --stream-column NAME FILE",
         description="Send FILE's rows (timesteps; columns are features) in chunks, exactly once, and write one "
         "CSV line per output row. By default the file starts a new sequence (the stream is reset by its first "
-        "chunk); with --resume it continues the stream from where the server stands.",
+        "chunk); with --resume it continues the stream from where the server stands. With --stream-column, "
+        "FILE holds many streams: a CSV with a header line whose column NAME names each row's stream (the "
+        "other columns are its features); each row is the next timestep of its stream. The streams go through "
+        "one gateway connection: each message carries the next --chunk timesteps of every stream, in file "
+        "order per stream, and the output lines begin with the stream's id (after a header line). A stream "
+        "that fails does not stop the others: its error is printed, and the exit code is its.",
     )
-    predict.add_argument("stream_id", metavar="ID")
-    predict.add_argument("file", type=Path, metavar="FILE", help="CSV (comma-separated, optional header line) or .npy")
-    predict.add_argument("--chunk", type=int, default=20, metavar="T", help="timesteps per chunk (default 20)")
+    predict.add_argument("targets", nargs="+", metavar="ID FILE",
+                         help="the stream's id and the file: CSV (comma-separated, optional header line) or .npy; "
+                         "FILE alone with --stream-column")
+    predict.add_argument("--stream-column", metavar="NAME",
+                         help="many streams in one CSV: the header column that names each row's stream")
+    predict.add_argument("--chunk", type=int, default=20, metavar="T",
+                         help="timesteps per chunk, per stream with --stream-column (default 20)")
     predict.add_argument("--resume", action="store_true",
-                         help="continue the stream at the server's offset instead of starting a new sequence")
+                         help="continue the stream(s) at the server's offset instead of starting a new sequence")
     predict.add_argument("--window", type=int, default=defaults.PIPE_WINDOW, metavar="N",
-                         help=f"chunks in flight on one PredictStream (default {defaults.PIPE_WINDOW}, the server's "
-                         "default --replay-window: every output survives a broken connection while N is at most "
-                         "the server's --replay-window)")
+                         help=f"chunks (messages with --stream-column) in flight on one streaming call (default "
+                         f"{defaults.PIPE_WINDOW}, the server's default --replay-window: every output survives a "
+                         "broken connection while N is at most the server's --replay-window)")
     predict.add_argument("--out", type=Path, metavar="PATH", help="write the outputs here instead of stdout")
     return parser
 
@@ -146,9 +158,43 @@ def _read_csv(path: Path) -> np.ndarray:
     return np.array(rows, dtype=np.float32)
 
 
-def _write_rows(rows: np.ndarray, out: TextIO) -> None:
+def load_streams(path: Path, column: str) -> dict[str, np.ndarray]:
+    """Many streams from one CSV file: the header's column `column` names each row's stream, the other
+    columns are its features; each stream's rows in file order, the streams in order of first appearance."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise InvalidInput(f"{path}: cannot read: {exc.strerror or exc}") from None
+    header = [cell.strip() for cell in lines[0].split(",")] if lines else []
+    if column not in header:
+        raise InvalidInput(f"{path}: the header line has no column {column!r} (--stream-column); it has {header}")
+    where = header.index(column)
+    rows: dict[str, list[list[float]]] = {}
+    for number, line in enumerate(lines[1:], 2):
+        if not line.strip():
+            continue
+        cells = [cell.strip() for cell in line.split(",")]
+        if len(cells) != len(header):
+            raise InvalidInput(f"{path}: line {number} has {len(cells)} columns, the header {len(header)}")
+        try:
+            values = [float(cell) for index, cell in enumerate(cells) if index != where]
+        except ValueError:
+            raise InvalidInput(f"{path}: line {number}: {line[:80]!r}: the features are not numbers") from None
+        if not all(np.isfinite(values)):
+            raise InvalidInput(f"{path}: line {number}: a feature is not a finite number")
+        rows.setdefault(cells[where], []).append(values)
+    if not rows:
+        raise InvalidInput(f"{path}: no rows after the header line")
+    return {stream_id: np.array(values, dtype=np.float32) for stream_id, values in rows.items()}
+
+
+def _write_rows(rows: np.ndarray, out: TextIO, prefix: str = "") -> None:
     for row in rows:
-        out.write(",".join(f"{value:.9g}" for value in row) + "\n")
+        out.write(prefix + ",".join(f"{value:.9g}" for value in row) + "\n")
+
+
+def _csv_cell(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
 
 
 def _chunks(values: np.ndarray, size: int) -> Iterator[np.ndarray]:
@@ -168,6 +214,8 @@ def run(args: argparse.Namespace, client: Client) -> int:
     elif args.command == "reset":
         existed = client.reset_stream(args.stream_id)
         print(f"stream {args.stream_id!r} reset" + ("" if existed else " (it had no state)"))
+    elif args.command == "predict" and args.stream_column is not None:
+        return _predict_streams(args, client)
     elif args.command == "predict":
         values = load_values(args.file)
         stream = client.stream(args.stream_id)
@@ -186,6 +234,46 @@ def run(args: argparse.Namespace, client: Client) -> int:
         print(f"stream {args.stream_id!r}: {values.shape[0]} timesteps sent from offset {start}; "
               f"the stream is at offset {stream.offset}", file=sys.stderr)
     return EXIT_OK
+
+
+def _predict_streams(args: argparse.Namespace, client: Client) -> int:
+    """`predict --stream-column`: every stream of the file through one gateway, a tick of --chunk timesteps
+    of each stream a message; a failed stream's error is printed and the others go on."""
+    streams = load_streams(args.file, args.stream_column)
+    gateway = client.gateway()
+    failed: dict[str, ClientError] = {}
+    for stream_id in streams:
+        if not args.resume:
+            gateway.start_new(stream_id)
+            continue
+        try:
+            gateway.resume(stream_id)
+        except RequestRejected as error:  # this stream's own (a bad id): the others go on
+            failed[stream_id] = error
+    starts = {stream_id: gateway.offset(stream_id) for stream_id in streams}
+    sending = {stream_id: values for stream_id, values in streams.items() if stream_id not in failed}
+    longest = max((len(values) for values in sending.values()), default=0)
+    ticks = ({stream_id: values[start:start + args.chunk] for stream_id, values in sending.items()
+              if start < len(values)} for start in range(0, longest, args.chunk))
+    out = sys.stdout if args.out is None else args.out.open("w")
+    try:
+        outputs = client.model().output_size
+        out.write(",".join([_csv_cell(args.stream_column)] + [f"output_{n}" for n in range(outputs)]) + "\n")
+        for result in gateway.pipe(ticks, window=args.window):
+            for stream_id, rows in result.outputs.items():
+                if stream_id not in failed:
+                    _write_rows(rows, out, _csv_cell(stream_id) + ",")
+            for stream_id, error in result.errors.items():
+                failed.setdefault(stream_id, error)
+    finally:
+        if args.out is not None:
+            out.close()
+    timesteps = sum(len(values) for stream_id, values in streams.items() if stream_id not in failed)
+    print(f"{len(streams) - len(failed)} of {len(streams)} streams: {timesteps} timesteps sent "
+          f"(from offsets {min(starts.values())}..{max(starts.values())})", file=sys.stderr)
+    for error in failed.values():
+        print(f"lstm-stream: error: {explain(error)}", file=sys.stderr)
+    return exit_code(next(iter(failed.values()))) if failed else EXIT_OK
 
 
 def explain(error: ClientError) -> str:
@@ -225,11 +313,22 @@ def exit_code(error: ClientError) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)  # exits 2 on a usage error
+    args, extra = parser.parse_known_args(argv)  # exits 2 on a usage error
+    if extra and args.command == "predict" and not any(arg.startswith("-") for arg in extra):
+        args.targets += extra  # `predict ID --chunk 5 FILE`: argparse stops a "+" positional at an option
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if (args.client_cert is None) != (args.client_key is None):
         parser.error("--client-cert and --client-key go together")
-    if args.command == "predict" and not (args.chunk >= 1 and args.window >= 1):
-        parser.error("--chunk and --window must be at least 1")
+    if args.command == "predict":
+        if not (args.chunk >= 1 and args.window >= 1):
+            parser.error("--chunk and --window must be at least 1")
+        if len(args.targets) != (1 if args.stream_column is not None else 2):
+            parser.error("predict takes ID FILE, or FILE with --stream-column NAME")
+        args.stream_id = None if args.stream_column is not None else args.targets[0]
+        args.file = Path(args.targets[-1])
+        if args.stream_column is not None and args.file.suffix.lower() == ".npy":
+            parser.error("--stream-column reads a CSV file with a header line, not .npy")
     if not (args.deadline > 0 and args.attempt_timeout > 0):
         parser.error("--deadline and --attempt-timeout must be positive")
     settings: dict[str, Any] = {"tls_ca": args.tls_ca, "api_key": args.api_key, "deadline": args.deadline,

@@ -12,3 +12,6 @@ ATTEMPT_TIMEOUT_S = 10.0
 # unanswered chunk is resent and the server answers each one, replayed or applied, so a window up to
 # the server's loses no output. A server run with a smaller --replay-window needs a window no larger.
 PIPE_WINDOW = 8
+# Timesteps a gateway puts in one PredictBatch message at most, all chunks together: lstm-serve's default
+# --max-batch-timesteps (the server does not announce its own; ModelInfo.max_batch_chunks it does).
+MESSAGE_TIMESTEPS = 65_536

@@ -13,9 +13,13 @@ Which one tells the caller what to do next:
 - `RequestRejected`: the server refused the request for good (INVALID_ARGUMENT naming the field,
   UNAUTHENTICATED, PERMISSION_DENIED, DATA_LOSS, ...). Resending the same request cannot help.
 - `InvalidInput`: refused before sending (wrong shape or feature count); also a `ValueError`.
+- `ChunksFailed`: some streams of a gateway's tick failed (`GatewayResult.raise_for_errors()`); it holds
+  each failed stream's own error (one of the above) and the other streams' outputs.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import grpc
 
@@ -100,6 +104,21 @@ class OutputsLost(StreamPositionError):
         self.detail = "answers lost with the connection"
         self.lost_from = lost_from
         self.lost_to = lost_to
+
+
+class ChunksFailed(ClientError):
+    """Some chunks of a gateway's tick failed. `errors` maps each failed stream to its own error (one of
+    the classes above, which says what to do for that stream); `outputs` holds the other streams' outputs,
+    delivered as usual. `code` is the failures' status when they share one."""
+
+    def __init__(self, errors: dict[str, ClientError], outputs: dict[str, Any]) -> None:
+        codes = {error.code for error in errors.values()}
+        shown = "; ".join(str(error) for error in list(errors.values())[:3])
+        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        super().__init__(f"{len(errors)} of {len(errors) + len(outputs)} streams failed: {shown}{more}",
+                         codes.pop() if len(codes) == 1 else None)
+        self.errors = errors
+        self.outputs = outputs
 
 
 def rejected(exc: grpc.aio.AioRpcError, target: str, retryable: frozenset[grpc.StatusCode] = RETRYABLE) -> ClientError:

@@ -1,6 +1,9 @@
-"""`AsyncStream.pipe`'s state machine: up to `window` chunks in flight on one PredictStream call, the
-unanswered ones resent in order, by offset, on a new call after a break (the rules are in aio.py's
-docstring; what a break may cost with a window larger than the server's replay window is `OutputsLost`).
+"""The pipes' state machine: up to `window` requests in flight on one streaming call, the unanswered ones
+resent in order, by offset, on a new call after a break (the rules are in aio.py's docstring; what a break
+may cost with a window larger than the server's replay window is `OutputsLost`). `AsyncStream.pipe` carries
+one stream's chunks on PredictStream (`StreamLane`, here); a gateway's pipe carries ticks of many streams
+on PredictBatchStream (`TickLane`, gateway.py). The call, the window and the breaks are the `Pipe`'s; what a
+request holds and what an answer means are the lane's.
 
 A break is anything that ends the call without an answer for the oldest unanswered chunk: a call-level
 status the transport or a proxy made (`lstm_stream.wire.is_transport_break`: UNAVAILABLE, CANCELLED,
@@ -8,9 +11,9 @@ INTERNAL "Stream removed" / RST_STREAM without the server's marks), a retryable 
 (EOF) with chunks unanswered, or no answer within the attempt timeout. A chunk's own error (in-band
 `error`: FAILED_PRECONDITION, INVALID_ARGUMENT, ...) is not a break: it is raised.
 
-Three tasks share one `Pipe`: the feeder pulls the caller's chunks as window slots free up, the writer
-puts pending pieces on the current call, and `outputs` (the caller's iteration) reads the answers in
-order, reconnecting after a break with the retry policy's backoff and deadline per oldest chunk.
+Three tasks share one `Pipe`: the feeder pulls the caller's items (chunks, ticks) as window slots free up,
+the writer puts pending pieces on the current call, and `outputs` (the caller's iteration) reads the
+answers in order, reconnecting after a break with the retry policy's backoff and deadline per oldest piece.
 """
 
 from __future__ import annotations
@@ -22,12 +25,12 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 import numpy as np
 
-from lstm_stream.client.arrays import Chunks, aiter_chunks, as_input, join, pieces
+from lstm_stream.client.arrays import Chunks, aiter_chunks, as_input, join, outputs_of, pieces
 from lstm_stream.client.errors import (
     ClientError,
     OutputsLost,
@@ -41,46 +44,164 @@ from lstm_stream.client.types import ModelInfo
 from lstm_stream.v1 import stream_pb2 as pb
 from lstm_stream.wire import is_transport_break, status_from_number
 
+Out = TypeVar("Out")
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a stream handle stands: the offset its next chunk starts at, the number of its sequence (part
+    of every request id, so a new sequence never repeats an id), and whether its next chunk starts a new
+    sequence (`start_new()`: sent with `reset`)."""
+
+    offset: int = 0
+    sequence: int = 0
+    new_sequence: bool = False
+
+    def after(self, request: pb.PredictRequest) -> Position:
+        """Where the handle stands once `request`, sent from this position, is applied."""
+        if request.end:
+            return Position(0, self.sequence + 1)  # the sequence is over: the next chunk starts another
+        return Position(request.start_offset + request.timesteps, self.sequence)
+
 
 class PipedStream(Protocol):
-    """What a pipe needs of its stream handle (`AsyncStream`)."""
+    """What a pipe needs of a stream handle (`AsyncStream`)."""
 
     stream_id: str
+    position: Position
     offset: int
 
-    def _request(self, piece: np.ndarray, start: int, *, end: bool) -> pb.PredictRequest: ...
+    def _request(self, piece: np.ndarray, at: Position, *, end: bool, packed: bool = False) -> pb.PredictRequest: ...
 
-    def _accept(self, response: pb.PredictResponse, request: pb.PredictRequest) -> np.ndarray: ...
+    def _accept(self, response: pb.PredictResponse, request: pb.PredictRequest, after: Position) -> None: ...
+
+
+def position_error(stream_id: str, start: int, server_offset: int, detail: str, *, resent: bool,
+                   unanswered_ends: set[int]) -> StreamPositionError:
+    """The error for a chunk at `start` refused with FAILED_PRECONDITION, the server being at `server_offset`.
+
+    A resent chunk (after a break) refused because the server went on past it: the server no longer keeps
+    its answer (more chunks were applied unanswered than its --replay-window). Which unanswered chunk ends
+    where the server stands tells how many were applied with their answers lost: `OutputsLost`. Anything
+    else: `StreamPositionError`."""
+    if resent and server_offset > start and server_offset in unanswered_ends:
+        return OutputsLost(stream_id, start, server_offset, server_offset)
+    return StreamPositionError(stream_id, start, server_offset, detail)
 
 
 @dataclass(eq=False)
 class Piece:
-    """One request of a pipe: a caller's chunk, or part of one longer than the server's limit."""
+    """One request of a pipe (a chunk, or part of one longer than the server's limit; or a gateway's
+    message), with what its lane keeps beside it (`data`)."""
 
     seq: int
-    request: pb.PredictRequest
-    last_of_chunk: bool
+    request: Any
+    data: Any
+    last_of_item: bool  # the last request of one of the caller's items: its outputs are complete
     first_sent: float | None = None
     sent_at: float | None = None
     sends: int = 0
 
-    @property
-    def start(self) -> int:
-        return self.request.start_offset
 
-    @property
-    def end(self) -> int:
-        return self.request.start_offset + self.request.timesteps
+class Lane(Protocol[Out]):
+    """What a pipe carries: `StreamLane`, one stream's chunks on PredictStream; the gateway's `TickLane`,
+    ticks of many streams on PredictBatchStream. The pipe owns the call, the window and the breaks; the
+    lane turns the caller's items into requests and answers into outputs."""
+
+    target: str
+
+    def split(self, item: Any) -> list[tuple[Any, Any]]:
+        """The requests for one of the caller's items, in order, each with the lane's data for it."""
+        ...
+
+    def take(self, piece: Piece, response: Any, unanswered: deque[Piece]) -> str | None:
+        """Take the answer to the oldest unanswered piece. None: taken. A string: why the call is to be
+        given up and the piece resent (a retryable in-band error). An error for good is raised."""
+        ...
+
+    def finish(self) -> Out:
+        """The outputs of the item whose last piece was just taken."""
+        ...
+
+    def settle(self, piece: Piece) -> bool:
+        """The oldest piece's deadline is spent: True when the lane took it with its failures as its
+        answer (a gateway's message: the streams that kept failing get an error, the others their outputs);
+        False to raise `unanswered`."""
+        ...
+
+    def unanswered(self, piece: Piece, reason: str) -> ClientError:
+        """The error for a piece that got no answer within its deadline."""
+        ...
 
 
 @dataclass(eq=False)
-class Pipe:
+class StreamLane:
+    """One stream's chunks on PredictStream: each piece is a PredictRequest, planned ahead of the handle
+    (`planned`: where the next piece starts), and taken into the handle as its answer arrives."""
+
     stream: PipedStream
     model: ModelInfo
+    target: str
+    retryable: frozenset[grpc.StatusCode]
+    planned: Position | None = None
+    parts: list[np.ndarray] = field(default_factory=list)  # answered pieces of the chunk being answered
+
+    def split(self, item: Any) -> list[tuple[Any, Any]]:
+        at = self.planned or self.stream.position
+        planned = []
+        for values in pieces(as_input(item, self.model), self.model.max_chunk_timesteps):
+            request = self.stream._request(values, at, end=False)
+            planned.append((request, at.after(request)))
+            at = at.after(request)
+        self.planned = at
+        return planned
+
+    def take(self, piece: Piece, response: Any, unanswered: deque[Piece]) -> str | None:
+        request: pb.PredictRequest = piece.request
+        if response.request_id != request.request_id:
+            raise ClientError(f"stream {self.stream.stream_id!r}: answer for request {response.request_id!r} "
+                              f"arrived where {request.request_id!r} was expected")
+        if response.HasField("error"):
+            return self._refused(piece, response.error, response.offset, unanswered)
+        self.stream._accept(response, request, piece.data)
+        self.parts.append(outputs_of(response))
+        return None
+
+    def finish(self) -> np.ndarray:
+        outputs, self.parts = join(self.parts, self.model), []
+        return outputs
+
+    def settle(self, piece: Piece) -> bool:
+        return False
+
+    def unanswered(self, piece: Piece, reason: str) -> ClientError:
+        return ServerUnavailable(
+            f"stream {self.stream.stream_id!r}: the chunk at offset {piece.request.start_offset} got no answer "
+            f"from {self.target} within the deadline ({piece.sends} attempts); last: {reason}",
+            grpc.StatusCode.UNAVAILABLE)
+
+    def _refused(self, piece: Piece, error: pb.Error, server_offset: int, unanswered: deque[Piece]) -> str:
+        """An in-band error for the oldest unanswered chunk: a reason to reconnect, or raised."""
+        code = status_from_number(error.code)
+        stream, start = self.stream, piece.request.start_offset
+        if code in self.retryable:
+            return f"{code.name}: {error.message}"
+        if code != grpc.StatusCode.FAILED_PRECONDITION:
+            raise RequestRejected(f"stream {stream.stream_id!r}, chunk at offset {start}: {code.name}: "
+                                  f"{error.message}", code)
+        failure = position_error(stream.stream_id, start, server_offset, error.message, resent=piece.sends > 1,
+                                 unanswered_ends={p.request.start_offset + p.request.timesteps for p in unanswered})
+        if isinstance(failure, OutputsLost):
+            stream.offset = server_offset
+        raise failure
+
+
+@dataclass(eq=False)
+class Pipe(Generic[Out]):
+    lane: Lane[Out]
     window: int
     policy: RetryPolicy
-    target: str
-    open_call: Callable[[], Any]  # a new PredictStream call
+    open_call: Callable[[], Any]  # a new streaming call (PredictStream, PredictBatchStream)
     pending: deque[Piece] = field(default_factory=deque)  # sent or to send, unanswered, in order
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     source_done: bool = False
@@ -89,30 +210,26 @@ class Pipe:
     # The current call and what the reader knows of it.
     call: Any = None
     writer: asyncio.Task[None] | None = None
-    head_budget: Budget | None = None  # the oldest unanswered chunk's retries
+    head_budget: Budget | None = None  # the oldest unanswered piece's retries
     broke: str | None = None  # why the current call is given up, once it is
-    parts: list[np.ndarray] = field(default_factory=list)  # answered pieces of the chunk being answered
     slots: asyncio.Semaphore = field(init=False)  # one per piece in flight, `window` in all
 
     def __post_init__(self) -> None:
         self.slots = asyncio.Semaphore(self.window)
 
-    async def feed(self, chunks: Chunks) -> None:
-        """Pull the caller's chunks only as window slots free up: read-ahead stays bounded."""
-        start = self.stream.offset
+    async def feed(self, items: Chunks) -> None:
+        """Pull the caller's items only as window slots free up: read-ahead stays bounded."""
         try:
-            async for chunk in aiter_chunks(chunks):
-                split = pieces(as_input(chunk, self.model), self.model.max_chunk_timesteps)
-                for number, values in enumerate(split):
+            async for item in aiter_chunks(items):
+                split = self.lane.split(item)
+                for number, (request, data) in enumerate(split):
                     await self.slots.acquire()
-                    piece = Piece(self.next_seq, self.stream._request(values, start, end=False),
-                                  last_of_chunk=number == len(split) - 1)
+                    piece = Piece(self.next_seq, request, data, last_of_item=number == len(split) - 1)
                     self.next_seq += 1
-                    start = piece.end
                     async with self.changed:
                         self.pending.append(piece)
                         self.changed.notify_all()
-        except Exception as exc:  # handed to the caller after the chunks before it are answered
+        except Exception as exc:  # handed to the caller after the items before it are answered
             self.source_error = exc
         finally:
             async with self.changed:
@@ -145,9 +262,9 @@ class Pipe:
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
             return  # the call broke: the reader sees why and reconnects
 
-    async def outputs(self, chunks: Chunks) -> AsyncIterator[np.ndarray]:
-        """Each chunk's outputs, in order, across as many calls as the breaks need."""
-        feeder = asyncio.create_task(self.feed(chunks))
+    async def outputs(self, items: Chunks) -> AsyncIterator[Out]:
+        """Each item's outputs, in order, across as many calls as the breaks need."""
+        feeder = asyncio.create_task(self.feed(items))
         try:
             while True:
                 async with contextlib.aclosing(self._one_call()) as answers:
@@ -155,7 +272,8 @@ class Pipe:
                         yield outputs
                 if self.broke is None:
                     break
-                await self._pause_after_break()
+                if (settled := await self._pause_after_break()) is not None:
+                    yield settled
             await feeder
             if self.source_error is not None:
                 raise self.source_error
@@ -166,7 +284,7 @@ class Pipe:
             if self.call is not None:
                 await self._close()
 
-    async def _one_call(self) -> AsyncIterator[np.ndarray]:
+    async def _one_call(self) -> AsyncIterator[Out]:
         """Open a call, (re)send the unanswered pieces on it and read answers until it breaks (`broke`
         says why) or everything is answered."""
         for piece in self.pending:
@@ -186,7 +304,7 @@ class Pipe:
             if response is not None and (outputs := await self._take(head, response)) is not None:
                 yield outputs
 
-    async def _read_answer(self, head: Piece) -> pb.PredictResponse | None:
+    async def _read_answer(self, head: Piece) -> Any:
         """The next answer on the call, or None with `broke` set when the call is to be given up."""
         if self.head_budget is None:
             self.head_budget = Budget(self.policy)
@@ -200,68 +318,44 @@ class Pipe:
             self.broke = f"no answer within {self.policy.attempt_timeout_s:g} s"
             return None
         except grpc.aio.AioRpcError as exc:
-            # The server ends a PredictStream with a status only for the whole call (UNAUTHENTICATED, a
-            # limit): those are raised. Everything else ended it under the chunks: resend them.
+            # The server ends a streaming call with a status only for the whole call (UNAUTHENTICATED, a
+            # limit): those are raised. Everything else ended it under the pieces: resend them.
             if exc.code() not in self.policy.retryable and not is_transport_break(
                     exc.code(), exc.details(), exc.trailing_metadata()):
-                raise rejected(exc, self.target) from None
+                raise rejected(exc, self.lane.target) from None
             self.broke = f"{exc.code().name}: {exc.details()}"
             return None
         if response is grpc.aio.EOF:
             self.broke = "the server ended the call"
             return None
-        return response  # type: ignore[no-any-return]
+        return response
 
-    async def _take(self, head: Piece, response: pb.PredictResponse) -> np.ndarray | None:
-        """Accept the oldest piece's answer; returns its chunk's outputs once the chunk is complete."""
-        if response.request_id != head.request.request_id:
-            raise ClientError(f"stream {self.stream.stream_id!r}: answer for request {response.request_id!r} "
-                              f"arrived where {head.request.request_id!r} was expected")
-        if response.HasField("error"):
-            self.broke = self._refused(head, response.error, response.offset)
-            return None
-        self.parts.append(self.stream._accept(response, head.request))
+    async def _take(self, head: Piece, response: Any) -> Out | None:
+        """Hand the oldest piece's answer to the lane; returns its item's outputs once the item is complete."""
+        self.broke = self.lane.take(head, response, self.pending)
+        return None if self.broke is not None else await self._taken(head)
+
+    async def _taken(self, head: Piece) -> Out | None:
         async with self.changed:
             self.pending.popleft()
             self.changed.notify_all()
         self.slots.release()
         self.head_budget = None
-        if not head.last_of_chunk:
-            return None
-        outputs, self.parts = join(self.parts, self.model), []
-        return outputs
+        return self.lane.finish() if head.last_of_item else None
 
-    async def _pause_after_break(self) -> None:
-        """Close the broken call and wait the backoff, or raise when the oldest chunk's deadline is spent."""
+    async def _pause_after_break(self) -> Out | None:
+        """Close the broken call and wait the backoff. When the oldest piece's deadline is spent, the lane
+        settles it (its outputs are returned when they complete an item) or its error is raised."""
         await self._close()
         self.call = self.writer = None
         pause = self.head_budget.next_wait_s() if self.head_budget is not None else 0.0
         if pause is None:
             head = self.pending[0]
-            raise ServerUnavailable(
-                f"stream {self.stream.stream_id!r}: the chunk at offset {head.start} got no answer from "
-                f"{self.target} within the deadline ({head.sends} attempts); last: {self.broke}",
-                grpc.StatusCode.UNAVAILABLE)
+            if not self.lane.settle(head):
+                raise self.lane.unanswered(head, self.broke or "")
+            return await self._taken(head)
         await asyncio.sleep(pause)
-
-    def _refused(self, head: Piece, error: pb.Error, server_offset: int) -> str:
-        """An in-band error for the oldest unanswered chunk: a reason to reconnect, or raised."""
-        code = status_from_number(error.code)
-        stream = self.stream
-        if code in self.policy.retryable:
-            return f"{code.name}: {error.message}"
-        if code != grpc.StatusCode.FAILED_PRECONDITION:
-            raise RequestRejected(f"stream {stream.stream_id!r}, chunk at offset {head.start}: {code.name}: "
-                                  f"{error.message}", code)
-        if head.sends > 1 and server_offset > head.start:
-            # A resent chunk after a break, refused: the server went on past it and no longer keeps its
-            # answer (more chunks were applied unanswered than its --replay-window). Which unanswered
-            # chunk ends where the server stands tells how many were applied with their answers lost.
-            applied = [piece for piece in self.pending if piece.end == server_offset]
-            if applied:
-                stream.offset = server_offset
-                raise OutputsLost(stream.stream_id, head.start, server_offset, server_offset)
-        raise StreamPositionError(stream.stream_id, head.start, server_offset, error.message)
+        return None
 
     async def _close(self) -> None:
         self.call.cancel()

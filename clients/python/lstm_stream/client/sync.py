@@ -1,4 +1,5 @@
-"""The blocking client: `Client` and `Stream`, the same API as `AsyncClient` and `AsyncStream`.
+"""The blocking client: `Client`, `Stream` and `Gateway`, the same API as `AsyncClient`, `AsyncStream` and
+`AsyncGateway`.
 
 Why a private event loop instead of grpc's blocking stubs: the retry, resume and pipelining rules are
 subtle, and one implementation of them (in `aio.py`) is easier to trust than two. Each `Client` runs
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -17,6 +18,7 @@ import numpy as np
 
 from lstm_stream.client import defaults
 from lstm_stream.client.aio import AsyncClient, AsyncStream
+from lstm_stream.client.gateway import AsyncGateway, GatewayResult, Tick
 from lstm_stream.client.retry import RetryPolicy
 from lstm_stream.client.types import ModelInfo, Pem, StreamInfo
 
@@ -96,6 +98,10 @@ class Client:
         """A handle on one stream, at offset 0 (see `AsyncClient.stream`)."""
         return Stream(self, self._async.stream(stream_id))
 
+    def gateway(self, *, max_message_timesteps: int = defaults.MESSAGE_TIMESTEPS) -> Gateway:
+        """Many streams' chunks per message on this connection (see `AsyncClient.gateway`)."""
+        return Gateway(self, self._async.gateway(max_message_timesteps=max_message_timesteps))
+
     def stream_info(self, stream_id: str) -> StreamInfo:
         return self._loop.run(self._async.stream_info(stream_id))
 
@@ -141,15 +147,60 @@ class Stream:
     def pipe(self, chunks: Iterable[Any], *, window: int = defaults.PIPE_WINDOW) -> Iterator[np.ndarray]:
         """Pipelined streaming (see `AsyncStream.pipe`): yields each chunk's outputs in order. `chunks`
         is read on a worker thread, so a source that blocks (a sensor) does not stall the answers."""
-        outputs: AsyncIterator[np.ndarray] = self._handle.pipe(_pulled(chunks), window=window)
-        try:
-            while True:
-                item = self._run(_next(outputs))
-                if item is _END:
-                    return
-                yield item  # type: ignore[misc]
-        finally:
-            self._run(outputs.aclose())  # type: ignore[attr-defined]
+        return _iterate(self._run, self._handle.pipe(_pulled(chunks), window=window))
+
+
+class Gateway:
+    """Many streams' chunks per message over one connection; see `AsyncGateway` (gateway.py) for what
+    each method promises."""
+
+    def __init__(self, client: Client, gateway: AsyncGateway) -> None:
+        self._client = client
+        self._gateway = gateway
+        self._run = client._loop.run
+
+    @property
+    def streams(self) -> Mapping[str, Stream]:
+        """A handle on every stream this gateway has sent to (the same state the gateway uses)."""
+        return {stream_id: Stream(self._client, handle)  # type: ignore[arg-type]
+                for stream_id, handle in self._gateway.streams.items()}
+
+    def offset(self, stream_id: str) -> int:
+        return self._gateway.offset(stream_id)
+
+    def start_new(self, stream_id: str) -> None:
+        self._gateway.start_new(stream_id)
+
+    def resume(self, stream_id: str) -> int:
+        return self._run(self._gateway.resume(stream_id))
+
+    def reset(self, stream_id: str) -> bool:
+        return self._run(self._gateway.reset(stream_id))
+
+    def end(self, stream_id: str, values: Any = None) -> np.ndarray | None:
+        return self._run(self._gateway.end(stream_id, values))
+
+    def send(self, values: Mapping[str, Any], *, end: Iterable[str] = (),
+             start_new: Iterable[str] = ()) -> GatewayResult:
+        return self._run(self._gateway.send(values, end=end, start_new=start_new))
+
+    def pipe(self, ticks: Iterable[Mapping[str, Any] | Tick], *,
+             window: int = defaults.PIPE_WINDOW) -> Iterator[GatewayResult]:
+        """Pipelined ticks (see `AsyncGateway.pipe`): yields each tick's result in order; `ticks` is read on
+        a worker thread."""
+        return _iterate(self._run, self._gateway.pipe(_pulled(ticks), window=window))
+
+
+def _iterate(run: Callable[[Coroutine[Any, Any, Any]], Any], outputs: AsyncIterator[T]) -> Iterator[T]:
+    """An async iterator on the client's loop, read from the caller's thread."""
+    try:
+        while True:
+            item = run(_next(outputs))
+            if item is _END:
+                return
+            yield item
+    finally:
+        run(outputs.aclose())  # type: ignore[attr-defined]
 
 
 async def _next(iterator: AsyncIterator[T]) -> T | object:
