@@ -236,9 +236,10 @@ def queue_full(limit: int) -> ServiceError:
 
 
 def batch_too_many_chunks(chunks: int, limit: int) -> ServiceError:
-    """Invariant 12: a PredictBatch message carries at most --max-batch-chunks chunks; a larger one is refused whole."""
+    """Invariant 12: a PredictBatch message carries at most --max-batch-chunks chunks; a larger one is refused whole
+    (INVALID_ARGUMENT: the same message would be refused again; ModelInfo tells clients the limit)."""
     return ServiceError(
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.INVALID_ARGUMENT,
         f"chunks: the message carries {chunks} chunks; at most {limit} are allowed in one message "
         "(--max-batch-chunks): split it; nothing of it was applied",
         outcome=NOT_APPLIED,
@@ -248,7 +249,7 @@ def batch_too_many_chunks(chunks: int, limit: int) -> ServiceError:
 def batch_too_many_timesteps(timesteps: int, limit: int) -> ServiceError:
     """Invariant 12: the chunks of one PredictBatch message carry at most --max-batch-timesteps timesteps."""
     return ServiceError(
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.INVALID_ARGUMENT,
         f"chunks: the message carries {timesteps} timesteps in all; at most {limit} are allowed in one message "
         "(--max-batch-timesteps): split it; nothing of it was applied",
         outcome=NOT_APPLIED,

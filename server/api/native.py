@@ -182,4 +182,5 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
             state_size=model.state_size,
             server_version=server_version(),
             max_batch_chunks=self.batch_limits.chunks,
+            max_batch_timesteps=self.batch_limits.timesteps,
         )

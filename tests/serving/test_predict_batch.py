@@ -223,22 +223,24 @@ def test_a_bad_chunk_fails_alone(default_server) -> None:
 
 def test_messages_over_a_limit_are_refused_whole(start_server) -> None:
     """More chunks or timesteps than allowed, or a values block of the wrong size: the whole message is
-    refused, naming the limit or the field, and none of its chunks is applied; on PredictBatchStream the
-    refusal is that message's answer and the stream goes on."""
+    refused with INVALID_ARGUMENT (the same message would be refused again), naming the limit or the field,
+    and none of its chunks is applied; on PredictBatchStream the refusal is that message's answer and the
+    stream goes on."""
     server = start_server("--max-batch-chunks", "8", "--max-batch-timesteps", "100")
     x = np.ones((5, 1), np.float32)
     tag = uuid.uuid4().hex[:6]
     with grpc.insecure_channel(server.address) as channel:
         stub = stream_pb2_grpc.StreamInferenceStub(channel)
-        assert stub.GetModel(pb.GetModelRequest()).max_batch_chunks == 8
+        model = stub.GetModel(pb.GetModelRequest())
+        assert (model.max_batch_chunks, model.max_batch_timesteps) == (8, 100)
         too_many = message([(chunk(f"many-{tag}-{i}", x, 0, packed=True), x) for i in range(9)], packed=True)
         too_long = message([(chunk(f"long-{tag}-{i}", np.ones((60, 1), np.float32), 0, packed=True),
                              np.ones((60, 1), np.float32)) for i in range(2)], packed=True)
         short_block = message([(chunk(f"short-{tag}", x, 0, packed=True), x)], packed=True)
         short_block.values = short_block.values[:-4]
         mixed = message([(chunk(f"mixed-{tag}", x, 0, packed=False), x)], packed=True)
-        refusals = [(too_many, grpc.StatusCode.RESOURCE_EXHAUSTED, "--max-batch-chunks"),
-                    (too_long, grpc.StatusCode.RESOURCE_EXHAUSTED, "--max-batch-timesteps"),
+        refusals = [(too_many, grpc.StatusCode.INVALID_ARGUMENT, "--max-batch-chunks"),
+                    (too_long, grpc.StatusCode.INVALID_ARGUMENT, "--max-batch-timesteps"),
                     (short_block, grpc.StatusCode.INVALID_ARGUMENT, "values: has 4 values"),
                     (mixed, grpc.StatusCode.INVALID_ARGUMENT, "chunks[0].values")]
         for request, code, text in refusals:

@@ -290,14 +290,14 @@ class AsyncGateway:
         message; returns each stream's outputs or its own error. Streams in `end` end their sequence after
         this chunk; those in `start_new` start a new one with it. A chunk of the wrong shape raises
         InvalidInput before anything is sent."""
-        model, max_chunks = await self._limits()
+        model, max_chunks, max_timesteps = await self._limits()
         work = self._plan_tick(Tick(values, frozenset(end), frozenset(start_new)), model)
         tally = _Tally(list(work), model)
         budget = Budget(self.client.retry)
         while pending := {stream_id: chunks for stream_id, chunks in work.items() if chunks}:
             timeout = budget.attempt_timeout_s()
             heads = [chunks[0] for chunks in pending.values()]
-            messages = _messages(heads, max_chunks, self.max_message_timesteps)
+            messages = _messages(heads, max_chunks, max_timesteps)
             answers = await asyncio.gather(*(self._post(message, timeout) for message in messages))
             retries: dict[str, str] = {}
             for message, answer in zip(messages, answers, strict=True):
@@ -323,19 +323,22 @@ class AsyncGateway:
         if window < 1:
             raise ValueError("window must be at least 1")
         client = self.client
-        model, max_chunks = await self._limits()
-        lane = TickLane(self, model, max_chunks)
+        model, max_chunks, max_timesteps = await self._limits()
+        lane = TickLane(self, model, max_chunks, max_timesteps)
         run: Pipe[GatewayResult] = Pipe(lane, window, client.retry,
                                         lambda: client._stub.PredictBatchStream(metadata=client._metadata))
         async for result in run.outputs(_ticks(ticks)):
             yield result
 
-    async def _limits(self) -> tuple[ModelInfo, int]:
+    async def _limits(self) -> tuple[ModelInfo, int, int]:
+        """The model, and the most chunks and timesteps per message: the server's limits (ModelInfo), and
+        `max_message_timesteps` where it is lower."""
         model = await self.client._model_cached()
         if model.max_batch_chunks < 1:
             raise ClientError(f"{self.client.target}: the server does not take many chunks per message "
                               "(PredictBatch came with lstm-serve 0.2.0)", grpc.StatusCode.UNIMPLEMENTED)
-        return model, model.max_batch_chunks
+        timesteps = min(self.max_message_timesteps, model.max_batch_timesteps or self.max_message_timesteps)
+        return model, model.max_batch_chunks, timesteps
 
     def _plan_tick(self, tick: Tick, model: ModelInfo,
                    positions: dict[str, Position] | None = None) -> dict[str, list[_Chunk]]:
@@ -431,6 +434,7 @@ class TickLane:
     gateway: AsyncGateway
     model: ModelInfo
     max_chunks: int
+    max_timesteps: int
     positions: dict[str, Position] = field(default_factory=dict)
     target: str = field(init=False)
     retryable: frozenset[grpc.StatusCode] = field(init=False)
@@ -448,7 +452,7 @@ class TickLane:
         planned = []
         for number in range(rounds):
             heads = [chunks[number] for chunks in work.values() if number < len(chunks)]
-            for chunks in _messages(heads, self.max_chunks, self.gateway.max_message_timesteps):
+            for chunks in _messages(heads, self.max_chunks, self.max_timesteps):
                 planned.append((_message(chunks), _Message(chunks, tally)))
         return planned
 

@@ -45,13 +45,15 @@ class ModelInfo:
     state_size: int
     server_version: str = ""  # the answering replica's release; empty from 0.1.0
     max_batch_chunks: int = 0  # the most chunks one PredictBatch message may carry; 0 from 0.1.0 (no PredictBatch)
+    max_batch_timesteps: int = 0  # the most timesteps one PredictBatch message may carry (all chunks together)
 
     @classmethod
     def from_proto(cls, message: pb.ModelInfo) -> ModelInfo:
         return cls(message.name, message.fingerprint, message.input_features, message.output_size,
                    message.max_chunk_timesteps, message.per_timestep_outputs,
                    tuple(RecurrentLayer(layer.name, layer.kind, layer.units) for layer in message.recurrent_layers),
-                   message.state_size, message.server_version, message.max_batch_chunks)
+                   message.state_size, message.server_version, message.max_batch_chunks,
+                   message.max_batch_timesteps)
 
 
 @dataclass(frozen=True)

@@ -119,7 +119,7 @@ class RecurrentLayer(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., units: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "fingerprint", "input_features", "output_size", "max_chunk_timesteps", "per_timestep_outputs", "recurrent_layers", "state_size", "server_version", "max_batch_chunks")
+    __slots__ = ("name", "fingerprint", "input_features", "output_size", "max_chunk_timesteps", "per_timestep_outputs", "recurrent_layers", "state_size", "server_version", "max_batch_chunks", "max_batch_timesteps")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     INPUT_FEATURES_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,7 @@ class ModelInfo(_message.Message):
     STATE_SIZE_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_TIMESTEPS_FIELD_NUMBER: _ClassVar[int]
     name: str
     fingerprint: str
     input_features: int
@@ -140,4 +141,5 @@ class ModelInfo(_message.Message):
     state_size: int
     server_version: str
     max_batch_chunks: int
-    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., input_features: _Optional[int] = ..., output_size: _Optional[int] = ..., max_chunk_timesteps: _Optional[int] = ..., per_timestep_outputs: _Optional[bool] = ..., recurrent_layers: _Optional[_Iterable[_Union[RecurrentLayer, _Mapping]]] = ..., state_size: _Optional[int] = ..., server_version: _Optional[str] = ..., max_batch_chunks: _Optional[int] = ...) -> None: ...
+    max_batch_timesteps: int
+    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., input_features: _Optional[int] = ..., output_size: _Optional[int] = ..., max_chunk_timesteps: _Optional[int] = ..., per_timestep_outputs: _Optional[bool] = ..., recurrent_layers: _Optional[_Iterable[_Union[RecurrentLayer, _Mapping]]] = ..., state_size: _Optional[int] = ..., server_version: _Optional[str] = ..., max_batch_chunks: _Optional[int] = ..., max_batch_timesteps: _Optional[int] = ...) -> None: ...
