@@ -1,7 +1,8 @@
 """PredictBatch messages <-> chunks and answers: the conversion of the native API's many-chunk messages.
 
 A message is checked as a whole first (its number of chunks and timesteps, the size of its values block:
-invariant 12), then chunk by chunk: a bad chunk becomes its own ServiceError and the others go on. With the
+invariants 12 and 17, docs/invariants.md), then chunk by chunk: a bad chunk becomes its own ServiceError
+and the others go on (invariant 17). With the
 values in one block (`PredictBatchRequest.values`), the block is read as one NumPy view: no Python object
 per value, and each chunk's values are a slice of it; the answer's outputs are written back as one block.
 """

@@ -115,9 +115,9 @@ class Batcher:
         return future
 
     def submit_many(self, chunks: Sequence[Chunk]) -> list[asyncio.Future[Prediction]]:
-        """Queue the chunks of one message, all or none: a message that does not fit beside what already waits
-        (`max_queued`) is refused whole with RESOURCE_EXHAUSTED, so no part of it is applied. Chunks of one
-        stream keep their order, as separate submits would."""
+        """Queue the chunks of one message, all or none (invariants 12 and 17): a message that does not fit
+        beside what already waits (`max_queued`) is refused whole with RESOURCE_EXHAUSTED, so no part of it is
+        applied. Chunks of one stream keep their order, as separate submits would."""
         if len(self._queue) + len(chunks) > self.max_queued:
             self._drop_abandoned()
             if len(self._queue) + len(chunks) > self.max_queued:

@@ -1,6 +1,6 @@
 """PredictBatch and PredictBatchStream: many chunks in one message (a gateway's tick).
 
-Invariant 1 (docs/invariants.md) through messages that carry many streams' chunks in random groupings:
+Invariants 17 and 1 (docs/invariants.md) through messages that carry many streams' chunks in random groupings:
 two chunks of one stream in one message, resets and ends in the middle, both encodings of the values (each
 chunk's own `values`, and one block per message). Each chunk keeps every rule of Predict, and its failure is
 its own (invariant 6); a message over a limit is refused whole, nothing of it applied (invariant 12).
