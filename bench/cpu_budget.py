@@ -2,8 +2,10 @@
 
     python -m bench.cpu_budget                      # streaming, 64 sequences, T=20, 15 s
     python -m bench.cpu_budget --mode unary --timesteps 1
+    python -m bench.cpu_budget --gateways 4         # 64 sensors through 4 PredictBatchStream gateways
 
-perf_analyzer loads a server (the default model, its own Redis); during the run this reads each server
+perf_analyzer loads a server (the default model, its own Redis), or with `--gateways G` bench/gateways.py's
+gateway load (the sensors' chunks many per message); during the run this reads each server
 thread's CPU time from /proc and samples the Python stacks with py-spy. CPU per inference = CPU seconds
 / inferences the server counted (its ModelStatistics), so the figure holds however busy the machine is.
 The event-loop thread's time is split into stages by the share of its stack samples, each sample going
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import re
 import shutil
@@ -46,6 +49,7 @@ from bench.perf_analyzer import (
     stat_cpu_seconds,
 )
 from devkit import ROOT
+from devkit.metrics import scrape_port, value
 from devkit.peers import perf_analyzer_command
 from devkit.processes import RedisServer
 
@@ -105,16 +109,20 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--identity-model", action="store_true", help="the no-model ceiling instead")
+    parser.add_argument("--gateways", type=int, default=0,
+                        help="drive --concurrency sensors through this many PredictBatchStream gateways instead")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     pa, spy = perf_analyzer_command(), shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if pa is None or not Path(spy).exists():
         sys.exit("needs perf_analyzer (bench/perf_analyzer.py) and py-spy (pip install py-spy)")
-    mode = Mode(args.mode, args.timesteps, args.concurrency, args.mode == "streaming")
+    mode = Mode(f"{args.gateways} gateways" if args.gateways else args.mode, args.timesteps, args.concurrency,
+                args.mode == "streaming")
     redis = RedisServer(appendfsync=SHIPPED_APPENDFSYNC)  # as shipped, like bench.perf_analyzer
     server = start_ours("ceiling" if args.identity_model else "lstm-serve", 1, redis)
     try:
-        result = {**budget(pa, spy, server, redis, mode, args.seconds), "redis_appendfsync": SHIPPED_APPENDFSYNC}
+        result = {**budget(pa, spy, server, redis, mode, args.seconds, args.gateways),
+                  "redis_appendfsync": SHIPPED_APPENDFSYNC}
     finally:
         server.stop()
         redis.stop()
@@ -123,25 +131,33 @@ def main() -> None:
         args.json.write_text(json.dumps(result, indent=2))
 
 
-def budget(pa: list[str], spy: str, server: Server, redis: RedisServer, mode: Mode, seconds: float) -> dict[str, Any]:
+def budget(pa: list[str], spy: str, server: Server, redis: RedisServer, mode: Mode, seconds: float,
+           gateways: int = 0) -> dict[str, Any]:
     # One measurement window longer than the sampling: the load runs steadily throughout.
-    command = load_command(pa, server, mode, int(1000 * (seconds + 10)), trials=1)
+    if gateways:
+        command = [sys.executable, "-m", "bench.gateways", "--drive", server.target, str(mode.concurrency),
+                   str(mode.timesteps), str(gateways), str(seconds + 10)]
+        count = functools.partial(native_chunks, server.metrics_ports)
+        model_calls = functools.partial(native_model_calls, server.metrics_ports)
+    else:
+        command = load_command(pa, server, mode, int(1000 * (seconds + 10)), trials=1)
+        count, model_calls = server.count, functools.partial(server.count, "execution_count")
     load = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     try:
         time.sleep(4)  # past perf_analyzer's start and the first compiles
         pid = server.process.pid
         with tempfile.TemporaryDirectory() as folder:
             raw = Path(folder) / "stacks.txt"
-            before, redis_before, count = thread_cpu(pid), cpu_seconds([redis.process.pid]), server.count()
-            calls = server.count("execution_count")
+            before, redis_before, counted = thread_cpu(pid), cpu_seconds([redis.process.pid]), count()
+            calls = model_calls()
             pa_before = cpu_seconds([load.pid])
             started = time.monotonic()
             subprocess.run([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "250",
                             "--format", "raw", "--threads", "--nonblocking", "--output", str(raw)],
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             wall = time.monotonic() - started
-            after, redis_after, served = thread_cpu(pid), cpu_seconds([redis.process.pid]), server.count() - count
-            calls = server.count("execution_count") - calls
+            after, redis_after, served = thread_cpu(pid), cpu_seconds([redis.process.pid]), count() - counted
+            calls = model_calls() - calls
             pa_used = cpu_seconds([load.pid]) - pa_before
             names = {tid: (Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
                            if Path(f"/proc/{pid}/task/{tid}").exists() else "?") for tid in after}
@@ -163,7 +179,7 @@ def budget(pa: list[str], spy: str, server: Server, redis: RedisServer, mode: Mo
         "threads_us_per_infer": dict(groups.most_common()),
         "loop_stages_us_per_infer": {stage: loop_us * n / max(1, samples) for stage, n in stages.most_common()},
         "redis_server_us_per_infer": (redis_after - redis_before) * us,
-        "perf_analyzer_us_per_infer": pa_used * us,
+        "load_generator_us_per_infer": pa_used * us,
         "total_server_us_per_infer": sum(per_thread.values()) * us,
     }
 
@@ -173,14 +189,24 @@ def print_budget(result: dict[str, Any]) -> None:
           f"{result['infer_per_s']:,.0f} inferences/s over {result['wall_s']} s, "
           f"{result['average_batch']:.1f} requests per model call")
     print(f"server process: {result['total_server_us_per_infer']:,.1f} us of CPU per inference")
-    for name, value in result["threads_us_per_infer"].items():
-        if value >= 0.5:
-            print(f"  {name:32s} {value:8.1f} us")
+    for name, used in result["threads_us_per_infer"].items():
+        if used >= 0.5:
+            print(f"  {name:32s} {used:8.1f} us")
     print("event loop thread, by stage:")
-    for name, value in result["loop_stages_us_per_infer"].items():
-        print(f"  {name:32s} {value:8.1f} us")
+    for name, used in result["loop_stages_us_per_infer"].items():
+        print(f"  {name:32s} {used:8.1f} us")
     print(f"redis-server: {result['redis_server_us_per_infer']:,.1f} us; "
-          f"perf_analyzer: {result['perf_analyzer_us_per_infer']:,.1f} us per inference")
+          f"load generator: {result['load_generator_us_per_infer']:,.1f} us per inference")
+
+
+def native_chunks(metrics_ports: tuple[int, ...]) -> int:
+    """Chunks the native API's workers answered OK (gateway loads: PredictBatch's chunks)."""
+    return int(sum(value(scrape_port(port), "lstm_serve_chunks_total", outcome="ok") for port in metrics_ports))
+
+
+def native_model_calls(metrics_ports: tuple[int, ...]) -> int:
+    return int(sum(value(samples, "lstm_serve_model_calls_total", path=path)
+                   for port in metrics_ports for samples in [scrape_port(port)] for path in ("numpy", "tensorflow")))
 
 
 if __name__ == "__main__":

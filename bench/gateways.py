@@ -148,7 +148,13 @@ def main() -> None:
     parser.add_argument("--interval-ms", type=int, default=4000, help="perf_analyzer's measurement window")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "gateways.json")
     parser.add_argument("--no-triton", action="store_true")
+    parser.add_argument("--drive", nargs=5, metavar=("TARGET", "SENSORS", "TIMESTEPS", "GATEWAYS", "SECONDS"),
+                        help="only drive a running server this long (bench.cpu_budget's gateway load)")
     args = parser.parse_args()
+    if args.drive:
+        target, sensors, timesteps, count, seconds = args.drive
+        GatewayLoad(target, int(sensors), int(timesteps), int(count)).run(0.0, float(seconds))
+        return
     loads = LOADS[:1] if args.quick else LOADS
     gateways = (4,) if args.quick else GATEWAYS
     pa = perf_analyzer_command()
