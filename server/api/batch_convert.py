@@ -60,11 +60,16 @@ def batch_chunks(
         for index, chunk in enumerate(requests):
             if chunk.values:
                 raise invalid_argument(f"chunks[{index}].values", "must be empty when the message's values are set")
-    # One pass over the whole block; only a message with a NaN or an Inf checks its chunks one by one.
-    finite = block is not None and bool(np.isfinite(block).all())
+    # One pass over the whole block: the chunks without a NaN or an Inf skip that check, and only the others
+    # are checked one by one (to name the value in their error).
+    finite = [block is not None] * len(requests)
+    if block is not None and not (flags := np.isfinite(block)).all():
+        ends = np.cumsum(np.asarray(declared, dtype=np.int64) * features)
+        for index in set(np.searchsorted(ends, np.flatnonzero(~flags), side="right").tolist()):
+            finite[index] = False
     chunks: list[Chunk | ServiceError] = []
     start = 0
-    for chunk_request, timesteps in zip(requests, declared, strict=True):
+    for chunk_request, timesteps, known_finite in zip(requests, declared, finite, strict=True):
         if block is not None:
             values = block[start:start + timesteps * features]
             start += timesteps * features
@@ -83,7 +88,7 @@ def batch_chunks(
                 request_id=chunk_request.request_id,
                 tenant=tenant,
                 deadline=deadline,
-                known_finite=finite,
+                known_finite=known_finite,
             ))
         except ServiceError as exc:
             chunks.append(exc)
