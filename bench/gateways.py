@@ -7,7 +7,8 @@ Loads (issue 26): 64 sensors x 20 timesteps per chunk, and 256 sensors x 1 times
 - triton:  Triton 2.51's sequence batcher (../shared/peers/triton), driven by perf_analyzer (C++) with as many
            concurrent sequences as sensors, unary and --streaming; its best mode is the peer. Its sequence batcher
            takes one sequence per request (batch dimension 1): a gateway cannot pack sensors into one request.
-- lstm-serve, G gateways: this server as shipped (default model, its own Redis, appendfsync everysec), driven
+- lstm-serve, G gateways: this server as shipped (default model, its own Redis, appendfsync everysec), and again
+           with the batching flags for gateway fleets (`--server-flags`, default GATEWAY_FLAGS), driven
            by `GatewayLoad` below: G connections, each one PredictBatchStream carrying its sensors' chunks, one
            message in flight per gateway (so one chunk in flight per sensor, as perf_analyzer keeps one request
            in flight per sequence). Values travel in the message's float32 block.
@@ -44,6 +45,10 @@ from lstm_stream.v1 import stream_pb2_grpc as pb_grpc
 
 LOADS = ((64, 20), (256, 1))  # (sensors, timesteps per chunk)
 GATEWAYS = (1, 4, 16)
+# Batching for gateway fleets (docs/performance.md, "Many sensors per message"): batches as large as a few
+# gateways' messages, a millisecond for the gateways answered last to send again before a batch starts, and a
+# second batch in flight so that one batch's Redis round trips overlap the other's model call.
+GATEWAY_FLAGS = "--max-batch 256 --max-delay-ms 1 --max-in-flight 2"
 
 
 @dataclass
@@ -148,6 +153,8 @@ def main() -> None:
     parser.add_argument("--interval-ms", type=int, default=4000, help="perf_analyzer's measurement window")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "gateways.json")
     parser.add_argument("--no-triton", action="store_true")
+    parser.add_argument("--server-flags", default=GATEWAY_FLAGS,
+                        help=f"lstm-serve's flags for the second set of gateway rows (default: {GATEWAY_FLAGS!r})")
     parser.add_argument("--drive", nargs=5, metavar=("TARGET", "SENSORS", "TIMESTEPS", "GATEWAYS", "SECONDS"),
                         help="only drive a running server this long (bench.cpu_budget's gateway load)")
     args = parser.parse_args()
@@ -181,23 +188,26 @@ def main() -> None:
     else:
         results["notes"].append("triton: not set up or perf_analyzer missing (../shared/peers/triton/setup.sh)")
 
-    redis = RedisServer(appendfsync="everysec")
-    ours = start_ours("lstm-serve", 1, redis)
-    try:
-        for sensors, timesteps in loads:
-            if pa is not None:
-                mode = Mode("single streams", timesteps, sensors, True)
-                measure(pa, ours, mode, 1000, trials=1)  # compiles the shapes this traffic needs
-                record({"load": f"{sensors}x{timesteps}", "via": "perf_analyzer",
-                        **measure(pa, ours, mode, args.interval_ms)})
-            for count in gateways:
-                load = GatewayLoad(ours.target, sensors, timesteps, count)
-                row = _cpu_row(ours, load, 2.0, args.duration)
-                record({"server": "lstm-serve", "name": f"{count} gateways", "load": f"{sensors}x{timesteps}",
-                        "gateways": count, "via": "bench.gateways", **row})
-    finally:
-        ours.stop()
-        redis.stop()
+    results["server_flags"] = args.server_flags
+    for flags in ((), tuple(args.server_flags.split())):
+        redis = RedisServer(appendfsync="everysec")
+        ours = start_ours("lstm-serve", 1, redis, flags)
+        name = "lstm-serve " + " ".join(flags) if flags else "lstm-serve"
+        try:
+            for sensors, timesteps in loads:
+                if pa is not None and not flags:
+                    mode = Mode("single streams", timesteps, sensors, True)
+                    measure(pa, ours, mode, 1000, trials=1)  # compiles the shapes this traffic needs
+                    record({"load": f"{sensors}x{timesteps}", "via": "perf_analyzer",
+                            **measure(pa, ours, mode, args.interval_ms)})
+                for count in gateways:
+                    load = GatewayLoad(ours.target, sensors, timesteps, count)
+                    row = _cpu_row(ours, load, 2.0, args.duration)
+                    record({"server": name, "name": f"{count} gateways", "load": f"{sensors}x{timesteps}",
+                            "gateways": count, "via": "bench.gateways", **row})
+        finally:
+            ours.stop()
+            redis.stop()
     print_table(results)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))

@@ -1,6 +1,7 @@
 """The model call alone on each path: TensorFlow (XLA, compiled for every shape first) and the NumPy twin.
 
     python -m bench.model_paths            # the default model, one to two minutes
+    python -m bench.model_paths --gateways # the batches gateways make: 32 to 512 chunks of 1 and 20 timesteps
 
 For each batch (chunks x timesteps) it prints milliseconds of wall and CPU per call on each path, the
 twin's gain in each, the largest difference between the two paths' outputs and states, and the twin's wall time
@@ -24,10 +25,13 @@ import numpy as np
 
 from devkit.processes import wait_until
 from server.config import DEFAULT_MODEL
-from server.model.runner import ModelRunner
+from server.model.runner import ModelRunner, _numpy_twin, load_keras_model
 
 TIMESTEPS = (1, 2, 4, 8, 20, 50)
 BATCHES = (1, 4, 8, 16, 32, 64)
+# Many sensors per message (PredictBatch) make larger batches: what --max-batch allows.
+GATEWAY_TIMESTEPS = (1, 20)
+GATEWAY_BATCHES = (32, 64, 128, 256, 512)
 
 
 def per_call(run, chunks: list[np.ndarray], states: np.ndarray, calls: int) -> tuple[float, float]:
@@ -43,21 +47,24 @@ def per_call(run, chunks: list[np.ndarray], states: np.ndarray, calls: int) -> t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--gateways", action="store_true", help="the batch sizes gateways make (32 to 512)")
     args = parser.parse_args()
-    runner = ModelRunner(args.model, max(TIMESTEPS), xla=True, max_batch=max(BATCHES), numpy_max_batch_timesteps=0)
-    twin, unpaired = runner._numpy_twin(runner._source), runner._numpy_twin(runner._source)
+    timesteps, batches = (GATEWAY_TIMESTEPS, GATEWAY_BATCHES) if args.gateways else (TIMESTEPS, BATCHES)
+    runner = ModelRunner(args.model, max(timesteps), xla=True, max_batch=max(batches), numpy_max_batch_timesteps=0)
+    model = load_keras_model(args.model)
+    twin, unpaired = _numpy_twin(model), _numpy_twin(model)
     if twin is None or unpaired is None:
         raise SystemExit("this model has no NumPy twin (the log line above says why)")
     unpaired._pairs = {}  # every layer on its own
-    runner.warm_up(TIMESTEPS)
+    runner.warm_up(timesteps)
     xla = runner._xla
-    shapes = {(False, batch, steps) for batch in BATCHES for steps in TIMESTEPS}
+    shapes = {(False, batch, steps) for batch in batches for steps in timesteps}
     wait_until(lambda: shapes <= xla._ready, 600, "XLA shapes for every batch measured")  # type: ignore[union-attr]
     rng = np.random.default_rng(0)
     print(f"{'chunks x T':>11} | {'TF wall':>8} {'cpu':>7} | {'NumPy wall':>10} {'cpu':>7} | {'gain':>5} {'cpu':>5}"
           f" | max diff | {'unpaired':>8} {'pair gain':>9}")
-    for steps in TIMESTEPS:
-        for batch in BATCHES:
+    for steps in timesteps:
+        for batch in batches:
             chunks = list(rng.normal(size=(batch, steps, runner.features)).astype(np.float32))
             states = rng.normal(0, 0.3, size=(batch, runner.state_size)).astype(np.float32)
             calls = 200 if steps * batch <= 64 else 50 if steps * batch <= 1280 else 10

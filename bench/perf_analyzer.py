@@ -171,9 +171,9 @@ def triton_answers(metrics_port: int) -> int:
                    for method in ("ModelInfer", "ModelStreamInfer")))
 
 
-def start_ours(name: str, workers: int, redis: RedisServer) -> Server:
+def start_ours(name: str, workers: int, redis: RedisServer, extra: tuple[str, ...] = ()) -> Server:
     flags = ["--workers", str(workers), "--warmup-timesteps", "20,1",
-             *(["--identity-model"] if name == "ceiling" else [])]
+             *(["--identity-model"] if name == "ceiling" else []), *extra]
     ours = ServerProcess(redis.url, DEFAULT_MODEL, *flags, ready_timeout_s=180)
     server = Server(name, ours.address, None, ours=ours, extra_pids=(redis.process.pid,),
                     metrics_ports=tuple(range(ours.metrics_port, ours.metrics_port + workers)))
