@@ -63,6 +63,16 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         DURATIONS.write_text(json.dumps(dict(sorted(seconds.items())), indent=0) + "\n")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _verifiers_kept_warm() -> None:
+    """The in-process verified loads (run_load with verify, devkit.loads.VerifiedLoad) of a test worker share
+    one verifier process: TensorFlow's start-up is paid once a worker, not once a load. Each run still gets a
+    checker of its own, and a reference built and self-checked for its model file and batch."""
+    from loadtest.live_verify import keep_verifiers_warm
+
+    keep_verifiers_warm()
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     server = RedisServer()
