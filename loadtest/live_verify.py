@@ -16,6 +16,9 @@ proves that carrying states this way equals the unmodified model on whole sequen
 The independent check stays: a sample of streams (`LoadConfig.verify_sample`) also keeps the first
 `verify_sample_timesteps` of each sequence, recomputed after the run from zero state in one pass
 (loadtest/verify.py), so the two checks share no chunking.
+
+A process that runs many loads (the test suite) can keep the verifier between runs
+(`keep_verifiers_warm`): its TensorFlow start-up and a model's self-check are paid once, not per run.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import os
 import queue as queue_module
 import resource
 import signal
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -314,7 +318,10 @@ class LiveFeed:
 
 
 def _verifier_main(config: LoadConfig, model: ModelInfo, producers: int, inbox: Any, outbox: Any) -> None:
-    """The verifier process: self-check, then check what arrives until every producer said done."""
+    """The verifier process: set up once, then one run after another. Each run: its reference (built and
+    self-checked, or the one an earlier run of the same model file and batch built), then check what
+    arrives until every producer said done. After a run's result it waits for the next ("run", ...)
+    message, which only a caller that keeps verifiers warm (`keep_verifiers_warm`) sends."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when the run ends
     # The load (and a server on the same machine) comes first; the verifier takes what CPU is left and
     # catches up after the load if it must (its backlog is in the report).
@@ -329,12 +336,49 @@ def _verifier_main(config: LoadConfig, model: ModelInfo, producers: int, inbox: 
 
         tf.config.threading.set_intra_op_parallelism_threads(config.verify_threads)
         tf.config.threading.set_inter_op_parallelism_threads(config.verify_threads)
+    references: dict[tuple[Any, ...], CarriedReference] = {}
+    cpu_before = 0.0  # the first run's CPU includes the process's start-up, as with a verifier of its own
+    while True:
+        if not _verify_one_run(config, model, producers, inbox, outbox, parent, references, cpu_before):
+            return
+        while True:  # the next run, if the caller keeps this process warm
+            try:
+                kind, payload = inbox.get(timeout=1.0)
+            except queue_module.Empty:
+                if os.getppid() != parent:
+                    return
+                continue
+            if kind == "run":
+                config, model, producers = payload
+                cpu_before = _cpu_seconds()
+                break
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _reference_key(config: LoadConfig, model: ModelInfo) -> tuple[Any, ...]:
+    """What a carried reference depends on: the model file (as it is now), its features and the batch."""
+    stat = config.model_file.stat()
+    return (str(config.model_file.resolve()), stat.st_mtime_ns, stat.st_size, model.input_features,
+            min(config.streams, config.verify_batch))
+
+
+def _verify_one_run(config: LoadConfig, model: ModelInfo, producers: int, inbox: Any, outbox: Any, parent: int,
+                    references: dict[tuple[Any, ...], CarriedReference], cpu_before: float) -> bool:
+    """One run's verification, its verdict put on `outbox`; False when the process should end instead of
+    waiting for another run (the reference could not be built, or the parent is gone)."""
     try:
-        reference = CarriedReference(config.model_file, model.input_features,
-                                     batch=min(config.streams, config.verify_batch))
-    except VerifyError as exc:
+        key = _reference_key(config, model)
+        reference = references.get(key)
+        if reference is None:
+            reference = references[key] = CarriedReference(config.model_file, model.input_features,
+                                                           batch=min(config.streams, config.verify_batch))
+    except (OSError, VerifyError) as exc:
         outbox.put(("error", str(exc)))
-        return
+        return False
     outbox.put(("ready", None))
     checker = LiveChecker(reference, model.per_timestep_outputs, config.tolerance, sampled_streams(config),
                           config.verify_sample_timesteps)
@@ -347,7 +391,7 @@ def _verifier_main(config: LoadConfig, model: ModelInfo, producers: int, inbox: 
                 messages = [inbox.get(timeout=1.0)]
             except queue_module.Empty:
                 if os.getppid() != parent:
-                    return  # the parent is gone: nobody will read a verdict
+                    return False  # the parent is gone: nobody will read a verdict
                 continue
             while True:
                 try:
@@ -378,12 +422,30 @@ def _verifier_main(config: LoadConfig, model: ModelInfo, producers: int, inbox: 
             "fingerprint_matches": fingerprint_matches(reference.whole.model, model.fingerprint),
             "whole": whole,
             "check_cpu_s": round(check_cpu, 3),
-            "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
-            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+            "cpu_s": round(_cpu_seconds() - cpu_before, 3),  # a warm process's earlier runs not counted
+            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),  # the process's peak
             "after_last_chunk_s": round(time.monotonic() - last_done, 3),
         }))
     except VerifyError as exc:
         outbox.put(("error", str(exc)))
+        return False
+    return True
+
+
+# Verifier processes kept between runs by a caller that runs many loads in one process (the test suite:
+# each start imports TensorFlow, seconds of a 2-core machine). Off by default: a one-run command gains nothing.
+_keep_warm = False
+_idle: list[tuple[Any, Any, Any, tuple[int, int]]] = []  # (process, inbox, outbox, (nice, threads)), each idle
+_idle_lock = threading.Lock()  # loads may run in threads (devkit.loads.VerifiedLoad)
+
+
+def keep_verifiers_warm() -> None:
+    """From now on a verifier whose run ended with its verdict stays alive, idle, and the next run in this
+    process with the same verify_nice and verify_threads uses it: no second TensorFlow start-up, and no
+    second self-check of a reference already built for the same model file and batch. A run that ended any
+    other way still ends its verifier."""
+    global _keep_warm
+    _keep_warm = True
 
 
 class LiveVerifier:
@@ -391,6 +453,16 @@ class LiveVerifier:
     asked for its verdict after it. Always `close()` it (a context manager)."""
 
     def __init__(self, config: LoadConfig, model: ModelInfo, producers: int) -> None:
+        self._setup = (config.verify_nice, config.verify_threads)
+        self._answered = False
+        with _idle_lock:
+            warm = next((entry for entry in _idle if entry[3] == self._setup and entry[0].is_alive()), None)
+            if warm is not None:
+                _idle.remove(warm)
+        if warm is not None:
+            self._process, self.inbox, self._outbox, _ = warm
+            self.inbox.put(("run", (config, model, producers)))
+            return
         context = multiprocessing.get_context("spawn")
         self.inbox = context.Queue()
         self._outbox = context.Queue()
@@ -412,7 +484,9 @@ class LiveVerifier:
 
     def verdict(self) -> dict[str, Any]:
         """The checker's result, once every producer said done (their last chunks are checked first)."""
-        return self._expect("result", RESULT_TIMEOUT_S)
+        result = self._expect("result", RESULT_TIMEOUT_S)
+        self._answered = True
+        return result
 
     def _expect(self, wanted: str, timeout_s: float) -> Any:
         deadline = time.monotonic() + timeout_s
@@ -430,6 +504,11 @@ class LiveVerifier:
         raise VerifyError(f"the verifier gave no {wanted!r} within {timeout_s:.0f} s")
 
     def close(self) -> None:
+        if _keep_warm and self._answered and self._process.is_alive():
+            # Its run ended with the verdict: nothing of it is left in either queue, so the next run starts clean.
+            with _idle_lock:
+                _idle.append((self._process, self.inbox, self._outbox, self._setup))
+            return
         if self._process.is_alive():
             self._process.terminate()
         self._process.join(10)

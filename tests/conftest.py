@@ -7,7 +7,9 @@ tools). The processes and helpers come from devkit/, shared with bench/ and scri
 
 from __future__ import annotations
 
+import json
 import os
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +20,57 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from devkit.processes import RedisServer, ServerProcess
 from server.config import DEFAULT_MODEL
+
+# The longest files first. `--dist loadfile` hands each xdist worker a whole file at a time, in collection
+# order (--no-loadscope-reorder in pyproject.toml: xdist's own order, most tests first, left the slowest
+# files, which have few tests, for the end, and one worker finished a minute and more before the other).
+# Longest first, the last files to start are short ones and both workers finish together. The seconds of
+# each file, summed over its tests, are in durations.json; `pytest --store-durations` writes those of the
+# files it ran. A file not named there (a new one) runs first: its cost is unknown.
+DURATIONS = Path(__file__).with_name("durations.json")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--store-durations", action="store_true",
+                     help="write each file's seconds (set-up, call and teardown of its tests) to tests/durations.json")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    seconds = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+    first_seen: dict[str, int] = {}
+    for item in items:
+        first_seen.setdefault(item.nodeid.split("::")[0], len(first_seen))
+
+    def cost(item: pytest.Item) -> tuple[float, int]:
+        path = item.nodeid.split("::")[0]
+        return -seconds.get(path, float("inf")), first_seen[path]
+
+    items.sort(key=cost)  # stable: a file's tests keep their order
+
+
+_ran_seconds: defaultdict[str, float] = defaultdict(float)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _ran_seconds[report.nodeid.split("::")[0]] += report.duration
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # On the controller only (an xdist worker has `workerinput`): it sees every worker's reports.
+    if session.config.getoption("store_durations") and not hasattr(session.config, "workerinput"):
+        seconds = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+        seconds.update({path: round(total, 1) for path, total in _ran_seconds.items()})
+        DURATIONS.write_text(json.dumps(dict(sorted(seconds.items())), indent=0) + "\n")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _verifiers_kept_warm() -> None:
+    """The in-process verified loads (run_load with verify, devkit.loads.VerifiedLoad) of a test worker share
+    one verifier process: TensorFlow's start-up is paid once a worker, not once a load. Each run still gets a
+    checker of its own, and a reference built and self-checked for its model file and batch."""
+    from loadtest.live_verify import keep_verifiers_warm
+
+    keep_verifiers_warm()
 
 
 @pytest.fixture(scope="session")

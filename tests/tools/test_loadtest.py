@@ -184,6 +184,35 @@ def test_verify_fails_when_a_stream_is_reset_behind_its_back(default_server: Ser
     assert f"stream {victim} (sequence 0): first mismatch at timestep {mismatch['timestep']}" in " ".join(out.split())
 
 
+def test_a_warm_verifier_finds_a_stream_reset_behind_its_back(default_server: ServerProcess) -> None:
+    # The suite keeps each worker's verifier warm (tests/conftest.py): a run on a verifier, and a reference,
+    # that an earlier run left must still fail on a wrong answer, and name that stream alone.
+    from loadtest import live_verify
+
+    def config(prefix: str) -> LoadConfig:
+        return LoadConfig(target=default_server.address, streams=3, chunk_timesteps=2, duration_s=3, warmup_s=0,
+                          use_offsets=False, stream_prefix=prefix, verify=True, verify_sample=3,
+                          model_path=str(DEFAULT_MODEL))
+
+    assert run_load(config(f"lt-warm-ok-{os.getpid()}"))["exit_code"] == EXIT_OK
+    (warm,) = [entry[0] for entry in live_verify._idle]
+    prefix = f"lt-warm-{os.getpid()}"
+    victim = f"{prefix}-1"
+
+    def reset() -> None:
+        wait_until(lambda: offset_of(default_server, victim) >= 20, 60, "the load to get going")
+        default_server.stub.ResetStream(pb.ResetStreamRequest(stream_id=victim), timeout=5)
+
+    saboteur = threading.Thread(target=reset, daemon=True)
+    saboteur.start()
+    report = run_load(config(prefix))
+    saboteur.join(30)
+    assert [entry[0] for entry in live_verify._idle] == [warm], "the second run did not use the warm verifier"
+    assert report["exit_code"] == EXIT_VERIFY_FAILED, report["verify"]
+    assert [m["stream_id"] for m in report["verify"]["mismatches"]] == [victim]
+    assert [m["stream_id"] for m in report["verify"]["whole"]["mismatches"]] == [victim]
+
+
 def test_retries_through_a_stalled_redis_apply_each_chunk_once(start_server) -> None:
     # A stopped Redis stalls the server's saves: chunks time out at the client and are resent with the
     # same start_offset; whatever the server applied late must not be applied again (verify proves it).
