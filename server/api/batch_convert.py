@@ -96,7 +96,8 @@ def batch_chunks(
 
 
 def error_result(request: pb.PredictRequest, error: ServiceError) -> pb.PredictResponse:
-    """A failed chunk's result: as PredictStream answers one (stream and request id echoed, no outputs)."""
+    """A failed chunk's answer, on PredictStream and in a PredictBatch result: the stream and request id echoed,
+    `offset` the stream's (on FAILED_PRECONDITION) or 0, no outputs."""
     return pb.PredictResponse(
         stream_id=request.stream_id,
         request_id=request.request_id,

@@ -10,9 +10,8 @@ import numpy as np
 
 from lstm_stream.v1 import stream_pb2 as pb
 from lstm_stream.v1 import stream_pb2_grpc as pb_grpc
-from lstm_stream.wire import status_number
 from server.api.auth import TENANT
-from server.api.batch_convert import BatchLimits, batch_chunks, batch_response, refused_response
+from server.api.batch_convert import BatchLimits, batch_chunks, batch_response, error_result, refused_response
 from server.api.errors import as_service_error, unary_errors
 from server.api.streaming import StreamWindow, answer_in_order
 from server.api.validation import check_stream_id, make_chunk
@@ -76,7 +75,7 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
             return self._response(await answer)
 
         async for response in answer_in_order(
-            requests, start, finish, self._stream_error, self.dataplane.abandon, self.window
+            requests, start, finish, error_result, self.dataplane.abandon, self.window
         ):
             yield response
 
@@ -132,15 +131,6 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
             requests, start, finish, lambda _request, error: refused_response(error), abandon, self.window
         ):
             yield response
-
-    @staticmethod
-    def _stream_error(request: pb.PredictRequest, error: ServiceError) -> pb.PredictResponse:
-        return pb.PredictResponse(
-            stream_id=request.stream_id,
-            request_id=request.request_id,
-            offset=error.current_offset or 0,
-            error=pb.Error(code=status_number(error.code), message=error.message),
-        )
 
     @unary_errors
     async def ResetStream(
