@@ -198,9 +198,9 @@ class KeptAnswers(Sequence[KeptAnswer]):
         return reversed(tuple(self))
 
     def __eq__(self, other: object) -> bool:
-        if isinstance(other, KeptAnswers):
-            return self.raw == other.raw and self._count == other._count
-        return isinstance(other, tuple) and tuple(self) == other
+        if not isinstance(other, KeptAnswers):
+            return NotImplemented
+        return self.raw == other.raw and self._count == other._count
 
     def __hash__(self) -> int:
         return hash((self.raw, self._count))

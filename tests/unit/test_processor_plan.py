@@ -578,7 +578,7 @@ def test_with_a_window_of_one_records_stay_in_the_previous_format(harness) -> No
     for n in range(3):
         h.one(chunk(float(n), start_offset=n))
     record = h.store.record("s")
-    assert record.earlier == () and record.encode()[10] == 2
+    assert not record.earlier and record.encode()[10] == 2
     wide = harness(replay_window=2)
     for n in range(3):
         wide.one(chunk(float(n), start_offset=n))

@@ -12,7 +12,7 @@ import pytest
 from devkit import ROOT
 from lstm_stream.v1 import stream_pb2 as pb
 from lstm_stream.wire import MAX_REQUEST_ID_CHARS, MAX_STREAM_ID_BYTES
-from server.api.native import StreamInferenceServicer
+from server.api.batch_convert import error_result
 from server.api.validation import check_stream_id
 from server.errors import ServiceError, invalid_argument, offset_mismatch
 
@@ -71,7 +71,7 @@ def test_the_error_comment_names_the_fields_the_servicer_sets(error: ServiceErro
     unset = re.search(r"\(([^)]*) unset\)", comment)
     assert echoed and unset, comment
     request = pb.PredictRequest(stream_id="s", request_id="r-1", values=[1.0, 2.0], timesteps=1)
-    response = StreamInferenceServicer._stream_error(request, error)
+    response = error_result(request, error)
     set_fields = {descriptor.name for descriptor, _ in response.ListFields()}
     assert backticked(echoed.group(1)) == {"stream_id", "request_id"}
     assert all(getattr(response, name) == getattr(request, name) for name in backticked(echoed.group(1)))

@@ -68,7 +68,7 @@ def test_format_1_is_read_exactly() -> None:
     record = SlotRecord.decode(record_bytes(1))
     assert_common(record)
     assert not record.ended and record.first_digest == bytes(16) and record.first_request_id == bytes(8)
-    assert record.recent_requests == b"" and record.earlier == ()
+    assert record.recent_requests == b"" and not record.earlier
 
 
 @pytest.mark.parametrize("ended", [False, True])
@@ -77,7 +77,7 @@ def test_format_2_is_read_exactly(ended: bool) -> None:
     assert_common(record)
     assert record.ended is ended
     assert record.first_digest == b"a" * 16 and record.first_request_id == b"b" * 8
-    assert record.recent_requests == RECENT and record.earlier == ()
+    assert record.recent_requests == RECENT and not record.earlier
 
 
 def test_format_3_is_read_exactly_with_its_earlier_answers() -> None:
