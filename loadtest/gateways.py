@@ -49,6 +49,7 @@ class _Queued:
     request: pb.PredictRequest
     values: np.ndarray
     answer: asyncio.Future[ChunkAnswer]
+    timeout: float  # the sensor's deadline for this attempt
 
 
 class GatewayTransport:
@@ -74,7 +75,7 @@ class GatewayTransport:
 
     async def send(self, request: pb.PredictRequest, timeout: float, values: np.ndarray) -> ChunkAnswer:
         loop = asyncio.get_running_loop()
-        queued = _Queued(request, values, loop.create_future())
+        queued = _Queued(request, values, loop.create_future(), timeout)
         self._queued.append(queued)
         if len(self._queued) >= self.max_chunks:
             self._flush()
@@ -106,7 +107,8 @@ class GatewayTransport:
 
     async def _unary(self, message: pb.PredictBatchRequest, queued: list[_Queued]) -> None:
         try:
-            response = await self.stub.PredictBatch(message, metadata=self.metadata)
+            response = await self.stub.PredictBatch(message, metadata=self.metadata,
+                                                    timeout=max(q.timeout for q in queued))
         except grpc.aio.AioRpcError as exc:
             _fail_all(queued, ChunkFailed.from_rpc(exc))
             return
