@@ -25,11 +25,10 @@ import numpy as np
 
 from loadtest.recorder import Recorder
 from loadtest.transports import ChunkFailed
+from lstm_stream.client.arrays import batch_outputs, batch_request
 from lstm_stream.v1 import stream_pb2 as pb
 from lstm_stream.v1 import stream_pb2_grpc as pb_grpc
 from lstm_stream.wire import status_from_number
-
-LITTLE_ENDIAN_FLOAT32 = np.dtype("<f4")
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +95,7 @@ class GatewayTransport:
         if not queued:
             return
         self.recorder.gateway_messages += 1
-        message = pb.PredictBatchRequest(chunks=[q.request for q in queued])
-        message.values = b"".join(q.values.astype(LITTLE_ENDIAN_FLOAT32, copy=False).tobytes() for q in queued)
+        message = batch_request([q.request for q in queued], [q.values for q in queued])
         if self.streaming:
             self._write(message, queued)
         else:
@@ -186,20 +184,16 @@ def _answer(queued: list[_Queued], response: pb.PredictBatchResponse) -> bool:
     if len(response.results) != len(queued) or any(
             q.request.stream_id != result.stream_id for q, result in zip(queued, response.results, strict=True)):
         return False
-    block = np.frombuffer(response.outputs, dtype=LITTLE_ENDIAN_FLOAT32)
-    start = 0
-    for q, result in zip(queued, response.results, strict=True):
+    for q, result, outputs in zip(queued, response.results, batch_outputs(response), strict=True):
         if q.answer.done():
             continue
-        if result.HasField("error"):
+        if outputs is None:  # the chunk's own error
             code = status_from_number(result.error.code)
             offset = result.offset if code == grpc.StatusCode.FAILED_PRECONDITION else None
             q.answer.set_exception(ChunkFailed(code, result.error.message, offset))
             continue
-        size = result.timesteps * result.output_size
-        q.answer.set_result(ChunkAnswer(block[start:start + size], result.timesteps, result.output_size,
+        q.answer.set_result(ChunkAnswer(outputs.reshape(-1), result.timesteps, result.output_size,
                                         result.offset, result.replayed))
-        start += size
     return True
 
 
