@@ -88,9 +88,8 @@ class DataPlane:
         """Queue one validated chunk without waiting: streaming edges keep many in flight.
 
         Raises ServiceError (RESOURCE_EXHAUSTED) at once when the chunk's tenant is over its chunks/s."""
-        if self._chunk_rate is not None and chunk.tenant and not self._chunk_rate.allow(chunk.tenant):
-            metrics.TENANT_CHUNKS.labels(chunk.tenant, "RESOURCE_EXHAUSTED").inc()
-            raise tenant_rate_exceeded(chunk.tenant, self._chunk_rate.limit(chunk.tenant))
+        if (over := self._over_rate(chunk)) is not None:
+            raise over
         if chunk.deadline is None:
             chunk = dataclasses.replace(chunk, deadline=self.deadline(time_remaining))
         return self._batcher.submit(chunk)
@@ -106,15 +105,21 @@ class DataPlane:
         for index, chunk in enumerate(chunks):
             if isinstance(chunk, ServiceError):
                 continue
-            if self._chunk_rate is not None and chunk.tenant and not self._chunk_rate.allow(chunk.tenant):
-                metrics.TENANT_CHUNKS.labels(chunk.tenant, "RESOURCE_EXHAUSTED").inc()
-                answers[index] = tenant_rate_exceeded(chunk.tenant, self._chunk_rate.limit(chunk.tenant))
+            if (over := self._over_rate(chunk)) is not None:
+                answers[index] = over
                 continue
             valid.append(chunk)
             positions.append(index)
         for index, future in zip(positions, self._batcher.submit_many(valid), strict=True):
             answers[index] = future
         return answers
+
+    def _over_rate(self, chunk: Chunk) -> ServiceError | None:
+        """RESOURCE_EXHAUSTED when the chunk's tenant is over its chunks/s (a token is taken otherwise)."""
+        if self._chunk_rate is None or not chunk.tenant or self._chunk_rate.allow(chunk.tenant):
+            return None
+        metrics.TENANT_CHUNKS.labels(chunk.tenant, "RESOURCE_EXHAUSTED").inc()
+        return tenant_rate_exceeded(chunk.tenant, self._chunk_rate.limit(chunk.tenant))
 
     def abandon(self, answers: Sequence[asyncio.Future[Prediction]]) -> None:
         """The caller is gone (a broken stream): chunks not yet started are dropped, never run later."""
