@@ -102,11 +102,9 @@ class Batcher:
 
         Raises RESOURCE_EXHAUSTED when `max_queued` chunks already wait (invariant 12): a burst is
         refused at once rather than held in memory without bound."""
-        if len(self._queue) >= self.max_queued:
-            self._drop_abandoned()
-            if len(self._queue) >= self.max_queued:
-                metrics.CHUNKS.labels("RESOURCE_EXHAUSTED").inc()
-                raise queue_full(self.max_queued)
+        if not self._room_for(1):
+            metrics.CHUNKS.labels("RESOURCE_EXHAUSTED").inc()
+            raise queue_full(self.max_queued)
         # The loop is looked up once: on Python 3.11 every get_running_loop() makes a getpid() system call.
         loop = self._loop or self._bind_loop()
         future: asyncio.Future[Prediction] = loop.create_future()
@@ -118,16 +116,20 @@ class Batcher:
         """Queue the chunks of one message, all or none (invariants 12 and 17): a message that does not fit
         beside what already waits (`max_queued`) is refused whole with RESOURCE_EXHAUSTED, so no part of it is
         applied. Chunks of one stream keep their order, as separate submits would."""
-        if len(self._queue) + len(chunks) > self.max_queued:
-            self._drop_abandoned()
-            if len(self._queue) + len(chunks) > self.max_queued:
-                metrics.CHUNKS.labels("RESOURCE_EXHAUSTED").inc(len(chunks))
-                raise queue_full_for_batch(len(chunks), len(self._queue), self.max_queued)
+        if not self._room_for(len(chunks)):
+            metrics.CHUNKS.labels("RESOURCE_EXHAUSTED").inc(len(chunks))
+            raise queue_full_for_batch(len(chunks), len(self._queue), self.max_queued)
         loop = self._loop or self._bind_loop()
         futures = [loop.create_future() for _ in chunks]
         self._queue.extend(map(_Waiting, chunks, futures))
         self._changed.set()
         return futures
+
+    def _room_for(self, chunks: int) -> bool:
+        """Whether `chunks` more fit beside those waiting, once chunks nobody waits for are dropped."""
+        if len(self._queue) + chunks > self.max_queued:
+            self._drop_abandoned()
+        return len(self._queue) + chunks <= self.max_queued
 
     def abandon(self, futures: Sequence[asyncio.Future[Prediction]]) -> None:
         """Nobody will read these answers (a broken stream): drop their chunks that have not started.
