@@ -69,6 +69,21 @@ class StreamInferenceStub:
                 request_serializer=lstm__stream_dot_v1_dot_stream__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=lstm__stream_dot_v1_dot_stream__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/lstm_stream.v1.StreamInference/ListModels',
+                request_serializer=lstm__stream_dot_v1_dot_stream__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=lstm__stream_dot_v1_dot_stream__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+        self.GetStreamState = channel.unary_unary(
+                '/lstm_stream.v1.StreamInference/GetStreamState',
+                request_serializer=lstm__stream_dot_v1_dot_stream__pb2.GetStreamStateRequest.SerializeToString,
+                response_deserializer=lstm__stream_dot_v1_dot_stream__pb2.StreamState.FromString,
+                _registered_method=True)
+        self.SetStreamState = channel.unary_unary(
+                '/lstm_stream.v1.StreamInference/SetStreamState',
+                request_serializer=lstm__stream_dot_v1_dot_stream__pb2.StreamState.SerializeToString,
+                response_deserializer=lstm__stream_dot_v1_dot_stream__pb2.SetStreamStateResponse.FromString,
+                _registered_method=True)
 
 
 class StreamInferenceServicer:
@@ -120,7 +135,28 @@ class StreamInferenceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModel(self, request, context):
-        """The hosted model: shapes, recurrent layers, fingerprint.
+        """A hosted model version: shapes, recurrent layers, fingerprint.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """Every model and version the server knows, and whether each serves.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStreamState(self, request, context):
+        """A stream's recurrent state, as named tensors (Keras `layer.states` of one stream).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetStreamState(self, request, context):
+        """Set a stream's recurrent state and offset in one atomic write: its next chunk continues from it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -163,6 +199,21 @@ def add_StreamInferenceServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=lstm__stream_dot_v1_dot_stream__pb2.GetModelRequest.FromString,
                     response_serializer=lstm__stream_dot_v1_dot_stream__pb2.ModelInfo.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=lstm__stream_dot_v1_dot_stream__pb2.ListModelsRequest.FromString,
+                    response_serializer=lstm__stream_dot_v1_dot_stream__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'GetStreamState': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStreamState,
+                    request_deserializer=lstm__stream_dot_v1_dot_stream__pb2.GetStreamStateRequest.FromString,
+                    response_serializer=lstm__stream_dot_v1_dot_stream__pb2.StreamState.SerializeToString,
+            ),
+            'SetStreamState': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetStreamState,
+                    request_deserializer=lstm__stream_dot_v1_dot_stream__pb2.StreamState.FromString,
+                    response_serializer=lstm__stream_dot_v1_dot_stream__pb2.SetStreamStateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -354,6 +405,87 @@ class StreamInference:
             '/lstm_stream.v1.StreamInference/GetModel',
             lstm__stream_dot_v1_dot_stream__pb2.GetModelRequest.SerializeToString,
             lstm__stream_dot_v1_dot_stream__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstm_stream.v1.StreamInference/ListModels',
+            lstm__stream_dot_v1_dot_stream__pb2.ListModelsRequest.SerializeToString,
+            lstm__stream_dot_v1_dot_stream__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStreamState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstm_stream.v1.StreamInference/GetStreamState',
+            lstm__stream_dot_v1_dot_stream__pb2.GetStreamStateRequest.SerializeToString,
+            lstm__stream_dot_v1_dot_stream__pb2.StreamState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetStreamState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstm_stream.v1.StreamInference/SetStreamState',
+            lstm__stream_dot_v1_dot_stream__pb2.StreamState.SerializeToString,
+            lstm__stream_dot_v1_dot_stream__pb2.SetStreamStateResponse.FromString,
             options,
             channel_credentials,
             insecure,
