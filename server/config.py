@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from server.model.repository import PolicyError, VersionPolicy
 from server.redis_addresses import parse_sentinels, sentinel_credentials_in
 
 # Package data (server/model/default.keras, a link to models/default.keras in a checkout), so that a
@@ -30,6 +31,12 @@ MAX_REPLAY_WINDOW = 256
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     model: str = str(DEFAULT_MODEL)
+    # A model repository (docs/models.md): DIR/<model>/<version>/model.keras; when set, --model is not used.
+    model_repository: str = ""
+    repository_poll_s: float = 10.0
+    version_policy: str = "latest:1"
+    version_drain_s: float = 3600.0
+    on_retired_version: str = "refuse"
     host: str = "127.0.0.1"
     port: int = 50051
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -144,6 +151,19 @@ class ServerConfig:
 
 _HELP = {
     "model": "path of the Keras 3 .keras model to serve (default: the shipped sensor forecaster)",
+    "model_repository": "serve every model in this folder, laid out DIR/<model>/<version>/model.keras (version a "
+    "positive integer), instead of --model; each model has its own stream namespace (docs/models.md)",
+    "repository_poll_s": "how often the repository is read for new, changed and removed versions (0: only at "
+    "start-up and on RepositoryModelLoad / `lstm-stream models load`); a version is loaded once its files have "
+    "not changed for one poll",
+    "version_policy": "which versions of each model take new sequences: latest:N (the N newest), all, or "
+    "specific:1,3; a file DIR/<model>/version_policy overrides it for one model. Versions that leave the policy "
+    "keep serving the sequences pinned to them while streams use them (--version-drain-s)",
+    "version_drain_s": "a retired version (out of the policy, removed, or unloaded) keeps serving the sequences "
+    "pinned to it until none has used it for this many seconds (unloaded on request: this long after it)",
+    "on_retired_version": "what a chunk of a sequence pinned to a version no longer served gets: refuse "
+    "(FAILED_PRECONDITION naming the version) or reset (it starts a new sequence from zero state on the newest "
+    "version, and its answer says so)",
     "host": "address to listen on (0.0.0.0 for every interface)",
     "port": "gRPC port (0 picks a free one and logs it)",
     "redis_url": "where stream state lives: redis://[user:password@]host:port/db, rediss:// for TLS (any node of a "
@@ -182,7 +202,8 @@ _HELP = {
     "slot_memory_roaming_s": "how long a stream another writer changed (a refused save: its chunks reach several "
     "replicas) is kept out of memory, its chunks reading Redis instead of running twice on a stale slot",
     "warmup_timesteps": "chunk lengths whose XLA shapes are compiled at start-up, comma-separated",
-    "reset_on_model_change": "reset slots written by another model instead of refusing them",
+    "reset_on_model_change": "reset slots written by another model instead of refusing them (the same as "
+    "--on-retired-version reset)",
     "metrics_port": "Prometheus metrics over HTTP on this port, at /metrics (0: off; worker i uses port + i)",
     "workers": "server processes sharing the port (SO_REUSEPORT); each holds the model, none holds state",
     "identity_model": "benchmark ceiling: skip the model call (outputs copy inputs), keep every other step",
@@ -358,6 +379,14 @@ def _check(config: ServerConfig, parser: argparse.ArgumentParser) -> None:
     if config.drain_delay_s >= config.shutdown_grace_s:
         parser.error(f"--drain-delay-s ({config.drain_delay_s:g}) must be shorter than --shutdown-grace-s "
                      f"({config.shutdown_grace_s:g}): the grace includes the drain delay")
+    try:
+        VersionPolicy.parse(config.version_policy)
+    except PolicyError as exc:
+        parser.error(f"--version-policy: {exc}")
+    if config.on_retired_version not in ("refuse", "reset"):
+        parser.error("--on-retired-version must be refuse or reset")
+    if config.repository_poll_s < 0 or config.version_drain_s < 0:
+        parser.error("--repository-poll-s and --version-drain-s must not be negative")
     if config.log_format not in ("json", "text"):
         parser.error("--log-format must be json or text")
     if bool(config.tls_cert) != bool(config.tls_key):

@@ -117,6 +117,59 @@ def saved_by_other_model(stream_id: str, saved: str, serving: str) -> ServiceErr
     )
 
 
+def version_retired(stream_id: str, model: str, retired: int, newest: int) -> ServiceError:
+    """Invariant 14: a sequence pinned to a version that no longer serves (--on-retired-version refuse)."""
+    return ServiceError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"stream {stream_id!r}: its sequence runs on model {model!r} version {retired}, which was retired and no "
+        f"longer serves; send reset (or call ResetStream) to start it again on the newest version ({newest}), set "
+        "a state computed for that version (SetStreamState), or run the server with --on-retired-version reset",
+    )
+
+
+def pinned_to_version(stream_id: str, model: str, pinned: int, asked: int) -> ServiceError:
+    """Invariant 14: a chunk naming another version than the one its sequence started on."""
+    return ServiceError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"stream {stream_id!r}: its sequence runs on model {model!r} version {pinned}, not version {asked}; a "
+        f"sequence stays on the version that started it. Send model_version 0 or {pinned}, or send reset to start "
+        f"a new sequence on version {asked}",
+    )
+
+
+def model_version_unavailable(model: str, asked: int, ready: list[int]) -> ServiceError:
+    """A new sequence asked for a version that takes none (unknown, loading, draining), or none is ready."""
+    serving = ", ".join(str(v) for v in ready) or "none"
+    what = f"version {asked}" if asked else "a version"
+    return ServiceError(
+        grpc.StatusCode.NOT_FOUND,
+        f"model {model!r} has no {what} ready for new sequences (ready: {serving}); see ListModels",
+    )
+
+
+def model_not_found(name: str, known: list[str]) -> ServiceError:
+    """A request naming a model the server does not serve, or naming none when it serves several."""
+    served = ", ".join(repr(n) for n in known) or "none"
+    if not name:
+        problem = f"this server serves several models ({served}): name one in `model`"
+    else:
+        problem = f"model {name!r} is not served here; served: {served}"
+    return ServiceError(grpc.StatusCode.NOT_FOUND, problem)
+
+
+def model_load_failed(model: str, reasons: list[str]) -> ServiceError:
+    """RepositoryModelLoad found no version of the model it could serve (the versions serving keep serving)."""
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"model {model!r}: no version could be loaded: " + "; ".join(reasons))
+
+
+def no_model_repository() -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "this server serves one model file (--model); loading and unloading models needs --model-repository",
+    )
+
+
 def stream_not_started(stream_id: str) -> ServiceError:
     """Triton's rule: a sequence must begin with its START flag (Chunk.must_exist)."""
     return ServiceError(

@@ -82,10 +82,29 @@ COMPILE_SECONDS = Counter("lstm_serve_compile_seconds_total", "Seconds spent com
                           ["masked", "batch", "timesteps"])
 
 
+_batchers: list[tuple[Callable[[], int], Callable[[], int]]] = []
+
+
 def watch_batcher(queued: Callable[[], int], in_flight: Callable[[], int]) -> None:
-    """Sample the batcher's queue and running chunks whenever Prometheus scrapes."""
-    QUEUED.set_function(queued)
-    IN_FLIGHT_CHUNKS.set_function(in_flight)
+    """Sample the batchers' queues and running chunks (one batcher per model, summed) whenever Prometheus scrapes."""
+    _batchers.append((queued, in_flight))
+    QUEUED.set_function(lambda: sum(q() for q, _ in _batchers))
+    IN_FLIGHT_CHUNKS.set_function(lambda: sum(f() for _, f in _batchers))
+
+
+def unwatch_batcher(queued: Callable[[], int]) -> None:
+    _batchers[:] = [(q, f) for q, f in _batchers if q is not queued]
+
+
+# Models and versions (docs/models.md).
+MODEL_VERSIONS = Gauge("lstm_serve_model_versions", "Versions known to this process, by model and state "
+                       "(READY, DRAINING, LOADING, UNAVAILABLE)", ["model", "state"])
+MODEL_LOADS = Counter("lstm_serve_model_loads_total", "Version loads, by model and outcome (loaded, failed)",
+                      ["model", "outcome"])
+MIGRATIONS = Counter("lstm_serve_migrations_total", "Chunks of sequences pinned to a version no longer served, by "
+                     "model and what they got (--on-retired-version: refuse, reset)", ["model", "policy"])
+VERSION_CHUNKS = Counter("lstm_serve_version_chunks_total", "Chunks run, by model and version",
+                         ["model", "version"])
 
 
 def count_slot_loads(chunks: int, from_memory: int, reread: int) -> None:

@@ -71,6 +71,10 @@ class Chunk:
     tenant: str = ""
     # Filled in on the way through the data path when the edge asked (None: nobody reads them).
     times: StageTimes | None = field(default=None, compare=False)
+    # The model it runs on (its name, resolved by the edge: server/dataplane/plane.py `served`), and the version
+    # its first chunk asks a new sequence to start on (0: the newest).
+    model: str = ""
+    model_version: int = 0
 
     @property
     def timesteps(self) -> int:
@@ -95,6 +99,11 @@ class Prediction:
     offset: int
     replayed: bool = False
     request_id: str = ""
+    # The model version that answered (0: unknown, a replay of a version this process never served), and
+    # whether the chunk moved its stream off a retired version (from `migrated_from`; 0: another model).
+    model_version: int = 0
+    migrated: bool = False
+    migrated_from: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +114,8 @@ class StreamStatus:
     updated_unix_ms: int = 0
     expires_in_ms: int = 0
     model_fingerprint: str = ""
+    model: str = ""
+    model_version: int = 0
 
 
 @dataclass(frozen=True, slots=True)

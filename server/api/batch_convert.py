@@ -9,6 +9,8 @@ per value, and each chunk's values are a slice of it; the answer's outputs are w
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import numpy as np
 
 from lstm_stream.v1 import stream_pb2 as pb
@@ -16,6 +18,9 @@ from lstm_stream.wire import status_number
 from server.api.validation import make_chunk
 from server.errors import ServiceError, batch_too_many_chunks, batch_too_many_timesteps, invalid_argument
 from server.types import Chunk, Prediction
+
+# A request's model name -> the served model's name and its input features; raises ServiceError (NOT_FOUND).
+ModelShapes = Callable[[str], tuple[str, int]]
 
 LITTLE_ENDIAN_FLOAT32 = np.dtype("<f4")
 
@@ -33,7 +38,7 @@ class BatchLimits:
 def batch_chunks(
     request: pb.PredictBatchRequest,
     *,
-    features: int,
+    models: ModelShapes,
     max_timesteps: int,
     limits: BatchLimits,
     tenant: str,
@@ -47,15 +52,18 @@ def batch_chunks(
     total = sum(declared)
     if total > limits.timesteps:
         raise batch_too_many_timesteps(total, limits.timesteps)
+    shapes = _models_of(requests, models, whole=bool(request.values))
+    # Values per chunk: timesteps x its model's features (one model's, in the common case).
+    widths = [declared[i] * shape[1] if not isinstance(shape, ServiceError) else 0 for i, shape in enumerate(shapes)]
     block: np.ndarray | None = None
     if request.values:
         if len(request.values) % 4:
             raise invalid_argument("values", f"is {len(request.values)} bytes long: not whole float32 values")
         block = np.frombuffer(request.values, dtype=LITTLE_ENDIAN_FLOAT32)
-        if block.size != total * features:
+        if block.size != sum(widths):
             raise invalid_argument(
-                "values", f"has {block.size} values; the chunks' timesteps add up to {total}, times {features} "
-                f"features = {total * features}"
+                "values", f"has {block.size} values; the chunks' timesteps add up to {total}, times their models' "
+                f"features = {sum(widths)}"
             )
         for index, chunk in enumerate(requests):
             if chunk.values:
@@ -64,15 +72,19 @@ def batch_chunks(
     # are checked one by one (to name the value in their error).
     finite = [block is not None] * len(requests)
     if block is not None and not (flags := np.isfinite(block)).all():
-        ends = np.cumsum(np.asarray(declared, dtype=np.int64) * features)
+        ends = np.cumsum(np.asarray(widths, dtype=np.int64))
         for index in set(np.searchsorted(ends, np.flatnonzero(~flags), side="right").tolist()):
             finite[index] = False
     chunks: list[Chunk | ServiceError] = []
     start = 0
-    for chunk_request, timesteps, known_finite in zip(requests, declared, finite, strict=True):
+    for chunk_request, timesteps, known_finite, shape, width in zip(
+            requests, declared, finite, shapes, widths, strict=True):
+        if isinstance(shape, ServiceError):
+            chunks.append(shape)
+            continue
         if block is not None:
-            values = block[start:start + timesteps * features]
-            start += timesteps * features
+            values = block[start:start + width]
+            start += width
         else:
             values = np.asarray(chunk_request.values, dtype=np.float32)
         try:
@@ -80,7 +92,7 @@ def batch_chunks(
                 stream_id=chunk_request.stream_id,
                 values=values,
                 timesteps=timesteps,
-                features=features,
+                features=shape[1],
                 max_timesteps=max_timesteps,
                 start_offset=chunk_request.start_offset if chunk_request.HasField("start_offset") else None,
                 reset=chunk_request.reset,
@@ -89,10 +101,31 @@ def batch_chunks(
                 tenant=tenant,
                 deadline=deadline,
                 known_finite=known_finite,
+                model=shape[0],
+                model_version=chunk_request.model_version,
             ))
         except ServiceError as exc:
             chunks.append(exc)
     return chunks
+
+
+def _models_of(requests: Sequence[pb.PredictRequest], models: ModelShapes, *, whole: bool
+               ) -> list[tuple[str, int] | ServiceError]:
+    """Each chunk's model and features, looked up once per name. A chunk naming no served model fails alone,
+    except in a message with one values block: its slices cannot be told apart then, so the message is refused."""
+    found: dict[str, tuple[str, int] | ServiceError] = {}
+    shapes: list[tuple[str, int] | ServiceError] = []
+    for index, chunk in enumerate(requests):
+        name = chunk.model
+        if name not in found:
+            try:
+                found[name] = models(name)
+            except ServiceError as exc:
+                if whole:
+                    raise invalid_argument(f"chunks[{index}].model", exc.message) from None
+                found[name] = exc
+        shapes.append(found[name])
+    return shapes
 
 
 def error_result(request: pb.PredictRequest, error: ServiceError) -> pb.PredictResponse:
@@ -121,8 +154,10 @@ def batch_response(
         rows, columns = answer.outputs.shape
         result = results.add(
             stream_id=answer.stream_id or "", timesteps=rows, output_size=columns, offset=answer.offset,
-            replayed=answer.replayed, request_id=answer.request_id,
+            replayed=answer.replayed, request_id=answer.request_id, model_version=answer.model_version,
         )
+        if answer.migrated:
+            result.migration.from_version, result.migration.policy = answer.migrated_from, "reset"
         if packed:
             blocks.append(answer.outputs.astype(LITTLE_ENDIAN_FLOAT32, copy=False).tobytes())
         else:

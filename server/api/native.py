@@ -35,12 +35,15 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
         self.batch_limits = batch_limits
 
     def _chunk(self, request: pb.PredictRequest) -> Chunk:
+        served = self.dataplane.served(request.model)
         return make_chunk(
             stream_id=request.stream_id,
             values=np.asarray(request.values, dtype=np.float32),
             timesteps=request.timesteps,
-            features=self.dataplane.model.input_features,
+            features=served.input_features,
             max_timesteps=self.dataplane.max_chunk_timesteps,
+            model=served.name,
+            model_version=request.model_version,
             start_offset=request.start_offset if request.HasField("start_offset") else None,
             reset=request.reset,
             end=request.end,
@@ -48,10 +51,14 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
             tenant=TENANT.get(),
         )
 
+    def _shapes(self, name: str) -> tuple[str, int]:
+        served = self.dataplane.served(name)
+        return served.name, served.input_features
+
     @staticmethod
     def _response(prediction: Prediction) -> pb.PredictResponse:
         rows, columns = prediction.outputs.shape
-        return pb.PredictResponse(
+        response = pb.PredictResponse(
             stream_id=prediction.stream_id or "",
             outputs=prediction.outputs.reshape(-1).tolist(),  # a list converts in C; an array element-wise
             timesteps=rows,
@@ -59,7 +66,11 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
             offset=prediction.offset,
             replayed=prediction.replayed,
             request_id=prediction.request_id,
+            model_version=prediction.model_version,
         )
+        if prediction.migrated:
+            response.migration.from_version, response.migration.policy = prediction.migrated_from, "reset"
+        return response
 
     @unary_errors
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
@@ -82,7 +93,7 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
     def _submit_batch(self, request: pb.PredictBatchRequest, time_remaining: float | None) -> BatchAnswers:
         """Validate and queue a message's chunks; raises ServiceError when the message is refused whole."""
         chunks = batch_chunks(
-            request, features=self.dataplane.model.input_features, max_timesteps=self.dataplane.max_chunk_timesteps,
+            request, models=self._shapes, max_timesteps=self.dataplane.max_chunk_timesteps,
             limits=self.batch_limits, tenant=TENANT.get(), deadline=self.dataplane.deadline(time_remaining),
         )
         return self.dataplane.submit_many(chunks)
@@ -137,14 +148,14 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
         self, request: pb.ResetStreamRequest, context: grpc.aio.ServicerContext
     ) -> pb.ResetStreamResponse:
         existed = await self.dataplane.reset_stream(
-            check_stream_id(request.stream_id), context.time_remaining(), TENANT.get()
+            check_stream_id(request.stream_id), context.time_remaining(), TENANT.get(), request.model
         )
         return pb.ResetStreamResponse(existed=existed)
 
     @unary_errors
     async def GetStream(self, request: pb.GetStreamRequest, context: grpc.aio.ServicerContext) -> pb.StreamInfo:
         status = await self.dataplane.stream_status(
-            check_stream_id(request.stream_id), context.time_remaining(), TENANT.get()
+            check_stream_id(request.stream_id), context.time_remaining(), TENANT.get(), request.model
         )
         return pb.StreamInfo(
             stream_id=status.stream_id,
@@ -153,11 +164,14 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
             updated_unix_ms=status.updated_unix_ms,
             expires_in_ms=status.expires_in_ms,
             model_fingerprint=status.model_fingerprint,
+            model=status.model,
+            model_version=status.model_version,
         )
 
     @unary_errors
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        model = self.dataplane.model
+        served = self.dataplane.served(request.name)
+        number, model = served.describe(request.version)
         return pb.ModelInfo(
             name=model.name,
             fingerprint=model.fingerprint,
@@ -173,4 +187,14 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
             server_version=server_version(),
             max_batch_chunks=self.batch_limits.chunks,
             max_batch_timesteps=self.batch_limits.timesteps,
+            version=number,
         )
+
+    @unary_errors
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[
+            pb.ModelVersionStatus(name=row.model, version=row.number, state=row.state, reason=row.reason,
+                                  fingerprint=row.fingerprint)
+            for row in self.dataplane.version_status()
+        ])

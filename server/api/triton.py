@@ -14,7 +14,12 @@ Triton's sequence parameters map onto streams (docs/triton.md says this for user
 - With API keys, sequence ids live in the caller's tenant namespace, as native stream ids do
   (invariant 13, docs/invariants.md): the tenant comes from server/api/auth.py's TENANT.
 
-The model is served under its Keras name and under the alias "default", version "1", with one input
+Models and versions (docs/models.md): with `--model FILE` the model is served under its Keras name and under
+the alias "default", version "1"; with `--model-repository` each model under its folder's name (the only
+one also as "default"), its versions as the repository numbers them. `model_version` empty runs a new
+sequence on the newest version; a sequence stays on the version that started it, which the response's
+`model_version` names. The repository extension (RepositoryIndex, RepositoryModelLoad,
+RepositoryModelUnload) reads and changes what is loaded. Each model has one input
 "INPUT" (FP32 [timesteps, features], or [1, timesteps, features] as Triton's batched sequence models
 take it) and one output "OUTPUT" (FP32 [rows, output_size], with the leading 1 when the input had it).
 """
@@ -35,8 +40,6 @@ from server.api.errors import as_service_error, unary_errors
 from server.api.malformed import add_servicer
 from server.api.streaming import StreamWindow, answer_in_order
 from server.api.triton_convert import (
-    MODEL_ALIAS,
-    MODEL_VERSION,
     SERVER_NAME,
     model_config,
     model_metadata,
@@ -45,12 +48,12 @@ from server.api.triton_convert import (
     to_stream_error,
 )
 from server.api.triton_statistics import TenantStatistics
-from server.dataplane.plane import DataPlane
-from server.errors import ServiceError, unknown_model
+from server.dataplane.plane import DataPlane, ServedModel
+from server.errors import ServiceError, invalid_argument, no_model_repository, unknown_model
 from server.types import Prediction, StageTimes
 from server.version import server_version
 
-EXTENSIONS = ("model_configuration", "sequence", "sequence(string_id)", "statistics")
+EXTENSIONS = ("model_configuration", "model_repository", "sequence", "sequence(string_id)", "statistics")
 
 Context = grpc.aio.ServicerContext
 
@@ -65,6 +68,7 @@ class _Submitted:
     started_ns: int
     times: StageTimes  # filled in by the data path, for ModelStatistics
     tenant: str  # whose statistics count it
+    model: str  # the served model's name
 
 
 class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -80,46 +84,53 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.statistics = TenantStatistics()
         self.version = server_version()  # ServerMetadata's; the same as GetModel's and `lstm-serve --version`
 
+    def _model(self, name: str, version: str) -> tuple[ServedModel, int]:
+        """The model and version (0: none named) a request names; Triton's NOT_FOUND otherwise."""
+        try:
+            served = self.dataplane.served(name)
+        except ServiceError:
+            raise unknown_model(name) from None
+        if not version:
+            return served, 0
+        number = int(version) if version.isdigit() else 0
+        if not number or served.versions.get(number) is None:
+            raise unknown_model(name, version)
+        return served, number
+
     def _is_model(self, name: str, version: str) -> bool:
-        return self._model_error(name, version) is None
-
-    def _check_model(self, name: str, version: str) -> None:
-        if error := self._model_error(name, version):
-            raise error
-
-    def _model_error(self, name: str, version: str) -> ServiceError | None:
-        if name not in (self.dataplane.model.name, MODEL_ALIAS):
-            return unknown_model(name)
-        if version not in ("", MODEL_VERSION):
-            return unknown_model(name, version)
-        return None
+        try:
+            served, _ = self._model(name, version)
+        except ServiceError:
+            return False
+        return bool(version) or served.versions.newest() is not None
 
     # The inference path, shared by ModelInfer and ModelStreamInfer.
 
     def _submit(self, request: pb.ModelInferRequest, time_remaining: float | None = None) -> _Submitted:
         """Validate and hand to the data plane now, so a stream's chunks reach the batcher in order."""
-        self._check_model(request.model_name, request.model_version)
+        served, version = self._model(request.model_name, request.model_version)
         started_ns, times, batched, tenant = time.monotonic_ns(), StageTimes(), False, TENANT.get()
         try:
             chunk, batched = to_chunk(
-                request, self.dataplane.model, self.dataplane.max_chunk_timesteps, tenant, times
+                request, served.description, self.dataplane.max_chunk_timesteps, tenant, times,
+                model_name=served.name, model_version=version,
             )
             times.queued = time.monotonic_ns()
             answer = self.dataplane.submit(chunk, time_remaining)
         except Exception as exc:  # a bad request: its failure is delivered like the data plane's
             answer = asyncio.get_running_loop().create_future()
             answer.set_exception(as_service_error(exc))
-        return _Submitted(request, answer, batched, started_ns, times, tenant)
+        return _Submitted(request, answer, batched, started_ns, times, tenant, served.name)
 
     async def _finish(self, submitted: _Submitted) -> pb.ModelInferResponse:
-        statistics = self.statistics.of(submitted.tenant)
+        statistics = self.statistics.of(_statistics_key(submitted.tenant, submitted.model))
         try:
             prediction = await submitted.answer
         except Exception:
             statistics.record_failure(submitted.started_ns)
             raise
         statistics.record_success(submitted.started_ns, submitted.times)
-        return to_response(submitted.request, prediction, submitted.batched, self.dataplane.model.name)
+        return to_response(submitted.request, prediction, submitted.batched, submitted.model)
 
     @unary_errors
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
@@ -165,14 +176,16 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Context
     ) -> pb.ModelMetadataResponse:
-        self._check_model(request.name, request.version)
-        return model_metadata(self.dataplane.model)
+        served, number = self._model(request.name, request.version)
+        description = served.describe(number)[1]
+        return model_metadata(served.name, [number] if number else served.versions.ready_numbers(), description)
 
     @unary_errors
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
-        self._check_model(request.name, request.version)
+        served, number = self._model(request.name, request.version)
         config = model_config(
-            self.dataplane.model, self.dataplane.max_chunk_timesteps, max_batch_size=self.max_batch_size,
+            served.name, served.describe(number)[1], self.dataplane.max_chunk_timesteps,
+            max_batch_size=self.max_batch_size,
             max_queue_delay_us=self.max_queue_delay_us, sequence_idle_us=self.sequence_idle_us,
         )
         return pb.ModelConfigResponse(config=config)
@@ -181,13 +194,54 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: Context
     ) -> pb.ModelStatisticsResponse:
-        if request.name:  # empty: every model, which is this one
-            self._check_model(request.name, request.version)
-        # Under the name asked for, as Triton answers: perf_analyzer -m default looks its statistics up by it.
-        name = request.name or self.dataplane.model.name
+        if request.name:
+            served, _ = self._model(request.name, request.version)
+            # Under the name asked for, as Triton answers: perf_analyzer -m default looks its statistics up by it.
+            named = [(request.name, served)]
+        else:  # every model
+            named = [(name, self.dataplane.served(name)) for name in self.dataplane.model_names()]
         # With API keys, the caller's tenant's own requests only (invariant 13).
-        statistics = self.statistics.of(TENANT.get())
-        return pb.ModelStatisticsResponse(model_stats=[statistics.message(name, MODEL_VERSION)])
+        return pb.ModelStatisticsResponse(model_stats=[
+            self.statistics.of(_statistics_key(TENANT.get(), served.name)).message(
+                name, request.version or str(max(served.versions.ready_numbers(), default=0)))
+            for name, served in named
+        ])
+
+    # Triton's model repository extension.
+
+    @unary_errors
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context
+                              ) -> pb.RepositoryIndexResponse:
+        index = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(models=[
+            index(name=row.model, version=str(row.number), state=row.state, reason=row.reason)
+            for row in self.dataplane.version_status() if not request.ready or row.state == "READY"
+        ])
+
+    @unary_errors
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: Context
+                                  ) -> pb.RepositoryModelLoadResponse:
+        if self.dataplane.control is None:
+            raise no_model_repository()
+        await self.dataplane.control.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @unary_errors
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: Context
+                                    ) -> pb.RepositoryModelUnloadResponse:
+        if self.dataplane.control is None:
+            raise no_model_repository()
+        version = 0
+        if "version" in request.parameters:
+            version = request.parameters["version"].int64_param
+            if version < 1:
+                raise invalid_argument("parameters.version", "must be an int64_param of at least 1")
+        await self.dataplane.control.unload(request.model_name, version)
+        return pb.RepositoryModelUnloadResponse()
+
+
+def _statistics_key(tenant: str, model: str) -> str:
+    return f"{tenant}\0{model}"  # neither a tenant name nor a model name has a NUL
 
 
 def add_triton_service(

@@ -22,9 +22,6 @@ from server.types import Chunk, ModelDescription, Prediction, StageTimes
 INPUT_NAME = "INPUT"
 OUTPUT_NAME = "OUTPUT"
 DATATYPE = "FP32"
-MODEL_VERSION = "1"
-# Accepted besides the Keras model name, so one client script works whatever model a deployment runs.
-MODEL_ALIAS = "default"
 PLATFORM = "keras"
 SERVER_NAME = "lstm-stream-server"
 
@@ -34,6 +31,9 @@ START_OFFSET = "start_offset"  # int64: apply only at this offset (exactly-once,
 # Response parameters: the stream's offset after the request, and whether it was a replayed retry.
 SEQUENCE_OFFSET = "sequence_offset"
 REPLAYED = "replayed"
+# Response parameter (int64): the chunk moved its sequence off this retired version (0: another model) and
+# started it again from zero state on the version that answered (--on-retired-version reset).
+MIGRATED_FROM = "migrated_from_version"
 
 
 # --- request parameters ----------------------------------------------------------------------------
@@ -157,7 +157,7 @@ def _check_outputs(request: pb.ModelInferRequest) -> None:
 # --- request -> Chunk, Prediction -> response --------------------------------------------------------
 
 def to_chunk(request: pb.ModelInferRequest, model: ModelDescription, max_timesteps: int, tenant: str,
-             times: StageTimes | None = None) -> tuple[Chunk, bool]:
+             times: StageTimes | None = None, *, model_name: str = "", model_version: int = 0) -> tuple[Chunk, bool]:
     """The request as a validated Chunk, and whether its input had the batch dimension (the output gets it too).
 
     `times`, if given, travels with the chunk and collects its stage times (server/types.py)."""
@@ -172,10 +172,12 @@ def to_chunk(request: pb.ModelInferRequest, model: ModelDescription, max_timeste
     values, batched = _values(request, model.input_features, max_timesteps)
     if stream_id is None:
         # Outside a sequence every request is its own whole sequence (Keras stateful=False).
-        return Chunk(None, values, request_id=request.id, tenant=tenant, times=times), batched
+        return Chunk(None, values, request_id=request.id, tenant=tenant, times=times, model=model_name,
+                     model_version=model_version), batched
     # The Triton `id` is only echoed, never used for retry detection: Triton clients often reuse
     # one id, and a repeated identical chunk must then run again, not be answered from storage.
-    chunk = Chunk(stream_id, values, start_offset, reset, end, must_exist=not implicit, tenant=tenant, times=times)
+    chunk = Chunk(stream_id, values, start_offset, reset, end, must_exist=not implicit, tenant=tenant, times=times,
+                  model=model_name, model_version=model_version)
     return chunk, batched
 
 
@@ -185,7 +187,7 @@ def to_response(request: pb.ModelInferRequest, prediction: Prediction, batched: 
     shape = [1, rows, columns] if batched else [rows, columns]
     response = pb.ModelInferResponse(
         model_name=model_name,
-        model_version=MODEL_VERSION,
+        model_version=str(prediction.model_version) if prediction.model_version else request.model_version,
         id=request.id,
         outputs=[pb.ModelInferResponse.InferOutputTensor(name=OUTPUT_NAME, datatype=DATATYPE, shape=shape)],
         raw_output_contents=[np.ascontiguousarray(prediction.outputs, dtype="<f4").tobytes()],
@@ -194,6 +196,8 @@ def to_response(request: pb.ModelInferRequest, prediction: Prediction, batched: 
         response.parameters[SEQUENCE_OFFSET].int64_param = prediction.offset
         if prediction.replayed:
             response.parameters[REPLAYED].bool_param = True
+        if prediction.migrated:
+            response.parameters[MIGRATED_FROM].int64_param = prediction.migrated_from
     _mark_final(request, response)
     return response
 
@@ -225,12 +229,12 @@ def _shapes(model: ModelDescription) -> tuple[list[int], list[int]]:
     return [-1, model.input_features], [rows, model.output_size]
 
 
-def model_metadata(model: ModelDescription) -> pb.ModelMetadataResponse:
+def model_metadata(name: str, versions: list[int], model: ModelDescription) -> pb.ModelMetadataResponse:
     input_dims, output_dims = _shapes(model)
     tensor = pb.ModelMetadataResponse.TensorMetadata
     return pb.ModelMetadataResponse(
-        name=model.name,
-        versions=[MODEL_VERSION],
+        name=name,
+        versions=[str(v) for v in versions],
         platform=PLATFORM,
         # With max_batch_size > 0 Triton's metadata shapes lead with the batch dimension, -1.
         inputs=[tensor(name=INPUT_NAME, datatype=DATATYPE, shape=[-1, *input_dims])],
@@ -239,12 +243,12 @@ def model_metadata(model: ModelDescription) -> pb.ModelMetadataResponse:
 
 
 def model_config(
-    model: ModelDescription, max_chunk_timesteps: int, *, max_batch_size: int, max_queue_delay_us: int,
+    name: str, model: ModelDescription, max_chunk_timesteps: int, *, max_batch_size: int, max_queue_delay_us: int,
     sequence_idle_us: int,
 ) -> config_pb.ModelConfig:
     input_dims, output_dims = _shapes(model)
     config = config_pb.ModelConfig(
-        name=model.name,
+        name=name,
         platform=PLATFORM,
         backend=SERVER_NAME,
         max_batch_size=max_batch_size,

@@ -105,6 +105,8 @@ def make_chunk(
     tenant: str = "",
     deadline: float | None = None,
     known_finite: bool = False,
+    model: str = "",
+    model_version: int = 0,
 ) -> Chunk:
     """Validate native-API fields into a Chunk (other protocols call the check_* pieces directly)."""
     if stream_id is not None:
@@ -113,4 +115,5 @@ def make_chunk(
     if len(request_id) > MAX_REQUEST_ID_CHARS:
         raise invalid_argument("request_id", f"is {len(request_id)} characters long; at most {MAX_REQUEST_ID_CHARS}")
     array = check_values(values, timesteps, features, max_timesteps, known_finite=known_finite)
-    return Chunk(stream_id, array, start_offset, reset, end, request_id, deadline=deadline, tenant=tenant)
+    return Chunk(stream_id, array, start_offset, reset, end, request_id, deadline=deadline, tenant=tenant,
+                 model=model, model_version=model_version)

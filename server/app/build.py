@@ -26,12 +26,12 @@ from server.api.native import StreamInferenceServicer
 from server.api.security import Security
 from server.api.streaming import StreamWindow
 from server.api.triton import add_triton_service
+from server.app.models import RepositoryModels, load_runner
 from server.app.redis_health import RedisHealth
 from server.config import ServerConfig
 from server.dataplane.plane import DataPlane
 from server.dataplane.processor import StreamPolicy
 from server.errors import StartupError
-from server.model.runner import ModelRunner
 from server.security.limits import ChunkRate
 from server.security.tenants import Tenants
 from server.state.cache import SavedSlots
@@ -57,13 +57,14 @@ class BuiltServer:
     drain: Drain
     security: Security
     redis_mode: str
+    repository: RepositoryModels | None = None  # with --model-repository: polls it until stopped
 
 
 async def build_server(config: ServerConfig, worker_of: tuple[int, int] | None) -> BuiltServer:
     # Before the model loads (seconds): a bad key file or certificate should fail at once.
     security = Security(config)
-    runner = _load_model(config)
-    model = runner.description
+    # The message limits fit the models loaded at start-up; a model loaded later must fit them too.
+    single = None if config.model_repository else _load_model(config)
     topology = RedisTopology.from_config(config)
     store = StateStore(
         topology, config.key_prefix, wait=WaitPolicy(config.redis_wait_replicas, config.redis_wait_timeout_ms),
@@ -72,12 +73,25 @@ async def build_server(config: ServerConfig, worker_of: tuple[int, int] | None) 
     )
     record_format = RecordFormat(store.client, config.key_prefix)
     await record_format.settle()  # before the first save: which format this deployment writes
-    dataplane = _data_plane(config, runner, store, security.tenants, record_format)
+    dataplane = _data_plane(config, store, security.tenants, record_format)
+    repository = None
+    if single is not None:
+        # --model FILE: version 1 of a model named as Keras names it, with the keys of a server without a
+        # repository (its streams are the ones an earlier release kept).
+        dataplane.add_model(single.description.name, single, 1, namespace="")
+    else:
+        repository = RepositoryModels(config)
+        repository.load_initial(dataplane)
+        dataplane.control = repository
     dataplane.start()
 
     # Invariant 12 (docs/invariants.md): no message larger than the largest valid chunk (plus headroom),
     # a bounded number of calls at once; past either grpc answers RESOURCE_EXHAUSTED for that call only.
-    receive_limit, send_limit = config.message_limits(model.input_features, model.output_size)
+    shapes = [(m.input_features, m.output_size) for m in map(dataplane.served, dataplane.model_names())]
+    receive_limit, send_limit = config.message_limits(max(f for f, _ in shapes), max(o for _, o in shapes))
+    if repository is not None:
+        repository.set_fits(lambda features, outputs: _fits(config, (receive_limit, send_limit), features, outputs))
+        repository.start()
     drain = Drain()
     server = grpc.aio.server(
         # First: counts every call, the drain's refusals included.
@@ -121,16 +135,26 @@ async def build_server(config: ServerConfig, worker_of: tuple[int, int] | None) 
     except RuntimeError as exc:  # grpc raises this when the address is taken or invalid
         raise StartupError(f"cannot listen on {config.address}: {exc}; is another server running there?") from exc
     return BuiltServer(server, port, dataplane, health, RedisHealth(dataplane.store, health, inference_services), drain,
-                       security, topology.mode)
+                       security, topology.mode, repository)
 
 
-def _data_plane(config: ServerConfig, runner: Runner, store: StateStore, tenants: Tenants | None,
+def _fits(config: ServerConfig, limits: tuple[int, int], features: int, outputs: int) -> str | None:
+    """Why a model loaded after start-up cannot be served within the message limits set at start-up, if so."""
+    needed = config.message_limits(features, outputs)
+    if needed[0] > limits[0] or needed[1] > limits[1]:
+        return (f"its largest valid message ({max(needed)} bytes) is larger than this server's limit "
+                f"({max(limits)} bytes, set at start-up for the models loaded then); restart the server, or set "
+                "--max-message-bytes")
+    return None
+
+
+def _data_plane(config: ServerConfig, store: StateStore, tenants: Tenants | None,
                 record_format: RecordFormat) -> DataPlane:
     policy = StreamPolicy.from_config(config)
     return DataPlane(
-        runner, store, policy,
+        store, policy,
         max_batch=config.max_batch, max_delay_s=config.max_delay_s, max_in_flight=config.max_in_flight,
-        max_queued=config.max_queued_chunks,
+        max_queued=config.max_queued_chunks, max_chunk_timesteps=config.max_chunk_timesteps,
         # Per-tenant limits (invariants 12 and 13), only with API keys.
         chunk_rate=ChunkRate(tenants.limits) if tenants else None,
         live=LiveStreams(store, policy.state_ttl_ms, lambda tenant: tenants.limits(tenant).max_streams)
@@ -140,16 +164,8 @@ def _data_plane(config: ServerConfig, runner: Runner, store: StateStore, tenants
 
 
 def _load_model(config: ServerConfig) -> Runner:
-    """The model, warm (its calls for the configured chunk lengths compiled), and described in the log."""
-    runner: Runner = ModelRunner(
-        config.model, config.max_chunk_timesteps, xla=config.xla, max_batch=config.max_batch,
-        numpy_max_batch_timesteps=config.numpy_max_batch_timesteps,
-    )
-    if config.identity_model:
-        from server.model.identity import IdentityRunner
-
-        runner = IdentityRunner(runner.description, config.max_chunk_timesteps)
-    runner.warm_up(config.warmup_lengths())
+    """The model of --model FILE, warm (its calls for the configured chunk lengths compiled), described in the log."""
+    runner = load_runner(config, config.model)
     model = runner.description
     metrics.MODEL.info({"name": model.name, "fingerprint": model.fingerprint,
                         "input_features": str(model.input_features), "output_size": str(model.output_size),

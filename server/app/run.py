@@ -69,6 +69,8 @@ async def run_until_signalled(built: BuiltServer, config: ServerConfig, worker_o
     if security_watch:
         security_watch.cancel()
     await _drain(config, built, tracker, hurry)
+    if built.repository is not None:
+        await built.repository.stop()
     await built.dataplane.stop()
 
 

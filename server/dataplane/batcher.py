@@ -73,7 +73,8 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._in_flight_chunks = 0
-        metrics.watch_batcher(lambda: len(self._queue), lambda: self._in_flight_chunks)
+        self._queued_now = lambda: len(self._queue)
+        metrics.watch_batcher(self._queued_now, lambda: self._in_flight_chunks)
 
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
         self._loop = asyncio.get_running_loop()
@@ -96,6 +97,7 @@ class Batcher:
                 # log "Future exception was never retrieved" at exit. A caller still waiting gets it anyway.
                 waiting.future.exception()
         self._queue.clear()
+        metrics.unwatch_batcher(self._queued_now)
 
     def submit(self, chunk: Chunk) -> asyncio.Future[Prediction]:
         """Queue a chunk; the future gets its Prediction or ServiceError. No task per chunk: cheap.
@@ -116,14 +118,18 @@ class Batcher:
         """Queue the chunks of one message, all or none (invariants 12 and 17): a message that does not fit
         beside what already waits (`max_queued`) is refused whole with RESOURCE_EXHAUSTED, so no part of it is
         applied. Chunks of one stream keep their order, as separate submits would."""
-        if not self._room_for(len(chunks)):
-            metrics.CHUNKS.labels("RESOURCE_EXHAUSTED").inc(len(chunks))
-            raise queue_full_for_batch(len(chunks), len(self._queue), self.max_queued)
+        self.check_room(len(chunks))
         loop = self._loop or self._bind_loop()
         futures = [loop.create_future() for _ in chunks]
         self._queue.extend(map(_Waiting, chunks, futures))
         self._changed.set()
         return futures
+
+    def check_room(self, chunks: int) -> None:
+        """Raises RESOURCE_EXHAUSTED unless a message of `chunks` chunks fits in the queue now."""
+        if not self._room_for(chunks):
+            metrics.CHUNKS.labels("RESOURCE_EXHAUSTED").inc(chunks)
+            raise queue_full_for_batch(chunks, len(self._queue), self.max_queued)
 
     def _room_for(self, chunks: int) -> bool:
         """Whether `chunks` more fit beside those waiting, once chunks nobody waits for are dropped."""
@@ -141,7 +147,9 @@ class Batcher:
             if not future.done():
                 future.cancel()
                 live = True
-            elif not future.cancelled():
+            elif future.cancelled():
+                live = True  # cancelled by another model's batcher: its chunk may wait here
+            else:
                 future.exception()  # retrieved: an unread error is not worth asyncio's "never retrieved" log
         if live:
             self._drop_abandoned()

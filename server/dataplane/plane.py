@@ -1,7 +1,9 @@
 """The protocol-agnostic data plane every servicer calls: predict, reset, inspect, describe.
 
-It owns the batcher, the state store and the model runner, and wires them in the one direction
-the data flows: batcher -> store -> model -> store -> reply.
+It owns the state store and, per served model, a batcher and a batch processor over the model's versions
+(server/dataplane/versions.py), and wires them in the one direction the data flows: batcher -> store ->
+model -> store -> reply. Each model has its own namespace of stream ids (StateStore.namespaced), except the
+model of `--model FILE`, whose streams keep the keys of a server without a repository.
 """
 
 from __future__ import annotations
@@ -10,11 +12,20 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from server import metrics
 from server.dataplane.batcher import Batcher
 from server.dataplane.processor import BatchProcessor, StreamPolicy
-from server.errors import ServiceError, slot_from_newer_release, slot_wrong_type, tenant_rate_exceeded
+from server.dataplane.versions import ModelControl, ModelVersions, ServingVersion, VersionStatus
+from server.errors import (
+    ServiceError,
+    model_not_found,
+    model_version_unavailable,
+    slot_from_newer_release,
+    slot_wrong_type,
+    tenant_rate_exceeded,
+)
 from server.security.limits import ChunkRate
 from server.state.formats import RecordFormat
 from server.state.live import LiveStreams
@@ -22,11 +33,52 @@ from server.state.record import NEWEST_FORMAT, CorruptRecord, NewerRecord
 from server.state.store import StateStore, WrongType
 from server.types import Chunk, ModelDescription, Prediction, Runner, StreamStatus
 
+# Accepted for the server's only model whatever its name (Triton's clients often say "default").
+MODEL_ALIAS = "default"
+
+
+@dataclass(slots=True)
+class ServedModel:
+    """One model: its versions, its stream namespace, and its own batcher and batch processor."""
+
+    name: str
+    versions: ModelVersions
+    store: StateStore  # the model's stream namespace
+    processor: BatchProcessor
+    batcher: Batcher
+    # Shared by every version: a version with other shapes is refused when it loads (server/app/models.py).
+    input_features: int
+    output_size: int
+    per_timestep_outputs: bool
+    max_chunk_timesteps: int
+
+    @property
+    def description(self) -> ModelDescription:
+        """The newest version's (or, while none is ready, the newest serving one's)."""
+        newest = self.versions.newest()
+        if newest is None:
+            serving = self.versions.serving()
+            if not serving:
+                raise model_version_unavailable(self.name, 0, [])
+            newest = serving[-1]
+        return newest.description
+
+    def describe(self, version: int) -> tuple[int, ModelDescription]:
+        """A version's number and description (0: the newest); NOT_FOUND naming the ready ones."""
+        if not version:
+            newest = self.versions.newest()
+            if newest is None:
+                raise model_version_unavailable(self.name, 0, [])
+            return newest.number, newest.description
+        found = self.versions.get(version)
+        if found is None:
+            raise model_version_unavailable(self.name, version, self.versions.ready_numbers())
+        return found.number, found.description
+
 
 class DataPlane:
     def __init__(
         self,
-        runner: Runner,
         store: StateStore,
         policy: StreamPolicy,
         *,
@@ -34,43 +86,84 @@ class DataPlane:
         max_delay_s: float,
         max_in_flight: int,
         max_queued: int,
+        max_chunk_timesteps: int,
         chunk_rate: ChunkRate | None = None,
         live: LiveStreams | None = None,
         record_format: RecordFormat | None = None,
     ) -> None:
-        self.runner = runner
         self.store = store
         self.record_format = record_format  # which record format saves use (rolling upgrades)
         self._format_refresh: asyncio.Task[None] | None = None
         self.request_deadline_s = policy.request_deadline_s
+        self.max_chunk_timesteps = max_chunk_timesteps
+        self._policy = policy
+        self._batching = {"max_batch": max_batch, "max_delay_s": max_delay_s, "max_in_flight": max_in_flight,
+                          "max_queued": max_queued}
         # Per-tenant limits (invariants 12 and 13): chunks/s in this process, live streams in Redis.
         self._chunk_rate = chunk_rate
         self._live = live
-        self._processor = BatchProcessor(runner, store, policy, live, record_format)
-        self._batcher = Batcher(
-            self._processor, max_batch=max_batch, max_delay_s=max_delay_s, max_in_flight=max_in_flight,
-            max_queued=max_queued,
-        )
+        self._models: dict[str, ServedModel] = {}
+        self._started = False
+        # Loads and unloads versions on request (server/app/models.py); None without a model repository.
+        self.control: ModelControl | None = None
+
+    # The models served.
+
+    def add_model(self, name: str, first: Runner, number: int = 1, *, namespace: str | None = None) -> ServedModel:
+        """Serve a model, starting with one version; `namespace` "" keeps the keys of a server without a
+        repository (--model FILE), None gives the model its own (its name)."""
+        namespace = name if namespace is None else namespace
+        versions = ModelVersions(name)
+        store = self.store.namespaced(namespace)
+        processor = BatchProcessor(versions, store, self._policy, self._live, self.record_format, namespace)
+        batcher = Batcher(processor, **self._batching)  # type: ignore[arg-type]
+        description = first.description
+        served = ServedModel(name, versions, store, processor, batcher, description.input_features,
+                             description.output_size, description.per_timestep_outputs, first.max_chunk_timesteps)
+        versions.add(ServingVersion(number, first))
+        self._models[name] = served
+        if self._started:
+            batcher.start()
+        return served
+
+    def served(self, name: str = "") -> ServedModel:
+        """The model a request names (empty, or Triton's "default": the only one); NOT_FOUND naming the others."""
+        found = self._models.get(name)
+        if found is not None:
+            return found
+        if name in ("", MODEL_ALIAS) and len(self._models) == 1:
+            return next(iter(self._models.values()))
+        raise model_not_found(name, sorted(self._models))
+
+    def model_names(self) -> list[str]:
+        return sorted(self._models)
+
+    def version_status(self) -> list[VersionStatus]:
+        rows = [row for name in sorted(self._models) for row in self._models[name].versions.status()]
+        if self.control is not None:
+            rows += self.control.status()
+        return sorted(rows, key=lambda row: (row.model, row.number))
 
     @property
     def model(self) -> ModelDescription:
-        return self.runner.description
-
-    @property
-    def max_chunk_timesteps(self) -> int:
-        return self.runner.max_chunk_timesteps
+        """The only model's newest version (a server of one model; the edges name a model with `served`)."""
+        return self.served().description
 
     def start(self) -> None:
-        self._batcher.start()
+        self._started = True
+        for served in self._models.values():
+            served.batcher.start()
         if self.record_format is not None:
             self._format_refresh = asyncio.create_task(self.record_format.track(), name="record-format")
 
     async def stop(self) -> None:
         if self._format_refresh is not None:
             self._format_refresh.cancel()
-        await self._batcher.stop()
-        self._processor.close()
-        self.runner.close()
+        for served in self._models.values():
+            await served.batcher.stop()
+            served.processor.close()
+            for version in served.versions.serving():
+                version.runner.close()
         await self.store.close()
 
     def deadline(self, time_remaining: float | None) -> float:
@@ -92,7 +185,7 @@ class DataPlane:
             raise over
         if chunk.deadline is None:
             chunk = dataclasses.replace(chunk, deadline=self.deadline(time_remaining))
-        return self._batcher.submit(chunk)
+        return self.served(chunk.model).batcher.submit(chunk)
 
     def submit_many(self, chunks: Sequence[Chunk | ServiceError]
                     ) -> list[asyncio.Future[Prediction] | ServiceError]:
@@ -110,9 +203,29 @@ class DataPlane:
                 continue
             valid.append(chunk)
             positions.append(index)
-        for index, future in zip(positions, self._batcher.submit_many(valid), strict=True):
+        if len(self._models) == 1 or len({c.model for c in valid}) <= 1:
+            served = self.served(valid[0].model) if valid else None
+            futures = served.batcher.submit_many(valid) if served is not None else []
+        else:
+            futures = self._submit_to_models(valid)
+        for index, future in zip(positions, futures, strict=True):
             answers[index] = future
         return answers
+
+    def _submit_to_models(self, chunks: list[Chunk]) -> list[asyncio.Future[Prediction]]:
+        """A message with chunks of several models: each model's batcher takes its part, all or none (every
+        batcher is checked for room first, so no part is queued when another is refused)."""
+        groups: dict[str, list[int]] = {}
+        for index, chunk in enumerate(chunks):
+            groups.setdefault(chunk.model, []).append(index)
+        for name, indices in groups.items():
+            self.served(name).batcher.check_room(len(indices))
+        futures: list[asyncio.Future[Prediction]] = [None] * len(chunks)  # type: ignore[list-item]
+        for name, indices in groups.items():
+            for index, future in zip(indices, self.served(name).batcher.submit_many([chunks[i] for i in indices]),
+                                     strict=True):
+                futures[index] = future
+        return futures
 
     def _over_rate(self, chunk: Chunk) -> ServiceError | None:
         """RESOURCE_EXHAUSTED when the chunk's tenant is over its chunks/s (a token is taken otherwise)."""
@@ -123,20 +236,24 @@ class DataPlane:
 
     def abandon(self, answers: Sequence[asyncio.Future[Prediction]]) -> None:
         """The caller is gone (a broken stream): chunks not yet started are dropped, never run later."""
-        self._batcher.abandon(answers)
+        for served in self._models.values():
+            served.batcher.abandon(answers)
 
-    async def reset_stream(self, stream_id: str, time_remaining: float | None = None, tenant: str = "") -> bool:
+    async def reset_stream(self, stream_id: str, time_remaining: float | None = None, tenant: str = "",
+                           model: str = "") -> bool:
         """Forget the stream's slot (Keras reset_states for this stream alone); True if the stream existed:
         an ended stream, whose record is kept only for retries of its last chunk, did not (GetStream agrees)."""
+        served = self.served(model)
         deadline = self.deadline(time_remaining)
-        existed = await self.store.delete(stream_id, deadline, tenant)
+        existed = await served.store.delete(stream_id, deadline, tenant)
         if self._live is not None and tenant:
-            await self._live.forget(tenant, stream_id, deadline)
+            await self._live.forget(tenant, served.processor.live_member(stream_id), deadline)
         return existed
 
-    async def stream_status(self, stream_id: str, time_remaining: float | None = None, tenant: str = ""
-                            ) -> StreamStatus:
-        slot, ttl_ms = await self.store.inspect(stream_id, self.deadline(time_remaining), tenant)
+    async def stream_status(self, stream_id: str, time_remaining: float | None = None, tenant: str = "",
+                            model: str = "") -> StreamStatus:
+        served = self.served(model)
+        slot, ttl_ms = await served.store.inspect(stream_id, self.deadline(time_remaining), tenant)
         if isinstance(slot, WrongType):
             raise slot_wrong_type(stream_id, slot.key, slot.redis_type)
         if isinstance(slot, NewerRecord):
@@ -150,4 +267,6 @@ class DataPlane:
             updated_unix_ms=slot.updated_unix_ms,
             expires_in_ms=max(ttl_ms, 0),
             model_fingerprint=slot.fingerprint.hex(),
+            model=served.name,
+            model_version=served.versions.number_of(slot.fingerprint),
         )

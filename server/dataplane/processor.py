@@ -24,12 +24,13 @@ import numpy as np
 from server import metrics
 from server.config import ServerConfig
 from server.dataplane.rules import Planned, StreamRules, chunk_digest, live_change
+from server.dataplane.versions import ModelVersions, ServingVersion
 from server.errors import deadline_passed, tenant_streams_exceeded
 from server.state.formats import RecordFormat
 from server.state.live import LiveChange, LiveStreams
-from server.state.record import SlotRecord, fingerprint_bytes
+from server.state.record import SlotRecord
 from server.state.store import APPLIED, REFUSED, Loaded, SlotWrite, StateStore, now_unix_ms
-from server.types import CONFLICT, BatchResult, Chunk, Prediction, Runner
+from server.types import CONFLICT, BatchResult, Chunk, Prediction
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,8 +38,8 @@ class StreamPolicy:
     state_ttl_ms: int
     # How long an ended stream's last answer is kept for retries of its final chunk.
     ended_ttl_ms: int
-    # True: a slot written by another model is reset instead of refused.
-    reset_on_model_change: bool
+    # True: a slot of a version no longer served (or of another model) is reset instead of refused.
+    reset_retired: bool
     # How long a batch may wait for Redis when none of its chunks carries a deadline.
     request_deadline_s: float
     # Answers kept per stream for retries, and their bytes (--replay-window, --replay-window-bytes).
@@ -47,7 +48,8 @@ class StreamPolicy:
 
     @classmethod
     def from_config(cls, config: ServerConfig) -> StreamPolicy:
-        return cls(config.state_ttl_ms, config.ended_ttl_ms, config.reset_on_model_change, config.request_deadline_s,
+        reset_retired = config.reset_on_model_change or config.on_retired_version == "reset"
+        return cls(config.state_ttl_ms, config.ended_ttl_ms, reset_retired, config.request_deadline_s,
                    config.replay_window, config.replay_window_bytes)
 
 
@@ -76,18 +78,24 @@ class _Batch:
 
 class BatchProcessor:
     def __init__(
-        self, runner: Runner, store: StateStore, policy: StreamPolicy, live: LiveStreams | None = None,
-        record_format: RecordFormat | None = None,
+        self, versions: ModelVersions, store: StateStore, policy: StreamPolicy, live: LiveStreams | None = None,
+        record_format: RecordFormat | None = None, live_namespace: str = "",
     ) -> None:
-        self.runner = runner
-        self.store = store
+        self.versions = versions
+        self.store = store  # this model's stream namespace (StateStore.namespaced)
         self.policy = policy
         self.live = live  # per-tenant live-stream limits; None without API keys or without such limits
-        self.rules = StreamRules(fingerprint_bytes(runner.description.fingerprint), runner.zero_states(1)[0],
-                                 policy.reset_on_model_change, policy.replay_window, policy.replay_window_bytes,
+        # Tenants' live streams count every model's: a stream of a model with its own namespace is counted as
+        # `@<model>/<id>` (one tenant's live set holds every model's streams).
+        self._live_prefix = f"@{live_namespace}/" if live_namespace else ""
+        self.rules = StreamRules(versions, policy.reset_retired, policy.replay_window, policy.replay_window_bytes,
                                  (lambda: record_format.keeps_earlier_answers) if record_format else lambda: True)
         # One thread owns the model: calls never overlap, and the event loop stays free meanwhile.
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+
+    def live_member(self, stream_id: str) -> str:
+        """The stream as its tenant's live set counts it (server/state/live.py)."""
+        return self._live_prefix + stream_id
 
     def close(self) -> None:
         self._model_thread.shutdown(wait=False, cancel_futures=True)
@@ -174,7 +182,8 @@ class BatchProcessor:
         """Refuse (RESOURCE_EXHAUSTED) a chunk that would start a stream past its tenant's live-stream limit."""
         assert self.live is not None
         counted = [p for p in batch.planned if p.chunk.stream_id is not None and p.chunk.tenant]
-        changes = [LiveChange(p.chunk.tenant, p.chunk.stream_id or "", live_change(p, batch.slots.get(p.index)))
+        changes = [LiveChange(p.chunk.tenant, self.live_member(p.chunk.stream_id or ""),
+                              live_change(p, batch.slots.get(p.index)))
                    for p in counted]
         allowed = await self.live.apply(changes, now_unix_ms(), batch.deadline)
         refused = {p.index for p, ok in zip(counted, allowed, strict=True) if not ok}
@@ -188,28 +197,47 @@ class BatchProcessor:
         # (`_admit`), before any save could notice a stale one: its slot always comes from Redis.
         return self.live is None or not chunk.tenant or self.live.limit_of(chunk.tenant) <= 0
 
-    async def _run_model(self, planned: list[Planned]) -> tuple[list[np.ndarray], np.ndarray]:
-        """One model call for every chunk that runs, on the model's own thread."""
+    async def _run_model(self, planned: list[Planned]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """One model call per version for the chunks that run (one, unless sequences of several versions are
+        live), on the model's own thread; each chunk's outputs and new state, in `planned`'s order."""
+        versions = {id(p.version): p.version for p in planned}
+        if len(versions) == 1:
+            (version,) = versions.values()
+            outputs, states = await self._run_version(version, planned)  # type: ignore[arg-type]
+            return outputs, list(states)
+        all_outputs: list[np.ndarray] = [np.empty(0, np.float32)] * len(planned)
+        all_states: list[np.ndarray] = [np.empty(0, np.float32)] * len(planned)
+        for key, version in versions.items():
+            positions = [i for i, p in enumerate(planned) if id(p.version) == key]
+            outputs, states = await self._run_version(version, [planned[i] for i in positions])  # type: ignore[arg-type]
+            for i, output, state in zip(positions, outputs, states, strict=True):
+                all_outputs[i], all_states[i] = output, state
+        return all_outputs, all_states
+
+    async def _run_version(self, version: ServingVersion, planned: list[Planned]
+                           ) -> tuple[list[np.ndarray], np.ndarray]:
         states = np.stack([p.base_state for p in planned])
         loop = asyncio.get_running_loop()
         started = time.monotonic_ns()
         outputs, new_states = await loop.run_in_executor(
-            self._model_thread, self.runner.run, [p.chunk.values for p in planned], states
+            self._model_thread, version.runner.run, [p.chunk.values for p in planned], states
         )
         finished = time.monotonic_ns()
+        version.last_used = time.monotonic()
         for p in planned:
             if p.chunk.times is not None:
                 p.chunk.times.model_ran(started, finished, len(planned))
         return outputs, new_states
 
-    async def _save(self, batch: _Batch, outputs: list[np.ndarray], states: np.ndarray) -> None:
+    async def _save(self, batch: _Batch, outputs: list[np.ndarray], states: list[np.ndarray]) -> None:
         """Answer every chunk that ran, and save its stream's new record; a refused save takes its answer back."""
         writes: list[tuple[Planned, SlotWrite]] = []
         now = now_unix_ms()
         for p, output, state in zip(batch.planned, outputs, states, strict=True):
             chunk = p.chunk
             batch.results[p.index] = Prediction(chunk.stream_id, output, p.base_offset + chunk.timesteps, False,
-                                                chunk.request_id)
+                                                chunk.request_id, p.version.number,  # type: ignore[union-attr]
+                                                p.migrated, p.migrated_from)
             if chunk.stream_id is None:
                 continue  # one-shot inference: nothing to save
             ttl = self.policy.ended_ttl_ms if chunk.end else self.policy.state_ttl_ms

@@ -15,7 +15,10 @@ chunk, runs the model for the chunks that run, and saves the records `StreamRule
   a request id, is refused (FAILED_PRECONDITION); a chunk naming an offset before the stream's is
   refused by the offset rule.
 - A chunk naming a start offset other than the stream's offset is refused (FAILED_PRECONDITION).
-- A slot written by a different model is never fed to this one: refused, or reset when configured.
+- A sequence runs on the model version that started it (invariant 14): the version whose fingerprint its
+  slot carries, while that version serves; a new sequence starts on the newest version or the one its first
+  chunk names. A slot of a version no longer served, or of another model, is never fed to this one (invariant
+  7): refused, or the chunk starts a new sequence on the newest version (`--on-retired-version reset`).
 - `end` runs the chunk, then drops the state; a short-lived record keeps its answer for retries.
 """
 
@@ -28,15 +31,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from server import metrics
+from server.dataplane.versions import READY, ModelVersions, ServingVersion
 from server.errors import (
     ServiceError,
     late_duplicate,
+    model_version_unavailable,
     offset_mismatch,
+    pinned_to_version,
     saved_by_other_model,
     slot_from_newer_release,
     slot_unreadable,
     slot_wrong_type,
     stream_not_started,
+    version_retired,
 )
 from server.state.live import Change
 from server.state.record import (
@@ -98,6 +106,10 @@ class Planned:
     recent_requests: bytes = b""
     # The answers of the sequence's chunks before this one that the new record may keep, oldest first.
     earlier: KeptAnswers = NO_EARLIER
+    # The model version it runs on, and the retired one its stream was moved off (0: none).
+    version: ServingVersion | None = None
+    migrated_from: int = 0
+    migrated: bool = False
 
 
 def live_change(planned: Planned, slot: Loaded) -> Change:
@@ -109,14 +121,15 @@ def live_change(planned: Planned, slot: Loaded) -> Change:
 
 
 class StreamRules:
-    """The rules for one model: `fingerprint` is the one its slots must carry, `zero_state` a fresh state."""
+    """The rules for one model: `versions` are the ones its slots may carry (server/dataplane/versions.py);
+    `reset_retired`: a chunk of a sequence pinned to a version no longer served starts a new sequence on the
+    newest instead of being refused (--on-retired-version reset)."""
 
-    def __init__(self, fingerprint: bytes, zero_state: np.ndarray, reset_on_model_change: bool,
+    def __init__(self, versions: ModelVersions, reset_retired: bool,
                  replay_window: int = 1, replay_window_bytes: int = 0,
                  earlier_allowed: Callable[[], bool] = lambda: True) -> None:
-        self.fingerprint = fingerprint
-        self.zero_state = zero_state
-        self.reset_on_model_change = reset_on_model_change
+        self.versions = versions
+        self.reset_retired = reset_retired
         # --replay-window: answers kept per stream (the last chunk's always); --replay-window-bytes: the
         # most bytes they take in a record (the last chunk's answer kept whatever its size).
         self._replay_window = replay_window
@@ -131,7 +144,10 @@ class StreamRules:
     def plan(self, index: int, chunk: Chunk, digest: bytes, slot: Loaded) -> Planned | BatchResult:
         """The chunk runs (Planned), or is answered without running: a replay or an error."""
         if chunk.stream_id is None:
-            return Planned(index, chunk, self.zero_state, 0, b"", digest)
+            version = self._start_version(chunk)
+            if isinstance(version, ServiceError):
+                return version
+            return Planned(index, chunk, version.zero_state, 0, b"", digest, version=version)
         stream_id = chunk.stream_id
         if isinstance(slot, WrongType):
             return slot_wrong_type(stream_id, slot.key, slot.redis_type)
@@ -142,6 +158,7 @@ class StreamRules:
                 return slot_unreadable(stream_id, str(slot))
             return self._from_zero(index, chunk, digest, slot.version)
         if slot is not None and (replay := _replay(chunk, digest, slot)) is not None:
+            replay.model_version = self.versions.number_of(slot.fingerprint)
             return replay
         if slot is not None and not slot.ended and (duplicate := _late_duplicate(chunk, digest, slot)):
             return duplicate
@@ -154,28 +171,64 @@ class StreamRules:
         return self._continue(index, chunk, digest, slot)
 
     def _continue(self, index: int, chunk: Chunk, digest: bytes, slot: SlotRecord) -> Planned | ServiceError:
-        """The chunk continues the stream's live sequence from its slot."""
+        """The chunk continues the stream's live sequence from its slot, on the version that started it."""
         stream_id = chunk.stream_id or ""
-        if slot.fingerprint != self.fingerprint:
-            if self.reset_on_model_change:
-                return self._from_zero(index, chunk, digest, slot.version)
-            return saved_by_other_model(stream_id, slot.fingerprint.hex(), self.fingerprint.hex())
+        version = self.versions.by_fingerprint(slot.fingerprint)
+        if version is None:
+            return self._off_version(index, chunk, digest, slot)
+        if chunk.model_version and chunk.model_version != version.number:
+            return pinned_to_version(stream_id, self.versions.name, version.number, chunk.model_version)
         if chunk.start_offset is not None and chunk.start_offset != slot.offset:
             return offset_mismatch(stream_id, chunk.start_offset, slot.offset, self.replay_window)
-        if slot.state.size != self.zero_state.size:
+        if slot.state.size != version.zero_state.size:
             return slot_unreadable(
-                stream_id, f"the saved state has {slot.state.size} values, the model needs {self.zero_state.size}"
+                stream_id, f"the saved state has {slot.state.size} values, the model needs {version.zero_state.size}"
             )
         last = KeptAnswer.of(slot.last_start, slot.last_digest, slot.last_request_id, slot.last_outputs)
         return Planned(index, chunk, slot.state, slot.offset, slot.version, digest,
-                       slot.first_digest, slot.first_request_id, slot.recent_requests, slot.earlier.appended(last))
+                       slot.first_digest, slot.first_request_id, slot.recent_requests, slot.earlier.appended(last),
+                       version=version)
 
-    def _from_zero(self, index: int, chunk: Chunk, digest: bytes, version: bytes) -> Planned | ServiceError:
-        """The chunk starts a new sequence: it is the one whose late copies are recognised (invariant 10)."""
-        if chunk.start_offset not in (None, 0):
+    def _off_version(self, index: int, chunk: Chunk, digest: bytes, slot: SlotRecord) -> Planned | ServiceError:
+        """The slot was written by a version no longer served here, or by another model (invariants 7, 14)."""
+        retired = self.versions.dropped_number(slot.fingerprint)
+        newest = self.versions.newest()
+        if self.reset_retired:
+            metrics.MIGRATIONS.labels(self.versions.name, "reset").inc()
+            planned = self._from_zero(index, chunk, digest, slot.version, migrating=True)
+            if isinstance(planned, Planned):
+                planned.migrated, planned.migrated_from = True, retired
+            return planned
+        metrics.MIGRATIONS.labels(self.versions.name, "refuse").inc()
+        serving = newest.fingerprint.hex() if newest is not None else "none"
+        if retired:
+            return version_retired(chunk.stream_id or "", self.versions.name, retired,
+                                   newest.number if newest is not None else 0)
+        return saved_by_other_model(chunk.stream_id or "", slot.fingerprint.hex(), serving)
+
+    def _start_version(self, chunk: Chunk) -> ServingVersion | ServiceError:
+        """Where a new sequence starts: the version its chunk names, else the newest."""
+        if chunk.model_version:
+            version = self.versions.get(chunk.model_version)
+            if version is not None and version.state == READY:
+                return version
+            return model_version_unavailable(self.versions.name, chunk.model_version, self.versions.ready_numbers())
+        newest = self.versions.newest()
+        if newest is None:
+            return model_version_unavailable(self.versions.name, 0, [])
+        return newest
+
+    def _from_zero(self, index: int, chunk: Chunk, digest: bytes, version: bytes, *, migrating: bool = False
+                   ) -> Planned | ServiceError:
+        """The chunk starts a new sequence: it is the one whose late copies are recognised (invariant 10). A chunk
+        moved off a retired version (`migrating`) starts one whatever offset it named: its answer says so."""
+        if chunk.start_offset not in (None, 0) and not migrating:
             return offset_mismatch(chunk.stream_id or "", chunk.start_offset, 0)
-        return Planned(index, chunk, self.zero_state, 0, version, digest, digest,
-                       request_id_digest(chunk.request_id), b"")
+        start = self._start_version(chunk)
+        if isinstance(start, ServiceError):
+            return start
+        return Planned(index, chunk, start.zero_state, 0, version, digest, digest,
+                       request_id_digest(chunk.request_id), b"", version=start)
 
     def record_after(self, planned: Planned, output: np.ndarray, state: np.ndarray, now_ms: int) -> SlotRecord:
         """The stream's record once its chunk ran: the new state, and what recognises the chunk's retries
@@ -188,7 +241,7 @@ class StreamRules:
             version=new_version(),
             offset=planned.base_offset + chunk.timesteps,
             updated_unix_ms=now_ms,
-            fingerprint=self.fingerprint,
+            fingerprint=planned.version.fingerprint,  # type: ignore[union-attr]
             last_start=planned.base_offset,
             last_digest=planned.digest,
             last_request_id=request_id_digest(chunk.request_id),

@@ -29,6 +29,7 @@ own retries until the deadline, so a slow or failing node costs only its own str
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -107,6 +108,15 @@ class StateStore:
 
     def key(self, stream_id: str, tenant: str = "") -> str:
         return self.keys.slot(stream_id, tenant)
+
+    def namespaced(self, model: str) -> StateStore:
+        """The same store (connection, slot memory, retries) over one model's stream namespace (keys.py);
+        itself for the namespace without a model. Closing the root store closes them all."""
+        if model == self.keys.model:
+            return self
+        view = copy.copy(self)
+        view.keys = self.keys.namespaced(model)
+        return view
 
     @property
     def waits_for_replicas(self) -> bool:

@@ -15,8 +15,9 @@ import pytest
 
 from server.config import ServerConfig
 from server.dataplane.processor import BatchProcessor, StreamPolicy
+from server.dataplane.versions import ModelVersions
 from server.model.identity import IdentityRunner
-from server.state.record import RECENT_REQUESTS, SlotRecord, fingerprint_bytes
+from server.state.record import RECENT_REQUESTS, SlotRecord
 from server.state.store import StateStore
 from server.types import BatchResult, Chunk, ModelDescription, Prediction, Runner
 
@@ -32,7 +33,7 @@ def run(redis_url: str, script) -> None:
         runner = IdentityRunner(real, 64)
         assert isinstance(runner, Runner)
         store = StateStore(redis_url, key_prefix=f"r{uuid.uuid4().hex[:6]}")
-        processor = BatchProcessor(runner, store, StreamPolicy.from_config(ServerConfig()))
+        processor = BatchProcessor(ModelVersions.of(runner), store, StreamPolicy.from_config(ServerConfig()))
         try:
             await script(processor, store)
         finally:
@@ -85,7 +86,7 @@ def test_a_format_1_record_is_continued_after_an_upgrade(redis_server) -> None:
     async def script(processor: BatchProcessor, store: StateStore) -> None:
         state, last = np.arange(STATE_SIZE, dtype="<f4"), np.zeros((2, 1), "<f4")
         header = struct.pack("<8s2sBBQq8sQ16s8sIII", b"12345678", b"LS", 1, 0, 7, 1,
-                             fingerprint_bytes(processor.runner.description.fingerprint), 5, bytes(16), bytes(8),
+                             processor.versions.newest().fingerprint, 5, bytes(16), bytes(8),
                              STATE_SIZE, 2, 1)
         redis = store._redis
         await redis.set(store.key("s"), header + state.tobytes() + last.tobytes())

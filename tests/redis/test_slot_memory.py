@@ -25,6 +25,7 @@ from devkit.references import TOLERANCE, keras_whole_sequence
 from lstm_stream.v1 import stream_pb2 as pb
 from server.config import DEFAULT_MODEL, ServerConfig
 from server.dataplane.processor import BatchProcessor, StreamPolicy
+from server.dataplane.versions import ModelVersions
 from server.errors import ServiceError
 from server.model.identity import IdentityRunner
 from server.state.cache import ENTRY_OVERHEAD_BYTES, SavedSlots
@@ -186,7 +187,8 @@ def test_a_limited_tenants_chunk_never_starts_from_memory(redis_server) -> None:
             store = StateStore(redis_server.url, key_prefix=prefix,
                                saved_slots=SavedSlots(1 << 20, ServerConfig().slot_memory_roaming_s))
             live = LiveStreams(store, policy.state_ttl_ms, limit_of=lambda tenant: 1)
-            replicas.append((BatchProcessor(IdentityRunner(description, 64), store, policy, live), store, live))
+            processor = BatchProcessor(ModelVersions.of(IdentityRunner(description, 64)), store, policy, live)
+            replicas.append((processor, store, live))
         (a, a_store, _), (b, b_store, b_live) = replicas
 
         async def answer(processor: BatchProcessor, stream: str, **fields: object) -> object:

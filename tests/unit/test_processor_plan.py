@@ -22,6 +22,7 @@ import pytest
 from lstm_stream.wire import OFFSET_METADATA_KEY
 from server.config import ServerConfig
 from server.dataplane.processor import BatchProcessor, StreamPolicy
+from server.dataplane.versions import ModelVersions
 from server.errors import ServiceError
 from server.state.live import Change, LiveChange
 from server.state.record import CorruptRecord, SlotRecord
@@ -154,9 +155,9 @@ class Harness:
         self.runner = runner or SummingRunner()
         self.store = DictStore()
         policy = StreamPolicy(state_ttl_ms=STATE_TTL_MS, ended_ttl_ms=ENDED_TTL_MS,
-                              reset_on_model_change=reset_on_model_change, request_deadline_s=7.0,
+                              reset_retired=reset_on_model_change, request_deadline_s=7.0,
                               replay_window=replay_window, replay_window_bytes=replay_window_bytes)
-        self.processor = BatchProcessor(self.runner, self.store, policy, live)  # type: ignore[arg-type]
+        self.processor = BatchProcessor(ModelVersions.of(self.runner), self.store, policy, live)  # type: ignore[arg-type]
 
     def batch(self, *chunks: Chunk) -> list[Any]:
         return asyncio.run(self.processor(chunks))
@@ -384,6 +385,7 @@ def test_a_slot_of_another_model_is_refused_or_reset_when_configured(harness) ->
         result = h.one(chunk(1))
         if reset_on_model_change:
             assert isinstance(result, Prediction) and sums(result) == [1] and result.offset == 1
+            assert result.migrated and result.migrated_from == 0  # the answer says so: another model, not a version
         else:
             refused(result, grpc.StatusCode.FAILED_PRECONDITION, "saved by another model", "cdcdcdcdcdcdcdcd",
                     "--reset-on-model-change")
