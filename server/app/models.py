@@ -94,8 +94,11 @@ class RepositoryModels:
             self._log_problems(folder)
             for files in folder.versions.values():
                 self._last_seen[(folder.name, files.version)] = files.signature
-            for number in sorted(self._wanted(folder, settled_only=False)):
-                self._add(folder.versions[number], self._try_load(folder.versions[number]))
+            while missing := [n for n in sorted(self._wanted(folder, settled_only=False))
+                              if folder.name not in dataplane.model_names()
+                              or dataplane.served(folder.name).versions.get(n) is None]:
+                for number in missing:  # one that fails is left out, and the policy asked again
+                    self._add(folder.versions[number], self._try_load(folder.versions[number]))
         if not dataplane.model_names():
             reasons = "; ".join(f"{m} version {v}: {why}" for (m, v), (_, why) in sorted(self._failed.items()))
             raise StartupError(f"--model-repository {self.root}: no model version could be loaded"
@@ -173,22 +176,10 @@ class RepositoryModels:
                 continue
             folder = folders.get(name, ModelFolder(name))
             self._log_problems(folder)
-            wanted = self._wanted(folder, settled_only=settled_only)
+            wanted = await self._load_wanted(folder, settled_only)
             for files in folder.versions.values():
                 self._last_seen[(name, files.version)] = files.signature
             served = self._dataplane.served(name) if name in self._dataplane.model_names() else None
-            for number in sorted(wanted):
-                current = served.versions.get(number) if served is not None else None
-                if current is not None:
-                    if current.state == DRAINING and (name, number) not in self._unloaded:
-                        served.versions.restore(number)  # type: ignore[union-attr]
-                    continue
-                files = folder.versions[number]
-                if served is not None:
-                    served.versions.mark(number, LOADING)
-                runner = await asyncio.get_running_loop().run_in_executor(self._thread, self._try_load, files)
-                self._add(files, runner)
-                served = self._dataplane.served(name) if name in self._dataplane.model_names() else None
             if served is None:
                 continue
             for version in served.versions.serving():
@@ -199,6 +190,31 @@ class RepositoryModels:
                 served.versions.retire(version.number, reason)
                 log.info("model version retired", extra={"fields": {"model": name, "version": version.number,
                                                                      "reason": reason}})
+
+    async def _load_wanted(self, folder: ModelFolder, settled_only: bool) -> set[int]:
+        """Load the versions the policy selects; one that fails is left out and the policy asked again (so a
+        broken newest version leaves the one before it serving). Returns the versions that serve the policy."""
+        assert self._dataplane is not None
+        name = folder.name
+        while True:
+            wanted = self._wanted(folder, settled_only=settled_only)
+            served = self._dataplane.served(name) if name in self._dataplane.model_names() else None
+            missing = [n for n in sorted(wanted) if served is None or served.versions.get(n) is None]
+            if not missing:
+                break
+            for number in missing:
+                files = folder.versions[number]
+                if served is not None:
+                    served.versions.mark(number, LOADING)
+                runner = await asyncio.get_running_loop().run_in_executor(self._thread, self._try_load, files)
+                self._add(files, runner)
+                served = self._dataplane.served(name) if name in self._dataplane.model_names() else None
+        if served is not None:
+            for number in wanted:
+                current = served.versions.get(number)
+                if current is not None and current.state == DRAINING and (name, number) not in self._unloaded:
+                    served.versions.restore(number)
+        return wanted
 
     def _wanted(self, folder: ModelFolder, *, settled_only: bool) -> set[int]:
         """The versions the policy serves, among those that can be loaded now: settled (unchanged since the last

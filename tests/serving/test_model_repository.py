@@ -1,0 +1,198 @@
+"""Invariant 14 (docs/invariants.md): a model repository, several models, versions, and sequences pinned to the
+version that started them (docs/models.md). Real server processes, real Redis, real Keras models."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from devkit.native_calls import outputs, predict, status_of
+from devkit.processes import wait_until
+from devkit.references import TOLERANCE, keras_whole_sequence
+from devkit.small_models import build_last_step, build_lstm
+from lstm_stream.triton import grpc_service_pb2 as tpb
+from lstm_stream.triton import grpc_service_pb2_grpc as tpb_grpc
+from lstm_stream.v1 import stream_pb2 as pb
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def install(repository: Path, model: str, version: int, model_file: Path) -> Path:
+    """Copy a model in as a deployment tool should: written elsewhere, then renamed into place in one step."""
+    staging = repository.parent / f".staging-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    shutil.copy(model_file, staging / "model.keras")
+    (repository / model).mkdir(parents=True, exist_ok=True)
+    os.rename(staging, repository / model / str(version))
+    return repository / model / str(version)
+
+
+def listed(stub) -> dict[tuple[str, int], pb.ModelVersionStatus]:
+    return {(row.name, row.version): row for row in stub.ListModels(pb.ListModelsRequest(), timeout=10).models}
+
+
+def state_of(stub, model: str, version: int) -> str:
+    row = listed(stub).get((model, version))
+    return row.state if row is not None else ""
+
+
+def triton_infer(stub, model: str, sequence_id: str, x: np.ndarray, *, start: bool, version: str = ""
+                 ) -> tpb.ModelInferResponse:
+    request = tpb.ModelInferRequest(model_name=model, model_version=version)
+    request.inputs.add(name="INPUT", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.astype("<f4").tobytes())
+    request.parameters["sequence_id"].string_param = sequence_id
+    request.parameters["sequence_start"].bool_param = start
+    return stub.ModelInfer(request, timeout=30)
+
+
+def triton_outputs(response: tpb.ModelInferResponse) -> np.ndarray:
+    return np.frombuffer(response.raw_output_contents[0], "<f4").reshape(list(response.outputs[0].shape))
+
+
+def test_two_models_in_one_server_each_stream_equals_its_own_model(start_server, tmp_path) -> None:
+    repository = tmp_path / "models"
+    alpha_file = build_lstm(tmp_path / "alpha.keras", seed=1)  # one feature, an output per timestep
+    beta_file = build_last_step(tmp_path / "beta.keras")  # two features, the last step's output only
+    install(repository, "alpha", 1, alpha_file)
+    install(repository, "beta", 3, beta_file)
+    server = start_server("--model-repository", str(repository), "--xla", "false")
+    triton = tpb_grpc.GRPCInferenceServiceStub(server.channel)
+    assert {key: row.state for key, row in listed(server.stub).items()} == {("alpha", 1): "READY",
+                                                                            ("beta", 3): "READY"}
+
+    rng = np.random.default_rng(5)
+    xa, xb = rng.normal(size=(30, 1)).astype(np.float32), rng.normal(size=(30, 2)).astype(np.float32)
+    stream = f"sensor-{uuid.uuid4().hex[:6]}"  # the same id on both models: two streams, one per model
+    got_alpha, got_beta = [], []
+    for number, (lo, hi) in enumerate([(0, 7), (7, 19), (19, 30)]):
+        # Each model alternates between the native API and the Triton protocol, chunk by chunk.
+        if number % 2 == 0:
+            reply = predict(server.stub, stream, xa[lo:hi], start_offset=lo, model="alpha")
+            assert reply.model_version == 1 and reply.offset == hi
+            got_alpha.append(outputs(reply))
+            response = triton_infer(triton, "beta", stream, xb[lo:hi], start=lo == 0)
+            assert response.model_name == "beta" and response.model_version == "3"
+            got_beta.append(triton_outputs(response).reshape(1, -1))
+        else:
+            response = triton_infer(triton, "alpha", stream, xa[lo:hi], start=False, version="1")
+            assert response.model_version == "1"
+            got_alpha.append(triton_outputs(response))
+            reply = predict(server.stub, stream, xb[lo:hi], start_offset=lo, model="beta")
+            assert reply.model_version == 3
+            got_beta.append(outputs(reply))
+        expected_beta = keras_whole_sequence(beta_file, xb[:hi])
+        assert np.max(np.abs(got_beta[-1] - expected_beta)) <= TOLERANCE
+    assert np.max(np.abs(np.concatenate(got_alpha) - keras_whole_sequence(alpha_file, xa))) <= TOLERANCE
+    for model, version in (("alpha", 1), ("beta", 3)):
+        info = server.stub.GetStream(pb.GetStreamRequest(stream_id=stream, model=model))
+        assert (info.offset, info.model, info.model_version) == (30, model, version)
+
+    # Describing models and versions, and naming what exists when a request names what does not.
+    beta = server.stub.GetModel(pb.GetModelRequest(name="beta"))
+    assert (beta.input_features, beta.version, beta.per_timestep_outputs) == (2, 3, False)
+    code, message, _ = status_of(server.stub.GetModel, pb.GetModelRequest(name="beta", version=1))
+    assert code == grpc.StatusCode.NOT_FOUND and "ready: 3" in message
+    for name in ("", "gamma"):
+        code, message, _ = status_of(predict, server.stub, "s", xa[:2], model=name)
+        assert code == grpc.StatusCode.NOT_FOUND and "'alpha', 'beta'" in message, message
+    assert triton.ModelReady(tpb.ModelReadyRequest(name="beta", version="3")).ready
+    assert not triton.ModelReady(tpb.ModelReadyRequest(name="beta", version="1")).ready
+    assert list(triton.ModelMetadata(tpb.ModelMetadataRequest(name="beta")).versions) == ["3"]
+    index = triton.RepositoryIndex(tpb.RepositoryIndexRequest())
+    assert {(m.name, m.version, m.state) for m in index.models} == {("alpha", "1", "READY"), ("beta", "3", "READY")}
+
+
+def test_a_new_version_takes_new_sequences_while_old_ones_finish_on_theirs(start_server, tmp_path) -> None:
+    repository = tmp_path / "models"
+    v1_file, v2_file = build_lstm(tmp_path / "v1.keras", seed=1), build_lstm(tmp_path / "v2.keras", seed=2)
+    other_shape = build_last_step(tmp_path / "other.keras")
+    install(repository, "m", 1, v1_file)
+    server = start_server("--model-repository", str(repository), "--repository-poll-s", "0.2",
+                          "--version-drain-s", "1.5", "--on-retired-version", "reset", "--xla", "false")
+    x = np.random.default_rng(9).normal(size=(40, 1)).astype(np.float32)
+    old, new = f"old-{uuid.uuid4().hex[:6]}", f"new-{uuid.uuid4().hex[:6]}"
+    assert predict(server.stub, old, x[:10], start_offset=0).model_version == 1
+
+    # A version copied slowly in place: half a file, left as it is, never serves; v1 keeps serving.
+    version_3 = repository / "m" / "3"
+    version_3.mkdir()
+    whole = v2_file.read_bytes()
+    (version_3 / "model.keras").write_bytes(whole[: len(whole) // 2])
+    wait_until(lambda: state_of(server.stub, "m", 3) == "UNAVAILABLE", 60, "the half-copied version to be refused")
+    assert "model version not loaded" in server.log()
+    assert predict(server.stub, old, x[10:20], start_offset=10).model_version == 1
+
+    # v2 renamed in: new sequences start on it, the running one stays on v1.
+    install(repository, "m", 2, v2_file)
+    wait_until(lambda: state_of(server.stub, "m", 2) == "READY", 60, "v2 to load")
+    assert state_of(server.stub, "m", 1) == "DRAINING"
+    reply = predict(server.stub, old, x[20:30], start_offset=20)
+    assert reply.model_version == 1
+    first = [outputs(predict(server.stub, new, x[:15], start_offset=0))]
+    assert np.max(np.abs(first[0] - keras_whole_sequence(v2_file, x[:15]))) <= TOLERANCE
+    assert server.stub.GetStream(pb.GetStreamRequest(stream_id=old)).model_version == 1
+    assert server.stub.GetStream(pb.GetStreamRequest(stream_id=new)).model_version == 2
+
+    # The copy of v3 finishes with a model of other shapes: refused with the reason, v2 stays the newest.
+    (version_3 / "model.keras").write_bytes(other_shape.read_bytes())
+    wait_until(lambda: "shapes" in listed(server.stub)[("m", 3)].reason, 60, "v3's other shapes to be refused")
+    assert server.stub.GetModel(pb.GetModelRequest()).version == 2
+
+    # v1 unused for --version-drain-s: dropped. The old stream's next chunk starts again on v2, and says so.
+    wait_until(lambda: state_of(server.stub, "m", 1) == "UNAVAILABLE", 60, "v1 to drain")
+    moved = predict(server.stub, old, x[30:40], start_offset=30)
+    assert (moved.model_version, moved.migration.from_version, moved.migration.policy) == (2, 1, "reset")
+    assert moved.offset == 10
+    assert np.max(np.abs(outputs(moved) - keras_whole_sequence(v2_file, x[30:40]))) <= TOLERANCE
+
+
+def test_an_unloaded_version_drains_then_its_sequences_are_refused(start_server, tmp_path) -> None:
+    repository = tmp_path / "models"
+    v1_file, v2_file = build_lstm(tmp_path / "v1.keras", seed=1), build_lstm(tmp_path / "v2.keras", seed=2)
+    install(repository, "m", 1, v1_file)
+    install(repository, "m", 2, v2_file)
+    (repository / "m" / "version_policy").write_text("all\n")
+    server = start_server("--model-repository", str(repository), "--version-drain-s", "1", "--xla", "false")
+    triton = tpb_grpc.GRPCInferenceServiceStub(server.channel)
+    x = np.random.default_rng(4).normal(size=(30, 1)).astype(np.float32)
+    pinned, fresh = f"p-{uuid.uuid4().hex[:6]}", f"f-{uuid.uuid4().hex[:6]}"
+    assert predict(server.stub, pinned, x[:10], start_offset=0, model_version=1).model_version == 1
+    assert predict(server.stub, fresh, x[:10], start_offset=0).model_version == 2  # the newest
+
+    # A chunk may not move its sequence to another version.
+    code, message, _ = status_of(predict, server.stub, pinned, x[10:12], start_offset=10, model_version=2)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "version 1, not version 2" in message
+
+    request = tpb.RepositoryModelUnloadRequest(model_name="m")
+    request.parameters["version"].int64_param = 1
+    triton.RepositoryModelUnload(request)
+    assert state_of(server.stub, "m", 1) == "DRAINING"
+    # Draining: the pinned sequence goes on, exactly; no new sequence starts on it.
+    reply = predict(server.stub, pinned, x[10:20], start_offset=10)
+    expected = keras_whole_sequence(v1_file, x[:20])[10:]
+    assert reply.model_version == 1 and np.max(np.abs(outputs(reply) - expected)) <= TOLERANCE
+    code, message, _ = status_of(predict, server.stub, "another", x[:2], model_version=1)
+    assert code == grpc.StatusCode.NOT_FOUND and "ready: 2" in message
+
+    wait_until(lambda: state_of(server.stub, "m", 1) == "UNAVAILABLE", 30, "v1 to be dropped")
+    code, message, _ = status_of(predict, server.stub, pinned, x[20:30], start_offset=20)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "version 1, which was retired" in message and "--on-retired-version reset" in message
+    assert server.stub.GetStream(pb.GetStreamRequest(stream_id=pinned)).offset == 20  # nothing changed
+    # A reset starts it again on the newest.
+    restarted = predict(server.stub, pinned, x[:5], reset=True)
+    assert restarted.model_version == 2 and not restarted.HasField("migration")
+
+    # Loading the model again on request brings v1 back; an unknown model is NOT_FOUND naming the ones there.
+    triton.RepositoryModelLoad(tpb.RepositoryModelLoadRequest(model_name="m"))
+    assert state_of(server.stub, "m", 1) == "READY"
+    with pytest.raises(grpc.RpcError) as error:
+        triton.RepositoryModelLoad(tpb.RepositoryModelLoadRequest(model_name="nope"))
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND and "'m'" in error.value.details()
