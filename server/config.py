@@ -37,6 +37,7 @@ class ServerConfig:
     version_policy: str = "latest:1"
     version_drain_s: float = 3600.0
     on_retired_version: str = "refuse"
+    history_timesteps: int = 0
     host: str = "127.0.0.1"
     port: int = 50051
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -162,8 +163,11 @@ _HELP = {
     "version_drain_s": "a retired version (out of the policy, removed, or unloaded) keeps serving the sequences "
     "pinned to it until none has used it for this many seconds (unloaded on request: this long after it)",
     "on_retired_version": "what a chunk of a sequence pinned to a version no longer served gets: refuse "
-    "(FAILED_PRECONDITION naming the version) or reset (it starts a new sequence from zero state on the newest "
-    "version, and its answer says so)",
+    "(FAILED_PRECONDITION naming the version), reset (it starts a new sequence from zero state on the newest "
+    "version), or replay (the sequence goes on at its offset on the newest version, from a state rebuilt from the "
+    "stream's kept inputs, --history-timesteps; reset when none are kept); the answer says which",
+    "history_timesteps": "input timesteps kept with each stream's state (0: none), for --on-retired-version replay: "
+    "4 x features bytes each per stream; exact when they cover the whole sequence (docs/models.md)",
     "host": "address to listen on (0.0.0.0 for every interface)",
     "port": "gRPC port (0 picks a free one and logs it)",
     "redis_url": "where stream state lives: redis://[user:password@]host:port/db, rediss:// for TLS (any node of a "
@@ -383,8 +387,10 @@ def _check(config: ServerConfig, parser: argparse.ArgumentParser) -> None:
         VersionPolicy.parse(config.version_policy)
     except PolicyError as exc:
         parser.error(f"--version-policy: {exc}")
-    if config.on_retired_version not in ("refuse", "reset"):
-        parser.error("--on-retired-version must be refuse or reset")
+    if config.on_retired_version not in ("refuse", "reset", "replay"):
+        parser.error("--on-retired-version must be refuse, reset or replay")
+    if config.history_timesteps < 0:
+        parser.error("--history-timesteps must not be negative (0: keep none)")
     if config.repository_poll_s < 0 or config.version_drain_s < 0:
         parser.error("--repository-poll-s and --version-drain-s must not be negative")
     if config.log_format not in ("json", "text"):

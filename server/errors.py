@@ -157,6 +157,16 @@ def model_not_found(name: str, known: list[str]) -> ServiceError:
     return ServiceError(grpc.StatusCode.NOT_FOUND, problem)
 
 
+def version_loading(stream_id: str, model: str, version: int) -> ServiceError:
+    """Invariant 14: the stream's sequence runs on a version this replica is loading for it (retryable)."""
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"stream {stream_id!r}: its sequence runs on model {model!r} version {version}, which this replica is loading "
+        "from the repository now; the chunk was not applied, retry it",
+        outcome=NOT_APPLIED,
+    )
+
+
 def model_load_failed(model: str, reasons: list[str]) -> ServiceError:
     """RepositoryModelLoad found no version of the model it could serve (the versions serving keep serving)."""
     return ServiceError(grpc.StatusCode.INVALID_ARGUMENT,

@@ -99,11 +99,13 @@ class Prediction:
     offset: int
     replayed: bool = False
     request_id: str = ""
-    # The model version that answered (0: unknown, a replay of a version this process never served), and
-    # whether the chunk moved its stream off a retired version (from `migrated_from`; 0: another model).
+    # The model version that answered (0: unknown, a replay of a version this process never served), and how
+    # the chunk moved its stream off a retired version `migrated_from` (0: another model's slot): "" not moved,
+    # "reset" (a new sequence), "replay" (its state rebuilt from the inputs kept since offset `history_start`).
     model_version: int = 0
-    migrated: bool = False
+    migration: str = ""
     migrated_from: int = 0
+    history_start: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -156,8 +156,7 @@ def batch_response(
             stream_id=answer.stream_id or "", timesteps=rows, output_size=columns, offset=answer.offset,
             replayed=answer.replayed, request_id=answer.request_id, model_version=answer.model_version,
         )
-        if answer.migrated:
-            result.migration.from_version, result.migration.policy = answer.migrated_from, "reset"
+        set_migration(result, answer)
         if packed:
             blocks.append(answer.outputs.astype(LITTLE_ENDIAN_FLOAT32, copy=False).tobytes())
         else:
@@ -165,6 +164,15 @@ def batch_response(
     if packed:
         response.outputs = b"".join(blocks)
     return response
+
+
+def set_migration(response: pb.PredictResponse, prediction: Prediction) -> None:
+    """The answer says how the chunk moved its stream off a retired version, when it did (invariant 14)."""
+    if prediction.migration:
+        migration = response.migration
+        migration.from_version, migration.policy = prediction.migrated_from, prediction.migration
+        if prediction.migration == "replay":
+            migration.history_start = prediction.history_start
 
 
 def refused_response(error: ServiceError) -> pb.PredictBatchResponse:

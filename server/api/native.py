@@ -11,7 +11,14 @@ import numpy as np
 from lstm_stream.v1 import stream_pb2 as pb
 from lstm_stream.v1 import stream_pb2_grpc as pb_grpc
 from server.api.auth import TENANT
-from server.api.batch_convert import BatchLimits, batch_chunks, batch_response, error_result, refused_response
+from server.api.batch_convert import (
+    BatchLimits,
+    batch_chunks,
+    batch_response,
+    error_result,
+    refused_response,
+    set_migration,
+)
 from server.api.errors import as_service_error, unary_errors
 from server.api.streaming import StreamWindow, answer_in_order
 from server.api.validation import check_stream_id, make_chunk
@@ -68,8 +75,7 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
             request_id=prediction.request_id,
             model_version=prediction.model_version,
         )
-        if prediction.migrated:
-            response.migration.from_version, response.migration.policy = prediction.migrated_from, "reset"
+        set_migration(response, prediction)
         return response
 
     @unary_errors

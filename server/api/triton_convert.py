@@ -31,9 +31,12 @@ START_OFFSET = "start_offset"  # int64: apply only at this offset (exactly-once,
 # Response parameters: the stream's offset after the request, and whether it was a replayed retry.
 SEQUENCE_OFFSET = "sequence_offset"
 REPLAYED = "replayed"
-# Response parameter (int64): the chunk moved its sequence off this retired version (0: another model) and
-# started it again from zero state on the version that answered (--on-retired-version reset).
+# Response parameters when the chunk moved its sequence off a retired version (--on-retired-version): how
+# ("reset": a new sequence from zero state; "replay": its state rebuilt from its kept inputs), from which version
+# (0: another model's slot), and for replay the offset its kept inputs started at (0: exact).
+MIGRATION = "migration"
 MIGRATED_FROM = "migrated_from_version"
+HISTORY_START = "history_start"
 
 
 # --- request parameters ----------------------------------------------------------------------------
@@ -196,8 +199,11 @@ def to_response(request: pb.ModelInferRequest, prediction: Prediction, batched: 
         response.parameters[SEQUENCE_OFFSET].int64_param = prediction.offset
         if prediction.replayed:
             response.parameters[REPLAYED].bool_param = True
-        if prediction.migrated:
+        if prediction.migration:
+            response.parameters[MIGRATION].string_param = prediction.migration
             response.parameters[MIGRATED_FROM].int64_param = prediction.migrated_from
+            if prediction.migration == "replay":
+                response.parameters[HISTORY_START].int64_param = prediction.history_start
     _mark_final(request, response)
     return response
 

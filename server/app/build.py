@@ -38,6 +38,7 @@ from server.state.cache import SavedSlots
 from server.state.connection import RedisTopology
 from server.state.formats import RecordFormat
 from server.state.live import LiveStreams
+from server.state.registry import VersionRegistry
 from server.state.routing import WaitPolicy
 from server.state.store import StateStore
 from server.types import Runner
@@ -80,7 +81,7 @@ async def build_server(config: ServerConfig, worker_of: tuple[int, int] | None) 
         # repository (its streams are the ones an earlier release kept).
         dataplane.add_model(single.description.name, single, 1, namespace="")
     else:
-        repository = RepositoryModels(config)
+        repository = RepositoryModels(config, VersionRegistry(store.client, config.key_prefix))
         repository.load_initial(dataplane)
         dataplane.control = repository
     dataplane.start()

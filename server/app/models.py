@@ -9,6 +9,11 @@ while the versions already serving keep serving. A version that leaves the polic
 folder was removed, or it was unloaded on request) is retired: it drains (serves the sequences pinned to it,
 no new one) and is dropped `--version-drain-s` after its last chunk (after its unload, when unloaded on
 request). Loads run on their own thread, so the event loop keeps serving meanwhile.
+
+Replicas share the repository and a registry in Redis of which version wrote which fingerprint
+(server/state/registry.py). A replica that meets a stream pinned to a version it has not loaded (it started
+after a newer one arrived) loads that version from the repository for it, answering the stream's chunks
+UNAVAILABLE (retryable, not applied) meanwhile; a version no longer in the repository gets the retired policy.
 """
 
 from __future__ import annotations
@@ -17,23 +22,30 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from server import metrics
 from server.config import ServerConfig
 from server.dataplane.plane import DataPlane
-from server.dataplane.versions import DRAINING, LOADING, UNAVAILABLE, ServingVersion, VersionStatus
+from server.dataplane.versions import DRAINING, LOADING, UNAVAILABLE, ModelVersions, ServingVersion, VersionStatus
 from server.errors import StartupError, model_load_failed, model_not_found, model_version_unavailable
-from server.model.repository import ModelFolder, VersionFiles, VersionPolicy, scan
+from server.model.repository import MODEL_FILES, ModelFolder, VersionFiles, VersionPolicy, scan
 from server.model.runner import ModelLoadError, ModelRunner
+from server.state.formats import REDIS_ERRORS
+from server.state.registry import VersionRegistry
 from server.types import Runner
 
 log = logging.getLogger("server")
 
 # The drain clock and the pinned versions are looked at this often, whatever --repository-poll-s says.
 _TICK_S = 1.0
+# A fingerprint the registry does not know (another model's) is asked about again after this long.
+_UNKNOWN_FINGERPRINT_S = 10.0
+# A version loading for its pinned sequences: no need to ask the registry again meanwhile.
+_LOADING_S = 3600.0
 
 
 def load_runner(config: ServerConfig, path: str | Path) -> Runner:
@@ -64,8 +76,11 @@ def describe_in_log(runner: Runner, path: str | Path, model: str, version: int, 
 class RepositoryModels:
     """The models of `--model-repository`: loads, polls, retires and drops their versions (a ModelControl)."""
 
-    def __init__(self, config: ServerConfig, load: Callable[[ServerConfig, Path], Runner] = load_runner) -> None:
+    def __init__(self, config: ServerConfig, registry: VersionRegistry,
+                 load: Callable[[ServerConfig, Path], Runner] = load_runner) -> None:
         self.config = config
+        self._registry = registry
+        self._background: set[asyncio.Task[None]] = set()
         self.root = Path(config.model_repository)
         self.policy = VersionPolicy.parse(config.version_policy)
         # Why a model's shapes do not fit the server's message limits (None: they fit); set once they are known.
@@ -79,6 +94,8 @@ class RepositoryModels:
         # Unloaded on request: not loaded again by polling until RepositoryModelLoad names their model.
         self._unloaded: set[tuple[str, int]] = set()
         self._problems_logged: set[str] = set()
+        # Versions being loaded for the sequences pinned to them (`locate`).
+        self._pinned_loads: set[tuple[str, int]] = set()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -111,10 +128,11 @@ class RepositoryModels:
         self._task = asyncio.create_task(self._watch(), name="model-repository")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in [self._task, *self._background]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self._thread.shutdown(wait=False, cancel_futures=True)
 
     # ModelControl: what the repository RPCs call.
@@ -143,6 +161,65 @@ class RepositoryModels:
                 served.versions.retire(number, "unloaded on request", unload_requested=True)
                 log.info("model version retired", extra={"fields": {"model": model, "version": number,
                                                                      "reason": "unloaded on request"}})
+
+    async def locate(self, versions: ModelVersions, fingerprints: set[bytes], deadline: float) -> None:
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                found = await self._registry.lookup(versions.name, fingerprints)
+        except REDIS_ERRORS:
+            return  # asked again on the streams' next chunk; meanwhile the rules know nothing more of them
+        for fingerprint in fingerprints:
+            number = found.get(fingerprint, 0)
+            if not number:
+                versions.note_located(fingerprint, 0, _UNKNOWN_FINGERPRINT_S)  # another model's slot
+                continue
+            folder = self.root / versions.name / str(number)
+            available = any((folder / name).is_file() for name in MODEL_FILES)
+            if not available or (versions.name, number) in self._unloaded:
+                versions.note_gone(fingerprint, number)  # retired: its sequences get --on-retired-version
+                continue
+            versions.note_located(fingerprint, number, _LOADING_S)
+            if versions.get(number) is None and (versions.name, number) not in self._pinned_loads:
+                self._pinned_loads.add((versions.name, number))
+                versions.mark(number, LOADING)
+                self._spawn(self._load_pinned(versions, number, fingerprint))
+
+    async def _load_pinned(self, versions: ModelVersions, number: int, fingerprint: bytes) -> None:
+        """Load a version for the sequences pinned to it: it serves them (DRAINING), never a new one."""
+        try:
+            async with self._lock:
+                folders = scan(self.root)
+                files = folders.get(versions.name, ModelFolder(versions.name)).versions.get(number)
+                if files is None:
+                    versions.forget(number)
+                    versions.note_gone(fingerprint, number)
+                    return
+                runner = await asyncio.get_running_loop().run_in_executor(self._thread, self._try_load, files)
+                self._add(files, runner)
+                if versions.get(number) is None:
+                    versions.note_gone(fingerprint, number)  # it failed to load: the retired policy applies
+                elif number not in self._wanted(folders[versions.name], settled_only=False):
+                    versions.retire(number, "loaded for the sequences pinned to it")
+        finally:
+            self._pinned_loads.discard((versions.name, number))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("model repository task failed", exc_info=error)
+
+    async def _register(self, model: str, fingerprint: bytes, number: int) -> None:
+        try:
+            await self._registry.record(model, fingerprint, number)
+        except REDIS_ERRORS as exc:
+            # Only replicas that never loaded this version need it, to find it for its pinned sequences.
+            log.warning("could not record the version's fingerprint in Redis",
+                        extra={"fields": {"model": model, "version": number, "error": str(exc)}})
 
     def status(self) -> list[VersionStatus]:
         """Versions of models with nothing loaded yet (their failures): the data plane lists the others."""
@@ -261,10 +338,12 @@ class RepositoryModels:
             return
         self._failed.pop(key, None)
         metrics.MODEL_LOADS.labels(files.model, "loaded").inc()
+        version = ServingVersion(files.version, loaded)
         if files.model in self._dataplane.model_names():
-            self._dataplane.served(files.model).versions.add(ServingVersion(files.version, loaded))
+            self._dataplane.served(files.model).versions.add(version)
         else:
             self._dataplane.add_model(files.model, loaded, files.version)
+        self._spawn(self._register(files.model, version.fingerprint, files.version))
 
     def _mismatch(self, model: str, runner: Runner) -> str | None:
         """Why a loaded version cannot join its model (other shapes than the versions serving), or the server."""

@@ -115,7 +115,8 @@ class DataPlane:
         namespace = name if namespace is None else namespace
         versions = ModelVersions(name)
         store = self.store.namespaced(namespace)
-        processor = BatchProcessor(versions, store, self._policy, self._live, self.record_format, namespace)
+        processor = BatchProcessor(versions, store, self._policy, self._live, self.record_format, namespace,
+                                   lambda: self.control)
         batcher = Batcher(processor, **self._batching)  # type: ignore[arg-type]
         description = first.description
         served = ServedModel(name, versions, store, processor, batcher, description.input_features,

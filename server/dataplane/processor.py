@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -24,7 +24,7 @@ import numpy as np
 from server import metrics
 from server.config import ServerConfig
 from server.dataplane.rules import Planned, StreamRules, chunk_digest, live_change
-from server.dataplane.versions import ModelVersions, ServingVersion
+from server.dataplane.versions import ModelControl, ModelVersions, ServingVersion
 from server.errors import deadline_passed, tenant_streams_exceeded
 from server.state.formats import RecordFormat
 from server.state.live import LiveChange, LiveStreams
@@ -38,19 +38,22 @@ class StreamPolicy:
     state_ttl_ms: int
     # How long an ended stream's last answer is kept for retries of its final chunk.
     ended_ttl_ms: int
-    # True: a slot of a version no longer served (or of another model) is reset instead of refused.
-    reset_retired: bool
+    # What a chunk of a slot of a version no longer served (or of another model) gets: "refuse", "reset", or
+    # "replay" (its state rebuilt on the newest version from the input history; reset without history).
+    on_retired: str
     # How long a batch may wait for Redis when none of its chunks carries a deadline.
     request_deadline_s: float
     # Answers kept per stream for retries, and their bytes (--replay-window, --replay-window-bytes).
     replay_window: int = 1
     replay_window_bytes: int = 0
+    # Input timesteps kept per stream (--history-timesteps; 0: none).
+    history_timesteps: int = 0
 
     @classmethod
     def from_config(cls, config: ServerConfig) -> StreamPolicy:
-        reset_retired = config.reset_on_model_change or config.on_retired_version == "reset"
-        return cls(config.state_ttl_ms, config.ended_ttl_ms, reset_retired, config.request_deadline_s,
-                   config.replay_window, config.replay_window_bytes)
+        on_retired = "reset" if config.reset_on_model_change else config.on_retired_version
+        return cls(config.state_ttl_ms, config.ended_ttl_ms, on_retired, config.request_deadline_s,
+                   config.replay_window, config.replay_window_bytes, config.history_timesteps)
 
 
 @dataclass(slots=True)
@@ -80,16 +83,23 @@ class BatchProcessor:
     def __init__(
         self, versions: ModelVersions, store: StateStore, policy: StreamPolicy, live: LiveStreams | None = None,
         record_format: RecordFormat | None = None, live_namespace: str = "",
+        control: Callable[[], ModelControl | None] = lambda: None,
     ) -> None:
         self.versions = versions
+        # Finds the versions of fingerprints this process never loaded (a model repository's; None without one).
+        self._control = control
         self.store = store  # this model's stream namespace (StateStore.namespaced)
         self.policy = policy
         self.live = live  # per-tenant live-stream limits; None without API keys or without such limits
         # Tenants' live streams count every model's: a stream of a model with its own namespace is counted as
         # `@<model>/<id>` (one tenant's live set holds every model's streams).
         self._live_prefix = f"@{live_namespace}/" if live_namespace else ""
-        self.rules = StreamRules(versions, policy.reset_retired, policy.replay_window, policy.replay_window_bytes,
-                                 (lambda: record_format.keeps_earlier_answers) if record_format else lambda: True)
+        self.rules = StreamRules(
+            versions, policy.on_retired, policy.replay_window, policy.replay_window_bytes,
+            (lambda: record_format.keeps_earlier_answers) if record_format else lambda: True,
+            history_timesteps=policy.history_timesteps,
+            history_allowed=(lambda: record_format.keeps_history) if record_format else lambda: True,
+        )
         # One thread owns the model: calls never overlap, and the event loop stays free meanwhile.
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
@@ -106,6 +116,7 @@ class BatchProcessor:
                        [None] * len(chunks))
         stateful = [i for i, chunk in enumerate(chunks) if chunk.stream_id is not None]
         await self._load(batch, stateful)
+        await self._locate_versions(batch)
         self._plan_all(batch)
         rechecked = len(batch.recheck)
         if batch.recheck:
@@ -128,6 +139,17 @@ class BatchProcessor:
         )
         batch.slots = dict(zip(stateful, loaded, strict=True))
         batch.from_memory = {i for i, hit in zip(stateful, recent, strict=True) if hit}
+
+    async def _locate_versions(self, batch: _Batch) -> None:
+        """Slots written by versions this process never loaded (another replica's): which versions they are, before
+        the rules decide (one registry read, on this rare path only)."""
+        control = self._control()
+        if control is None:
+            return
+        unknown = {slot.fingerprint for slot in batch.slots.values() if isinstance(slot, SlotRecord)
+                   and not slot.ended and self.versions.needs_locating(slot.fingerprint)}
+        if unknown:
+            await control.locate(self.versions, unknown, batch.deadline)
 
     def _plan_all(self, batch: _Batch) -> None:
         now = time.monotonic()
@@ -216,8 +238,17 @@ class BatchProcessor:
 
     async def _run_version(self, version: ServingVersion, planned: list[Planned]
                            ) -> tuple[list[np.ndarray], np.ndarray]:
-        states = np.stack([p.base_state for p in planned])
         loop = asyncio.get_running_loop()
+        rebuilt = [p for p in planned if p.replay_inputs is not None]
+        if rebuilt:
+            # --on-retired-version replay: the states of streams moved off a retired version, rebuilt on this one
+            # from their kept inputs, in one call before the chunks run.
+            _, states = await loop.run_in_executor(
+                self._model_thread, version.runner.run, [p.replay_inputs for p in rebuilt],
+                version.runner.zero_states(len(rebuilt)))
+            for p, state in zip(rebuilt, states, strict=True):
+                p.base_state = state
+        states = np.stack([p.base_state for p in planned])
         started = time.monotonic_ns()
         outputs, new_states = await loop.run_in_executor(
             self._model_thread, version.runner.run, [p.chunk.values for p in planned], states
@@ -237,7 +268,7 @@ class BatchProcessor:
             chunk = p.chunk
             batch.results[p.index] = Prediction(chunk.stream_id, output, p.base_offset + chunk.timesteps, False,
                                                 chunk.request_id, p.version.number,  # type: ignore[union-attr]
-                                                p.migrated, p.migrated_from)
+                                                p.migration, p.migrated_from, p.history_start)
             if chunk.stream_id is None:
                 continue  # one-shot inference: nothing to save
             ttl = self.policy.ended_ttl_ms if chunk.end else self.policy.state_ttl_ms

@@ -44,6 +44,7 @@ from server.errors import (
     slot_unreadable,
     slot_wrong_type,
     stream_not_started,
+    version_loading,
     version_retired,
 )
 from server.state.live import Change
@@ -106,10 +107,16 @@ class Planned:
     recent_requests: bytes = b""
     # The answers of the sequence's chunks before this one that the new record may keep, oldest first.
     earlier: KeptAnswers = NO_EARLIER
-    # The model version it runs on, and the retired one its stream was moved off (0: none).
+    # The model version it runs on; how its stream moved off a retired version ("reset", "replay"; "" not),
+    # and which (0: another model's slot).
     version: ServingVersion | None = None
     migrated_from: int = 0
-    migrated: bool = False
+    migration: str = ""
+    # The stream's kept inputs before this chunk (--history-timesteps), the first at offset history_start.
+    history: bytes = b""
+    history_start: int = 0
+    # "replay": the inputs to rebuild the base state from on `version`, before the chunk runs.
+    replay_inputs: np.ndarray | None = None
 
 
 def live_change(planned: Planned, slot: Loaded) -> Change:
@@ -122,14 +129,19 @@ def live_change(planned: Planned, slot: Loaded) -> Change:
 
 class StreamRules:
     """The rules for one model: `versions` are the ones its slots may carry (server/dataplane/versions.py);
-    `reset_retired`: a chunk of a sequence pinned to a version no longer served starts a new sequence on the
-    newest instead of being refused (--on-retired-version reset)."""
+    `on_retired` (--on-retired-version): what a chunk of a sequence pinned to a version no longer served gets:
+    refused ("refuse"), a new sequence on the newest version ("reset"), or its sequence continued there from a
+    state rebuilt from its kept inputs ("replay", with `history_timesteps`; reset when it has none)."""
 
-    def __init__(self, versions: ModelVersions, reset_retired: bool,
+    def __init__(self, versions: ModelVersions, on_retired: str = "refuse",
                  replay_window: int = 1, replay_window_bytes: int = 0,
-                 earlier_allowed: Callable[[], bool] = lambda: True) -> None:
+                 earlier_allowed: Callable[[], bool] = lambda: True, *, history_timesteps: int = 0,
+                 history_allowed: Callable[[], bool] = lambda: True) -> None:
         self.versions = versions
-        self.reset_retired = reset_retired
+        self.on_retired = on_retired
+        # --history-timesteps: inputs kept per stream, while the deployment's record format allows (format 4).
+        self.history_timesteps = history_timesteps
+        self._history_allowed = history_allowed
         # --replay-window: answers kept per stream (the last chunk's always); --replay-window-bytes: the
         # most bytes they take in a record (the last chunk's answer kept whatever its size).
         self._replay_window = replay_window
@@ -187,17 +199,23 @@ class StreamRules:
         last = KeptAnswer.of(slot.last_start, slot.last_digest, slot.last_request_id, slot.last_outputs)
         return Planned(index, chunk, slot.state, slot.offset, slot.version, digest,
                        slot.first_digest, slot.first_request_id, slot.recent_requests, slot.earlier.appended(last),
-                       version=version)
+                       version=version, history=slot.history, history_start=slot.history_start)
 
     def _off_version(self, index: int, chunk: Chunk, digest: bytes, slot: SlotRecord) -> Planned | ServiceError:
         """The slot was written by a version no longer served here, or by another model (invariants 7, 14)."""
+        loading = self.versions.loading_number(slot.fingerprint)
+        if loading:  # another replica's version, loaded here for the sequences pinned to it (server/app/models.py)
+            return version_loading(chunk.stream_id or "", self.versions.name, loading)
         retired = self.versions.dropped_number(slot.fingerprint)
         newest = self.versions.newest()
-        if self.reset_retired:
+        if self.on_retired == "replay" and slot.history and newest is not None and not chunk.model_version \
+                and slot.history_columns == newest.runner.description.input_features:
+            return self._replayed(index, chunk, digest, slot, newest, retired)
+        if self.on_retired in ("reset", "replay"):  # replay without kept inputs: reset, and the answer says so
             metrics.MIGRATIONS.labels(self.versions.name, "reset").inc()
             planned = self._from_zero(index, chunk, digest, slot.version, migrating=True)
             if isinstance(planned, Planned):
-                planned.migrated, planned.migrated_from = True, retired
+                planned.migration, planned.migrated_from = "reset", retired
             return planned
         metrics.MIGRATIONS.labels(self.versions.name, "refuse").inc()
         serving = newest.fingerprint.hex() if newest is not None else "none"
@@ -205,6 +223,20 @@ class StreamRules:
             return version_retired(chunk.stream_id or "", self.versions.name, retired,
                                    newest.number if newest is not None else 0)
         return saved_by_other_model(chunk.stream_id or "", slot.fingerprint.hex(), serving)
+
+    def _replayed(self, index: int, chunk: Chunk, digest: bytes, slot: SlotRecord, newest: ServingVersion,
+                  retired: int) -> Planned | ServiceError:
+        """The sequence goes on at its offset on the newest version, from a state rebuilt there from its kept inputs
+        (exact when they reach back to the sequence's start, history_start 0; an approximation otherwise)."""
+        stream_id = chunk.stream_id or ""
+        if chunk.start_offset is not None and chunk.start_offset != slot.offset:
+            return offset_mismatch(stream_id, chunk.start_offset, slot.offset, self.replay_window)
+        metrics.MIGRATIONS.labels(self.versions.name, "replay").inc()
+        last = KeptAnswer.of(slot.last_start, slot.last_digest, slot.last_request_id, slot.last_outputs)
+        return Planned(index, chunk, newest.zero_state, slot.offset, slot.version, digest,
+                       slot.first_digest, slot.first_request_id, slot.recent_requests, slot.earlier.appended(last),
+                       version=newest, migrated_from=retired, migration="replay", history=slot.history,
+                       history_start=slot.history_start, replay_inputs=slot.history_inputs())
 
     def _start_version(self, chunk: Chunk) -> ServingVersion | ServiceError:
         """Where a new sequence starts: the version its chunk names, else the newest."""
@@ -237,6 +269,7 @@ class StreamRules:
         recent = planned.recent_requests
         if chunk.request_id:
             recent = (recent + request_digest(chunk.request_id, planned.digest))[-RECENT_BYTES:]
+        history, history_columns, history_start = self._history_after(planned)
         return SlotRecord(
             version=new_version(),
             offset=planned.base_offset + chunk.timesteps,
@@ -255,7 +288,22 @@ class StreamRules:
             recent_requests=recent,
             # An ended sequence keeps its last answer only: its first chunk again deliberately starts a new one.
             earlier=NO_EARLIER if chunk.end else self._kept(planned.earlier, output),
+            history=history, history_columns=history_columns, history_start=history_start,
         )
+
+    def _history_after(self, planned: Planned) -> tuple[bytes, int, int]:
+        """The stream's kept inputs once the chunk ran: the last history_timesteps of the sequence, and the offset
+        of the first. None for an ended sequence, or while the deployment's record format cannot carry them."""
+        chunk = planned.chunk
+        if not self.history_timesteps or chunk.end or not self._history_allowed():
+            return b"", 0, 0
+        columns = chunk.values.shape[1]
+        kept = planned.history + chunk.values.astype("<f4", copy=False).tobytes()
+        limit = 4 * columns * self.history_timesteps
+        if len(kept) > limit:
+            kept = kept[-limit:]
+        end = planned.base_offset + chunk.timesteps
+        return kept, columns, end - len(kept) // (4 * columns)
 
     def _kept(self, earlier: KeptAnswers, last_outputs: np.ndarray) -> KeptAnswers:
         """The newest of `earlier` that fit beside the last answer: replay_window - 1 at most, and their

@@ -75,6 +75,11 @@ class ModelControl(Protocol):
         """Retire one version (0: every version) of the model: it drains, then is dropped."""
         ...
 
+    async def locate(self, versions: ModelVersions, fingerprints: set[bytes], deadline: float) -> None:
+        """Find out which versions wrote these fingerprints (ones this process never loaded), noting each in
+        `versions`: located (a load for its sequences starts), gone, or unknown (another model's)."""
+        ...
+
     def status(self) -> list[VersionStatus]:
         """Versions of models with no version serving (why they failed), beside the data plane's own."""
         ...
@@ -91,6 +96,10 @@ class ModelVersions:
         self._dropped: dict[bytes, int] = {}
         # Versions not serving, with why (LOADING, or UNAVAILABLE: failed to load, dropped).
         self._other: dict[int, VersionStatus] = {}
+        # Fingerprints this process never loaded, as the shared registry placed them (server/state/registry.py):
+        # the version that wrote them (being loaded for their sequences), or 0 (not a version of this model), and
+        # until when (time.monotonic()) that answer stands before it is asked again.
+        self._located: dict[bytes, tuple[int, float]] = {}
         self._newest: ServingVersion | None = None
 
     @classmethod
@@ -120,6 +129,28 @@ class ModelVersions:
 
     def dropped_number(self, fingerprint: bytes) -> int:
         return self._dropped.get(fingerprint, 0)
+
+    def needs_locating(self, fingerprint: bytes) -> bool:
+        """A fingerprint of no version this process knows, nor looked up lately."""
+        if fingerprint in self._by_fingerprint or fingerprint in self._dropped:
+            return False
+        located = self._located.get(fingerprint)
+        return located is None or located[1] <= time.monotonic()
+
+    def loading_number(self, fingerprint: bytes) -> int:
+        """The version being loaded for sequences with this fingerprint (0: none)."""
+        located = self._located.get(fingerprint)
+        if located is None or not located[0] or fingerprint in self._by_fingerprint:
+            return 0
+        row = self._other.get(located[0])
+        return located[0] if row is not None and row.state == LOADING else 0
+
+    def note_located(self, fingerprint: bytes, number: int, valid_s: float) -> None:
+        self._located[fingerprint] = (number, time.monotonic() + valid_s)
+
+    def note_gone(self, fingerprint: bytes, number: int) -> None:
+        """A version of this model this process never served, and will not: its sequences get the retired policy."""
+        self._dropped[fingerprint] = number
 
     def serving(self) -> list[ServingVersion]:
         return sorted(self._serving.values(), key=lambda v: v.number)

@@ -11,7 +11,7 @@ start-up and every REFRESH_S:
 - absent, with keys of this prefix: a deployment upgraded from 0.1.0 (which knew nothing of this key);
   replicas write the format 0.1.0 reads (record.PREVIOUS_RELEASE_FORMAT: answers of the last chunk
   only), until the operator, once every replica runs this release, runs
-  `lstm-serve admin record-format 3` (server/app/admin.py);
+  `lstm-serve admin record-format 4` (server/app/admin.py);
 - present: that format (at most the newest this release writes). Lowering it again before a rollback
   makes replicas write the older format from their next refresh; records already written in the newer
   one stay until their streams' next chunk (docs/deploy.md, "Rolling upgrades").
@@ -32,7 +32,13 @@ import logging
 from redis import exceptions as redis_errors
 
 from server.state.connection import AsyncClient
-from server.state.record import NEWEST_FORMAT, PREVIOUS_RELEASE_FORMAT, READ_FORMATS
+from server.state.record import (
+    EARLIER_ANSWERS_FORMAT,
+    HISTORY_FORMAT,
+    NEWEST_FORMAT,
+    PREVIOUS_RELEASE_FORMAT,
+    READ_FORMATS,
+)
 
 log = logging.getLogger("server")
 
@@ -74,7 +80,12 @@ class RecordFormat:
     @property
     def keeps_earlier_answers(self) -> bool:
         """Whether records may carry the answers of chunks before the last one (format 3 and later)."""
-        return self.writes >= 3
+        return self.writes >= EARLIER_ANSWERS_FORMAT
+
+    @property
+    def keeps_history(self) -> bool:
+        """Whether records may carry the stream's recent inputs (format 4, --history-timesteps)."""
+        return self.writes >= HISTORY_FORMAT
 
     async def settle(self) -> None:
         """Decide the format (above). Redis unreachable: the previous release's, and settled on a later refresh."""

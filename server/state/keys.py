@@ -5,6 +5,7 @@
     <prefix>:@<model>:{<stream_id>}           a stream of a repository's model (docs/models.md): each model
     <prefix>:<tenant>:@<model>:{<stream_id>}  its own namespace, as Triton's sequences are per model
     <prefix>:<tenant>:live                    a limited tenant's live streams (server/state/live.py)
+    <prefix>:@<model>:versions                a repository model's versions by fingerprint (registry.py)
 
 A tenant name is 1-64 of [A-Za-z0-9_.-], never a brace or "@", so no tenant's slot key can equal another
 tenant's, a model's, or a key without tenant; a model name has the same characters, so an "@" marks it. The
@@ -30,6 +31,9 @@ class KeyLayout:
 
     def namespaced(self, model: str) -> KeyLayout:
         return KeyLayout(self.prefix, model)
+
+    def versions(self, model: str) -> str:
+        return f"{self.prefix}:@{model}:versions"
 
     def live(self, tenant: str) -> str:
         return f"{self.prefix}:{tenant}:live"

@@ -1,5 +1,14 @@
 """The binary record of one stream's slot, and the only code that knows its layout.
 
+Format 4 is format 3 followed by the stream's recent inputs (`--history-timesteps`, docs/models.md): written
+only by a record that keeps some, and only once the deployment allows it (server/state/formats.py). Its
+header has three more fields after format 3's:
+
+    112     4     history rows: the timesteps kept (uint32)
+    116     4     history columns: the model's input features (uint32)
+    120     8     offset of the first kept timestep (uint64; 0: the history covers the whole sequence)
+    128     ...   format 3's body, then the history float32[rows * columns]
+
 Format 3 (written since the answers of the last chunks are kept for retries, invariant 11 in
 docs/invariants.md; format 2 while only the last answer is kept, so that a server of the previous
 release reads every record written with `--replay-window 1`):
@@ -52,15 +61,20 @@ import numpy as np
 _HEADER_1 = struct.Struct("<8s2sBBQq8sQ16s8sIII")
 _HEADER_2 = struct.Struct("<8s2sBBQq8sQ16s8sIII16s8sI")
 _HEADER = struct.Struct("<8s2sBBQq8sQ16s8sIII16s8sII")
+_HEADER_4 = struct.Struct("<8s2sBBQq8sQ16s8sIII16s8sIIIIQ")
 _ANSWER = struct.Struct("<Q16s8sII")  # an earlier answer's start offset, digests, rows and columns
 HEADER_SIZE = _HEADER.size
 MAGIC = b"LS"
 _FORMAT = 3
+_FORMAT_WITH_HISTORY = 4
 # The newest format whose readers need not know about earlier answers: written while a record keeps none.
 _FORMAT_WITHOUT_EARLIER = 2
 # What this release reads and writes (`lstm-serve --version`; server/state/formats.py, rolling upgrades).
-READ_FORMATS = (1, 2, 3)
-NEWEST_FORMAT = _FORMAT
+READ_FORMATS = (1, 2, 3, 4)
+NEWEST_FORMAT = _FORMAT_WITH_HISTORY
+# The oldest format that carries earlier answers, and the one that carries input history.
+EARLIER_ANSWERS_FORMAT = _FORMAT
+HISTORY_FORMAT = _FORMAT_WITH_HISTORY
 # The newest format the previous release (0.1.0) reads: a deployment upgraded from it writes this until
 # the operator allows the newest (docs/deploy.md, "Rolling upgrades").
 PREVIOUS_RELEASE_FORMAT = _FORMAT_WITHOUT_EARLIER
@@ -252,23 +266,41 @@ class SlotRecord:
     recent_requests: bytes = b""
     # The answers of the applied chunks before the last one, oldest first (--replay-window - 1 at most).
     earlier: KeptAnswers = NO_EARLIER
+    # The sequence's last inputs (--history-timesteps): float32 little-endian [rows, history_columns], the first
+    # of them at offset history_start. Empty: none kept.
+    history: bytes = b""
+    history_columns: int = 0
+    history_start: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.earlier, KeptAnswers):  # a sequence of KeptAnswer, as tests and tools build them
             self.earlier = KeptAnswers.of(self.earlier)
 
+    @property
+    def history_rows(self) -> int:
+        return len(self.history) // (4 * self.history_columns) if self.history_columns else 0
+
+    def history_inputs(self) -> np.ndarray:
+        """The kept inputs, float32 [rows, columns]."""
+        return np.frombuffer(self.history, dtype="<f4").reshape(self.history_rows, self.history_columns)
+
     def encode(self) -> bytes:
         rows, columns = self.last_outputs.shape
+        fmt = _FORMAT_WITH_HISTORY if self.history else _FORMAT if self.earlier else _FORMAT_WITHOUT_EARLIER
         fields = (
-            self.version, MAGIC, _FORMAT if self.earlier else _FORMAT_WITHOUT_EARLIER,
+            self.version, MAGIC, fmt,
             FLAG_ENDED if self.ended else 0, self.offset, self.updated_unix_ms, self.fingerprint, self.last_start,
             self.last_digest, self.last_request_id, self.state.size, rows, columns, self.first_digest,
             self.first_request_id, len(self.recent_requests) // REQUEST_DIGEST_SIZE,
         )
-        parts = [_HEADER.pack(*fields, len(self.earlier)) if self.earlier else _HEADER_2.pack(*fields),
-                 self.state.astype("<f4", copy=False).tobytes(),
-                 self.last_outputs.astype("<f4", copy=False).tobytes(), self.recent_requests]
-        parts.append(self.earlier.raw)
+        if self.history:
+            header = _HEADER_4.pack(*fields, len(self.earlier), self.history_rows, self.history_columns,
+                                    self.history_start)
+        else:
+            header = _HEADER.pack(*fields, len(self.earlier)) if self.earlier else _HEADER_2.pack(*fields)
+        parts = [header, self.state.astype("<f4", copy=False).tobytes(),
+                 self.last_outputs.astype("<f4", copy=False).tobytes(), self.recent_requests, self.earlier.raw,
+                 self.history]
         return b"".join(parts)
 
     def has_recent_request(self, digest: bytes) -> bool:
@@ -280,7 +312,7 @@ class SlotRecord:
         if len(data) < _HEADER_1.size:
             raise CorruptRecord(f"{len(data)} bytes is shorter than a record header", data[:VERSION_SIZE])
         fmt = data[10] if data[8:10] == MAGIC else None
-        earlier_count = 0
+        earlier_count = history_rows = history_columns = history_start = 0
         if fmt == 1:
             (version, _, _, flags, offset, updated, fingerprint, last_start, last_digest,
              last_request_id, state_len, rows, columns) = _HEADER_1.unpack_from(data)
@@ -294,17 +326,23 @@ class SlotRecord:
              state_len, rows, columns, first_digest, first_request_id, recent_count,
              earlier_count) = _HEADER.unpack_from(data)
             body_at = HEADER_SIZE
-        elif fmt is not None and fmt > _FORMAT:
+        elif fmt == _FORMAT_WITH_HISTORY and len(data) >= _HEADER_4.size:
+            (version, _, _, flags, offset, updated, fingerprint, last_start, last_digest, last_request_id,
+             state_len, rows, columns, first_digest, first_request_id, recent_count,
+             earlier_count, history_rows, history_columns, history_start) = _HEADER_4.unpack_from(data)
+            body_at = _HEADER_4.size
+        elif fmt is not None and fmt > _FORMAT_WITH_HISTORY:
             raise NewerRecord(fmt, data[:VERSION_SIZE])
         else:
-            raise CorruptRecord("not a slot record of format 1, 2 or 3", data[:VERSION_SIZE])
+            raise CorruptRecord("not a slot record of format 1, 2, 3 or 4", data[:VERSION_SIZE])
         floats = state_len + rows * columns
         recent_at = body_at + 4 * floats
         earlier_at = recent_at + REQUEST_DIGEST_SIZE * recent_count
         if len(data) < earlier_at:
             raise CorruptRecord("record length does not match its header", version)
         earlier, end = KeptAnswers.read(data, earlier_at, earlier_count, version)
-        if len(data) != end:
+        history_end = end + 4 * history_rows * history_columns
+        if len(data) != history_end:
             raise CorruptRecord("record length does not match its header", version)
         body = np.frombuffer(data, dtype="<f4", offset=body_at, count=floats)
         return cls(
@@ -313,6 +351,8 @@ class SlotRecord:
             state=body[:state_len], last_outputs=body[state_len:].reshape(rows, columns),
             ended=bool(flags & FLAG_ENDED), first_digest=first_digest, first_request_id=first_request_id,
             recent_requests=bytes(data[recent_at:earlier_at]), earlier=earlier,
+            history=bytes(data[end:history_end]), history_columns=history_columns if history_rows else 0,
+            history_start=history_start,
         )
 
 

@@ -196,3 +196,71 @@ def test_an_unloaded_version_drains_then_its_sequences_are_refused(start_server,
     with pytest.raises(grpc.RpcError) as error:
         triton.RepositoryModelLoad(tpb.RepositoryModelLoadRequest(model_name="nope"))
     assert error.value.code() == grpc.StatusCode.NOT_FOUND and "'m'" in error.value.details()
+
+
+def test_replay_rebuilds_a_retired_sequence_on_the_newest_version_from_its_kept_inputs(start_server, tmp_path
+                                                                                       ) -> None:
+    repository = tmp_path / "models"
+    v1_file, v2_file = build_lstm(tmp_path / "v1.keras", seed=1), build_lstm(tmp_path / "v2.keras", seed=2)
+    install(repository, "m", 1, v1_file)
+    server = start_server("--model-repository", str(repository), "--repository-poll-s", "0.2",
+                          "--version-drain-s", "0.5", "--on-retired-version", "replay", "--history-timesteps", "24",
+                          "--xla", "false")
+    triton = tpb_grpc.GRPCInferenceServiceStub(server.channel)
+    x = np.random.default_rng(2).normal(size=(40, 1)).astype(np.float32)
+    whole, window = f"whole-{uuid.uuid4().hex[:6]}", f"window-{uuid.uuid4().hex[:6]}"
+    for lo, hi in ((0, 8), (8, 20)):
+        predict(server.stub, whole, x[lo:hi], start_offset=lo)
+    for lo, hi in ((0, 15), (15, 30)):
+        predict(server.stub, window, x[lo:hi], start_offset=lo)
+
+    install(repository, "m", 2, v2_file)
+    wait_until(lambda: state_of(server.stub, "m", 2) == "READY", 60, "v2 to load")
+    triton.RepositoryModelUnload(tpb.RepositoryModelUnloadRequest(model_name="m"))  # every version...
+    triton.RepositoryModelLoad(tpb.RepositoryModelLoadRequest(model_name="m"))  # ...then the policy's again: v2
+    wait_until(lambda: state_of(server.stub, "m", 1) == "UNAVAILABLE", 30, "v1 to be dropped")
+
+    # 20 inputs kept of 20: the state rebuilt on v2 is v2's own, so the sequence continues exactly as v2's.
+    moved = predict(server.stub, whole, x[20:30], start_offset=20)
+    assert (moved.model_version, moved.migration.policy, moved.migration.from_version) == (2, "replay", 1)
+    assert moved.migration.history_start == 0 and moved.offset == 30
+    expected = keras_whole_sequence(v2_file, x[:30])[20:]
+    assert np.max(np.abs(outputs(moved) - expected)) <= TOLERANCE
+    following = predict(server.stub, whole, x[30:40], start_offset=30)  # and on from there, on v2, no migration
+    assert following.model_version == 2 and not following.HasField("migration")
+    assert np.max(np.abs(outputs(following) - keras_whole_sequence(v2_file, x[:40])[30:])) <= TOLERANCE
+
+    # 24 inputs kept of 30: rebuilt from offset 6 on, an approximation the answer owns up to.
+    approximate = predict(server.stub, window, x[30:40], start_offset=30)
+    assert (approximate.migration.policy, approximate.migration.history_start, approximate.offset) == ("replay", 6, 40)
+
+
+def test_a_replica_loads_the_version_a_stream_is_pinned_to(start_server, tmp_path) -> None:
+    repository = tmp_path / "models"
+    v1_file, v2_file = build_lstm(tmp_path / "v1.keras", seed=1), build_lstm(tmp_path / "v2.keras", seed=2)
+    install(repository, "m", 1, v1_file)
+    first = start_server("--model-repository", str(repository), "--xla", "false")
+    x = np.random.default_rng(6).normal(size=(20, 1)).astype(np.float32)
+    pinned = f"pinned-{uuid.uuid4().hex[:6]}"
+    assert predict(first.stub, pinned, x[:10], start_offset=0).model_version == 1
+
+    # A replica started once v2 arrived loads v2 alone (latest:1); the stream started on v1 reaches it.
+    install(repository, "m", 2, v2_file)
+    second = start_server("--model-repository", str(repository), "--xla", "false")
+    assert set(listed(second.stub)) == {("m", 2)}
+    code, message, metadata = status_of(predict, second.stub, pinned, x[10:20], start_offset=10)
+    assert code == grpc.StatusCode.UNAVAILABLE and "loading" in message and metadata["x-chunk-outcome"] == "not-applied"
+    reply = wait_until(lambda: _answered(second.stub, pinned, x[10:20], 10), 60, "v1 to load for the pinned stream")
+    assert reply.model_version == 1
+    assert np.max(np.abs(outputs(reply) - keras_whole_sequence(v1_file, x[:20])[10:])) <= TOLERANCE
+    assert state_of(second.stub, "m", 1) == "DRAINING" and state_of(second.stub, "m", 2) == "READY"
+    assert predict(second.stub, f"new-{uuid.uuid4().hex[:6]}", x[:3]).model_version == 2
+
+
+def _answered(stub, stream: str, x: np.ndarray, start: int) -> pb.PredictResponse | None:
+    try:
+        return predict(stub, stream, x, start_offset=start)
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.UNAVAILABLE:
+            raise
+        return None

@@ -155,7 +155,7 @@ class Harness:
         self.runner = runner or SummingRunner()
         self.store = DictStore()
         policy = StreamPolicy(state_ttl_ms=STATE_TTL_MS, ended_ttl_ms=ENDED_TTL_MS,
-                              reset_retired=reset_on_model_change, request_deadline_s=7.0,
+                              on_retired="reset" if reset_on_model_change else "refuse", request_deadline_s=7.0,
                               replay_window=replay_window, replay_window_bytes=replay_window_bytes)
         self.processor = BatchProcessor(ModelVersions.of(self.runner), self.store, policy, live)  # type: ignore[arg-type]
 
@@ -385,7 +385,8 @@ def test_a_slot_of_another_model_is_refused_or_reset_when_configured(harness) ->
         result = h.one(chunk(1))
         if reset_on_model_change:
             assert isinstance(result, Prediction) and sums(result) == [1] and result.offset == 1
-            assert result.migrated and result.migrated_from == 0  # the answer says so: another model, not a version
+            # The answer says so: from another model (0), not from a version this process served.
+            assert result.migration == "reset" and result.migrated_from == 0
         else:
             refused(result, grpc.StatusCode.FAILED_PRECONDITION, "saved by another model", "cdcdcdcdcdcdcdcd",
                     "--reset-on-model-change")

@@ -61,12 +61,14 @@ class PredictResponse(_message.Message):
     def __init__(self, stream_id: _Optional[str] = ..., outputs: _Optional[_Iterable[float]] = ..., timesteps: _Optional[int] = ..., output_size: _Optional[int] = ..., offset: _Optional[int] = ..., replayed: _Optional[bool] = ..., request_id: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., model_version: _Optional[int] = ..., migration: _Optional[_Union[Migration, _Mapping]] = ...) -> None: ...
 
 class Migration(_message.Message):
-    __slots__ = ("from_version", "policy")
+    __slots__ = ("from_version", "policy", "history_start")
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_START_FIELD_NUMBER: _ClassVar[int]
     from_version: int
     policy: str
-    def __init__(self, from_version: _Optional[int] = ..., policy: _Optional[str] = ...) -> None: ...
+    history_start: int
+    def __init__(self, from_version: _Optional[int] = ..., policy: _Optional[str] = ..., history_start: _Optional[int] = ...) -> None: ...
 
 class PredictBatchRequest(_message.Message):
     __slots__ = ("chunks", "values")
