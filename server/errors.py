@@ -77,6 +77,31 @@ def malformed_message(problem: str) -> ServiceError:
     )
 
 
+# --- NOT_FOUND: no such stream, model or version (GetStreamState, SetStreamState). ---
+
+def stream_not_found(stream_id: str) -> ServiceError:
+    """GetStreamState of a stream without state: never seen, ended, reset or expired (GetStream: exists false)."""
+    return ServiceError(
+        grpc.StatusCode.NOT_FOUND,
+        f"stream {stream_id!r} has no state (never started, ended, reset or expired); SetStreamState gives it one",
+    )
+
+
+def model_not_found(name: str, hosted: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.NOT_FOUND,
+        f"model: {name!r} is not hosted here; this server hosts {hosted!r} (or leave the field empty)",
+    )
+
+
+def model_version_not_found(name: str, version: int, versions: tuple[int, ...]) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.NOT_FOUND,
+        f"model_version: model {name!r} has no version {version}; its versions are "
+        f"{', '.join(map(str, versions))} (0: the newest)",
+    )
+
+
 # --- FAILED_PRECONDITION: the chunk does not fit the stream's saved state; nothing was applied. ---
 
 def offset_mismatch(stream_id: str, requested: int, current: int, replay_window: int = 1) -> ServiceError:
@@ -270,6 +295,16 @@ def stream_kept_changing(stream_id: str | None) -> ServiceError:
     """Another writer replaced the stream's record under the chunk more often than the batcher retries."""
     return ServiceError(
         grpc.StatusCode.ABORTED, f"stream {stream_id!r} kept changing under this chunk (another writer); retry"
+    )
+
+
+def state_kept_changing(stream_id: str) -> ServiceError:
+    """SetStreamState: chunks of the stream kept saving between its read and its compare-and-set until the
+    call's deadline; the state was not set."""
+    return ServiceError(
+        grpc.StatusCode.ABORTED,
+        f"stream {stream_id!r} kept changing (chunks being applied) while its state was set, until the deadline; "
+        "the state was not set: retry, or stop sending chunks to the stream first",
     )
 
 

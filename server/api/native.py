@@ -13,6 +13,7 @@ from lstm_stream.v1 import stream_pb2_grpc as pb_grpc
 from server.api.auth import TENANT
 from server.api.batch_convert import BatchLimits, batch_chunks, batch_response, error_result, refused_response
 from server.api.errors import as_service_error, unary_errors
+from server.api.state_convert import state_from_proto, state_to_proto
 from server.api.streaming import StreamWindow, answer_in_order
 from server.api.validation import check_stream_id, make_chunk
 from server.dataplane.plane import DataPlane
@@ -154,6 +155,22 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
             expires_in_ms=status.expires_in_ms,
             model_fingerprint=status.model_fingerprint,
         )
+
+    @unary_errors
+    async def GetStreamState(self, request: pb.GetStreamStateRequest, context: grpc.aio.ServicerContext
+                             ) -> pb.StreamState:
+        state = await self.dataplane.stream_state(
+            check_stream_id(request.stream_id), request.model, 0, context.time_remaining(), TENANT.get()
+        )
+        return state_to_proto(state)
+
+    @unary_errors
+    async def SetStreamState(self, request: pb.StreamState, context: grpc.aio.ServicerContext
+                             ) -> pb.SetStreamStateResponse:
+        offset, version = await self.dataplane.set_stream_state(
+            state_from_proto(request), context.time_remaining(), TENANT.get()
+        )
+        return pb.SetStreamStateResponse(offset=offset, model_version=version)
 
     @unary_errors
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:

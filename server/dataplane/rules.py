@@ -22,6 +22,7 @@ chunk, runs the model for the chunks that run, and saves the records `StreamRule
 from __future__ import annotations
 
 import hashlib
+import secrets
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -166,9 +167,12 @@ class StreamRules:
             return slot_unreadable(
                 stream_id, f"the saved state has {slot.state.size} values, the model needs {self.zero_state.size}"
             )
-        last = KeptAnswer.of(slot.last_start, slot.last_digest, slot.last_request_id, slot.last_outputs)
+        earlier = slot.earlier
+        if len(slot.last_outputs):  # none after a SetStreamState (`record_set`): no answer to keep
+            earlier = earlier.appended(
+                KeptAnswer.of(slot.last_start, slot.last_digest, slot.last_request_id, slot.last_outputs))
         return Planned(index, chunk, slot.state, slot.offset, slot.version, digest,
-                       slot.first_digest, slot.first_request_id, slot.recent_requests, slot.earlier.appended(last))
+                       slot.first_digest, slot.first_request_id, slot.recent_requests, earlier)
 
     def _from_zero(self, index: int, chunk: Chunk, digest: bytes, version: bytes) -> Planned | ServiceError:
         """The chunk starts a new sequence: it is the one whose late copies are recognised (invariant 10)."""
@@ -202,6 +206,28 @@ class StreamRules:
             recent_requests=recent,
             # An ended sequence keeps its last answer only: its first chunk again deliberately starts a new one.
             earlier=NO_EARLIER if chunk.end else self._kept(planned.earlier, output),
+        )
+
+    def record_set(self, state: np.ndarray, offset: int, now_ms: int) -> SlotRecord:
+        """The stream's record after SetStreamState: a new sequence at `offset` from `state`, with no answer
+        kept and fresh digests (random, matching no chunk's data), so no retry or late duplicate of a chunk
+        from before the set is taken for one of it: the next chunk starting at `offset` runs, others are
+        refused by the offset rule. Without earlier answers it is written in format 2, which every release
+        that may serve beside this one reads (server/state/formats.py)."""
+        return SlotRecord(
+            version=new_version(),
+            offset=offset,
+            updated_unix_ms=now_ms,
+            fingerprint=self.fingerprint,
+            last_start=offset,
+            last_digest=secrets.token_bytes(16),
+            last_request_id=bytes(REQUEST_DIGEST_SIZE),
+            state=np.array(state, dtype=np.float32),
+            last_outputs=np.zeros((0, 0), np.float32),  # no answer: none is replayed, none kept (`_continue`)
+            first_digest=secrets.token_bytes(16),
+            first_request_id=bytes(REQUEST_DIGEST_SIZE),
+            recent_requests=b"",
+            earlier=NO_EARLIER,
         )
 
     def _kept(self, earlier: KeptAnswers, last_outputs: np.ndarray) -> KeptAnswers:
