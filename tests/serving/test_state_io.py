@@ -9,6 +9,7 @@ next chunk on the same process (the slot memory) and moves the stream's offset.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import tempfile
 import uuid
@@ -20,7 +21,10 @@ import pytest
 
 from devkit.native_calls import outputs, predict, status_of
 from devkit.references import TOLERANCE, keras_whole_sequence, load_model
+from lstm_stream.client import AsyncClient, Client, RequestRejected, StreamState
+from lstm_stream.client.cli import EXIT_OK, EXIT_USAGE, main
 from lstm_stream.v1 import stream_pb2 as pb
+from server.config import DEFAULT_MODEL
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -66,13 +70,7 @@ def test_the_state_of_a_set_onto_b_continues_exactly_as_a(default_server) -> Non
         from_b = outputs(predict(stub, b, x[start:end], start_offset=start))
         np.testing.assert_array_equal(from_b, from_a)
     # And both are Keras on the whole sequence.
-    assert float(np.max(np.abs(from_b - keras_whole_sequence(default_server_model(), x)[45:]))) <= TOLERANCE
-
-
-def default_server_model() -> str:
-    from server.config import DEFAULT_MODEL
-
-    return DEFAULT_MODEL
+    assert float(np.max(np.abs(from_b - keras_whole_sequence(DEFAULT_MODEL, x)[45:]))) <= TOLERANCE
 
 
 def stateful_copy(path: Path):
@@ -263,3 +261,81 @@ def test_tenants_read_and_set_only_their_own_streams(start_server) -> None:
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "1 live streams" in text
     code, _, _ = status_of(stub.GetStreamState, pb.GetStreamStateRequest(stream_id="g2"), metadata=bearer("gamma"))
     assert code == grpc.StatusCode.NOT_FOUND
+
+
+# --- the client library and `lstm-stream state` ---------------------------------------------------------------
+
+
+def test_the_client_gets_and_sets_states_and_moves_its_handle(default_server) -> None:
+    x = sequence(10, 50)
+    with Client(default_server.address) as client:
+        a = client.stream(new_id("client-a"))
+        a.start_new()
+        a.send(x[:30])
+        state = a.get_state()
+        names = [f"{layer.name}/{i}" for layer in client.model().recurrent_layers for i in range(2)]
+        assert state.offset == 30 and list(state.tensors) == names and state.model_version == 1
+        assert all(array.shape == (layer.units,) for array, layer in
+                   zip(state.tensors.values(), [ly for ly in client.model().recurrent_layers for _ in range(2)],
+                       strict=True))
+        b = client.stream(new_id("client-b"))
+        assert b.set_state(state) == 30 and b.offset == 30
+        np.testing.assert_array_equal(b.send(x[30:]), a.send(x[30:]))
+        assert b.offset == 50
+        # --offset of the library: the same state, elsewhere in the sequence; and a bad one refused by name.
+        assert client.set_state(b.stream_id, state, offset=7) == 7 and client.stream_info(b.stream_id).offset == 7
+        bad = StreamState(0, {**state.tensors, names[0]: state.tensors[names[0]][:-1]})
+        with pytest.raises(RequestRejected, match=r"tensors\[0\]\.shape") as refused:
+            client.set_state(b.stream_id, bad)
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(RequestRejected) as missing:
+            client.get_state(new_id("never"))
+        assert missing.value.code == grpc.StatusCode.NOT_FOUND
+
+    async def round_trip() -> None:
+        async with AsyncClient(default_server.address) as client:
+            c = client.stream(new_id("client-c"))
+            assert await c.set_state(state, offset=30) == 30
+            got = await c.get_state()
+            assert got.offset == 30 and list(got.tensors) == names
+            for name in names:
+                np.testing.assert_array_equal(got.tensors[name], state.tensors[name])
+
+    asyncio.run(round_trip())
+
+
+def test_the_cli_writes_and_reads_a_state_file(default_server, tmp_path: Path, capsys) -> None:
+    stub, target = default_server.stub, default_server.address
+    source, copy = new_id("cli-state-a"), new_id("cli-state-b")
+    y = sequence(11, 40)
+    predict(stub, source, y[:25], reset=True)
+    path = tmp_path / "state.npz"
+    assert main(["--target", target, "state", "get", source, "--out", str(path)]) == EXIT_OK
+    with np.load(path, allow_pickle=False) as saved:
+        assert int(saved["offset"]) == 25 and str(saved["model"]) == "sensor_forecaster"
+        assert int(saved["model_version"]) == 1
+        served = as_arrays(get_state(stub, source))
+        assert [name for name in saved.files if "/" in name] == list(served)
+        for name, values in served.items():
+            np.testing.assert_array_equal(saved[name], values)
+
+    assert main(["--target", target, "state", "set", copy, str(path)]) == EXIT_OK
+    assert "offset 25" in capsys.readouterr().out
+    np.testing.assert_array_equal(outputs(predict(stub, copy, y[25:], start_offset=25)),
+                                  outputs(predict(stub, source, y[25:], start_offset=25)))
+    assert main(["--target", target, "state", "set", copy, str(path), "--offset", "3"]) == EXIT_OK
+    assert get_state(stub, copy).offset == 3
+
+    # A file the server refuses, or none at all: usage errors, the stream untouched.
+    with np.load(path, allow_pickle=False) as saved:
+        arrays = {name: saved[name] for name in saved.files}
+    first = next(name for name in arrays if "/" in name)
+    arrays[first] = np.full_like(arrays[first], np.nan)
+    broken = tmp_path / "broken.npz"
+    np.savez(broken, **arrays)
+    capsys.readouterr()
+    assert main(["--target", target, "state", "set", copy, str(broken)]) == EXIT_USAGE
+    assert "tensors[0].values" in capsys.readouterr().err
+    assert main(["--target", target, "state", "set", copy, str(tmp_path / "missing.npz")]) == EXIT_USAGE
+    assert "cannot read" in capsys.readouterr().err
+    assert get_state(stub, copy).offset == 3
