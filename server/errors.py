@@ -362,10 +362,10 @@ def tenant_rate_exceeded(tenant: str, chunks_per_s: float) -> ServiceError:
     )
 
 
-def tenant_streams_exceeded(tenant: str, max_streams: int) -> ServiceError:
+def tenant_streams_exceeded(tenant: str, max_streams: int, what: str = "the chunk was not applied") -> ServiceError:
     return ServiceError(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
-        f"tenant {tenant!r} already has its limit of {max_streams} live streams; the chunk was not applied. "
+        f"tenant {tenant!r} already has its limit of {max_streams} live streams; {what}. "
         "End (`end`) or reset (ResetStream) streams it no longer uses, or wait until idle ones expire",
         outcome=NOT_APPLIED,
     )

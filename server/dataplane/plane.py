@@ -243,4 +243,4 @@ class DataPlane:
         change = Change.CONTINUE if live else Change.NEW
         [allowed] = await self._live.apply([LiveChange(tenant, stream_id, change)], now_unix_ms(), deadline)
         if not allowed:
-            raise tenant_streams_exceeded(tenant, self._live.limit_of(tenant))
+            raise tenant_streams_exceeded(tenant, self._live.limit_of(tenant), "the state was not set")

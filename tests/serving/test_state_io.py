@@ -258,7 +258,7 @@ def test_tenants_read_and_set_only_their_own_streams(start_server) -> None:
     call(stub.SetStreamState, pb.StreamState(stream_id="g1", offset=2, tensors=zeros), "gamma")  # still one
     code, text, _ = status_of(stub.SetStreamState, pb.StreamState(stream_id="g2", tensors=zeros),
                               metadata=bearer("gamma"), timeout=30)
-    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "1 live streams" in text
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "1 live streams; the state was not set" in text
     code, _, _ = status_of(stub.GetStreamState, pb.GetStreamStateRequest(stream_id="g2"), metadata=bearer("gamma"))
     assert code == grpc.StatusCode.NOT_FOUND
 
