@@ -77,28 +77,13 @@ def malformed_message(problem: str) -> ServiceError:
     )
 
 
-# --- NOT_FOUND: no such stream, model or version (GetStreamState, SetStreamState). ---
+# --- NOT_FOUND: a stream without state (GetStreamState); models and versions not served are below. ---
 
 def stream_not_found(stream_id: str) -> ServiceError:
     """GetStreamState of a stream without state: never seen, ended, reset or expired (GetStream: exists false)."""
     return ServiceError(
         grpc.StatusCode.NOT_FOUND,
         f"stream {stream_id!r} has no state (never started, ended, reset or expired); SetStreamState gives it one",
-    )
-
-
-def model_not_found(name: str, hosted: str) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.NOT_FOUND,
-        f"model: {name!r} is not hosted here; this server hosts {hosted!r} (or leave the field empty)",
-    )
-
-
-def model_version_not_found(name: str, version: int, versions: tuple[int, ...]) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.NOT_FOUND,
-        f"model_version: model {name!r} has no version {version}; its versions are "
-        f"{', '.join(map(str, versions))} (0: the newest)",
     )
 
 
@@ -140,6 +125,26 @@ def saved_by_other_model(stream_id: str, saved: str, serving: str) -> ServiceErr
         "its state cannot be continued by this model. Send reset or call ResetStream to start the stream "
         "again, or run the server with --reset-on-model-change",
     )
+
+
+def model_version_unavailable(model: str, asked: int, ready: list[int]) -> ServiceError:
+    """A new sequence asked for a version that takes none (unknown, loading, draining), or none is ready."""
+    serving = ", ".join(str(v) for v in ready) or "none"
+    what = f"version {asked}" if asked else "a version"
+    return ServiceError(
+        grpc.StatusCode.NOT_FOUND,
+        f"model {model!r} has no {what} ready for new sequences (ready: {serving}); see ListModels",
+    )
+
+
+def model_not_found(name: str, known: list[str]) -> ServiceError:
+    """A request naming a model the server does not serve, or naming none when it serves several."""
+    served = ", ".join(repr(n) for n in known) or "none"
+    if not name:
+        problem = f"this server serves several models ({served}): name one in `model`"
+    else:
+        problem = f"model {name!r} is not served here; served: {served}"
+    return ServiceError(grpc.StatusCode.NOT_FOUND, problem)
 
 
 def stream_not_started(stream_id: str) -> ServiceError:

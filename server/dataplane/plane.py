@@ -14,26 +14,24 @@ from collections.abc import Sequence
 from server import metrics
 from server.dataplane.batcher import Batcher
 from server.dataplane.processor import BatchProcessor, StreamPolicy
+from server.dataplane.state_io import live_slot, replace_slot
 from server.errors import (
     ServiceError,
     invalid_argument,
     model_not_found,
-    model_version_not_found,
+    model_version_unavailable,
     saved_by_other_model,
     slot_from_newer_release,
     slot_unreadable,
     slot_wrong_type,
-    state_kept_changing,
-    stream_not_found,
     tenant_rate_exceeded,
-    tenant_streams_exceeded,
 )
 from server.model.state_layout import StateLayout
 from server.security.limits import ChunkRate
 from server.state.formats import RecordFormat
-from server.state.live import Change, LiveChange, LiveStreams
-from server.state.record import NEWEST_FORMAT, CorruptRecord, NewerRecord, SlotRecord
-from server.state.store import APPLIED, REFUSED, Loaded, SlotWrite, StateStore, WrongType, now_unix_ms
+from server.state.live import LiveStreams
+from server.state.record import NEWEST_FORMAT, CorruptRecord, NewerRecord, fingerprint_bytes
+from server.state.store import StateStore, WrongType
 from server.types import Chunk, ModelDescription, Prediction, Runner, StreamState, StreamStatus
 
 # The one model this server hosts is its version 1 (issue 25 brings a repository of models and versions).
@@ -66,7 +64,9 @@ class DataPlane:
         self._chunk_rate = chunk_rate
         self._live = live
         self._processor = BatchProcessor(runner, store, policy, live, record_format)
+        # State out and in (invariant 15): the slot's tensors by name, and what a set record carries.
         self._state_ttl_ms = policy.state_ttl_ms
+        self._fingerprint = fingerprint_bytes(runner.description.fingerprint)
         self.state_layout = StateLayout(runner.description.recurrent_layers)
         self._batcher = Batcher(
             self._processor, max_batch=max_batch, max_delay_s=max_delay_s, max_in_flight=max_in_flight,
@@ -178,27 +178,19 @@ class DataPlane:
         what exists. One server, one model, version 1, for now: a repository lookup replaces this (issue 25)."""
         hosted = self.model.name
         if name not in ("", hosted):
-            raise model_not_found(name, hosted)
+            raise model_not_found(name, [hosted])
         if version != 0 and version not in HOSTED_VERSIONS:
-            raise model_version_not_found(hosted, version, HOSTED_VERSIONS)
+            raise model_version_unavailable(hosted, version, list(HOSTED_VERSIONS))
         return hosted, version or HOSTED_VERSIONS[-1]
 
     async def stream_state(self, stream_id: str, model: str = "", model_version: int = 0,
                            time_remaining: float | None = None, tenant: str = "") -> StreamState:
-        """The stream's recurrent state as named tensors and its offset (GetStreamState, invariant 15);
-        NOT_FOUND for a stream without state (GetStream's `exists` false), errors as a chunk gets them for a
-        slot this model cannot read."""
+        """The stream's recurrent state as named tensors, and its offset (GetStreamState, invariant 15):
+        NOT_FOUND for a stream without state; a slot this model cannot continue gets a chunk's error."""
         name, version = self.resolve_model(model, model_version)
-        slot, _ = await self.store.inspect(stream_id, self.deadline(time_remaining), tenant)
-        if isinstance(slot, WrongType):
-            raise slot_wrong_type(stream_id, slot.key, slot.redis_type)
-        if isinstance(slot, NewerRecord):
-            raise slot_from_newer_release(stream_id, slot.format, NEWEST_FORMAT)
-        if slot is None or isinstance(slot, CorruptRecord) or slot.ended:
-            raise stream_not_found(stream_id)
-        fingerprint = self._processor.rules.fingerprint
-        if slot.fingerprint != fingerprint:
-            raise saved_by_other_model(stream_id, slot.fingerprint.hex(), fingerprint.hex())
+        slot = await live_slot(self.store, stream_id, self.deadline(time_remaining), tenant)
+        if slot.fingerprint != self._fingerprint:
+            raise saved_by_other_model(stream_id, slot.fingerprint.hex(), self._fingerprint.hex())
         if slot.state.size != self.state_layout.state_size:
             raise slot_unreadable(stream_id, f"the saved state has {slot.state.size} values, the model needs "
                                   f"{self.state_layout.state_size}")
@@ -206,41 +198,14 @@ class DataPlane:
 
     async def set_stream_state(self, state: StreamState, time_remaining: float | None = None, tenant: str = ""
                                ) -> tuple[int, int]:
-        """Replace the stream's state and offset in one compare-and-set (SetStreamState, invariant 15): its
-        next chunk continues from them. The tensors are checked before anything is read or written
-        (INVALID_ARGUMENT naming the field); a chunk saved between the read and the write makes the set read
-        again and retry, until the deadline. Returns the offset and the model version."""
+        """Replace the stream's state and offset in one compare-and-set (SetStreamState, invariant 15): its next
+        chunk continues from them. Everything is checked before anything is read or written (INVALID_ARGUMENT
+        naming the field, NOT_FOUND for a model or version not hosted). Returns the offset and model version."""
         _, version = self.resolve_model(state.model, state.model_version)
         vector = self.state_layout.join(state.tensors)
         if state.offset > MAX_SET_OFFSET:
             raise invalid_argument("offset", f"is {state.offset}; at most {MAX_SET_OFFSET}")
-        deadline = self.deadline(time_remaining)
-        stream_id = state.stream_id
-        while True:
-            [slot] = await self.store.load([stream_id], deadline, [tenant])
-            if isinstance(slot, WrongType):
-                raise slot_wrong_type(stream_id, slot.key, slot.redis_type)
-            if isinstance(slot, NewerRecord):  # never overwritten here, as a chunk never overwrites one
-                raise slot_from_newer_release(stream_id, slot.format, NEWEST_FORMAT)
-            await self._admit_set(stream_id, slot, deadline, tenant)
-            record = self._processor.rules.record_set(vector, state.offset, now_unix_ms())
-            write = SlotWrite(stream_id, slot.version if slot is not None else b"", record, self._state_ttl_ms, tenant)
-            [result] = await self.store.save([write], deadline)
-            if result is APPLIED:
-                return state.offset, version
-            if isinstance(result, ServiceError):
-                raise result
-            assert result is REFUSED  # a chunk was saved between the read and the write: read it again
-            if time.monotonic() >= deadline:
-                raise state_kept_changing(stream_id)
-
-    async def _admit_set(self, stream_id: str, slot: Loaded, deadline: float, tenant: str) -> None:
-        """A set on a stream without live state starts one, as a first chunk does: counted against the
-        tenant's live-stream limit, RESOURCE_EXHAUSTED past it."""
-        if self._live is None or not tenant:
-            return
-        live = slot is not None and not (isinstance(slot, SlotRecord) and slot.ended)  # as rules.live_change says
-        change = Change.CONTINUE if live else Change.NEW
-        [allowed] = await self._live.apply([LiveChange(tenant, stream_id, change)], now_unix_ms(), deadline)
-        if not allowed:
-            raise tenant_streams_exceeded(tenant, self._live.limit_of(tenant), "the state was not set")
+        await replace_slot(self.store, state.stream_id, vector, state.offset, self._fingerprint,
+                           ttl_ms=self._state_ttl_ms, deadline=self.deadline(time_remaining), tenant=tenant,
+                           live=self._live)
+        return state.offset, version

@@ -168,7 +168,7 @@ class StreamRules:
                 stream_id, f"the saved state has {slot.state.size} values, the model needs {self.zero_state.size}"
             )
         earlier = slot.earlier
-        if len(slot.last_outputs):  # none after a SetStreamState (`record_set`): no answer to keep
+        if len(slot.last_outputs):  # none after a SetStreamState (`set_record`): no answer to keep
             earlier = earlier.appended(
                 KeptAnswer.of(slot.last_start, slot.last_digest, slot.last_request_id, slot.last_outputs))
         return Planned(index, chunk, slot.state, slot.offset, slot.version, digest,
@@ -206,28 +206,6 @@ class StreamRules:
             recent_requests=recent,
             # An ended sequence keeps its last answer only: its first chunk again deliberately starts a new one.
             earlier=NO_EARLIER if chunk.end else self._kept(planned.earlier, output),
-        )
-
-    def record_set(self, state: np.ndarray, offset: int, now_ms: int) -> SlotRecord:
-        """The stream's record after SetStreamState: a new sequence at `offset` from `state`, with no answer
-        kept and fresh digests (random, matching no chunk's data), so no retry or late duplicate of a chunk
-        from before the set is taken for one of it: the next chunk starting at `offset` runs, others are
-        refused by the offset rule. Without earlier answers it is written in format 2, which every release
-        that may serve beside this one reads (server/state/formats.py)."""
-        return SlotRecord(
-            version=new_version(),
-            offset=offset,
-            updated_unix_ms=now_ms,
-            fingerprint=self.fingerprint,
-            last_start=offset,
-            last_digest=secrets.token_bytes(16),
-            last_request_id=bytes(REQUEST_DIGEST_SIZE),
-            state=np.array(state, dtype=np.float32),
-            last_outputs=np.zeros((0, 0), np.float32),  # no answer: none is replayed, none kept (`_continue`)
-            first_digest=secrets.token_bytes(16),
-            first_request_id=bytes(REQUEST_DIGEST_SIZE),
-            recent_requests=b"",
-            earlier=NO_EARLIER,
         )
 
     def _kept(self, earlier: KeptAnswers, last_outputs: np.ndarray) -> KeptAnswers:
@@ -272,3 +250,26 @@ def _late_duplicate(chunk: Chunk, digest: bytes, slot: SlotRecord) -> ServiceErr
           and slot.has_recent_request(request_digest(chunk.request_id, digest))):
         return late_duplicate(stream_id, slot.offset, f"a recent chunk with request_id {chunk.request_id!r}")
     return None
+
+
+def set_record(state: np.ndarray, offset: int, fingerprint: bytes, now_ms: int) -> SlotRecord:
+    """The stream's record after SetStreamState (invariant 15): a new sequence at `offset` from `state`, with no
+    answer kept and fresh digests (random, matching no chunk's data), so no retry or late duplicate of a chunk
+    from before the set is taken for one of it: the next chunk starting at `offset` runs, others are refused by
+    the offset rule. Without earlier answers it is written in format 2, which every release that may serve
+    beside this one reads (server/state/formats.py)."""
+    return SlotRecord(
+        version=new_version(),
+        offset=offset,
+        updated_unix_ms=now_ms,
+        fingerprint=fingerprint,
+        last_start=offset,
+        last_digest=secrets.token_bytes(16),
+        last_request_id=bytes(REQUEST_DIGEST_SIZE),
+        state=np.array(state, dtype=np.float32),
+        last_outputs=np.zeros((0, 0), np.float32),  # no answer: none is replayed, none kept (`_continue`)
+        first_digest=secrets.token_bytes(16),
+        first_request_id=bytes(REQUEST_DIGEST_SIZE),
+        recent_requests=b"",
+        earlier=NO_EARLIER,
+    )

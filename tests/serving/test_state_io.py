@@ -161,8 +161,8 @@ def bad_states(state: pb.StreamState) -> list[tuple[str, pb.StreamState, grpc.St
         values = list(c.values)
         values[number] = bad
         case(f"{bad} value", invalid, "tensors[1].values", [h, tensor(c, values=values)])
-    case("unknown model", missing, "model: 'nope'", model="nope")
-    case("unknown version", missing, "model_version", model_version=2)
+    case("unknown model", missing, "model 'nope' is not served here; served: 'sensor_forecaster'", model="nope")
+    case("unknown version", missing, "has no version 2", model_version=2)
     case("huge offset", invalid, "offset", offset=2**63)
     cases.append(("empty stream id", pb.StreamState(stream_id="", tensors=state.tensors), invalid, "stream_id"))
     return cases

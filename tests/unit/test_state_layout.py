@@ -1,6 +1,6 @@
 """State out and in, in process (invariant 15, docs/invariants.md): the slot's state vector as named tensors
 and back (server/model/state_layout.py), and the record a SetStreamState writes (server/dataplane/rules.py
-`record_set`): a new sequence at its offset that no chunk from before it is replayed or refused against.
+`set_record`): a new sequence at its offset that no chunk from before it is replayed or refused against.
 tests/serving/test_state_io.py runs both behind gRPC against Keras."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.dataplane.rules import Planned, StreamRules, chunk_digest
+from server.dataplane.rules import Planned, StreamRules, chunk_digest, set_record
 from server.errors import ServiceError
 from server.model.state_layout import StateLayout
 from server.state.record import SlotRecord
@@ -59,7 +59,7 @@ def test_a_state_that_is_not_the_models_is_refused_naming_the_field(tensors: lis
 def test_the_record_of_a_set_starts_a_sequence_no_earlier_chunk_matches() -> None:
     rules = StreamRules(b"f" * 8, np.zeros(2, np.float32), reset_on_model_change=False, replay_window=4)
     before = Chunk("s", np.ones((3, 1), np.float32), start_offset=0, reset=True, request_id="r1")
-    record = rules.record_set(np.array([1.5, -2.0], np.float32), 40, now_ms=1)
+    record = set_record(np.array([1.5, -2.0], np.float32), 40, b"f" * 8, now_ms=1)
     record = SlotRecord.decode(record.encode())  # what Redis holds: format 2, read by every release
     assert record.offset == 40 and record.encode()[10] == 2
     # The chunk that ran before the set, again: neither replayed nor taken for a late duplicate of this
