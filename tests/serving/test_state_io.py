@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 import grpc
+import keras  # tests/conftest.py chose its backend
 import numpy as np
 import pytest
 
@@ -75,8 +76,6 @@ def test_the_state_of_a_set_onto_b_continues_exactly_as_a(default_server) -> Non
 
 def stateful_copy(path: Path):
     """The served model rebuilt as Keras `stateful=True` with batch size 1, same weights: the offline way."""
-    import keras
-
     model = load_model(str(path))
     features = model.inputs[0].shape[-1]
     x = inputs = keras.Input(batch_shape=(1, None, features))
@@ -93,8 +92,6 @@ def stateful_copy(path: Path):
 def keras_states(model, x: np.ndarray) -> dict[str, np.ndarray]:
     """Feed x [T, F] to a stateful batch-1 model; its recurrent layers' `layer.states`, named as the server
     names them, one stream's shape."""
-    import keras
-
     for layer in model.layers:
         if getattr(layer, "stateful", False):
             layer.reset_state()
