@@ -77,6 +77,16 @@ def malformed_message(problem: str) -> ServiceError:
     )
 
 
+# --- NOT_FOUND: a stream without state (GetStreamState); models and versions not served are below. ---
+
+def stream_not_found(stream_id: str) -> ServiceError:
+    """GetStreamState of a stream without state: never seen, ended, reset or expired (GetStream: exists false)."""
+    return ServiceError(
+        grpc.StatusCode.NOT_FOUND,
+        f"stream {stream_id!r} has no state (never started, ended, reset or expired); SetStreamState gives it one",
+    )
+
+
 # --- FAILED_PRECONDITION: the chunk does not fit the stream's saved state; nothing was applied. ---
 
 def offset_mismatch(stream_id: str, requested: int, current: int, replay_window: int = 1) -> ServiceError:
@@ -336,6 +346,16 @@ def stream_kept_changing(stream_id: str | None) -> ServiceError:
     )
 
 
+def state_kept_changing(stream_id: str) -> ServiceError:
+    """SetStreamState: chunks of the stream kept saving between its read and its compare-and-set until the
+    call's deadline; the state was not set."""
+    return ServiceError(
+        grpc.StatusCode.ABORTED,
+        f"stream {stream_id!r} kept changing (chunks being applied) while its state was set, until the deadline; "
+        "the state was not set: retry, or stop sending chunks to the stream first",
+    )
+
+
 def slot_from_newer_release(stream_id: str, found: int, newest: int) -> ServiceError:
     """A record written by a newer release (a rolling upgrade under way, or after a rollback): not lost, but
     not for this replica: UNAVAILABLE, so clients and Envoy retry and another replica answers."""
@@ -390,10 +410,10 @@ def tenant_rate_exceeded(tenant: str, chunks_per_s: float) -> ServiceError:
     )
 
 
-def tenant_streams_exceeded(tenant: str, max_streams: int) -> ServiceError:
+def tenant_streams_exceeded(tenant: str, max_streams: int, what: str = "the chunk was not applied") -> ServiceError:
     return ServiceError(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
-        f"tenant {tenant!r} already has its limit of {max_streams} live streams; the chunk was not applied. "
+        f"tenant {tenant!r} already has its limit of {max_streams} live streams; {what}. "
         "End (`end`) or reset (ResetStream) streams it no longer uses, or wait until idle ones expire",
         outcome=NOT_APPLIED,
     )

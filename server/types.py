@@ -121,6 +121,28 @@ class StreamStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class StateTensor:
+    """One state of one recurrent layer of one stream (server/model/state_layout.py): `name` is
+    "<layer name>/<index>" in Keras order, `shape` one stream's (no batch axis), `values` float32, flat."""
+
+    name: str
+    shape: tuple[int, ...]
+    values: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class StreamState:
+    """A stream's recurrent state as named tensors, in the model's layer order, and its offset: what
+    GetStreamState answers and SetStreamState writes (invariant 15, docs/invariants.md)."""
+
+    stream_id: str
+    offset: int
+    tensors: tuple[StateTensor, ...]
+    model: str = ""  # the model's name ("" on SetStreamState: the server's only model)
+    model_version: int = 0  # 0 on SetStreamState: the newest
+
+
+@dataclass(frozen=True, slots=True)
 class RecurrentLayerInfo:
     name: str
     kind: str

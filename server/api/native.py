@@ -20,6 +20,7 @@ from server.api.batch_convert import (
     set_migration,
 )
 from server.api.errors import as_service_error, unary_errors
+from server.api.state_convert import state_from_proto, state_to_proto
 from server.api.streaming import StreamWindow, answer_in_order
 from server.api.validation import check_stream_id, make_chunk
 from server.dataplane.plane import DataPlane
@@ -173,6 +174,22 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
             model=status.model,
             model_version=status.model_version,
         )
+
+    @unary_errors
+    async def GetStreamState(self, request: pb.GetStreamStateRequest, context: grpc.aio.ServicerContext
+                             ) -> pb.StreamState:
+        state = await self.dataplane.stream_state(
+            check_stream_id(request.stream_id), request.model, 0, context.time_remaining(), TENANT.get()
+        )
+        return state_to_proto(state)
+
+    @unary_errors
+    async def SetStreamState(self, request: pb.StreamState, context: grpc.aio.ServicerContext
+                             ) -> pb.SetStreamStateResponse:
+        offset, version = await self.dataplane.set_stream_state(
+            state_from_proto(request), context.time_remaining(), TENANT.get()
+        )
+        return pb.SetStreamStateResponse(offset=offset, model_version=version)
 
     @unary_errors
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:

@@ -17,21 +17,30 @@ from dataclasses import dataclass
 from server import metrics
 from server.dataplane.batcher import Batcher
 from server.dataplane.processor import BatchProcessor, StreamPolicy
-from server.dataplane.versions import ModelControl, ModelVersions, ServingVersion, VersionStatus
+from server.dataplane.state_io import live_slot, replace_slot
+from server.dataplane.versions import READY, ModelControl, ModelVersions, ServingVersion, VersionStatus
 from server.errors import (
     ServiceError,
+    invalid_argument,
     model_not_found,
     model_version_unavailable,
+    saved_by_other_model,
     slot_from_newer_release,
+    slot_unreadable,
     slot_wrong_type,
     tenant_rate_exceeded,
+    version_retired,
 )
+from server.model.state_layout import StateLayout
 from server.security.limits import ChunkRate
 from server.state.formats import RecordFormat
 from server.state.live import LiveStreams
 from server.state.record import NEWEST_FORMAT, CorruptRecord, NewerRecord
 from server.state.store import StateStore, WrongType
-from server.types import Chunk, ModelDescription, Prediction, Runner, StreamStatus
+from server.types import Chunk, ModelDescription, Prediction, Runner, StreamState, StreamStatus
+
+# The largest offset SetStreamState takes: a record holds a uint64, and chunks add to it.
+MAX_SET_OFFSET = 2**62
 
 # Accepted for the server's only model whatever its name (Triton's clients often say "default").
 MODEL_ALIAS = "default"
@@ -271,3 +280,41 @@ class DataPlane:
             model=served.name,
             model_version=served.versions.number_of(slot.fingerprint),
         )
+
+    async def stream_state(self, stream_id: str, model: str = "", model_version: int = 0,
+                           time_remaining: float | None = None, tenant: str = "") -> StreamState:
+        """The stream's recurrent state as named tensors, and its offset (GetStreamState, invariant 15):
+        NOT_FOUND for a stream without state; a slot this model cannot continue gets a chunk's error."""
+        served = self.served(model)
+        slot = await live_slot(served.store, stream_id, self.deadline(time_remaining), tenant)
+        version = served.versions.by_fingerprint(slot.fingerprint)
+        if version is None:  # its tensors' names and shapes are those of a version not loaded here
+            if retired := served.versions.number_of(slot.fingerprint):
+                newest = served.versions.newest()
+                raise version_retired(stream_id, served.name, retired, newest.number if newest else 0)
+            raise saved_by_other_model(stream_id, slot.fingerprint.hex(), served.description.fingerprint)
+        if model_version and model_version != version.number:
+            raise model_version_unavailable(served.name, model_version, [version.number])
+        layout = StateLayout(version.description.recurrent_layers)
+        if slot.state.size != layout.state_size:
+            raise slot_unreadable(stream_id, f"the saved state has {slot.state.size} values, the model needs "
+                                  f"{layout.state_size}")
+        return StreamState(stream_id, slot.offset, layout.split(slot.state), served.name, version.number)
+
+    async def set_stream_state(self, state: StreamState, time_remaining: float | None = None, tenant: str = ""
+                               ) -> tuple[int, int]:
+        """Replace the stream's state and offset in one compare-and-set (SetStreamState, invariant 15): its next
+        chunk continues from them. Everything is checked before anything is read or written (INVALID_ARGUMENT
+        naming the field, NOT_FOUND for a model or version not hosted). Returns the offset and model version."""
+        served = self.served(state.model)
+        # A state starts a sequence: on a version that takes new ones (the newest, or a READY one named).
+        version = served.versions.get(state.model_version) if state.model_version else served.versions.newest()
+        if version is None or version.state != READY:
+            raise model_version_unavailable(served.name, state.model_version, served.versions.ready_numbers())
+        vector = StateLayout(version.description.recurrent_layers).join(state.tensors)
+        if state.offset > MAX_SET_OFFSET:
+            raise invalid_argument("offset", f"is {state.offset}; at most {MAX_SET_OFFSET}")
+        await replace_slot(served.store, state.stream_id, vector, state.offset, version.fingerprint,
+                           ttl_ms=self._policy.state_ttl_ms, deadline=self.deadline(time_remaining), tenant=tenant,
+                           live=self._live, live_member=served.processor.live_member(state.stream_id))
+        return state.offset, version.number

@@ -25,6 +25,7 @@ chunk, runs the model for the chunks that run, and saves the records `StreamRule
 from __future__ import annotations
 
 import hashlib
+import secrets
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -196,9 +197,12 @@ class StreamRules:
             return slot_unreadable(
                 stream_id, f"the saved state has {slot.state.size} values, the model needs {version.zero_state.size}"
             )
-        last = KeptAnswer.of(slot.last_start, slot.last_digest, slot.last_request_id, slot.last_outputs)
+        earlier = slot.earlier
+        if len(slot.last_outputs):  # none after a SetStreamState (`set_record`): no answer to keep
+            earlier = earlier.appended(
+                KeptAnswer.of(slot.last_start, slot.last_digest, slot.last_request_id, slot.last_outputs))
         return Planned(index, chunk, slot.state, slot.offset, slot.version, digest,
-                       slot.first_digest, slot.first_request_id, slot.recent_requests, slot.earlier.appended(last),
+                       slot.first_digest, slot.first_request_id, slot.recent_requests, earlier,
                        version=version, history=slot.history, history_start=slot.history_start)
 
     def _off_version(self, index: int, chunk: Chunk, digest: bytes, slot: SlotRecord) -> Planned | ServiceError:
@@ -347,3 +351,26 @@ def _late_duplicate(chunk: Chunk, digest: bytes, slot: SlotRecord) -> ServiceErr
           and slot.has_recent_request(request_digest(chunk.request_id, digest))):
         return late_duplicate(stream_id, slot.offset, f"a recent chunk with request_id {chunk.request_id!r}")
     return None
+
+
+def set_record(state: np.ndarray, offset: int, fingerprint: bytes, now_ms: int) -> SlotRecord:
+    """The stream's record after SetStreamState (invariant 15): a new sequence at `offset` from `state`, with no
+    answer kept and fresh digests (random, matching no chunk's data), so no retry or late duplicate of a chunk
+    from before the set is taken for one of it: the next chunk starting at `offset` runs, others are refused by
+    the offset rule. Without earlier answers it is written in format 2, which every release that may serve
+    beside this one reads (server/state/formats.py)."""
+    return SlotRecord(
+        version=new_version(),
+        offset=offset,
+        updated_unix_ms=now_ms,
+        fingerprint=fingerprint,
+        last_start=offset,
+        last_digest=secrets.token_bytes(16),
+        last_request_id=bytes(REQUEST_DIGEST_SIZE),
+        state=np.array(state, dtype=np.float32),
+        last_outputs=np.zeros((0, 0), np.float32),  # no answer: none is replayed, none kept (`_continue`)
+        first_digest=secrets.token_bytes(16),
+        first_request_id=bytes(REQUEST_DIGEST_SIZE),
+        recent_requests=b"",
+        earlier=NO_EARLIER,
+    )

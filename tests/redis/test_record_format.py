@@ -20,6 +20,7 @@ from devkit import ROOT
 from devkit.native_calls import predict, status_of
 from devkit.processes import RedisServer, wait_until
 from lstm_stream.v1 import stream_pb2 as pb
+from server.state.record import NEWEST_FORMAT
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -61,7 +62,8 @@ def test_a_deployment_upgraded_from_0_1_0_writes_format_2_until_the_operator_all
         client = redis.Redis.from_url(upgraded.url)
         client.set("lstm:{written-by-0.1.0}", b"any record")  # what the previous release left, no format key
         server = start_server(redis_url=upgraded.url)
-        assert "writing format 2" in server.log() and f"lstm-serve admin record-format {NEWEST_FORMAT}" in server.log()
+        assert "writing format 2" in server.log()
+        assert f"lstm-serve admin record-format {NEWEST_FORMAT}" in server.log()
         stream = f"upgraded-{uuid.uuid4().hex[:6]}"
         chunks(server.stub, stream, 3)
         assert client.get("lstm:record-format") is None and record_format(client, stream) == 2

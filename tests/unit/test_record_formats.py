@@ -3,7 +3,8 @@
 The bytes are built by hand, field by field, from the layout table atop server/state/record.py, not with
 encode(): a change to the layout that encode() and decode() make together still fails here. encode()
 writes format 2 while a record keeps no earlier answers (what 0.1.0 reads), format 3 with them, and format 4
-when it keeps input history (--history-timesteps); a record of a newer format is recognised as newer (answered UNAVAILABLE by the server), not as corrupt.
+when it keeps input history (--history-timesteps); a record of a newer format is recognised as newer
+(answered UNAVAILABLE by the server), not as corrupt.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ is retried with jittered exponential backoff within the deadline, so it is appli
 once; `pipe()` streams over one connection and resends unanswered chunks after a break. See aio.py's
 docstring for the rules and errors.py for what each error means. `client.gateway()` sends many streams'
 chunks per message, a tick at a time (`send`) or pipelined (`pipe`), with the same rules per stream
-(gateway.py).
+(gateway.py). `get_state()` and `set_state()` read and write a stream's recurrent state as named arrays
+(`StreamState`), e.g. one computed offline by Keras.
 """
 
 from lstm_stream.client.aio import AsyncClient, AsyncStream
@@ -28,7 +29,7 @@ from lstm_stream.client.errors import (
 from lstm_stream.client.gateway import AsyncGateway, GatewayResult, Tick
 from lstm_stream.client.retry import RETRYABLE, RetryPolicy
 from lstm_stream.client.sync import Client, Gateway, Stream
-from lstm_stream.client.types import ModelInfo, RecurrentLayer, StreamInfo
+from lstm_stream.client.types import ModelInfo, RecurrentLayer, StreamInfo, StreamState
 
 __all__ = [
     "RETRYABLE",
@@ -50,5 +51,6 @@ __all__ = [
     "Stream",
     "StreamInfo",
     "StreamPositionError",
+    "StreamState",
     "Tick",
 ]

@@ -48,6 +48,7 @@ from lstm_stream.client.types import (
     ModelInfo,
     Pem,
     StreamInfo,
+    StreamState,
     call_metadata,
     channel_credentials,
     channel_options,
@@ -128,6 +129,22 @@ class AsyncClient:
         reply = await self._call(self._stub.ResetStream, pb.ResetStreamRequest(stream_id=stream_id))
         return bool(reply.existed)
 
+    async def get_state(self, stream_id: str) -> StreamState:
+        """The stream's recurrent state as named tensors, and its offset (GetStreamState). A stream without
+        state (never started, ended, reset, expired) raises RequestRejected with NOT_FOUND."""
+        return StreamState.from_proto(
+            await self._call(self._stub.GetStreamState, pb.GetStreamStateRequest(stream_id=stream_id)))
+
+    async def set_state(self, stream_id: str, state: StreamState, *, offset: int | None = None) -> int:
+        """Replace the stream's state and offset in one atomic write (SetStreamState): its next chunk continues
+        from them, at `offset` (default: the state's). Returns that offset. A state that does not fit the model
+        raises RequestRejected (INVALID_ARGUMENT naming the field); nothing is changed then. Retried like the
+        other calls: setting the same state twice is setting it once."""
+        if offset is not None:
+            state = replace(state, offset=offset)
+        reply = await self._call(self._stub.SetStreamState, state.to_proto(stream_id))
+        return int(reply.offset)
+
     async def _model_cached(self) -> ModelInfo:
         return self._model or await self.model()
 
@@ -182,6 +199,17 @@ class AsyncStream:
         existed = await self.client.reset_stream(self.stream_id)
         self.position = Position(0, self.position.sequence + 1)
         return existed
+
+    async def get_state(self) -> StreamState:
+        """The stream's recurrent state and offset on the server (see `AsyncClient.get_state`)."""
+        return await self.client.get_state(self.stream_id)
+
+    async def set_state(self, state: StreamState, *, offset: int | None = None) -> int:
+        """Set the stream's state on the server (see `AsyncClient.set_state`); the handle moves to its offset,
+        and its next chunk continues from it."""
+        at = await self.client.set_state(self.stream_id, state, offset=offset)
+        self.position = Position(at, self.position.sequence + 1)  # request ids of a sequence of its own
+        return at
 
     async def send(self, values: Any) -> np.ndarray:
         """Send one chunk `[timesteps, features]` (or 1-D for a one-feature model); returns its outputs

@@ -33,6 +33,7 @@ from lstm_stream.client.errors import (
     StreamPositionError,
 )
 from lstm_stream.client.sync import Client
+from lstm_stream.client.types import StreamState
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -50,6 +51,8 @@ examples:
   lstm-stream predict sensor-42 more.npy --resume    # continue the stream where the server stands
   lstm-stream predict --stream-column sensor ticks.csv --chunk 5   # many streams, one column names each
   lstm-stream reset sensor-42
+  lstm-stream state get sensor-42 --out state.npz    # the stream's recurrent state, arrays named by tensor
+  lstm-stream state set sensor-43 state.npz          # continue sensor-43 from it (--offset N: from offset N)
   LSTM_STREAM_API_KEY=... lstm-stream --tls-ca ca.pem --target serve.example:443 model
 
 exit codes: 0 ok; 1 the server refused the request; 2 usage error, bad input file, or a value the server
@@ -61,8 +64,8 @@ stream is not where expected (use --resume or reset); 5 credentials refused. hea
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lstm-stream",
-        description="Client of lstm-serve: model and health, stream info and reset, and exactly-once "
-        "streaming of a CSV or .npy file (offsets, retries, resume).",
+        description="Client of lstm-serve: model and health, stream info and reset, a stream's state out and "
+        "in (.npz), and exactly-once streaming of a CSV or .npy file (offsets, retries, resume).",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -86,6 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("stream_id", metavar="ID")
     reset = commands.add_parser("reset", help="forget a stream's state")
     reset.add_argument("stream_id", metavar="ID")
+    state = commands.add_parser(
+        "state", help="read or set a stream's recurrent state (.npz)",
+        description="A stream's recurrent state as a .npz file: one array per state tensor, named "
+        "<recurrent layer>/<index> (LSTM: 0 = h, 1 = c; GRU and SimpleRNN: 0 = h), each one stream's [units], "
+        "plus `offset`, `model` and `model_version` as 0-d arrays. `set` writes it in one atomic step; the "
+        "stream's next chunk continues from it, at its offset.",
+    )
+    state_commands = state.add_subparsers(dest="state_command", required=True, metavar="get|set")
+    state_get = state_commands.add_parser("get", help="write a stream's state to a .npz file")
+    state_get.add_argument("stream_id", metavar="ID")
+    state_get.add_argument("--out", type=Path, required=True, metavar="FILE.npz", help="where to write it")
+    state_set = state_commands.add_parser("set", help="set a stream's state from a .npz file")
+    state_set.add_argument("stream_id", metavar="ID")
+    state_set.add_argument("file", type=Path, metavar="FILE.npz", help="as `state get` writes it")
+    state_set.add_argument("--offset", type=int, metavar="N",
+                           help="the offset the stream's next chunk starts at (default: the file's `offset`)")
     predict = commands.add_parser(
         "predict", help="stream a CSV or .npy file through the model; outputs as CSV",
         usage="lstm-stream predict [options] ID FILE\n       lstm-stream predict [options] --stream-column NAME FILE",
@@ -136,6 +155,43 @@ def load_values(path: Path) -> np.ndarray:
         row, column = bad[0]
         raise InvalidInput(f"{path}: row {row + 1}, column {column + 1} is not a finite number")
     return values
+
+
+# The .npz entries that are not tensors (a tensor's name always holds a "/").
+STATE_FIELDS = ("offset", "model", "model_version")
+
+
+def save_state(state: StreamState, path: Path) -> None:
+    """`state get`'s file: the tensors as arrays named by tensor name, and the other fields as 0-d arrays."""
+    arrays: dict[str, Any] = {name: np.asarray(values, dtype=np.float32) for name, values in state.tensors.items()}
+    arrays.update(offset=np.array(state.offset, dtype=np.uint64), model=np.array(state.model),
+                  model_version=np.array(state.model_version, dtype=np.uint32))
+    with path.open("wb") as out:  # savez would add ".npz" to a name without it
+        np.savez(out, **arrays)
+
+
+def load_state(path: Path, offset: int | None) -> StreamState:
+    """A state from a .npz file as `state get` writes it; InvalidInput says what is wrong."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except OSError as exc:
+        raise InvalidInput(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise InvalidInput(f"{path}: not a .npz file of arrays: {exc}") from None
+    tensors = {name: array for name, array in arrays.items() if name not in STATE_FIELDS}
+    if not tensors:
+        raise InvalidInput(f"{path}: no state tensors in it (arrays named <layer>/<index>)")
+    for name, array in tensors.items():
+        if array.dtype.kind not in "fiu":
+            raise InvalidInput(f"{path}: {name!r} is not numbers ({array.dtype})")
+    if offset is None:
+        if "offset" not in arrays:
+            raise InvalidInput(f"{path}: no `offset` in it; give --offset N")
+        offset = int(arrays["offset"])
+    model = str(arrays["model"]) if "model" in arrays else ""
+    version = int(arrays["model_version"]) if "model_version" in arrays else 0
+    return StreamState(offset, {name: array.astype(np.float32) for name, array in tensors.items()}, model, version)
 
 
 def _read_csv(path: Path) -> np.ndarray:
@@ -214,6 +270,14 @@ def run(args: argparse.Namespace, client: Client) -> int:
     elif args.command == "reset":
         existed = client.reset_stream(args.stream_id)
         print(f"stream {args.stream_id!r} reset" + ("" if existed else " (it had no state)"))
+    elif args.command == "state" and args.state_command == "get":
+        state = client.get_state(args.stream_id)
+        save_state(state, args.out)
+        print(f"stream {args.stream_id!r}: state at offset {state.offset} ({len(state.tensors)} tensors: "
+              f"{', '.join(state.tensors)}) written to {args.out}")
+    elif args.command == "state":
+        offset = client.set_state(args.stream_id, load_state(args.file, args.offset))
+        print(f"stream {args.stream_id!r}: state set from {args.file}; its next chunk starts at offset {offset}")
     elif args.command == "predict" and args.stream_column is not None:
         return _predict_streams(args, client)
     elif args.command == "predict":
@@ -329,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         args.file = Path(args.targets[-1])
         if args.stream_column is not None and args.file.suffix.lower() == ".npy":
             parser.error("--stream-column reads a CSV file with a header line, not .npy")
+    if args.command == "state" and args.state_command == "set" and args.offset is not None and args.offset < 0:
+        parser.error("--offset must be 0 or more")
     if not (args.deadline > 0 and args.attempt_timeout > 0):
         parser.error("--deadline and --attempt-timeout must be positive")
     settings: dict[str, Any] = {"tls_ca": args.tls_ca, "api_key": args.api_key, "deadline": args.deadline,

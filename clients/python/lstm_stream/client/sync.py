@@ -20,7 +20,7 @@ from lstm_stream.client import defaults
 from lstm_stream.client.aio import AsyncClient, AsyncStream
 from lstm_stream.client.gateway import AsyncGateway, GatewayResult, Tick
 from lstm_stream.client.retry import RetryPolicy
-from lstm_stream.client.types import ModelInfo, Pem, StreamInfo
+from lstm_stream.client.types import ModelInfo, Pem, StreamInfo, StreamState
 
 T = TypeVar("T")
 _END = object()
@@ -108,6 +108,14 @@ class Client:
     def reset_stream(self, stream_id: str) -> bool:
         return self._loop.run(self._async.reset_stream(stream_id))
 
+    def get_state(self, stream_id: str) -> StreamState:
+        """The stream's recurrent state and offset (see `AsyncClient.get_state`)."""
+        return self._loop.run(self._async.get_state(stream_id))
+
+    def set_state(self, stream_id: str, state: StreamState, *, offset: int | None = None) -> int:
+        """Set the stream's state and offset (see `AsyncClient.set_state`); returns the offset."""
+        return self._loop.run(self._async.set_state(stream_id, state, offset=offset))
+
 
 class Stream:
     """One stream, keeping its offset; see `AsyncStream` for what each method promises."""
@@ -140,6 +148,13 @@ class Stream:
 
     def resume(self) -> int:
         return self._run(self._handle.resume())
+
+    def get_state(self) -> StreamState:
+        return self._run(self._handle.get_state())
+
+    def set_state(self, state: StreamState, *, offset: int | None = None) -> int:
+        """Set the stream's state; the handle moves to its offset (see `AsyncStream.set_state`)."""
+        return self._run(self._handle.set_state(state, offset=offset))
 
     def start_new(self) -> None:
         self._handle.start_new()

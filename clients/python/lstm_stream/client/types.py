@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import numpy as np
 
 from lstm_stream.v1 import stream_pb2 as pb
 from lstm_stream.wire import AUTHORIZATION_KEY, BEARER_PREFIX
@@ -71,6 +73,35 @@ class StreamInfo:
     def from_proto(cls, message: pb.StreamInfo) -> StreamInfo:
         return cls(message.stream_id, message.exists, message.offset, message.updated_unix_ms,
                    message.expires_in_ms, message.model_fingerprint)
+
+
+@dataclass(frozen=True)
+class StreamState:
+    """A stream's recurrent state (GetStreamState, SetStreamState): Keras `layer.states` of one stream.
+
+    `tensors`: "<recurrent layer name>/<index>" -> float32 array of one stream's shape ([units], no batch
+    axis), in the model's layer order, each layer's states in Keras order (LSTM: h, c; GRU and SimpleRNN:
+    h). `offset`: the timesteps consumed since the sequence began; a set stream's next chunk starts there.
+    `model` and `model_version`: the model the state belongs to ("" and 0 on a set: the server's only
+    model, its newest version)."""
+
+    offset: int
+    tensors: Mapping[str, np.ndarray] = field(default_factory=dict)
+    model: str = ""
+    model_version: int = 0
+
+    @classmethod
+    def from_proto(cls, message: pb.StreamState) -> StreamState:
+        tensors = {t.name: np.asarray(t.values, dtype=np.float32).reshape(tuple(t.shape)) for t in message.tensors}
+        return cls(message.offset, tensors, message.model, message.model_version)
+
+    def to_proto(self, stream_id: str) -> pb.StreamState:
+        tensors = []
+        for name, values in self.tensors.items():
+            array = np.asarray(values, dtype=np.float32)
+            tensors.append(pb.StateTensor(name=name, shape=list(array.shape), values=array.reshape(-1).tolist()))
+        return pb.StreamState(stream_id=stream_id, model=self.model, model_version=self.model_version,
+                              offset=self.offset, tensors=tensors)
 
 
 def _pem(value: Pem | None) -> bytes | None:
