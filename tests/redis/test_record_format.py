@@ -48,10 +48,10 @@ def test_a_new_deployment_writes_the_newest_format(start_server) -> None:
         stream = f"new-{uuid.uuid4().hex[:6]}"
         chunks(server.stub, stream, 3)
         client = redis.Redis.from_url(fresh.url)
-        assert client.get("lstm:record-format") == b"3"
-        assert record_format(client, stream) == 3
+        assert client.get("lstm:record-format") == str(NEWEST_FORMAT).encode()
+        assert record_format(client, stream) == 3  # earlier answers, no input history (--history-timesteps 0)
         assert predict(server.stub, stream, X[0:3], start_offset=0, reset=True).replayed  # two chunks back
-        assert "record format: 3" in admin(fresh.url).stdout
+        assert f"record format: {NEWEST_FORMAT}" in admin(fresh.url).stdout
     finally:
         fresh.stop()
 
@@ -99,12 +99,12 @@ def test_a_deployment_upgraded_from_0_1_0_writes_format_2_until_the_operator_all
 def test_a_record_of_a_newer_release_is_unavailable_here_not_lost(default_server, redis_server) -> None:
     client = redis.Redis.from_url(redis_server.url)
     stream = f"newer-{uuid.uuid4().hex[:6]}"
-    newer = b"v" * 8 + b"LS" + bytes([4]) + bytes(200)  # a format-4 record, as a later release might write
+    newer = b"v" * 8 + b"LS" + bytes([5]) + bytes(200)  # a format-5 record, as a later release might write
     client.set(f"lstm:{{{stream}}}", newer)
     for reset in (False, True):
         code, message, _ = status_of(predict, default_server.stub, stream, X[0:3], reset=reset)
         assert code == grpc.StatusCode.UNAVAILABLE, message
-        assert "newer release" in message and "record format 4" in message and "nothing was applied" in message
+        assert "newer release" in message and "record format 5" in message and "nothing was applied" in message
     code, message, _ = status_of(default_server.stub.GetStream, pb.GetStreamRequest(stream_id=stream), timeout=10)
     assert code == grpc.StatusCode.UNAVAILABLE and "newer release" in message
     assert client.get(f"lstm:{{{stream}}}") == newer  # untouched, for the replica that reads it

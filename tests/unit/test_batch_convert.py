@@ -24,7 +24,43 @@ def message(timesteps: list[int], values: np.ndarray, features: int = 2) -> pb.P
 
 
 def convert(request: pb.PredictBatchRequest, features: int = 2) -> list[Chunk | ServiceError]:
-    return batch_chunks(request, features=features, max_timesteps=8, limits=LIMITS, tenant="t", deadline=1.0)
+    return batch_chunks(request, models=lambda name: ("m", features), max_timesteps=8, limits=LIMITS, tenant="t",
+                        deadline=1.0)
+
+
+def two_models(name: str) -> tuple[str, int]:
+    """A server of two models: "narrow" takes 1 feature, "wide" 3; any other name is not served."""
+    shapes = {"narrow": 1, "wide": 3}
+    if name not in shapes:
+        raise ServiceError(grpc.StatusCode.NOT_FOUND, f"model {name!r} is not served here")
+    return name, shapes[name]
+
+
+def test_chunks_of_several_models_take_their_own_models_features_from_one_block() -> None:
+    request = pb.PredictBatchRequest(chunks=[
+        pb.PredictRequest(stream_id="a", timesteps=2, model="wide"),
+        pb.PredictRequest(stream_id="b", timesteps=3, model="narrow", model_version=2),
+        pb.PredictRequest(stream_id="c", timesteps=1, model="wide"),
+    ], values=np.arange(2 * 3 + 3 * 1 + 1 * 3, dtype="<f4").tobytes())
+    a, b, c = batch_chunks(request, models=two_models, max_timesteps=8, limits=LIMITS, tenant="", deadline=1.0)
+    assert isinstance(a, Chunk) and isinstance(b, Chunk) and isinstance(c, Chunk)
+    np.testing.assert_array_equal(a.values, np.arange(6).reshape(2, 3))
+    np.testing.assert_array_equal(b.values, np.arange(6, 9).reshape(3, 1))
+    np.testing.assert_array_equal(c.values, np.arange(9, 12).reshape(1, 3))
+    assert (a.model, b.model, b.model_version) == ("wide", "narrow", 2)
+    # An unknown model: in a block its slice cannot be told, so the message is refused whole, naming the chunk;
+    # with each chunk's own values it fails alone.
+    request.chunks[1].model = "nope"
+    with pytest.raises(ServiceError) as refused:
+        batch_chunks(request, models=two_models, max_timesteps=8, limits=LIMITS, tenant="", deadline=1.0)
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT and "chunks[1].model" in refused.value.message
+    request.values = b""
+    request.chunks[0].values.extend([0.0] * 6)
+    request.chunks[1].values.extend([0.0] * 3)
+    request.chunks[2].values.extend([0.0] * 3)
+    a, b, c = batch_chunks(request, models=two_models, max_timesteps=8, limits=LIMITS, tenant="", deadline=1.0)
+    assert isinstance(a, Chunk) and isinstance(c, Chunk)
+    assert isinstance(b, ServiceError) and b.code == grpc.StatusCode.NOT_FOUND
 
 
 def test_the_block_is_split_by_each_chunks_timesteps_and_bad_chunks_fail_alone() -> None:
@@ -56,7 +92,7 @@ def test_a_block_of_the_wrong_size_or_too_many_chunks_refuses_the_message() -> N
     with pytest.raises(ServiceError, match="--max-batch-chunks"):
         convert(message([1] * 17, np.zeros(34, np.float32)))
     with pytest.raises(ServiceError, match="--max-batch-timesteps"):
-        batch_chunks(message([8] * 16, np.zeros(256, np.float32)), features=2, max_timesteps=8,
+        batch_chunks(message([8] * 16, np.zeros(256, np.float32)), models=lambda name: ("m", 2), max_timesteps=8,
                      limits=BatchLimits(chunks=16, timesteps=100), tenant="", deadline=1.0)
 
 

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from server.dataplane.rules import Planned, StreamRules, chunk_digest, set_record
+from server.dataplane.versions import ModelVersions
 from server.errors import ServiceError
 from server.model.state_layout import StateLayout
 from server.state.record import SlotRecord
-from server.types import Chunk, RecurrentLayerInfo, StateTensor
+from server.types import Chunk, ModelDescription, RecurrentLayerInfo, StateTensor
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -56,8 +57,20 @@ def test_a_state_that_is_not_the_models_is_refused_naming_the_field(tensors: lis
     assert refused.value.code.name == "INVALID_ARGUMENT" and refused.value.message.startswith(field)
 
 
+class _TwoStateRunner:
+    """What the stream rules read of a model: its fingerprint (b"f" * 8) and a two-value zero state."""
+
+    state_size = 2
+    max_chunk_timesteps = 8
+    description = ModelDescription("m", (b"f" * 8).hex(), input_features=1, output_size=1, per_timestep_outputs=True,
+                                   state_size=2)
+
+    def zero_states(self, batch: int) -> np.ndarray:
+        return np.zeros((batch, 2), np.float32)
+
+
 def test_the_record_of_a_set_starts_a_sequence_no_earlier_chunk_matches() -> None:
-    rules = StreamRules(b"f" * 8, np.zeros(2, np.float32), reset_on_model_change=False, replay_window=4)
+    rules = StreamRules(ModelVersions.of(_TwoStateRunner()), replay_window=4)
     before = Chunk("s", np.ones((3, 1), np.float32), start_offset=0, reset=True, request_id="r1")
     record = set_record(np.array([1.5, -2.0], np.float32), 40, b"f" * 8, now_ms=1)
     record = SlotRecord.decode(record.encode())  # what Redis holds: format 2, read by every release
