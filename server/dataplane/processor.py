@@ -255,6 +255,7 @@ class BatchProcessor:
         )
         finished = time.monotonic_ns()
         version.last_used = time.monotonic()
+        metrics.VERSION_CHUNKS.labels(self.versions.name, str(version.number)).inc(len(planned))  # once a batch
         for p in planned:
             if p.chunk.times is not None:
                 p.chunk.times.model_ran(started, finished, len(planned))
