@@ -206,13 +206,16 @@ class StreamRules:
                                    newest.number if newest is not None else 0)
         return saved_by_other_model(chunk.stream_id or "", slot.fingerprint.hex(), serving)
 
-    def _start_version(self, chunk: Chunk) -> ServingVersion | ServiceError:
-        """Where a new sequence starts: the version its chunk names, else the newest."""
+    def _start_version(self, chunk: Chunk, *, migrating: bool = False) -> ServingVersion | ServiceError:
+        """Where a new sequence starts: the version its chunk names, else the newest. A chunk moved off a retired
+        version (`migrating`) may name that version (its sequence's): it starts on the newest."""
         if chunk.model_version:
             version = self.versions.get(chunk.model_version)
             if version is not None and version.state == READY:
                 return version
-            return model_version_unavailable(self.versions.name, chunk.model_version, self.versions.ready_numbers())
+            if not migrating:
+                return model_version_unavailable(self.versions.name, chunk.model_version,
+                                                 self.versions.ready_numbers())
         newest = self.versions.newest()
         if newest is None:
             return model_version_unavailable(self.versions.name, 0, [])
@@ -224,7 +227,7 @@ class StreamRules:
         moved off a retired version (`migrating`) starts one whatever offset it named: its answer says so."""
         if chunk.start_offset not in (None, 0) and not migrating:
             return offset_mismatch(chunk.stream_id or "", chunk.start_offset, 0)
-        start = self._start_version(chunk)
+        start = self._start_version(chunk, migrating=migrating)
         if isinstance(start, ServiceError):
             return start
         return Planned(index, chunk, start.zero_state, 0, version, digest, digest,

@@ -12,7 +12,9 @@ is retried with jittered exponential backoff within the deadline, so it is appli
 once; `pipe()` streams over one connection and resends unanswered chunks after a break. See aio.py's
 docstring for the rules and errors.py for what each error means. `client.gateway()` sends many streams'
 chunks per message, a tick at a time (`send`) or pipelined (`pipe`), with the same rules per stream
-(gateway.py).
+(gateway.py). With a model repository, `client.stream(id, model=..., version=...)` and
+`client.gateway(model=...)` name the model; `client.models()`, `load_model()` and `unload_model()` manage
+its versions.
 """
 
 from lstm_stream.client.aio import AsyncClient, AsyncStream
@@ -28,7 +30,7 @@ from lstm_stream.client.errors import (
 from lstm_stream.client.gateway import AsyncGateway, GatewayResult, Tick
 from lstm_stream.client.retry import RETRYABLE, RetryPolicy
 from lstm_stream.client.sync import Client, Gateway, Stream
-from lstm_stream.client.types import ModelInfo, RecurrentLayer, StreamInfo
+from lstm_stream.client.types import Migration, ModelInfo, ModelVersionStatus, RecurrentLayer, StreamInfo
 
 __all__ = [
     "RETRYABLE",
@@ -41,7 +43,9 @@ __all__ = [
     "Gateway",
     "GatewayResult",
     "InvalidInput",
+    "Migration",
     "ModelInfo",
+    "ModelVersionStatus",
     "OutputsLost",
     "RecurrentLayer",
     "RequestRejected",
