@@ -173,8 +173,10 @@ class StreamDriver:
         self.recorder.version_chunks[response.model_version] += 1
         migrated = (response.migrated_from if isinstance(response, ChunkAnswer)
                     else response.HasField("migration"))
-        if migrated:  # a new sequence on the answering version: its offset is the answer's
+        if migrated:
             self.recorder.migrations += 1
+        if migrated and response.offset != self.offset + chunk.shape[0]:
+            # "reset": a new sequence from zero state on the answering version; the answer's offset is its offset.
             self.segment += 1
             self.segment_chunks = 0
             self.offset = response.offset

@@ -183,7 +183,8 @@ class LiveChecker:
         self.sequences: dict[tuple[str, int], _Sequence] = {}
         self.sampled = sampled
         self.sample_timesteps = sample_timesteps
-        self.logs: dict[tuple[int, str], StreamLog] = {}  # the sample's whole sequences, by version and stream
+        self.logs: dict[str, StreamLog] = {}  # the sample's whole sequences (their first timesteps)
+        self.log_versions: dict[tuple[str, int], int] = {}  # the version of each of them, by stream and sequence
         self.worst = 0.0
         self.rows_compared = 0
         self.rounds = 0
@@ -220,7 +221,8 @@ class LiveChecker:
 
     def _keep_whole(self, stream_id: str, segment: int, x: np.ndarray, y: np.ndarray, offset: int,
                     start: int, version: int) -> None:
-        log = self.logs.setdefault((version, stream_id), StreamLog(stream_id, 0, []))
+        log = self.logs.setdefault(stream_id, StreamLog(stream_id, 0, []))
+        self.log_versions[(stream_id, segment)] = version
         while len(log.segments) <= segment:
             log.segments.append(Segment())
         if start + x.shape[0] <= self.sample_timesteps:  # whole chunks only, so rows line up with inputs
@@ -408,8 +410,11 @@ def _whole_check(config: LoadConfig, model: ModelInfo, checker: LiveChecker) -> 
     if not checker.logs:
         return None
     parts = []
-    for version in sorted({version for version, _ in checker.logs}):
-        logs = [log for (v, _), log in checker.logs.items() if v == version]
+    for version in sorted(set(checker.log_versions.values())):
+        # This version's sequences of each sampled stream (the others left empty: they are not checked here).
+        logs = [StreamLog(log.stream_id, 0, [segment if checker.log_versions.get((log.stream_id, n)) == version
+                                             else Segment() for n, segment in enumerate(log.segments)])
+                for log in checker.logs.values()]
         reference = checker.reference_for(version)
         parts.append(verify_streams(config.model_file_for(version), model, logs, [], config.tolerance,
                                     reference.whole))
@@ -419,7 +424,7 @@ def _whole_check(config: LoadConfig, model: ModelInfo, checker: LiveChecker) -> 
             whole[key] += part[key]
         whole["max_abs_diff"] = max(whole["max_abs_diff"], part["max_abs_diff"])
         whole["mismatches"] = whole["mismatches"] + part["mismatches"]
-    whole["streams"] = len({stream_id for _, stream_id in checker.logs})
+    whole["streams"] = len(checker.logs)
     return whole
 
 

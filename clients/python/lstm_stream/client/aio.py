@@ -301,8 +301,11 @@ class AsyncStream:
         self.migration = Migration.from_response(response)
         self.model_version = response.model_version
         if self.migration is not None:
-            # The answer's offset is authoritative: with "reset" the chunk started a new sequence from zero.
-            self.position = after if request.end else Position(response.offset, after.sequence + 1)
+            # The answer's offset is authoritative: with "reset" the chunk started a new sequence from zero (a new
+            # sequence number, so no request id repeats); with an offset that goes on, the sequence goes on.
+            sequence = after.sequence if response.offset == request.start_offset + request.timesteps \
+                else after.sequence + 1
+            self.position = after if request.end else Position(response.offset, sequence)
             self._moved = (self.position.sequence, response.model_version)
             return
         expected = request.start_offset + request.timesteps
