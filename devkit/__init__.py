@@ -8,6 +8,7 @@ load tester. Importable from the repository root. One module per subject:
 - topology: the docker-compose topology as processes (Redis, lstm-serve replicas, Envoy)
 - loads: a verified lstm-loadtest in the background
 - native_calls: small calls to the native API
+- repositories: model repositories on disk (a version installed by a rename)
 - references: Keras' own answers for whole sequences, and small models to serve
 - certs, tcp_proxy, metrics, peers, triton_sequences
 """

@@ -27,6 +27,7 @@ examples:
   lstm-loadtest --target 127.0.0.1:50051 --streams 64 --chunk 20 --duration 30 --plot load.png
   lstm-loadtest --streams 200 --rate 10 --api stream --duration 60 --json report.json
   lstm-loadtest --streams 16 --chunks 4000 --verify
+  lstm-loadtest --model-name pump --sequence-chunks 50 --verify --verify-repository /models --duration 60
   lstm-loadtest --streams 64 --chunk 20 --api stream --duration 600 --soak --soak-churn 4 --plot soak.png
 """
 
@@ -114,6 +115,12 @@ def _load_options(load: argparse._ArgumentGroup, d: LoadConfig) -> None:
     load.add_argument("--max-restarts", type=int, default=d.max_restarts, dest="max_restarts", metavar="N",
                       help="after an error that ends a stream's sequence, start a new one this often, then stop "
                       f"the stream (default {d.max_restarts})")
+    load.add_argument("--model-name", dest="model_name", default=d.model_name, metavar="NAME",
+                      help="send every chunk to this model of the server's repository (default: the server's only "
+                      "model)")
+    load.add_argument("--sequence-chunks", type=int, dest="sequence_chunks", metavar="N",
+                      help="end each stream's sequence after N chunks; its next chunk starts a new one (with "
+                      "reset, on the newest model version) (default: one sequence per stream)")
     load.add_argument("--no-offsets", action="store_false", dest="use_offsets",
                       help="send no start_offset (append where the stream stands); retries stay safe by request_id")
     load.add_argument("--no-cleanup", action="store_false", dest="cleanup",
@@ -140,6 +147,10 @@ def _verify_options(check: argparse._ArgumentGroup, d: LoadConfig) -> None:
                        "stream's state), and exit 1 on any difference above the tolerance")
     check.add_argument("--model", dest="model_path", default=None, metavar="PATH",
                        help=f"the server's model file, for --verify (default {DEFAULT_MODEL})")
+    check.add_argument("--verify-repository", dest="verify_repository", metavar="DIR",
+                       help="for --verify instead of --model: the server's model repository; each sequence is "
+                       "checked against DIR/<model>/<version>/model.keras of the version that answered it (the "
+                       "model: --model-name, or DIR's only one)")
     check.add_argument("--tolerance", type=float, default=d.tolerance, metavar="X",
                        help=f"largest accepted absolute difference (default {d.tolerance:g})")
     check.add_argument("--verify-sample", type=_count_or_all, default=d.verify_sample, dest="verify_sample",
@@ -196,8 +207,11 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         max_retries=args.max_retries,
         use_offsets=args.use_offsets,
         max_restarts=args.max_restarts,
+        model_name=args.model_name,
+        sequence_chunks=args.sequence_chunks,
         verify=args.verify,
         model_path=args.model_path,
+        verify_repository=args.verify_repository,
         tolerance=args.tolerance,
         verify_sample=args.verify_sample,
         verify_sample_timesteps=args.verify_sample_timesteps,
@@ -234,6 +248,9 @@ def print_verify(result: dict[str, Any], console: Console) -> None:
     if whole is not None:
         checked += (f"; {whole['streams']} streams also whole from zero state ({whole['timesteps']:,} timesteps, "
                     f"max abs diff {whole['max_abs_diff']:.3g})")
+    if len(result["versions"]) > 1:
+        checked += "; per model version: " + ", ".join(
+            f"v{version} {entry['sequences']} sequences" for version, entry in result["versions"].items())
     if result["passed"]:
         console.print(f"[green]verify: OK[/green]: {summary}")
         console.print(f"    {checked}")
@@ -256,6 +273,10 @@ def print_verify(result: dict[str, Any], console: Console) -> None:
                           f"{drift['after_timestep']} (expected {drift['expected_offset']}): its state was reset")
     if len(result["mismatches"]) > 20:
         console.print(f"[red]... and {len(result['mismatches']) - 20} more streams with mismatches[/red]")
+    for item in result["version_changes"][:20]:
+        console.print(f"[red]stream {escape(item['stream_id'])}[/red] (sequence {item['segment']}): answered by "
+                      f"version {item['to_version']} at timestep {item['timestep']}, its sequence started on version "
+                      f"{item['from_version']} (no migration said so)")
     for item in result["state_lost"][:20]:
         where = "" if item["server_offset"] is None else f" (the server says the stream is at {item['server_offset']})"
         console.print(f"[red]stream {escape(item['stream_id'])}[/red] (sequence {item['segment']}): the server lost "

@@ -69,8 +69,15 @@ class LoadConfig:
     max_retries: int = 5  # resends of a chunk failing with a retryable status (lstm_stream.client.retry)
     use_offsets: bool = True  # send start_offset; otherwise a request_id per chunk keeps retries safe
     max_restarts: int = 3  # after an unrecoverable error a stream starts a new sequence this often, then stops
+    # A model of the server's repository that every chunk goes to ("": the server's only model).
+    model_name: str = ""
+    # Each stream's sequence ends after this many chunks and its next chunk starts a new one (None: never).
+    sequence_chunks: int | None = None
     verify: bool = False
     model_path: str | None = None
+    # --verify against a model repository: each sequence is checked against DIR/<model>/<version>/model.keras
+    # of the version that answered it (the model: model_name, or the repository's only model).
+    verify_repository: str | None = None
     tolerance: float = 1e-4
     # --verify checks every answer as the load runs (loadtest/live_verify.py); these streams (None: all)
     # also keep their sequences' first verify_sample_timesteps, recomputed whole after the run.
@@ -119,6 +126,24 @@ class LoadConfig:
     @property
     def model_file(self) -> Path:
         return Path(self.model_path) if self.model_path else DEFAULT_MODEL
+
+    @property
+    def repository_model(self) -> str:
+        """The model folder of `verify_repository` that --verify reads: `model_name`, or the only one there."""
+        if self.model_name or not self.verify_repository:
+            return self.model_name
+        folders = sorted(p.name for p in Path(self.verify_repository).iterdir() if p.is_dir()) \
+            if Path(self.verify_repository).is_dir() else []
+        return folders[0] if len(folders) == 1 else ""
+
+    def model_file_for(self, version: int) -> Path:
+        """The model file of the version that answered: the repository's (model.keras, or model.h5), or the one
+        model file (`model_path`, default the shipped model) for every version."""
+        if not self.verify_repository:
+            return self.model_file
+        folder = Path(self.verify_repository) / self.repository_model / str(version)
+        return next((folder / name for name in ("model.keras", "model.h5") if (folder / name).is_file()),
+                    folder / "model.keras")
 
     def stream_id(self, index: int) -> str:
         return f"{self.stream_prefix}-{index}"
@@ -190,8 +215,15 @@ class LoadConfig:
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 problems.append(f"--{name.replace('_', '-')} {path!r} is not a readable file")
-        if self.verify and not self.model_file.is_file():
+        if self.verify and not self.verify_repository and not self.model_file.is_file():
             problems.append(f"--verify needs the server's model file; {str(self.model_file)!r} does not exist")
+        if self.verify_repository is not None and (self.model_path is not None or not self.verify):
+            problems.append("--verify-repository goes with --verify, instead of --model")
+        if self.verify_repository is not None and not self.repository_model:
+            problems.append(f"--verify-repository {self.verify_repository!r}: name the model with --model-name (a "
+                            "folder of DIR/<model>/<version>/model.keras), or give a folder with one model")
+        if self.sequence_chunks is not None and self.sequence_chunks < 1:
+            problems.append("chunks per sequence must be at least 1")
         problems += self._soak_problems()
         if problems:
             raise ConfigError("; ".join(problems))

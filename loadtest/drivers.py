@@ -20,6 +20,12 @@ are the client library's (`lstm_stream.client.retry`, the one retry implementati
 this module only records.
 Any other error ends the stream's sequence: it is recorded as broken at that timestep, and the stream
 starts a new sequence with a reset (at most `max_restarts` times).
+
+Models and versions: every chunk names `--model-name`; with `--sequence-chunks N` a stream's sequence ends
+after N chunks and the next starts a new one (on the newest version). Each answer's model version is
+counted; an answer that moved the stream off a retired version (a migration, `lstm-serve
+--on-retired-version reset`) started a new sequence: the stream continues from the answer's offset, and the
+verifier sees a new sequence.
 """
 
 from __future__ import annotations
@@ -86,6 +92,7 @@ class StreamDriver:
         self.retry = RetryPolicy(deadline_s=None, attempt_timeout_s=config.timeout_s, max_backoff_s=1.0,
                                  max_attempts=config.max_retries + 1)
         self.segment = 0
+        self.segment_chunks = 0  # chunks of the current sequence (--sequence-chunks)
         self.restarts = 0
         self.stopped = False
 
@@ -124,7 +131,8 @@ class StreamDriver:
             self.recorder.active_streams -= 1
 
     def _request(self, chunk: np.ndarray) -> pb.PredictRequest:
-        request = pb.PredictRequest(stream_id=self.stream_id, timesteps=chunk.shape[0], reset=self.fresh)
+        request = pb.PredictRequest(stream_id=self.stream_id, timesteps=chunk.shape[0], reset=self.fresh,
+                                    model=self.config.model_name)
         if not self.packs_values:  # a gateway sends every chunk's values in one block
             # tolist(): protobuf takes a list of Python floats about 3 times faster than a NumPy array.
             request.values.extend(chunk.reshape(-1).tolist())
@@ -162,12 +170,33 @@ class StreamDriver:
         if response.replayed:
             self.recorder.replays += 1
         self.recorder.chunk(sent - origin, done - sent, chunk.shape[0], lag)
-        self.offset += chunk.shape[0]
+        self.recorder.version_chunks[response.model_version] += 1
+        migrated = (response.migrated_from if isinstance(response, ChunkAnswer)
+                    else response.HasField("migration"))
+        if migrated:
+            self.recorder.migrations += 1
+        if migrated and response.offset != self.offset + chunk.shape[0]:
+            # "reset": a new sequence from zero state on the answering version; the answer's offset is its offset.
+            self.segment += 1
+            self.segment_chunks = 0
+            self.offset = response.offset
+        else:
+            self.offset += chunk.shape[0]
         self.fresh = False
+        self.segment_chunks += 1
         if self.feed is not None:
             outputs = np.asarray(response.outputs, dtype=np.float32).reshape(response.timesteps, response.output_size)
-            self.feed.chunk(self.stream_id, self.segment, chunk, outputs, response.offset)
+            self.feed.chunk(self.stream_id, self.segment, chunk, outputs, response.offset, response.model_version)
+        if self.config.sequence_chunks is not None and self.segment_chunks >= self.config.sequence_chunks:
+            self._next_sequence()
         return True
+
+    def _next_sequence(self) -> None:
+        """The next chunk starts a new sequence (with `reset`), on the newest version."""
+        self.segment += 1
+        self.segment_chunks = 0
+        self.offset = 0
+        self.fresh = True
 
     def _check(self, response: pb.PredictResponse | ChunkAnswer, timesteps: int) -> None:
         rows, columns = output_rows(self.model, timesteps), self.model.output_size
@@ -195,9 +224,7 @@ class StreamDriver:
             self.stopped = True
             return
         self.restarts += 1
-        self.segment += 1
-        self.offset = 0
-        self.fresh = True
+        self._next_sequence()
 
 
 class ProcessLoad:
@@ -264,7 +291,8 @@ class ProcessLoad:
             async with limit:
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     await stubs[n % len(stubs)].ResetStream(
-                        pb.ResetStreamRequest(stream_id=self.config.stream_id(index)), timeout=5,
+                        pb.ResetStreamRequest(stream_id=self.config.stream_id(index), model=self.config.model_name),
+                        timeout=5,
                         metadata=call_metadata(self.config.api_key))
 
         await asyncio.gather(*(reset(n, index) for n, index in enumerate(self.indices)))

@@ -41,6 +41,8 @@ class ChunkAnswer:
     output_size: int
     offset: int
     replayed: bool
+    model_version: int = 0
+    migrated_from: int = 0  # the retired version the server moved the stream off (0: none)
 
 
 @dataclass(slots=True)
@@ -193,7 +195,8 @@ def _answer(queued: list[_Queued], response: pb.PredictBatchResponse) -> bool:
             q.answer.set_exception(ChunkFailed(code, result.error.message, offset))
             continue
         q.answer.set_result(ChunkAnswer(outputs.reshape(-1), result.timesteps, result.output_size,
-                                        result.offset, result.replayed))
+                                        result.offset, result.replayed, result.model_version,
+                                        result.migration.from_version if result.HasField("migration") else 0))
     return True
 
 

@@ -17,6 +17,12 @@ The independent check stays: a sample of streams (`LoadConfig.verify_sample`) al
 `verify_sample_timesteps` of each sequence, recomputed after the run from zero state in one pass
 (loadtest/verify.py), so the two checks share no chunking.
 
+Model versions: each chunk comes with the model version that answered it, and a sequence is checked against
+the model file of its version (`LoadConfig.model_file_for`: DIR/<model>/<version>/model.keras of
+`--verify-repository`, or the one `--model` file), each version's reference built when its first chunk
+arrives. A sequence whose chunks were answered by two versions (without a migration, which the load
+tester records as a new sequence) is an error of its own (`version_changes`), and is not checked further.
+
 A process that runs many loads (the test suite) can keep the verifier between runs
 (`keep_verifiers_warm`): its TensorFlow start-up and a model's self-check are paid once, not per run.
 """
@@ -30,7 +36,7 @@ import resource
 import signal
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +77,8 @@ class _Sequence:
 
     stream_id: str
     segment: int
+    version: int = 0  # the model version that answered its first chunk
+    version_change: dict[str, Any] | None = None  # set when another version answered a later chunk
     states: list[np.ndarray] | None = None  # None: zero state (the sequence's start)
     checked: int = 0  # timesteps run through the reference so far
     received: int = 0  # timesteps received (the server's offset after the last chunk should equal it)
@@ -166,25 +174,39 @@ class LiveChecker:
     """Every sequence's pending chunks, checked round by round (the verifier process's work)."""
 
     def __init__(self, reference: CarriedReference, per_timestep: bool, tolerance: float,
-                 sampled: set[str], sample_timesteps: int) -> None:
-        self.reference = reference
+                 sampled: set[str], sample_timesteps: int,
+                 references: Callable[[int], CarriedReference] | None = None) -> None:
+        self.reference = reference  # every version's, unless `references` gives each version its own
+        self.references = references
         self.per_timestep = per_timestep
         self.tolerance = tolerance
         self.sequences: dict[tuple[str, int], _Sequence] = {}
         self.sampled = sampled
         self.sample_timesteps = sample_timesteps
         self.logs: dict[str, StreamLog] = {}  # the sample's whole sequences (their first timesteps)
+        self.log_versions: dict[tuple[str, int], int] = {}  # the version of each of them, by stream and sequence
         self.worst = 0.0
         self.rows_compared = 0
         self.rounds = 0
         self.backlog_max = 0
         self.held_bytes_max = 0
 
-    def add(self, stream_id: str, segment: int, x: np.ndarray, y: np.ndarray, server_offset: int) -> None:
+    def reference_for(self, version: int) -> CarriedReference:
+        return self.reference if self.references is None else self.references(version)
+
+    def add(self, stream_id: str, segment: int, x: np.ndarray, y: np.ndarray, server_offset: int,
+            version: int = 0) -> None:
         key = (stream_id, segment)
         sequence = self.sequences.get(key)
         if sequence is None:
-            sequence = self.sequences[key] = _Sequence(stream_id, segment)
+            sequence = self.sequences[key] = _Sequence(stream_id, segment, version)
+            self.reference_for(version)  # built now, so a version whose file cannot be read fails the run early
+        if sequence.version_change is not None:
+            return
+        if version != sequence.version:  # a sequence runs on the version that started it (invariant 14)
+            sequence.version_change = {"stream_id": stream_id, "segment": segment, "timestep": sequence.received,
+                                       "from_version": sequence.version, "to_version": version}
+            return
         start = sequence.received
         sequence.received += x.shape[0]
         sequence.inputs.append(x)
@@ -195,11 +217,12 @@ class LiveChecker:
             sequence.offset_drift = {"after_timestep": sequence.received - 1, "server_offset": int(server_offset),
                                      "expected_offset": sequence.received}
         if stream_id in self.sampled:
-            self._keep_whole(stream_id, segment, x, y, server_offset, start)
+            self._keep_whole(stream_id, segment, x, y, server_offset, start, version)
 
     def _keep_whole(self, stream_id: str, segment: int, x: np.ndarray, y: np.ndarray, offset: int,
-                    start: int) -> None:
+                    start: int, version: int) -> None:
         log = self.logs.setdefault(stream_id, StreamLog(stream_id, 0, []))
+        self.log_versions[(stream_id, segment)] = version
         while len(log.segments) <= segment:
             log.segments.append(Segment())
         if start + x.shape[0] <= self.sample_timesteps:  # whole chunks only, so rows line up with inputs
@@ -215,21 +238,27 @@ class LiveChecker:
         the rest waits for more. `drain` (the load is over) runs everything."""
         self.backlog_max = max(self.backlog_max, sum(s.pending for s in self.sequences.values()))
         self.held_bytes_max = max(self.held_bytes_max, self.held_bytes())
-        waiting = [s for s in self.sequences.values() if s.pending > 0]
+        for version in sorted({s.version for s in self.sequences.values() if s.pending > 0}):
+            # Each version's sequences through its own reference.
+            self._check_version([s for s in self.sequences.values() if s.version == version],
+                                self.reference_for(version), drain)
+
+    def _check_version(self, sequences: list[_Sequence], reference: CarriedReference, drain: bool) -> None:
+        waiting = [s for s in sequences if s.pending > 0]
         if not drain and waiting:
             length = int(np.median([s.pending for s in waiting]))
             while True:
-                ready = [s for s in self.sequences.values() if s.pending >= length]
+                ready = [s for s in sequences if s.pending >= length]
                 if not ready:
                     break
-                for at in range(0, len(ready), self.reference.batch):
-                    self._round(ready[at:at + self.reference.batch], length)
+                for at in range(0, len(ready), reference.batch):
+                    self._round(ready[at:at + reference.batch], length, reference)
             return
         while waiting:
             waiting.sort(key=lambda s: s.pending)
-            for at in range(0, len(waiting), self.reference.batch):
-                group = waiting[at:at + self.reference.batch]
-                self._round(group, group[0].pending)  # similar backlogs together; each gives the smallest
+            for at in range(0, len(waiting), reference.batch):
+                group = waiting[at:at + reference.batch]
+                self._round(group, group[0].pending, reference)  # similar backlogs together; each gives the smallest
             waiting = [s for s in waiting if s.pending > 0]
 
     def held_bytes(self) -> int:
@@ -242,9 +271,9 @@ class LiveChecker:
             held += sum(a.nbytes for segment in log.segments for a in (*segment.inputs, *segment.outputs))
         return held
 
-    def _round(self, group: list[_Sequence], length: int) -> None:
+    def _round(self, group: list[_Sequence], length: int, reference: CarriedReference) -> None:
         x = np.stack([s.take_inputs(length) for s in group])
-        y, states = self.reference.run(x, [s.states for s in group])
+        y, states = reference.run(x, [s.states for s in group])
         self.rounds += 1
         for row, sequence in enumerate(group):
             sequence.states = states[row]
@@ -275,7 +304,15 @@ class LiveChecker:
                                    "rows_over_tolerance": sequence.over, "rows": sequence.compared,
                                    "offset_drift": sequence.offset_drift})
         mismatches.sort(key=lambda m: (m["stream_id"], m["segment"]))
+        versions: dict[str, dict[str, int]] = {}
+        for sequence in self.sequences.values():
+            entry = versions.setdefault(str(sequence.version), {"sequences": 0, "timesteps": 0})
+            entry["sequences"] += 1
+            entry["timesteps"] += sequence.checked
+        changes = [s.version_change for s in self.sequences.values() if s.version_change is not None]
         return {
+            "versions": dict(sorted(versions.items(), key=lambda item: int(item[0]))),
+            "version_changes": sorted(changes, key=lambda c: (c["stream_id"], c["segment"])),
             "max_abs_diff": self.worst,
             "streams": len({stream for stream, _ in self.sequences}),
             "sequences": len(self.sequences),
@@ -302,10 +339,12 @@ class LiveFeed:
     def __init__(self, inbox: Any, source: int) -> None:
         self.inbox = inbox
         self.source = source
-        self.batch: list[tuple[str, int, np.ndarray, np.ndarray, int]] = []
+        self.batch: list[tuple[str, int, np.ndarray, np.ndarray, int, int]] = []
 
-    def chunk(self, stream_id: str, segment: int, x: np.ndarray, y: np.ndarray, server_offset: int) -> None:
-        self.batch.append((stream_id, segment, x, y, server_offset))
+    def chunk(self, stream_id: str, segment: int, x: np.ndarray, y: np.ndarray, server_offset: int,
+              version: int = 0) -> None:
+        """An answered chunk of sequence `segment` of the stream; `version`: the model version that answered."""
+        self.batch.append((stream_id, segment, x, y, server_offset, version))
 
     def flush(self) -> None:
         if self.batch:
@@ -359,29 +398,59 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _reference_key(config: LoadConfig, model: ModelInfo) -> tuple[Any, ...]:
+def _reference_key(config: LoadConfig, model: ModelInfo, path: Path) -> tuple[Any, ...]:
     """What a carried reference depends on: the model file (as it is now), its features and the batch."""
-    stat = config.model_file.stat()
-    return (str(config.model_file.resolve()), stat.st_mtime_ns, stat.st_size, model.input_features,
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_mtime_ns, stat.st_size, model.input_features,
             min(config.streams, config.verify_batch))
+
+
+def _whole_check(config: LoadConfig, model: ModelInfo, checker: LiveChecker) -> dict[str, Any] | None:
+    """The sample's whole sequences recomputed from zero state, each version's with its own model file."""
+    if not checker.logs:
+        return None
+    parts = []
+    for version in sorted(set(checker.log_versions.values())):
+        # This version's sequences of each sampled stream (the others left empty: they are not checked here).
+        logs = [StreamLog(log.stream_id, 0, [segment if checker.log_versions.get((log.stream_id, n)) == version
+                                             else Segment() for n, segment in enumerate(log.segments)])
+                for log in checker.logs.values()]
+        reference = checker.reference_for(version)
+        parts.append(verify_streams(config.model_file_for(version), model, logs, [], config.tolerance,
+                                    reference.whole))
+    whole = {key: parts[0][key] for key in WHOLE_FIELDS}
+    for part in parts[1:]:
+        for key in ("sequences", "timesteps", "rows_compared", "seconds"):
+            whole[key] += part[key]
+        whole["max_abs_diff"] = max(whole["max_abs_diff"], part["max_abs_diff"])
+        whole["mismatches"] = whole["mismatches"] + part["mismatches"]
+    whole["streams"] = len(checker.logs)
+    return whole
 
 
 def _verify_one_run(config: LoadConfig, model: ModelInfo, producers: int, inbox: Any, outbox: Any, parent: int,
                     references: dict[tuple[Any, ...], CarriedReference], cpu_before: float) -> bool:
     """One run's verification, its verdict put on `outbox`; False when the process should end instead of
     waiting for another run (the reference could not be built, or the parent is gone)."""
+    def reference_for(version: int) -> CarriedReference:
+        path = config.model_file_for(version)
+        try:
+            key = _reference_key(config, model, path)
+        except OSError as exc:
+            raise VerifyError(f"no model file for version {version}: {exc}") from None
+        if key not in references:
+            references[key] = CarriedReference(path, model.input_features,
+                                               batch=min(config.streams, config.verify_batch))
+        return references[key]
+
     try:
-        key = _reference_key(config, model)
-        reference = references.get(key)
-        if reference is None:
-            reference = references[key] = CarriedReference(config.model_file, model.input_features,
-                                                           batch=min(config.streams, config.verify_batch))
+        reference = reference_for(model.version)
     except (OSError, VerifyError) as exc:
         outbox.put(("error", str(exc)))
         return False
     outbox.put(("ready", None))
     checker = LiveChecker(reference, model.per_timestep_outputs, config.tolerance, sampled_streams(config),
-                          config.verify_sample_timesteps)
+                          config.verify_sample_timesteps, reference_for)
     done: set[int] = set()
     check_cpu = 0.0  # CPU seconds of checking (all threads), start-up and the whole check apart
     next_check = time.monotonic() + CHECK_INTERVAL_S
@@ -400,8 +469,8 @@ def _verify_one_run(config: LoadConfig, model: ModelInfo, producers: int, inbox:
                     break
             for kind, payload in messages:
                 if kind == "chunks":
-                    for stream_id, segment, x, y, offset in payload:
-                        checker.add(stream_id, segment, x, y, offset)
+                    for stream_id, segment, x, y, offset, version in payload:
+                        checker.add(stream_id, segment, x, y, offset, version)
                 elif kind == "done":
                     done.add(payload)
             if time.monotonic() >= next_check or len(done) == producers:
@@ -411,11 +480,7 @@ def _verify_one_run(config: LoadConfig, model: ModelInfo, producers: int, inbox:
                 check_cpu += time.process_time() - started
         last_done = time.monotonic()
         live = checker.result()
-        whole = None
-        if checker.logs:
-            checked = verify_streams(config.model_file, model, list(checker.logs.values()), [], config.tolerance,
-                                     reference.whole)
-            whole = {key: checked[key] for key in WHOLE_FIELDS}  # the rest is the live section's to say
+        whole = _whole_check(config, model, checker)  # the rest is the live section's to say
         usage = resource.getrusage(resource.RUSAGE_SELF)
         outbox.put(("result", {
             **live,
@@ -522,7 +587,8 @@ def live_section(config: LoadConfig, result: dict[str, Any], broken: Iterable[di
     """The report's `verify` section from the verifier's result."""
     whole = result["whole"]
     state_lost = [item for item in broken if item.get("state_lost")]
-    passed = not result["mismatches"] and not state_lost and (whole is None or not whole["mismatches"])
+    passed = not result["mismatches"] and not state_lost and not result["version_changes"] and \
+        (whole is None or not whole["mismatches"])
     return {
         "passed": passed,
         "tolerance": config.tolerance,
@@ -533,7 +599,10 @@ def live_section(config: LoadConfig, result: dict[str, Any], broken: Iterable[di
         "rows_compared": result["rows_compared"],
         "mismatches": result["mismatches"],
         "state_lost": state_lost,
-        "model_file": str(config.model_file),
+        # Per model version that answered: its sequences and timesteps checked; sequences answered by two.
+        "versions": result["versions"],
+        "version_changes": result["version_changes"],
+        "model_file": str(config.verify_repository or config.model_file),
         "model_fingerprint_matches": result["fingerprint_matches"],
         "seconds": round(time.monotonic() - load_ended, 3),  # from the load's end to the verdict
         "verifier": {

@@ -62,6 +62,8 @@ class Recorder:
         self.failed_chunks = 0
         self.late = 0
         self.gateway_messages = 0  # --gateways: PredictBatch messages sent (retries' resends included)
+        self.version_chunks: Counter[int] = Counter()  # answered chunks per model version that answered
+        self.migrations = 0  # chunks that moved their stream off a retired version (a new sequence)
         self.broken: list[dict[str, Any]] = []
         self.active_streams = 0
         self._snapshot_at = 0
@@ -100,6 +102,8 @@ class Recorder:
             "late": self.late,
             "gateway_messages": self.gateway_messages,
             "broken": list(self.broken),
+            "version_chunks": dict(self.version_chunks),
+            "migrations": self.migrations,
         }
 
 
@@ -112,8 +116,9 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
         merged[key] = np.concatenate([part[key] for part in parts])
     for key in ("error_codes", "broken"):
         merged[key] = [item for part in parts for item in part[key]]
-    for key in ("retries", "replays", "failed_chunks", "late", "gateway_messages"):
+    for key in ("retries", "replays", "failed_chunks", "late", "gateway_messages", "migrations"):
         merged[key] = sum(part[key] for part in parts)
+    merged["version_chunks"] = dict(sum((Counter(part["version_chunks"]) for part in parts), Counter()))
     return merged
 
 

@@ -130,6 +130,10 @@ def build_report(config: LoadConfig, model: ModelInfo, recording: dict[str, Any]
         "replays": recording["replays"],
         "failed_chunks": recording["failed_chunks"],
         "broken_streams": recording["broken"],
+        # Answered chunks (warm-up included) per model version that answered them, and the chunks that moved
+        # their stream off a retired version (--on-retired-version reset: each started a new sequence).
+        "model_versions": {str(version): count for version, count in sorted(recording["version_chunks"].items())},
+        "migrations": recording["migrations"],
         "totals": {
             "chunks": int(sent.size),
             "timesteps": int(timesteps.sum()),
@@ -191,6 +195,10 @@ def render(report: dict[str, Any], console: Console) -> None:
     table.add_row("replays (retries answered, not applied twice)", f"{report['replays']:,}")
     if report["gateways"]:
         table.add_row("chunks per gateway message", _fmt(report["gateways"]["chunks_per_message"], 1))
+    if len(report["model_versions"]) > 1 or report["migrations"]:
+        table.add_row("chunks per model version", ", ".join(f"v{version} {count:,}" for version, count
+                                                             in report["model_versions"].items()))
+        table.add_row("migrations (moved off a retired version)", f"{report['migrations']:,}")
     broken = report["broken_streams"]
     table.add_row("broken sequences", f"{len(broken):,}", style="red" if broken else None)
     open_loop = report["open_loop"]

@@ -325,7 +325,8 @@ class Churn(threading.Thread):
             for n in range(self.config.soak_churn_chunks):
                 chunk = sensor.next(self.config.chunk_timesteps)
                 request = pb.PredictRequest(stream_id=stream_id, values=chunk.reshape(-1).tolist(),
-                                            timesteps=chunk.shape[0], reset=n == 0, start_offset=offset)
+                                            timesteps=chunk.shape[0], reset=n == 0, start_offset=offset,
+                                            model=self.config.model_name)
                 await retry_async(lambda timeout, request=request: transport.send(request, timeout), self.retry,
                                   on_error=failed)
                 offset += chunk.shape[0]
@@ -336,7 +337,8 @@ class Churn(threading.Thread):
         finally:
             await transport.close()
             with contextlib.suppress(grpc.aio.AioRpcError):
-                await stub.ResetStream(pb.ResetStreamRequest(stream_id=stream_id), timeout=5, metadata=metadata)
+                await stub.ResetStream(pb.ResetStreamRequest(stream_id=stream_id, model=self.config.model_name),
+                                       timeout=5, metadata=metadata)
 
     def finish(self) -> None:
         self.stopping.set()

@@ -57,8 +57,8 @@ def fetch_model(target: str, timeout_s: float, config: LoadConfig | None = None)
     with channel:
         try:
             grpc.channel_ready_future(channel).result(timeout=timeout_s)
-            info = pb_grpc.StreamInferenceStub(channel).GetModel(pb.GetModelRequest(), timeout=timeout_s,
-                                                                 metadata=metadata)
+            request = pb.GetModelRequest(name=config.model_name if config is not None else "")
+            info = pb_grpc.StreamInferenceStub(channel).GetModel(request, timeout=timeout_s, metadata=metadata)
         except grpc.FutureTimeoutError:
             raise ConnectError(f"no server answers at {target} (waited {timeout_s:g} s)") from None
         except grpc.RpcError as exc:

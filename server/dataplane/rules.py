@@ -212,7 +212,9 @@ class StreamRules:
             return version_loading(chunk.stream_id or "", self.versions.name, loading)
         retired = self.versions.dropped_number(slot.fingerprint)
         newest = self.versions.newest()
-        if self.on_retired == "replay" and slot.history and newest is not None and not chunk.model_version \
+        # A chunk may still name its sequence's version (a client pinned to it): the policy moves it all the same.
+        if self.on_retired == "replay" and slot.history and newest is not None \
+                and chunk.model_version in (0, retired) \
                 and slot.history_columns == newest.runner.description.input_features:
             return self._replayed(index, chunk, digest, slot, newest, retired)
         if self.on_retired in ("reset", "replay"):  # replay without kept inputs: reset, and the answer says so
@@ -242,13 +244,16 @@ class StreamRules:
                        version=newest, migrated_from=retired, migration="replay", history=slot.history,
                        history_start=slot.history_start, replay_inputs=slot.history_inputs())
 
-    def _start_version(self, chunk: Chunk) -> ServingVersion | ServiceError:
-        """Where a new sequence starts: the version its chunk names, else the newest."""
+    def _start_version(self, chunk: Chunk, *, migrating: bool = False) -> ServingVersion | ServiceError:
+        """Where a new sequence starts: the version its chunk names, else the newest. A chunk moved off a retired
+        version (`migrating`) may name that version (its sequence's): it starts on the newest."""
         if chunk.model_version:
             version = self.versions.get(chunk.model_version)
             if version is not None and version.state == READY:
                 return version
-            return model_version_unavailable(self.versions.name, chunk.model_version, self.versions.ready_numbers())
+            if not migrating:
+                return model_version_unavailable(self.versions.name, chunk.model_version,
+                                                 self.versions.ready_numbers())
         newest = self.versions.newest()
         if newest is None:
             return model_version_unavailable(self.versions.name, 0, [])
@@ -260,7 +265,7 @@ class StreamRules:
         moved off a retired version (`migrating`) starts one whatever offset it named: its answer says so."""
         if chunk.start_offset not in (None, 0) and not migrating:
             return offset_mismatch(chunk.stream_id or "", chunk.start_offset, 0)
-        start = self._start_version(chunk)
+        start = self._start_version(chunk, migrating=migrating)
         if isinstance(start, ServiceError):
             return start
         return Planned(index, chunk, start.zero_state, 0, version, digest, digest,

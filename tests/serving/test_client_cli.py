@@ -1,6 +1,7 @@
 """`lstm-stream`, the client's command line, against a real server: a CSV file round-trips and equals
 Keras; --resume continues a stream; bad files, bad ids and an unreachable server get clear messages
-and the documented exit codes (see lstm_stream/client/cli.py)."""
+and the documented exit codes (see lstm_stream/client/cli.py); on a model repository, `models`, `models
+load`, `models unload --version` and `predict --model --model-version`."""
 
 from __future__ import annotations
 
@@ -102,3 +103,50 @@ def test_help_shows_examples_and_exit_codes() -> None:
     result = cli("--help", target="127.0.0.1:1")
     assert result.returncode == 0
     assert "lstm-stream predict sensor-42 samples.csv" in result.stdout and "exit codes" in result.stdout
+
+
+def test_models_load_unload_and_predict_on_a_named_model(start_server, tmp_path: Path) -> None:
+    from devkit.repositories import install
+    from devkit.small_models import build_lstm
+
+    repository = tmp_path / "models"
+    v1_file, v2_file = build_lstm(tmp_path / "v1.keras", seed=1), build_lstm(tmp_path / "v2.keras", seed=2)
+    install(repository, "pump", 1, v1_file)
+    install(repository, "pump", 2, v2_file)
+    (repository / "pump" / "version_policy").write_text("all\n")
+    install(repository, "fan", 1, DEFAULT_MODEL)
+    server = start_server("--model-repository", str(repository), "--version-drain-s", "30", "--xla", "false")
+    target = server.address
+
+    def table(text: str) -> list[list[str]]:
+        return [line.split(None, 3) for line in text.splitlines()]
+
+    listing = cli("models", target=target)
+    assert listing.returncode == EXIT_OK, listing.stderr
+    assert table(listing.stdout) == [["NAME", "VERSION", "STATE", "REASON"], ["fan", "1", "READY"],
+                                     ["pump", "1", "READY"], ["pump", "2", "READY"]]
+
+    x = np.random.default_rng(3).normal(size=(25, 1)).astype(np.float32)
+    samples = tmp_path / "x.npy"
+    np.save(samples, x)
+    stream_id = f"cli-m-{uuid.uuid4().hex[:6]}"
+    on_v1 = cli("predict", stream_id, str(samples), "--chunk", "6", "--model", "pump", "--model-version", "1",
+                target=target)
+    assert on_v1.returncode == EXIT_OK, on_v1.stderr
+    assert "(model 'pump' version 1)" in on_v1.stderr
+    assert float(np.max(np.abs(read_csv(on_v1.stdout) - keras_whole_sequence(v1_file, x)))) <= TOLERANCE
+    newest = cli("predict", stream_id, str(samples), "--model", "pump", target=target)  # a new sequence: the newest
+    assert newest.returncode == EXIT_OK and "version 2" in newest.stderr, newest.stderr
+    assert float(np.max(np.abs(read_csv(newest.stdout) - keras_whole_sequence(v2_file, x)))) <= TOLERANCE
+    info = json.loads(cli("info", stream_id, "--model", "pump", target=target).stdout)
+    assert (info["model"], info["model_version"], info["offset"]) == ("pump", 2, 25)
+    described = json.loads(cli("model", "--model", "pump", "--model-version", "1", target=target).stdout)
+    assert described["version"] == 1
+
+    unloaded = cli("models", "unload", "pump", "--version", "1", target=target)
+    assert unloaded.returncode == EXIT_OK, unloaded.stderr
+    assert table(unloaded.stdout)[1:3] == [["pump", "1", "DRAINING", "unloaded on request"], ["pump", "2", "READY"]]
+    loaded = cli("models", "load", "pump", target=target)
+    assert loaded.returncode == EXIT_OK and table(loaded.stdout)[1:] == [["pump", "1", "READY"], ["pump", "2", "READY"]]
+    unknown = cli("models", "load", "nope", target=target)
+    assert unknown.returncode == 1 and "'fan', 'pump'" in unknown.stderr, unknown.stderr

@@ -3,10 +3,7 @@ version that started them (docs/models.md). Real server processes, real Redis, r
 
 from __future__ import annotations
 
-import os
-import shutil
 import uuid
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -15,22 +12,13 @@ import pytest
 from devkit.native_calls import outputs, predict, status_of
 from devkit.processes import wait_until
 from devkit.references import TOLERANCE, keras_whole_sequence
+from devkit.repositories import install
 from devkit.small_models import build_last_step, build_lstm
 from lstm_stream.triton import grpc_service_pb2 as tpb
 from lstm_stream.triton import grpc_service_pb2_grpc as tpb_grpc
 from lstm_stream.v1 import stream_pb2 as pb
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def install(repository: Path, model: str, version: int, model_file: Path) -> Path:
-    """Copy a model in as a deployment tool should: written elsewhere, then renamed into place in one step."""
-    staging = repository.parent / f".staging-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
-    shutil.copy(model_file, staging / "model.keras")
-    (repository / model).mkdir(parents=True, exist_ok=True)
-    os.rename(staging, repository / model / str(version))
-    return repository / model / str(version)
 
 
 def listed(stub) -> dict[tuple[str, int], pb.ModelVersionStatus]:

@@ -13,7 +13,9 @@ once; `pipe()` streams over one connection and resends unanswered chunks after a
 docstring for the rules and errors.py for what each error means. `client.gateway()` sends many streams'
 chunks per message, a tick at a time (`send`) or pipelined (`pipe`), with the same rules per stream
 (gateway.py). `get_state()` and `set_state()` read and write a stream's recurrent state as named arrays
-(`StreamState`), e.g. one computed offline by Keras.
+(`StreamState`), e.g. one computed offline by Keras. With a model repository,
+`client.stream(id, model=..., version=...)` and `client.gateway(model=...)` name the model;
+`client.models()`, `load_model()` and `unload_model()` manage its versions.
 """
 
 from lstm_stream.client.aio import AsyncClient, AsyncStream
@@ -29,7 +31,7 @@ from lstm_stream.client.errors import (
 from lstm_stream.client.gateway import AsyncGateway, GatewayResult, Tick
 from lstm_stream.client.retry import RETRYABLE, RetryPolicy
 from lstm_stream.client.sync import Client, Gateway, Stream
-from lstm_stream.client.types import ModelInfo, RecurrentLayer, StreamInfo, StreamState
+from lstm_stream.client.types import Migration, ModelInfo, ModelVersionStatus, RecurrentLayer, StreamInfo, StreamState
 
 __all__ = [
     "RETRYABLE",
@@ -42,7 +44,9 @@ __all__ = [
     "Gateway",
     "GatewayResult",
     "InvalidInput",
+    "Migration",
     "ModelInfo",
+    "ModelVersionStatus",
     "OutputsLost",
     "RecurrentLayer",
     "RequestRejected",

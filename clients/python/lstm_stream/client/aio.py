@@ -12,6 +12,13 @@ docs/invariants.md):
 - A FAILED_PRECONDITION answer means the server's stream is somewhere else (reset or advanced by
   someone else, expired, written by another model). Nothing is guessed: `StreamPositionError` says
   where the server stands; `resume()` continues there, `start_new()` starts over.
+- Models and versions (a server with `--model-repository`): a handle made with `stream(id, model=...,
+  version=...)` names its model in every call (each model has its own namespace of stream ids) and the
+  version a new sequence starts on; a sequence stays on the version that started it. When that version is
+  retired and the server moves the stream with `--on-retired-version reset`, the answer says so
+  (`migration`): the chunk started a new sequence from zero state, the answer's offset is authoritative,
+  and the handle continues from it (a pipe's chunks already in flight are planned again from there and
+  resent on a new call, as after a break).
 
 Pipelining (`pipe`, its state machine in pipe.py) keeps up to `window` chunks in flight on one
 PredictStream call. When the call breaks (any status the transport or a proxy made, an answer that never
@@ -45,7 +52,9 @@ from lstm_stream.client.health_codec import decode_status, encode_request
 from lstm_stream.client.pipe import Pipe, Position, StreamLane
 from lstm_stream.client.retry import RetryPolicy, retry_async
 from lstm_stream.client.types import (
+    Migration,
     ModelInfo,
+    ModelVersionStatus,
     Pem,
     StreamInfo,
     StreamState,
@@ -53,6 +62,8 @@ from lstm_stream.client.types import (
     channel_credentials,
     channel_options,
 )
+from lstm_stream.triton import grpc_service_pb2 as tpb
+from lstm_stream.triton import grpc_service_pb2_grpc as tpb_grpc
 from lstm_stream.v1 import stream_pb2 as pb
 from lstm_stream.v1 import stream_pb2_grpc as pb_grpc
 
@@ -80,11 +91,12 @@ class AsyncClient:
         self._channel = (grpc.aio.insecure_channel(target, options=opts) if credentials is None
                          else grpc.aio.secure_channel(target, credentials, options=opts))
         self._stub = pb_grpc.StreamInferenceStub(self._channel)
+        self._triton = tpb_grpc.GRPCInferenceServiceStub(self._channel)  # the repository RPCs
         self._health = self._channel.unary_unary("/grpc.health.v1.Health/Check",
                                                  request_serializer=encode_request,
                                                  response_deserializer=decode_status)
         self._metadata = call_metadata(api_key)
-        self._model: ModelInfo | None = None
+        self._models: dict[str, ModelInfo] = {}  # each model's newest version, by name ("": the only model)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -95,10 +107,34 @@ class AsyncClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def model(self) -> ModelInfo:
-        """The hosted model: features, outputs, limits, fingerprint (fetched again on every call)."""
-        self._model = ModelInfo.from_proto(await self._call(self._stub.GetModel, pb.GetModelRequest()))
-        return self._model
+    async def model(self, name: str = "", version: int = 0) -> ModelInfo:
+        """A hosted model: features, outputs, limits, fingerprint, version (fetched again on every call).
+        `name`: a model of the server's repository ("": the server's only model); `version`: 0 for the newest."""
+        info = ModelInfo.from_proto(await self._call(self._stub.GetModel, pb.GetModelRequest(name=name,
+                                                                                             version=version)))
+        if not version:
+            self._models[name] = info
+        return info
+
+    async def models(self) -> list[ModelVersionStatus]:
+        """Every model version the server knows and where it stands (ListModels), by name and version."""
+        reply = await self._call(self._stub.ListModels, pb.ListModelsRequest())
+        return sorted((ModelVersionStatus.from_proto(row) for row in reply.models),
+                      key=lambda row: (row.name, row.version))
+
+    async def load_model(self, name: str) -> None:
+        """Read the model's folder of the server's repository again and load what its version policy serves
+        (Triton's RepositoryModelLoad; also brings back versions unloaded on request). A model that does not
+        exist is NOT_FOUND; one whose versions all fail to load, INVALID_ARGUMENT with the reasons."""
+        await self._call(self._triton.RepositoryModelLoad, tpb.RepositoryModelLoadRequest(model_name=name))
+
+    async def unload_model(self, name: str, version: int = 0) -> None:
+        """Retire one version of a model (0: every version) (Triton's RepositoryModelUnload): it drains,
+        serving the sequences pinned to it and no new one, and is dropped `lstm-serve --version-drain-s` later."""
+        request = tpb.RepositoryModelUnloadRequest(model_name=name)
+        if version:
+            request.parameters["version"].int64_param = version
+        await self._call(self._triton.RepositoryModelUnload, request)
 
     async def health(self, service: str = "") -> str:
         """grpc.health.v1 status: "SERVING", "NOT_SERVING", "UNKNOWN" or "SERVICE_UNKNOWN". One attempt;
@@ -110,43 +146,53 @@ class AsyncClient:
                 return "SERVICE_UNKNOWN"
             raise rejected(exc, self.target) from None
 
-    def stream(self, stream_id: str) -> AsyncStream:
+    def stream(self, stream_id: str, *, model: str = "", version: int = 0) -> AsyncStream:
         """A handle on one stream. It starts at offset 0: the first chunk starts the stream unless the
-        server already holds it elsewhere (then StreamPositionError; call resume() or start_new())."""
-        return AsyncStream(self, stream_id)
+        server already holds it elsewhere (then StreamPositionError; call resume() or start_new()).
+        `model`: the model the stream belongs to ("": the server's only model); `version`: the version its
+        new sequences start on (0: the newest)."""
+        return AsyncStream(self, stream_id, model=model, version=version)
 
-    def gateway(self, *, max_message_timesteps: int = defaults.MESSAGE_TIMESTEPS) -> AsyncGateway:
+    def gateway(self, *, max_message_timesteps: int = defaults.MESSAGE_TIMESTEPS, model: str = "",
+                version: int = 0) -> AsyncGateway:
         """Many streams' chunks per message on this connection: `send({stream_id: values, ...})` sends a
         tick in one PredictBatch message, `pipe(ticks)` pipelines ticks on one PredictBatchStream call
-        (gateway.py). `max_message_timesteps`: the server's --max-batch-timesteps, if lowered."""
-        return AsyncGateway(self, max_message_timesteps=max_message_timesteps)
+        (gateway.py). `max_message_timesteps`: the server's --max-batch-timesteps, if lowered. `model`: the
+        model all its streams belong to ("": the server's only model), `version` the one their new sequences
+        start on (0: the newest)."""
+        return AsyncGateway(self, max_message_timesteps=max_message_timesteps, model=model, version=version)
 
-    async def stream_info(self, stream_id: str) -> StreamInfo:
-        return StreamInfo.from_proto(await self._call(self._stub.GetStream, pb.GetStreamRequest(stream_id=stream_id)))
+    async def stream_info(self, stream_id: str, *, model: str = "") -> StreamInfo:
+        return StreamInfo.from_proto(await self._call(self._stub.GetStream,
+                                                      pb.GetStreamRequest(stream_id=stream_id, model=model)))
 
-    async def reset_stream(self, stream_id: str) -> bool:
+    async def reset_stream(self, stream_id: str, *, model: str = "") -> bool:
         """Forget the stream's state (Keras reset_states() for it alone); True if it had any."""
-        reply = await self._call(self._stub.ResetStream, pb.ResetStreamRequest(stream_id=stream_id))
+        reply = await self._call(self._stub.ResetStream, pb.ResetStreamRequest(stream_id=stream_id, model=model))
         return bool(reply.existed)
 
-    async def get_state(self, stream_id: str) -> StreamState:
-        """The stream's recurrent state as named tensors, and its offset (GetStreamState). A stream without
-        state (never started, ended, reset, expired) raises RequestRejected with NOT_FOUND."""
-        return StreamState.from_proto(
-            await self._call(self._stub.GetStreamState, pb.GetStreamStateRequest(stream_id=stream_id)))
+    async def get_state(self, stream_id: str, *, model: str = "") -> StreamState:
+        """The stream's recurrent state as named tensors, and its offset (GetStreamState); `model` as in
+        `stream()`. A stream without state (never started, ended, reset, expired) raises RequestRejected with
+        NOT_FOUND."""
+        return StreamState.from_proto(await self._call(
+            self._stub.GetStreamState, pb.GetStreamStateRequest(stream_id=stream_id, model=model)))
 
-    async def set_state(self, stream_id: str, state: StreamState, *, offset: int | None = None) -> int:
+    async def set_state(self, stream_id: str, state: StreamState, *, offset: int | None = None,
+                        model: str | None = None) -> int:
         """Replace the stream's state and offset in one atomic write (SetStreamState): its next chunk continues
-        from them, at `offset` (default: the state's). Returns that offset. A state that does not fit the model
-        raises RequestRejected (INVALID_ARGUMENT naming the field); nothing is changed then. Retried like the
-        other calls: setting the same state twice is setting it once."""
+        from them, at `offset` (default: the state's), on `model` (default: the state's). Returns that offset. A
+        state that does not fit the model raises RequestRejected (INVALID_ARGUMENT naming the field); nothing is
+        changed then. Retried like the other calls: setting the same state twice is setting it once."""
         if offset is not None:
             state = replace(state, offset=offset)
+        if model is not None:
+            state = replace(state, model=model)
         reply = await self._call(self._stub.SetStreamState, state.to_proto(stream_id))
         return int(reply.offset)
 
-    async def _model_cached(self) -> ModelInfo:
-        return self._model or await self.model()
+    async def _model_cached(self, model: str = "") -> ModelInfo:
+        return self._models.get(model) or await self.model(model)
 
     async def _call(self, method: Any, request: Any) -> Any:
         """One unary call with the retry policy; errors become the client's own."""
@@ -163,13 +209,23 @@ class AsyncStream:
     """One stream, keeping its offset: the timesteps the server has consumed since the sequence began.
 
     Not for concurrent use: a stream's chunks are applied in order, one after another.
+
+    `model` and `version`: the model every call names, and the version a new sequence starts on (0: the
+    newest). After each chunk, `model_version` is the version that answered it and `migration` how the
+    server moved the stream off a retired version for it (None: it did not).
     """
 
-    def __init__(self, client: AsyncClient, stream_id: str) -> None:
+    def __init__(self, client: AsyncClient, stream_id: str, *, model: str = "", version: int = 0) -> None:
         self.client = client
         self.stream_id = stream_id
+        self.model = model
+        self.version = version
         self.position = Position()
+        self.model_version = 0
+        self.migration: Migration | None = None
         self._token = secrets.token_hex(6)
+        # (sequence, version) of a sequence the server moved to another version: its chunks name that one.
+        self._moved: tuple[int, int] | None = None
 
     @property
     def offset(self) -> int:
@@ -192,22 +248,22 @@ class AsyncStream:
         return self.offset
 
     async def info(self) -> StreamInfo:
-        return await self.client.stream_info(self.stream_id)
+        return await self.client.stream_info(self.stream_id, model=self.model)
 
     async def reset(self) -> bool:
         """Forget the stream's state now (ResetStream); the handle goes back to offset 0."""
-        existed = await self.client.reset_stream(self.stream_id)
+        existed = await self.client.reset_stream(self.stream_id, model=self.model)
         self.position = Position(0, self.position.sequence + 1)
         return existed
 
     async def get_state(self) -> StreamState:
         """The stream's recurrent state and offset on the server (see `AsyncClient.get_state`)."""
-        return await self.client.get_state(self.stream_id)
+        return await self.client.get_state(self.stream_id, model=self.model)
 
     async def set_state(self, state: StreamState, *, offset: int | None = None) -> int:
         """Set the stream's state on the server (see `AsyncClient.set_state`); the handle moves to its offset,
         and its next chunk continues from it."""
-        at = await self.client.set_state(self.stream_id, state, offset=offset)
+        at = await self.client.set_state(self.stream_id, state, offset=offset, model=self.model)
         self.position = Position(at, self.position.sequence + 1)  # request ids of a sequence of its own
         return at
 
@@ -227,9 +283,10 @@ class AsyncStream:
         return await self._send(values, end=True)
 
     async def _send(self, values: Any, *, end: bool) -> np.ndarray:
-        model = await self.client._model_cached()
+        model = await self.client._model_cached(self.model)
         split = pieces(as_input(values, model), model.max_chunk_timesteps)
         outputs = []
+        migration = None
         for number, piece in enumerate(split):
             last = number == len(split) - 1
             request = self._request(piece, self.position, end=end and last)
@@ -238,7 +295,9 @@ class AsyncStream:
             except RequestRejected as exc:
                 raise self._position_error(exc, self.offset) from None
             self._accept(response, request, self.position.after(request))
+            migration = self.migration or migration
             outputs.append(outputs_of(response))
+        self.migration = migration  # a split chunk's: any of its pieces'
         return join(outputs, model)
 
     def _request(self, piece: np.ndarray, at: Position, *, end: bool, packed: bool = False) -> pb.PredictRequest:
@@ -246,14 +305,41 @@ class AsyncStream:
         `packed`: its values travel in a PredictBatchRequest's block, not in the request."""
         request = pb.PredictRequest(stream_id=self.stream_id, timesteps=piece.shape[0], start_offset=at.offset,
                                     reset=at.new_sequence and at.offset == 0, end=end,
-                                    request_id=f"{self._token}.{at.sequence}.{at.offset}")
+                                    request_id=self._request_id(at), model=self.model,
+                                    model_version=self._version_at(at))
         if not packed:
             # tolist(): protobuf takes a list of Python floats about 3 times faster than a NumPy array.
             request.values.extend(piece.reshape(-1).tolist())
         return request
 
+    def _request_id(self, at: Position) -> str:
+        return f"{self._token}.{at.sequence}.{at.offset}"
+
+    def _version_at(self, at: Position) -> int:
+        """The version a chunk sent from `at` names: the handle's, or the one the server moved its sequence to."""
+        return self._moved[1] if self._moved is not None and self._moved[0] == at.sequence else self.version
+
+    def _replanned(self, request: pb.PredictRequest, at: Position) -> pb.PredictRequest:
+        """`request` (a pipe's, not yet answered) sent from `at` instead, after the server moved the stream."""
+        moved = pb.PredictRequest()
+        moved.CopyFrom(request)
+        moved.start_offset, moved.reset, moved.request_id = at.offset, False, self._request_id(at)
+        moved.model_version = self._version_at(at)
+        return moved
+
     def _accept(self, response: pb.PredictResponse, request: pb.PredictRequest, after: Position) -> None:
-        """Take the answer to `request`: the handle moves to `after` (`Position.after(request)`)."""
+        """Take the answer to `request`: the handle moves to `after` (`Position.after(request)`), or, when the
+        server moved the stream off a retired version (`migration`), to the answer's offset in a new sequence."""
+        self.migration = Migration.from_response(response)
+        self.model_version = response.model_version
+        if self.migration is not None:
+            # The answer's offset is authoritative: with "reset" the chunk started a new sequence from zero (a new
+            # sequence number, so no request id repeats); with an offset that goes on, the sequence goes on.
+            sequence = after.sequence if response.offset == request.start_offset + request.timesteps \
+                else after.sequence + 1
+            self.position = after if request.end else Position(response.offset, sequence)
+            self._moved = (self.position.sequence, response.model_version)
+            return
         expected = request.start_offset + request.timesteps
         if response.offset != expected:
             raise ClientError(f"stream {self.stream_id!r}: the server answered the chunk at offset "
@@ -272,7 +358,7 @@ class AsyncStream:
         if window < 1:
             raise ValueError("window must be at least 1")
         client = self.client
-        model = await client._model_cached()
+        model = await client._model_cached(self.model)
         lane = StreamLane(self, model, client.target, client.retry.retryable)
         run: Pipe[np.ndarray] = Pipe(lane, window, client.retry,
                                      lambda: client._stub.PredictStream(metadata=client._metadata))

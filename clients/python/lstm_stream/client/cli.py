@@ -33,7 +33,7 @@ from lstm_stream.client.errors import (
     StreamPositionError,
 )
 from lstm_stream.client.sync import Client
-from lstm_stream.client.types import StreamState
+from lstm_stream.client.types import ModelVersionStatus, StreamState
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -53,6 +53,10 @@ examples:
   lstm-stream reset sensor-42
   lstm-stream state get sensor-42 --out state.npz    # the stream's recurrent state, arrays named by tensor
   lstm-stream state set sensor-43 state.npz          # continue sensor-43 from it (--offset N: from offset N)
+  lstm-stream models                                 # every model version: name, version, state, reason
+  lstm-stream predict sensor-42 samples.csv --model pump --model-version 2
+  lstm-stream models unload pump --version 1         # version 1 drains, then is dropped
+  lstm-stream models load pump                       # read pump's folder again, load what its policy serves
   LSTM_STREAM_API_KEY=... lstm-stream --tls-ca ca.pem --target serve.example:443 model
 
 exit codes: 0 ok; 1 the server refused the request; 2 usage error, bad input file, or a value the server
@@ -82,13 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=os.environ.get("LSTM_STREAM_API_KEY"), metavar="KEY",
                         help="sent as `authorization: Bearer KEY` (default: $LSTM_STREAM_API_KEY)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("model", help="print the hosted model (JSON)")
+    model = commands.add_parser("model", help="print the hosted model (JSON)")
+    _model_option(model, "the model to describe (default: the server's only model)")
+    _version_option(model, "the version to describe (default: the newest)")
     health = commands.add_parser("health", help="print the health status; exit 1 unless SERVING")
     health.add_argument("--service", default="", help="service name to check (default: the server)")
     info = commands.add_parser("info", help="print where a stream stands (JSON)")
     info.add_argument("stream_id", metavar="ID")
+    _model_option(info)
     reset = commands.add_parser("reset", help="forget a stream's state")
     reset.add_argument("stream_id", metavar="ID")
+    _model_option(reset)
+    _models_commands(commands)
     state = commands.add_parser(
         "state", help="read or set a stream's recurrent state (.npz)",
         description="A stream's recurrent state as a .npz file: one array per state tensor, named "
@@ -100,11 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     state_get = state_commands.add_parser("get", help="write a stream's state to a .npz file")
     state_get.add_argument("stream_id", metavar="ID")
     state_get.add_argument("--out", type=Path, required=True, metavar="FILE.npz", help="where to write it")
+    _model_option(state_get)
     state_set = state_commands.add_parser("set", help="set a stream's state from a .npz file")
     state_set.add_argument("stream_id", metavar="ID")
     state_set.add_argument("file", type=Path, metavar="FILE.npz", help="as `state get` writes it")
     state_set.add_argument("--offset", type=int, metavar="N",
                            help="the offset the stream's next chunk starts at (default: the file's `offset`)")
+    _model_option(state_set, "the model whose stream it sets (default: the file's `model`)")
     predict = commands.add_parser(
         "predict", help="stream a CSV or .npy file through the model; outputs as CSV",
         usage="lstm-stream predict [options] ID FILE\n       lstm-stream predict [options] --stream-column NAME FILE",
@@ -131,7 +142,36 @@ def build_parser() -> argparse.ArgumentParser:
                          f"{defaults.PIPE_WINDOW}, the server's default --replay-window: every output survives a "
                          "broken connection while N is at most the server's --replay-window)")
     predict.add_argument("--out", type=Path, metavar="PATH", help="write the outputs here instead of stdout")
+    _model_option(predict)
+    _version_option(predict, "the version a new sequence starts on (default: the newest); a sequence stays on "
+                    "the version that started it")
     return parser
+
+
+def _model_option(command: argparse.ArgumentParser, help: str = "") -> None:
+    command.add_argument("--model", default="", metavar="NAME",
+                         help=help or "the model the stream belongs to, with a model repository (each model has "
+                         "its own stream ids; default: the server's only model)")
+
+
+def _version_option(command: argparse.ArgumentParser, help: str) -> None:
+    command.add_argument("--model-version", type=int, default=0, metavar="V", help=help)
+
+
+def _models_commands(commands: Any) -> None:
+    """`models`, `models load NAME`, `models unload NAME [--version V]`: a model repository's versions."""
+    models = commands.add_parser(
+        "models", help="list every model version (name, version, state, reason); load or unload a model",
+        description="Without an action: a table of every model version the server knows (ListModels) and "
+        "where it stands: READY, DRAINING (serves only the sequences pinned to it), LOADING or UNAVAILABLE, with "
+        "the reason. `load` and `unload` act on a server's --model-repository (Triton's repository RPCs).")
+    actions = models.add_subparsers(dest="models_action", metavar="ACTION")
+    load = actions.add_parser("load", help="read the model's folder again and load what its version policy serves "
+                              "(also brings back versions unloaded on request)")
+    load.add_argument("name", metavar="NAME")
+    unload = actions.add_parser("unload", help="retire a model's versions (or one): they drain, then are dropped")
+    unload.add_argument("name", metavar="NAME")
+    unload.add_argument("--version", type=int, default=0, metavar="V", help="only this version (default: every one)")
 
 
 def load_values(path: Path) -> np.ndarray:
@@ -258,31 +298,55 @@ def _chunks(values: np.ndarray, size: int) -> Iterator[np.ndarray]:
         yield values[start:start + size]
 
 
+def _print_models(rows: list[ModelVersionStatus], out: TextIO) -> None:
+    """`lstm-stream models`: one line per model version, in columns."""
+    table = [("NAME", "VERSION", "STATE", "REASON")] + [(r.name, str(r.version), r.state, r.reason) for r in rows]
+    widths = [max(len(row[column]) for row in table) for column in range(3)]
+    for row in table:
+        cells = [cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)] + [row[3]]
+        out.write("  ".join(cells).rstrip() + "\n")
+
+
+def _models(args: argparse.Namespace, client: Client) -> int:
+    if args.models_action == "load":
+        client.load_model(args.name)
+        print(f"model {args.name!r} loaded", file=sys.stderr)
+    elif args.models_action == "unload":
+        client.unload_model(args.name, args.version)
+        which = f"version {args.version}" if args.version else "every version"
+        print(f"model {args.name!r}: {which} unloaded (draining, then dropped)", file=sys.stderr)
+    rows = client.models()
+    _print_models([row for row in rows if row.name == args.name] if args.models_action else rows, sys.stdout)
+    return EXIT_OK
+
+
 def run(args: argparse.Namespace, client: Client) -> int:
     if args.command == "model":
-        print(json.dumps(asdict(client.model()), indent=1))
+        print(json.dumps(asdict(client.model(args.model, args.model_version)), indent=1))
+    elif args.command == "models":
+        return _models(args, client)
     elif args.command == "health":
         status = client.health(args.service)
         print(status)
         return EXIT_OK if status == "SERVING" else EXIT_REFUSED
     elif args.command == "info":
-        print(json.dumps(asdict(client.stream_info(args.stream_id)), indent=1))
+        print(json.dumps(asdict(client.stream_info(args.stream_id, model=args.model)), indent=1))
     elif args.command == "reset":
-        existed = client.reset_stream(args.stream_id)
+        existed = client.reset_stream(args.stream_id, model=args.model)
         print(f"stream {args.stream_id!r} reset" + ("" if existed else " (it had no state)"))
     elif args.command == "state" and args.state_command == "get":
-        state = client.get_state(args.stream_id)
+        state = client.get_state(args.stream_id, model=args.model)
         save_state(state, args.out)
         print(f"stream {args.stream_id!r}: state at offset {state.offset} ({len(state.tensors)} tensors: "
               f"{', '.join(state.tensors)}) written to {args.out}")
     elif args.command == "state":
-        offset = client.set_state(args.stream_id, load_state(args.file, args.offset))
+        offset = client.set_state(args.stream_id, load_state(args.file, args.offset), model=args.model or None)
         print(f"stream {args.stream_id!r}: state set from {args.file}; its next chunk starts at offset {offset}")
     elif args.command == "predict" and args.stream_column is not None:
         return _predict_streams(args, client)
     elif args.command == "predict":
         values = load_values(args.file)
-        stream = client.stream(args.stream_id)
+        stream = client.stream(args.stream_id, model=args.model, version=args.model_version)
         if args.resume:
             stream.resume()
         else:
@@ -296,15 +360,23 @@ def run(args: argparse.Namespace, client: Client) -> int:
             if args.out is not None:
                 out.close()
         print(f"stream {args.stream_id!r}: {values.shape[0]} timesteps sent from offset {start}; "
-              f"the stream is at offset {stream.offset}", file=sys.stderr)
+              f"the stream is at offset {stream.offset}" + _answered_by(stream.model, stream.model_version),
+              file=sys.stderr)
     return EXIT_OK
+
+
+def _answered_by(model: str, version: int) -> str:
+    """What the predict summary says of the model version that answered (nothing from a server before 0.2.0)."""
+    if not version:
+        return ""
+    return f" (model {model!r} version {version})" if model else f" (model version {version})"
 
 
 def _predict_streams(args: argparse.Namespace, client: Client) -> int:
     """`predict --stream-column`: every stream of the file through one gateway, a tick of --chunk timesteps
     of each stream a message; a failed stream's error is printed and the others go on."""
     streams = load_streams(args.file, args.stream_column)
-    gateway = client.gateway()
+    gateway = client.gateway(model=args.model, version=args.model_version)
     failed: dict[str, ClientError] = {}
     for stream_id in streams:
         if not args.resume:
@@ -321,7 +393,7 @@ def _predict_streams(args: argparse.Namespace, client: Client) -> int:
               if start < len(values)} for start in range(0, longest, args.chunk))
     out = sys.stdout if args.out is None else args.out.open("w")
     try:
-        outputs = client.model().output_size
+        outputs = client.model(args.model).output_size
         out.write(",".join([_csv_cell(args.stream_column)] + [f"output_{n}" for n in range(outputs)]) + "\n")
         for result in gateway.pipe(ticks, window=args.window):
             for stream_id, rows in result.outputs.items():
@@ -395,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--stream-column reads a CSV file with a header line, not .npy")
     if args.command == "state" and args.state_command == "set" and args.offset is not None and args.offset < 0:
         parser.error("--offset must be 0 or more")
+    if getattr(args, "model_version", 0) < 0 or getattr(args, "version", 0) < 0:
+        parser.error("--model-version and --version must not be negative (0: the newest, or every version)")
     if not (args.deadline > 0 and args.attempt_timeout > 0):
         parser.error("--deadline and --attempt-timeout must be positive")
     settings: dict[str, Any] = {"tls_ca": args.tls_ca, "api_key": args.api_key, "deadline": args.deadline,

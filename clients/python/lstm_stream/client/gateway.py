@@ -35,6 +35,12 @@ call, the chunks already applied answered `replayed`; when the deadline is spent
 get their `ServerUnavailable` and the rest of the message its outputs. A stream whose chunk failed for
 good in a pipe fails in the ticks after it too (their chunks were planned from an offset the server
 never reached) until a tick restarts it (`Tick.start_new`) or the pipe ends and it is resumed.
+
+`client.gateway(model=NAME, version=V)`: every stream of the gateway belongs to that model (and its new
+sequences start on version V; 0: the newest). `GatewayResult.versions`
+says which model version answered each stream, `migrations` which streams the server moved off a retired
+version (aio.py's docstring): such a stream's next pieces are planned again from the answer's offset (in a
+pipe, the messages in flight after it are resent on a new call, as after a break).
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ from lstm_stream.client.errors import (
 )
 from lstm_stream.client.pipe import Piece, Pipe, PipedStream, Position, position_error
 from lstm_stream.client.retry import Budget, RetryPolicy, is_break
-from lstm_stream.client.types import ModelInfo
+from lstm_stream.client.types import Migration, ModelInfo
 from lstm_stream.v1 import stream_pb2 as pb
 from lstm_stream.wire import status_from_number
 
@@ -85,9 +91,9 @@ class GatewayClient(Protocol):
     _stub: Any
     _metadata: tuple[tuple[str, str], ...]
 
-    async def _model_cached(self) -> ModelInfo: ...
+    async def _model_cached(self, model: str = "") -> ModelInfo: ...
 
-    def stream(self, stream_id: str) -> Any: ...
+    def stream(self, stream_id: str, *, model: str = "", version: int = 0) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,9 @@ class GatewayResult:
 
     outputs: dict[str, np.ndarray]
     errors: dict[str, ClientError]
+    # The model version that answered each answered stream; the streams the server moved off a retired version.
+    versions: dict[str, int] = field(default_factory=dict)
+    migrations: dict[str, Migration] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -152,6 +161,19 @@ def _plan(handle: GatewayStream, x: np.ndarray, at: Position, *, end: bool, mode
     return planned
 
 
+def _plan_again(chunks: list[_Chunk]) -> None:
+    """A stream the server moved off a retired version (a migration) stands at the answer's offset: its
+    chunks not yet answered, planned from offsets it no longer has, are planned again from there."""
+    if not chunks:
+        return
+    at = chunks[0].handle.position
+    for chunk in chunks:
+        chunk.request = chunk.handle._request(chunk.values, at, end=chunk.request.end, packed=True)
+        chunk.after = at.after(chunk.request)
+        chunk.sends = 0
+        at = chunk.after
+
+
 def _messages(chunks: list[_Chunk], max_chunks: int, max_timesteps: int) -> list[list[_Chunk]]:
     """`chunks` in order, cut into messages of at most `max_chunks` chunks and `max_timesteps` timesteps."""
     messages: list[list[_Chunk]] = [[]]
@@ -177,6 +199,8 @@ class _Verdict:
     outputs: np.ndarray | None = None
     retry: str | None = None
     error: ClientError | None = None
+    version: int = 0
+    migration: Migration | None = None
 
 
 def _judge(chunk: _Chunk, result: pb.PredictResponse, outputs: np.ndarray | None,
@@ -187,7 +211,7 @@ def _judge(chunk: _Chunk, result: pb.PredictResponse, outputs: np.ndarray | None
         raise ClientError(f"stream {stream_id!r}: answer for request {result.request_id!r} arrived where "
                           f"{chunk.request.request_id!r} was expected")
     if not result.HasField("error"):
-        return _Verdict(outputs=outputs)
+        return _Verdict(outputs=outputs, version=result.model_version, migration=Migration.from_response(result))
     code = status_from_number(result.error.code)
     if code in retryable:
         return _Verdict(retry=f"stream {stream_id!r}: {code.name}: {result.error.message}")
@@ -222,18 +246,26 @@ class _Tally:
         self.model = model
         self.parts: dict[str, list[np.ndarray]] = {stream_id: [] for stream_id in order}
         self.errors: dict[str, ClientError] = {}
+        self.versions: dict[str, int] = {}
+        self.migrations: dict[str, Migration] = {}
 
     def add(self, stream_id: str, verdict: _Verdict) -> None:
         if verdict.error is not None:
             self.errors.setdefault(stream_id, verdict.error)  # the first: later pieces fail because of it
         elif verdict.outputs is not None:
             self.parts[stream_id].append(verdict.outputs)
+            self.versions[stream_id] = verdict.version
+            if verdict.migration is not None:
+                self.migrations[stream_id] = verdict.migration
 
     def result(self) -> GatewayResult:
-        outputs = {stream_id: join(self.parts[stream_id], self.model) for stream_id in self.order
-                   if stream_id not in self.errors}
+        answered = [stream_id for stream_id in self.order if stream_id not in self.errors]
+        outputs = {stream_id: join(self.parts[stream_id], self.model) for stream_id in answered}
         return GatewayResult(outputs, {stream_id: self.errors[stream_id] for stream_id in self.order
-                                       if stream_id in self.errors})
+                                       if stream_id in self.errors},
+                             {stream_id: self.versions[stream_id] for stream_id in answered},
+                             {stream_id: self.migrations[stream_id] for stream_id in answered
+                              if stream_id in self.migrations})
 
 
 class AsyncGateway:
@@ -242,18 +274,21 @@ class AsyncGateway:
     Not for concurrent use: one tick (or one pipe) at a time, as a stream's chunks are applied in order.
     """
 
-    def __init__(self, client: GatewayClient, *, max_message_timesteps: int = defaults.MESSAGE_TIMESTEPS) -> None:
+    def __init__(self, client: GatewayClient, *, max_message_timesteps: int = defaults.MESSAGE_TIMESTEPS,
+                 model: str = "", version: int = 0) -> None:
         if max_message_timesteps < 1:
             raise ValueError("max_message_timesteps must be at least 1")
         self.client = client
         self.max_message_timesteps = max_message_timesteps
+        self.model = model
+        self.version = version
         self._handles: dict[str, GatewayStream] = {}
 
     def stream(self, stream_id: str) -> GatewayStream:
         """The gateway's handle on one stream (made at its first use, at offset 0, as `client.stream`)."""
         handle = self._handles.get(stream_id)
         if handle is None:
-            handle = self._handles[stream_id] = self.client.stream(stream_id)
+            handle = self._handles[stream_id] = self.client.stream(stream_id, model=self.model, version=self.version)
         return handle
 
     @property
@@ -333,7 +368,7 @@ class AsyncGateway:
     async def _limits(self) -> tuple[ModelInfo, int, int]:
         """The model, and the most chunks and timesteps per message: the server's limits (ModelInfo), and
         `max_message_timesteps` where it is lower."""
-        model = await self.client._model_cached()
+        model = await self.client._model_cached(self.model)
         if model.max_batch_chunks < 1:
             raise ClientError(f"{self.client.target}: the server does not take many chunks per message "
                               "(PredictBatch came with lstm-serve 0.2.0)", grpc.StatusCode.UNIMPLEMENTED)
@@ -406,6 +441,8 @@ class AsyncGateway:
                 del work[stream_id]
             else:
                 remaining.pop(0)
+                if verdict.migration is not None:
+                    _plan_again(remaining)
 
 
 def _ends(chunks: list[_Chunk]) -> set[int]:
@@ -440,6 +477,7 @@ class TickLane:
     retryable: frozenset[grpc.StatusCode] = field(init=False)
     finished: _Tally | None = None
     retried: tuple[Piece, list[tuple[pb.PredictResponse, _Verdict]]] | None = None  # the last answer resent
+    moved: str | None = None  # why the unanswered messages were planned again (`replanned`)
 
     def __post_init__(self) -> None:
         self.target = self.gateway.client.target
@@ -475,7 +513,28 @@ class TickLane:
             self.retried = (piece, judged)
             return retry
         self._commit(message, judged)
+        moved = {chunk.handle for chunk, (_, verdict) in zip(message.chunks, judged, strict=True)
+                 if verdict.migration is not None}
+        if moved:
+            self._plan_again(moved, list(unanswered)[1:])
         return None
+
+    def _plan_again(self, moved: set[GatewayStream], later: list[Piece]) -> None:
+        """Streams the server moved to another version stand at their answers' offsets: their chunks in the
+        messages after this one are planned again from there, and those messages resent on a new call."""
+        for handle in moved:
+            chunks = [chunk for piece in later for chunk in piece.data.chunks if chunk.handle is handle]
+            _plan_again(chunks)
+            self.positions[handle.stream_id] = chunks[-1].after if chunks else handle.position
+            if chunks:
+                self.moved = f"stream {handle.stream_id!r} moved to another model version; the messages in " \
+                             "flight are sent again with its new offsets"
+        for piece in later:
+            piece.request = _message(piece.data.chunks)
+
+    def replanned(self) -> str | None:
+        moved, self.moved = self.moved, None
+        return moved
 
     def finish(self) -> GatewayResult:
         assert self.finished is not None

@@ -5,6 +5,10 @@ one stream's chunks on PredictStream (`StreamLane`, here); a gateway's pipe carr
 on PredictBatchStream (`TickLane`, gateway.py). The call, the window and the breaks are the `Pipe`'s; what a
 request holds and what an answer means are the lane's.
 
+A migration (the server moved a stream off a retired model version, starting a new sequence: aio.py's
+docstring) moves the stream's offset under the pieces planned after the migrated one; the lane plans them
+again from the answer's offset (`replanned`), and the pipe resends them on a new call, as after a break.
+
 A break is anything that ends the call without an answer for the oldest unanswered chunk: a call-level
 status the transport or a proxy made (`lstm_stream.wire.is_transport_break`: UNAVAILABLE, CANCELLED,
 INTERNAL "Stream removed" / RST_STREAM without the server's marks), a retryable status, the call ending
@@ -70,10 +74,13 @@ class PipedStream(Protocol):
     stream_id: str
     position: Position
     offset: int
+    migration: Any  # the last answer's `Migration`, or None
 
     def _request(self, piece: np.ndarray, at: Position, *, end: bool, packed: bool = False) -> pb.PredictRequest: ...
 
     def _accept(self, response: pb.PredictResponse, request: pb.PredictRequest, after: Position) -> None: ...
+
+    def _replanned(self, request: pb.PredictRequest, at: Position) -> pb.PredictRequest: ...
 
 
 def position_error(stream_id: str, start: int, server_offset: int, detail: str, *, resent: bool,
@@ -133,6 +140,11 @@ class Lane(Protocol[Out]):
         """The error for a piece that got no answer within its deadline."""
         ...
 
+    def replanned(self) -> str | None:
+        """Asked after each answer taken: why the pieces still unanswered were planned again (a migration
+        moved a stream's offset), so the call is to be given up and they resent on a new one; None: nothing."""
+        ...
+
 
 @dataclass(eq=False)
 class StreamLane:
@@ -145,6 +157,8 @@ class StreamLane:
     retryable: frozenset[grpc.StatusCode]
     planned: Position | None = None
     parts: list[np.ndarray] = field(default_factory=list)  # answered pieces of the chunk being answered
+    migration: Any = None  # the chunk being answered: a migration of one of its pieces
+    moved: str | None = None  # why the unanswered pieces were planned again (`replanned`)
 
     def split(self, item: Any) -> list[tuple[Any, Any]]:
         at = self.planned or self.stream.position
@@ -165,10 +179,31 @@ class StreamLane:
             return self._refused(piece, response.error, response.offset, unanswered)
         self.stream._accept(response, request, piece.data)
         self.parts.append(outputs_of(response))
+        if self.stream.migration is not None:
+            self.migration = self.stream.migration
+            self._plan_again(list(unanswered)[1:])
         return None
+
+    def _plan_again(self, later: list[Piece]) -> None:
+        """The stream moved to the answer's offset: the pieces after the migrated one, sent from offsets the
+        server no longer has (it refuses them, changing nothing), are planned again from there."""
+        at = self.stream.position
+        for piece in later:
+            request = self.stream._replanned(piece.request, at)
+            piece.request, piece.data, piece.sends = request, at.after(request), 0
+            at = piece.data
+        self.planned = at
+        if later:
+            self.moved = f"stream {self.stream.stream_id!r} moved to another model version; its chunks in flight " \
+                         "are sent again from its new offset"
+
+    def replanned(self) -> str | None:
+        moved, self.moved = self.moved, None
+        return moved
 
     def finish(self) -> np.ndarray:
         outputs, self.parts = join(self.parts, self.model), []
+        self.stream.migration, self.migration = self.migration, None
         return outputs
 
     def settle(self, piece: Piece) -> bool:
@@ -203,6 +238,7 @@ class Pipe(Generic[Out]):
     policy: RetryPolicy
     open_call: Callable[[], Any]  # a new streaming call (PredictStream, PredictBatchStream)
     pending: deque[Piece] = field(default_factory=deque)  # sent or to send, unanswered, in order
+    held: list[Piece] = field(default_factory=list)  # planned from the caller's current item, awaiting a slot
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     source_done: bool = False
     source_error: BaseException | None = None
@@ -222,9 +258,12 @@ class Pipe(Generic[Out]):
         try:
             async for item in aiter_chunks(items):
                 split = self.lane.split(item)
-                for number, (request, data) in enumerate(split):
+                self.held = [Piece(0, request, data, last_of_item=number == len(split) - 1)
+                             for number, (request, data) in enumerate(split)]
+                while self.held:
                     await self.slots.acquire()
-                    piece = Piece(self.next_seq, request, data, last_of_item=number == len(split) - 1)
+                    piece = self.held.pop(0)
+                    piece.seq = self.next_seq
                     self.next_seq += 1
                     async with self.changed:
                         self.pending.append(piece)
@@ -331,9 +370,15 @@ class Pipe(Generic[Out]):
         return response
 
     async def _take(self, head: Piece, response: Any) -> Out | None:
-        """Hand the oldest piece's answer to the lane; returns its item's outputs once the item is complete."""
-        self.broke = self.lane.take(head, response, self.pending)
-        return None if self.broke is not None else await self._taken(head)
+        """Hand the oldest piece's answer to the lane; returns its item's outputs once the item is complete.
+        When the lane planned the unanswered pieces again, the call is given up (`broke`) to resend them."""
+        # The pieces planned and not yet sent are the lane's too: a migration plans them again.
+        self.broke = self.lane.take(head, response, deque([*self.pending, *self.held]) if self.held else self.pending)
+        if self.broke is not None:
+            return None
+        outputs = await self._taken(head)
+        self.broke = self.lane.replanned()
+        return outputs
 
     async def _taken(self, head: Piece) -> Out | None:
         async with self.changed:

@@ -20,7 +20,7 @@ from lstm_stream.client import defaults
 from lstm_stream.client.aio import AsyncClient, AsyncStream
 from lstm_stream.client.gateway import AsyncGateway, GatewayResult, Tick
 from lstm_stream.client.retry import RetryPolicy
-from lstm_stream.client.types import ModelInfo, Pem, StreamInfo, StreamState
+from lstm_stream.client.types import Migration, ModelInfo, ModelVersionStatus, Pem, StreamInfo, StreamState
 
 T = TypeVar("T")
 _END = object()
@@ -86,35 +86,50 @@ class Client:
         self._loop.run(self._async.close())
         self._loop.close()
 
-    def model(self) -> ModelInfo:
-        """The hosted model: features, outputs, limits, fingerprint."""
-        return self._loop.run(self._async.model())
+    def model(self, name: str = "", version: int = 0) -> ModelInfo:
+        """A hosted model: features, outputs, limits, fingerprint, version (see `AsyncClient.model`)."""
+        return self._loop.run(self._async.model(name, version))
+
+    def models(self) -> list[ModelVersionStatus]:
+        """Every model version the server knows and where it stands (ListModels)."""
+        return self._loop.run(self._async.models())
+
+    def load_model(self, name: str) -> None:
+        """Load what the model's folder and version policy serve (see `AsyncClient.load_model`)."""
+        self._loop.run(self._async.load_model(name))
+
+    def unload_model(self, name: str, version: int = 0) -> None:
+        """Retire one version of a model, or every one with 0 (see `AsyncClient.unload_model`)."""
+        self._loop.run(self._async.unload_model(name, version))
 
     def health(self, service: str = "") -> str:
         """grpc.health.v1 status: "SERVING", "NOT_SERVING", "UNKNOWN" or "SERVICE_UNKNOWN"."""
         return self._loop.run(self._async.health(service))
 
-    def stream(self, stream_id: str) -> Stream:
-        """A handle on one stream, at offset 0 (see `AsyncClient.stream`)."""
-        return Stream(self, self._async.stream(stream_id))
+    def stream(self, stream_id: str, *, model: str = "", version: int = 0) -> Stream:
+        """A handle on one stream of `model`, at offset 0 (see `AsyncClient.stream`)."""
+        return Stream(self, self._async.stream(stream_id, model=model, version=version))
 
-    def gateway(self, *, max_message_timesteps: int = defaults.MESSAGE_TIMESTEPS) -> Gateway:
+    def gateway(self, *, max_message_timesteps: int = defaults.MESSAGE_TIMESTEPS, model: str = "",
+                version: int = 0) -> Gateway:
         """Many streams' chunks per message on this connection (see `AsyncClient.gateway`)."""
-        return Gateway(self, self._async.gateway(max_message_timesteps=max_message_timesteps))
+        return Gateway(self, self._async.gateway(max_message_timesteps=max_message_timesteps, model=model,
+                                                 version=version))
 
-    def stream_info(self, stream_id: str) -> StreamInfo:
-        return self._loop.run(self._async.stream_info(stream_id))
+    def stream_info(self, stream_id: str, *, model: str = "") -> StreamInfo:
+        return self._loop.run(self._async.stream_info(stream_id, model=model))
 
-    def reset_stream(self, stream_id: str) -> bool:
-        return self._loop.run(self._async.reset_stream(stream_id))
+    def reset_stream(self, stream_id: str, *, model: str = "") -> bool:
+        return self._loop.run(self._async.reset_stream(stream_id, model=model))
 
-    def get_state(self, stream_id: str) -> StreamState:
+    def get_state(self, stream_id: str, *, model: str = "") -> StreamState:
         """The stream's recurrent state and offset (see `AsyncClient.get_state`)."""
-        return self._loop.run(self._async.get_state(stream_id))
+        return self._loop.run(self._async.get_state(stream_id, model=model))
 
-    def set_state(self, stream_id: str, state: StreamState, *, offset: int | None = None) -> int:
+    def set_state(self, stream_id: str, state: StreamState, *, offset: int | None = None,
+                  model: str | None = None) -> int:
         """Set the stream's state and offset (see `AsyncClient.set_state`); returns the offset."""
-        return self._loop.run(self._async.set_state(stream_id, state, offset=offset))
+        return self._loop.run(self._async.set_state(stream_id, state, offset=offset, model=model))
 
 
 class Stream:
@@ -133,6 +148,20 @@ class Stream:
     def offset(self) -> int:
         """Timesteps the server has consumed since the sequence began, as far as this handle knows."""
         return self._handle.offset
+
+    @property
+    def model(self) -> str:
+        return self._handle.model
+
+    @property
+    def model_version(self) -> int:
+        """The model version that answered the last chunk (0 before any)."""
+        return self._handle.model_version
+
+    @property
+    def migration(self) -> Migration | None:
+        """How the server moved the stream off a retired version for the last chunk; None: it did not."""
+        return self._handle.migration
 
     def send(self, values: Any) -> np.ndarray:
         return self._run(self._handle.send(values))

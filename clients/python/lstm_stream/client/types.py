@@ -48,6 +48,7 @@ class ModelInfo:
     server_version: str = ""  # the answering replica's release; empty from 0.1.0
     max_batch_chunks: int = 0  # the most chunks one PredictBatch message may carry; 0 from 0.1.0 (no PredictBatch)
     max_batch_timesteps: int = 0  # the most timesteps one PredictBatch message may carry (all chunks together)
+    version: int = 0  # the model version described (a repository's; 1 for `lstm-serve --model FILE`); 0 before 0.2.0
 
     @classmethod
     def from_proto(cls, message: pb.ModelInfo) -> ModelInfo:
@@ -55,7 +56,7 @@ class ModelInfo:
                    message.max_chunk_timesteps, message.per_timestep_outputs,
                    tuple(RecurrentLayer(layer.name, layer.kind, layer.units) for layer in message.recurrent_layers),
                    message.state_size, message.server_version, message.max_batch_chunks,
-                   message.max_batch_timesteps)
+                   message.max_batch_timesteps, message.version)
 
 
 @dataclass(frozen=True)
@@ -68,11 +69,49 @@ class StreamInfo:
     updated_unix_ms: int
     expires_in_ms: int
     model_fingerprint: str
+    model: str = ""  # the model whose stream this is (each model has its own namespace of stream ids)
+    model_version: int = 0  # the version the stream's sequence runs on; 0: none this server knows
 
     @classmethod
     def from_proto(cls, message: pb.StreamInfo) -> StreamInfo:
         return cls(message.stream_id, message.exists, message.offset, message.updated_unix_ms,
-                   message.expires_in_ms, message.model_fingerprint)
+                   message.expires_in_ms, message.model_fingerprint, message.model, message.model_version)
+
+
+@dataclass(frozen=True)
+class ModelVersionStatus:
+    """One row of `models()` (ListModels): a model version the server knows, and whether it serves.
+
+    state: "LOADING", "READY" (serves every sequence), "DRAINING" (retired: serves only the sequences pinned
+    to it until `lstm-serve --version-drain-s` passes) or "UNAVAILABLE" (failed to load, or dropped); `reason`
+    says why for the last two."""
+
+    name: str
+    version: int
+    state: str
+    reason: str = ""
+    fingerprint: str = ""
+
+    @classmethod
+    def from_proto(cls, message: pb.ModelVersionStatus) -> ModelVersionStatus:
+        return cls(message.name, message.version, message.state, message.reason, message.fingerprint)
+
+
+@dataclass(frozen=True)
+class Migration:
+    """A chunk that moved its stream off a retired model version (`lstm-serve --on-retired-version`).
+
+    policy "reset": the chunk started a new sequence from zero state on the answering version, so the stream's
+    offset started again (the answer's offset is the chunk's timesteps); the handle follows it."""
+
+    from_version: int
+    policy: str
+
+    @classmethod
+    def from_response(cls, response: pb.PredictResponse) -> Migration | None:
+        if not response.HasField("migration"):
+            return None
+        return cls(response.migration.from_version, response.migration.policy)
 
 
 @dataclass(frozen=True)
