@@ -167,7 +167,9 @@ class RepositoryModels:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                 found = await self._registry.lookup(versions.name, fingerprints)
         except REDIS_ERRORS:
-            return  # asked again on the streams' next chunk; meanwhile the rules know nothing more of them
+            for fingerprint in fingerprints:
+                versions.note_unresolved(fingerprint)  # their chunks: UNAVAILABLE, asked again on the next
+            return
         for fingerprint in fingerprints:
             number = found.get(fingerprint, 0)
             if not number:

@@ -40,6 +40,7 @@ from server.errors import (
     model_version_unavailable,
     offset_mismatch,
     pinned_to_version,
+    redis_unavailable,
     saved_by_other_model,
     slot_from_newer_release,
     slot_unreadable,
@@ -207,6 +208,8 @@ class StreamRules:
 
     def _off_version(self, index: int, chunk: Chunk, digest: bytes, slot: SlotRecord) -> Planned | ServiceError:
         """The slot was written by a version no longer served here, or by another model (invariants 7, 14)."""
+        if self.versions.unresolved(slot.fingerprint):  # never decided on a registry that did not answer
+            return redis_unavailable("the model version registry did not answer")
         loading = self.versions.loading_number(slot.fingerprint)
         if loading:  # another replica's version, loaded here for the sequences pinned to it (server/app/models.py)
             return version_loading(chunk.stream_id or "", self.versions.name, loading)

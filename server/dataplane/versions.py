@@ -25,6 +25,8 @@ READY = "READY"
 DRAINING = "DRAINING"
 LOADING = "LOADING"
 UNAVAILABLE = "UNAVAILABLE"
+# A fingerprint whose version the registry could not be asked about (Redis did not answer).
+UNRESOLVED = -1
 
 
 @dataclass(slots=True)
@@ -140,13 +142,22 @@ class ModelVersions:
     def loading_number(self, fingerprint: bytes) -> int:
         """The version being loaded for sequences with this fingerprint (0: none)."""
         located = self._located.get(fingerprint)
-        if located is None or not located[0] or fingerprint in self._by_fingerprint:
+        if located is None or located[0] <= 0 or fingerprint in self._by_fingerprint:
             return 0
         row = self._other.get(located[0])
         return located[0] if row is not None and row.state == LOADING else 0
 
     def note_located(self, fingerprint: bytes, number: int, valid_s: float) -> None:
         self._located[fingerprint] = (number, time.monotonic() + valid_s)
+
+    def note_unresolved(self, fingerprint: bytes) -> None:
+        """The registry could not be read: the fingerprint's chunks wait (UNAVAILABLE), and it is asked again on
+        their next try, rather than taken for another model's."""
+        self._located[fingerprint] = (UNRESOLVED, time.monotonic())
+
+    def unresolved(self, fingerprint: bytes) -> bool:
+        located = self._located.get(fingerprint)
+        return located is not None and located[0] == UNRESOLVED
 
     def note_gone(self, fingerprint: bytes, number: int) -> None:
         """A version of this model this process never served, and will not: its sequences get the retired policy."""
