@@ -26,16 +26,37 @@ import numpy as np
 from server.api.streaming import StreamWindow
 from server.api.triton import add_triton_service
 from server.config import DEFAULT_MODEL, ServerConfig
+from server.dataplane.plane import MODEL_ALIAS, ServedModel
+from server.dataplane.versions import ModelVersions, VersionStatus
+from server.errors import model_not_found
 from server.model.runner import ModelRunner
-from server.types import Chunk, ModelDescription, Prediction
+from server.types import Chunk, Prediction, Runner
 
 
 class AnswerAtOnce:
-    """Where the data plane stands in the server: each chunk's answer is ready when it is submitted."""
+    """Where the data plane stands in the server: each chunk's answer is ready when it is submitted. It serves
+    the server's model as the server's `--model FILE` does: one model, version 1, under its name or "default"."""
 
-    def __init__(self, model: ModelDescription, max_chunk_timesteps: int) -> None:
-        self.model = model
+    def __init__(self, runner: Runner, max_chunk_timesteps: int) -> None:
+        self.model = model = runner.description
         self.max_chunk_timesteps = max_chunk_timesteps
+        self.control = None  # no repository
+        versions = ModelVersions.of(runner, 1, model.name)
+        # Only what the Triton servicer reads of a served model: no store, processor or batcher behind it.
+        self._served = ServedModel(model.name, versions, None, None, None,  # type: ignore[arg-type]
+                                   model.input_features, model.output_size, model.per_timestep_outputs,
+                                   max_chunk_timesteps)
+
+    def served(self, name: str = "") -> ServedModel:
+        if name not in ("", MODEL_ALIAS, self.model.name):
+            raise model_not_found(name, [self.model.name])
+        return self._served
+
+    def model_names(self) -> list[str]:
+        return [self.model.name]
+
+    def version_status(self) -> list[VersionStatus]:
+        return self._served.versions.status()
 
     def submit(self, chunk: Chunk, time_remaining: float | None = None) -> asyncio.Future[Prediction]:
         rows = chunk.timesteps if self.model.per_timestep_outputs else 1
@@ -58,13 +79,12 @@ async def serve(port: int) -> None:
     # The shipped default model's description (names, shapes), so perf_analyzer sees the same model.
     runner = ModelRunner(DEFAULT_MODEL, config.max_chunk_timesteps, xla=False, max_batch=config.max_batch,
                          numpy_max_batch_timesteps=0)
-    model = runner.description
-    runner.close()
+    runner.close()  # its description and zero state are all the floor reads
     # As server/app/run.py does: TensorFlow's start-up objects out of every garbage collection.
     gc.collect()
     gc.freeze()
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    add_triton_service(server, AnswerAtOnce(model, config.max_chunk_timesteps),  # type: ignore[arg-type]
+    add_triton_service(server, AnswerAtOnce(runner, config.max_chunk_timesteps),  # type: ignore[arg-type]
                        StreamWindow(config.stream_window, config.stream_window_bytes),
                        max_batch_size=config.max_batch, max_queue_delay_us=config.max_delay_us,
                        sequence_idle_us=config.state_ttl_us)

@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 
 from devkit.native_calls import outputs, predict, status_of
+from devkit.peers import triton_messages
 from devkit.processes import wait_until
 from devkit.references import TOLERANCE, keras_whole_sequence
 from devkit.repositories import install
 from devkit.small_models import build_last_step, build_lstm
-from lstm_stream.triton import grpc_service_pb2 as tpb
-from lstm_stream.triton import grpc_service_pb2_grpc as tpb_grpc
 from lstm_stream.v1 import stream_pb2 as pb
 
 pytestmark = pytest.mark.timeout(300)
+# Triton's messages as this process may hold them (tritonclient's, or the server's own: one fits protobuf's pool).
+tpb, tpb_grpc = triton_messages()
 
 
 def listed(stub) -> dict[tuple[str, int], pb.ModelVersionStatus]:
@@ -30,8 +31,7 @@ def state_of(stub, model: str, version: int) -> str:
     return row.state if row is not None else ""
 
 
-def triton_infer(stub, model: str, sequence_id: str, x: np.ndarray, *, start: bool, version: str = ""
-                 ) -> tpb.ModelInferResponse:
+def triton_infer(stub, model: str, sequence_id: str, x: np.ndarray, *, start: bool, version: str = ""):
     request = tpb.ModelInferRequest(model_name=model, model_version=version)
     request.inputs.add(name="INPUT", datatype="FP32", shape=list(x.shape))
     request.raw_input_contents.append(x.astype("<f4").tobytes())
@@ -40,7 +40,7 @@ def triton_infer(stub, model: str, sequence_id: str, x: np.ndarray, *, start: bo
     return stub.ModelInfer(request, timeout=30)
 
 
-def triton_outputs(response: tpb.ModelInferResponse) -> np.ndarray:
+def triton_outputs(response) -> np.ndarray:
     return np.frombuffer(response.raw_output_contents[0], "<f4").reshape(list(response.outputs[0].shape))
 
 

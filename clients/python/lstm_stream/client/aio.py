@@ -37,6 +37,7 @@ never a silent gap).
 from __future__ import annotations
 
 import secrets
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -62,8 +63,6 @@ from lstm_stream.client.types import (
     channel_credentials,
     channel_options,
 )
-from lstm_stream.triton import grpc_service_pb2 as tpb
-from lstm_stream.triton import grpc_service_pb2_grpc as tpb_grpc
 from lstm_stream.v1 import stream_pb2 as pb
 from lstm_stream.v1 import stream_pb2_grpc as pb_grpc
 
@@ -91,7 +90,7 @@ class AsyncClient:
         self._channel = (grpc.aio.insecure_channel(target, options=opts) if credentials is None
                          else grpc.aio.secure_channel(target, credentials, options=opts))
         self._stub = pb_grpc.StreamInferenceStub(self._channel)
-        self._triton = tpb_grpc.GRPCInferenceServiceStub(self._channel)  # the repository RPCs
+        self._triton: Any = None  # Triton's repository RPCs, on the same channel: made on first use
         self._health = self._channel.unary_unary("/grpc.health.v1.Health/Check",
                                                  request_serializer=encode_request,
                                                  response_deserializer=decode_status)
@@ -126,15 +125,32 @@ class AsyncClient:
         """Read the model's folder of the server's repository again and load what its version policy serves
         (Triton's RepositoryModelLoad; also brings back versions unloaded on request). A model that does not
         exist is NOT_FOUND; one whose versions all fail to load, INVALID_ARGUMENT with the reasons."""
-        await self._call(self._triton.RepositoryModelLoad, tpb.RepositoryModelLoadRequest(model_name=name))
+        messages, triton = self._repository()
+        await self._call(triton.RepositoryModelLoad, messages.RepositoryModelLoadRequest(model_name=name))
 
     async def unload_model(self, name: str, version: int = 0) -> None:
         """Retire one version of a model (0: every version) (Triton's RepositoryModelUnload): it drains,
         serving the sequences pinned to it and no new one, and is dropped `lstm-serve --version-drain-s` later."""
-        request = tpb.RepositoryModelUnloadRequest(model_name=name)
+        messages, triton = self._repository()
+        request = messages.RepositoryModelUnloadRequest(model_name=name)
         if version:
             request.parameters["version"].int64_param = version
-        await self._call(self._triton.RepositoryModelUnload, request)
+        await self._call(triton.RepositoryModelUnload, request)
+
+    def _repository(self) -> tuple[Any, Any]:
+        """Triton's messages and a stub on this channel. The messages are imported only here, and are
+        tritonclient's own when this process already loaded them: both declare the protobuf package `inference`
+        with the same wire format, and only one fits in protobuf's default descriptor pool, so an application
+        that uses tritonclient too keeps working."""
+        if "tritonclient.grpc.service_pb2" in sys.modules:
+            from tritonclient.grpc import service_pb2 as messages
+            from tritonclient.grpc import service_pb2_grpc as stubs
+        else:
+            from lstm_stream.triton import grpc_service_pb2 as messages
+            from lstm_stream.triton import grpc_service_pb2_grpc as stubs
+        if self._triton is None:
+            self._triton = stubs.GRPCInferenceServiceStub(self._channel)
+        return messages, self._triton
 
     async def health(self, service: str = "") -> str:
         """grpc.health.v1 status: "SERVING", "NOT_SERVING", "UNKNOWN" or "SERVICE_UNKNOWN". One attempt;
