@@ -1,7 +1,7 @@
 """Models and versions (issue 25): what a loaded version costs, and what a replay from a window of inputs costs.
 
-    python -m bench.models                        # the four parts, about 12 minutes
-    python -m bench.models --quick                # one round of each, shorter loads, about 5 minutes
+    python -m bench.models                        # the four parts, about 7 minutes
+    python -m bench.models --quick                # one round of each, shorter loads, about 4 minutes
     python -m bench.models --parts history,replay # some parts only: load, throughput, history, replay
 
 Every server here serves the shipped default model (server/model/default.keras: 2 x LSTM(64) + Dense(1), one
@@ -189,12 +189,20 @@ def load_part(rounds: int, with_no_xla: bool, workdir: Path) -> dict[str, Any]:
                 row = load_row(repository, count, xla)
                 rows.append(row)
                 print(json.dumps({"part": "load", **row}), flush=True)
+    return {"rows": rows, "summary": load_summary(rows)}
+
+
+def load_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Medians over the rounds, for XLA on and off."""
     summary = []
-    for xla in settings:
+    for xla in dict.fromkeys(r["xla"] for r in rows):
         these = [r for r in rows if r["xla"] == xla]
         summary.append({
             "xla": xla,
-            "load_s_per_version": statistics.median(s for r in these for s in r["load_s"]),
+            # Each version's seconds, by its place in the load order: later ones load while the earlier
+            # ones' XLA shapes compile in the background.
+            "load_s": {n: [statistics.median(r["load_s"][i] for r in these if r["versions_loaded"] == n)
+                           for i in range(n)] for n in (1, VERSIONS)},
             "load_s_range": [min(s for r in these for s in r["load_s"]), max(s for r in these for s in r["load_s"])],
             "ready_s": {n: statistics.median(r["ready_s"] for r in these if r["versions_loaded"] == n)
                         for n in (1, VERSIONS)},
@@ -211,7 +219,7 @@ def load_part(rounds: int, with_no_xla: bool, workdir: Path) -> dict[str, Any]:
             "mib_per_extra_version_ready": per_extra_version(these, "rss_ready_mib"),
             "mib_per_extra_version_warm": per_extra_version(these, "rss_warm_mib"),
         })
-    return {"rows": rows, "summary": summary}
+    return summary
 
 
 # ---- part 2: chunks/s with one and with four models ----
@@ -491,13 +499,15 @@ def print_tables(results: dict[str, Any]) -> None:
           f"{end['loadavg'][0]:.2f} at the end")
     if "load" in results:
         print("\nLoad and warm-up, one model, the default model as versions 1..4 (medians)")
-        print("| XLA | s per version load (range) | SERVING after s (1 / 4) | warm-up compiles done after s (1 / 4) | "
+        print("| XLA | s per version load, 1 / 4 loaded (all rows' range) | SERVING after s (1 / 4) | "
+              "warm-up compiles done after s (1 / 4) | "
               "compile s per version (1 / 4) | RSS MiB ready (1 / 4) | RSS MiB warm (1 / 4) | "
               "MiB per extra version (ready / warm) |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|")
         for s in results["load"]["summary"]:
-            print(f"| {'on' if s['xla'] else 'off'} | {s['load_s_per_version']:.2f} "
-                  f"({s['load_s_range'][0]:.2f}-{s['load_s_range'][1]:.2f}) | "
+            each = ", ".join(f"{x:.1f}" for x in s["load_s"][VERSIONS])
+            print(f"| {'on' if s['xla'] else 'off'} | {s['load_s'][1][0]:.1f} / {each} "
+                  f"({s['load_s_range'][0]:.1f}-{s['load_s_range'][1]:.1f}) | "
                   f"{s['ready_s'][1]:.1f} / {s['ready_s'][VERSIONS]:.1f} | "
                   f"{s['warm_s'][1]:.1f} / {s['warm_s'][VERSIONS]:.1f} | "
                   f"{s['compile_s_per_version'][1]:.1f} / {s['compile_s_per_version'][VERSIONS]:.1f} | "
