@@ -309,6 +309,7 @@ def throughput_part(rounds: int, streams: int, timesteps: int, duration_s: float
     try:
         one.compiles_settled()
         four.compiles_settled()
+        rss = {"one_model_warm": one.server.rss_mib(), "four_models_warm": four.server.rss_mib()}
         for served, models in setups.values():  # the shapes this traffic needs compile here
             ModelLoad(served.server.address, streams, timesteps, models).run(0.5, 8.0, served.counters)
         names = list(setups)
@@ -322,6 +323,7 @@ def throughput_part(rounds: int, streams: int, timesteps: int, duration_s: float
                 print(json.dumps({"part": "throughput", **row}), flush=True)
         compiled_while_measuring = {"one": len(log_entries(one.server.log(), "compiled")),
                                     "four": len(log_entries(four.server.log(), "compiled"))}
+        rss.update(one_model_after=one.server.rss_mib(), four_models_after=four.server.rss_mib())
     finally:
         one.stop()
         four.stop()
@@ -334,7 +336,9 @@ def throughput_part(rounds: int, streams: int, timesteps: int, duration_s: float
             "cpu_us_per_chunk_range": [min(cpus), max(cpus)],
             "chunks_per_model_call": statistics.median(r["chunks_per_model_call"] for r in these),
             "numpy_share": statistics.median(r["numpy_share"] for r in these)})
-    return {"rows": rows, "summary": summary, "compiled_lines": compiled_while_measuring}
+    # The RSS of each server once its warm-up compiles ended, and after the part's loads (more shapes compiled).
+    rss["mib_per_extra_model_warm"] = (rss["four_models_warm"] - rss["one_model_warm"]) / (MODELS - 1)
+    return {"rows": rows, "summary": summary, "compiled_lines": compiled_while_measuring, "rss_mib": rss}
 
 
 # ---- part 3: history bytes per stream ----
@@ -526,6 +530,12 @@ def print_tables(results: dict[str, Any]) -> None:
                   f"{s['chunks_per_s_range'][1]:,.0f} | {s['cpu_us_per_chunk']:,.0f} | "
                   f"{s['cpu_us_per_chunk_range'][0]:,.0f}-{s['cpu_us_per_chunk_range'][1]:,.0f} | "
                   f"{s['chunks_per_model_call']:.1f} | {s['numpy_share']:.0%} |")
+        rss = results["throughput"].get("rss_mib")
+        if rss:
+            print(f"RSS MiB once warm: 1 model {rss['one_model_warm']:.0f}, "
+                  f"{MODELS} models {rss['four_models_warm']:.0f} "
+                  f"({rss['mib_per_extra_model_warm']:.1f} per extra model); after the loads: "
+                  f"{rss['one_model_after']:.0f} and {rss['four_models_after']:.0f}")
     if "history" in results:
         print("\nHistory bytes per stream (record after 2,048 timesteps, chunks of 20)")
         print("| --history-timesteps | record bytes (STRLEN) | added | Redis bytes (MEMORY USAGE) | added |")

@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 
-from bench.models import log_entries, log_time, make_repository, per_extra_version, replay_errors
+from bench.models import load_summary, log_entries, log_time, make_repository, per_extra_version, replay_errors
 
 
 def leaky(decay: float):
@@ -48,6 +48,19 @@ def test_memory_per_extra_version_is_the_difference_of_medians_over_the_extra_ve
             {"versions_loaded": 1, "rss": 104.0}, {"versions_loaded": 4, "rss": 163.0},
             {"versions_loaded": 1, "rss": 500.0}]
     assert per_extra_version(rows, "rss") == (161.5 - 104.0) / 3
+
+
+def test_load_summary_keeps_each_version_by_its_place_in_the_load_order() -> None:
+    def row(loaded: int, load_s: list[float], rss: float) -> dict:
+        return {"versions_loaded": loaded, "xla": True, "load_s": load_s, "ready_s": 5.0 + loaded, "warm_s": 6.0,
+                "compiles": 2 * loaded, "compile_s": 1.5 * loaded, "rss_ready_mib": rss, "rss_warm_mib": rss + 90}
+
+    (summary,) = load_summary([row(1, [1.0], 570), row(4, [1.0, 2.0, 3.0, 4.0], 690),
+                               row(4, [1.2, 2.2, 3.2, 4.4], 700), row(1, [1.4], 580)])
+    assert summary["load_s"] == {1: [1.2], 4: [1.1, 2.1, 3.1, 4.2]}
+    assert summary["load_s_range"] == [1.0, 4.4]
+    assert summary["compile_s_per_version"] == {1: 1.5, 4: 1.5}
+    assert summary["mib_per_extra_version_warm"] == (695 - 575) / 3
 
 
 def test_repository_layout_and_log_lines(tmp_path) -> None:
