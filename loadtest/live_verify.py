@@ -204,9 +204,17 @@ class LiveChecker:
         if sequence.version_change is not None:
             return
         if version != sequence.version:  # a sequence runs on the version that started it (invariant 14)
-            sequence.version_change = {"stream_id": stream_id, "segment": segment, "timestep": sequence.received,
-                                       "from_version": sequence.version, "to_version": version}
-            return
+            if not version:
+                # No version named: a server of a release before versions (0.1.0, during a rolling upgrade), or a
+                # replayed answer of a version that server never loaded. The sequence's own, as far as known.
+                version = sequence.version
+            elif not sequence.version and self.references is None:
+                sequence.version = version  # the first server to name it; one model file serves every version
+            else:
+                sequence.version_change = {"stream_id": stream_id, "segment": segment,
+                                           "timestep": sequence.received, "from_version": sequence.version,
+                                           "to_version": version}
+                return
         start = sequence.received
         sequence.received += x.shape[0]
         sequence.inputs.append(x)

@@ -92,7 +92,7 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise unknown_model(name) from None
         if not version:
             return served, 0
-        number = int(version) if version.isdigit() else 0
+        number = int(version) if version.isascii() and version.isdigit() else 0
         if not number or served.versions.get(number) is None:
             raise unknown_model(name, version)
         return served, number

@@ -92,6 +92,10 @@ def test_two_models_in_one_server_each_stream_equals_its_own_model(start_server,
         assert code == grpc.StatusCode.NOT_FOUND and "'alpha', 'beta'" in message, message
     assert triton.ModelReady(tpb.ModelReadyRequest(name="beta", version="3")).ready
     assert not triton.ModelReady(tpb.ModelReadyRequest(name="beta", version="1")).ready
+    assert not triton.ModelReady(tpb.ModelReadyRequest(name="beta", version="³")).ready  # a digit, not a number
+    with pytest.raises(grpc.RpcError) as unknown:
+        triton_infer(triton, "beta", stream, xb[:1], start=False, version="³")
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
     assert list(triton.ModelMetadata(tpb.ModelMetadataRequest(name="beta")).versions) == ["3"]
     index = triton.RepositoryIndex(tpb.RepositoryIndexRequest())
     assert {(m.name, m.version, m.state) for m in index.models} == {("alpha", "1", "READY"), ("beta", "3", "READY")}

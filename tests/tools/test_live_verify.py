@@ -119,6 +119,19 @@ def test_an_offset_the_server_got_wrong_is_named(carried: CarriedReference) -> N
     assert sequence.offset_drift is not None and sequence.offset_drift["expected_offset"] >= 20
 
 
+def test_a_server_that_names_no_version_is_not_a_version_change_but_another_version_is(
+        carried: CarriedReference) -> None:
+    """During a rolling upgrade from 0.1.0 (which names no version: 0) a sequence's chunks come from both releases;
+    with one model file that is one version. A sequence answered by versions 1 and then 2 is an error."""
+    checker = LiveChecker(carried, per_timestep=True, tolerance=TOLERANCE, sampled=set(), sample_timesteps=1)
+    chunks = answered_chunks(carried.whole, 2, 30, per_timestep=True, seed=3)
+    for n, (stream_id, x, y, offset) in enumerate(chunks):
+        answered_by = n % 2 if stream_id == "s-0" else (1 if offset <= 15 else 2)  # s-0: 0.1.0 and 0.2.0 in turn
+        checker.add(stream_id, 0, x, y, offset, answered_by)
+    changes = checker.result()["version_changes"]
+    assert [(c["stream_id"], c["from_version"], c["to_version"]) for c in changes] == [("s-1", 1, 2)]
+
+
 def test_a_run_twice_as_long_holds_no_more_memory(carried: CarriedReference) -> None:
     held = []
     for timesteps in (200, 400):
