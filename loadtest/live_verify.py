@@ -194,6 +194,15 @@ class LiveChecker:
     def reference_for(self, version: int) -> CarriedReference:
         return self.reference if self.references is None else self.references(version)
 
+    def _same_model(self, version: int, other: int) -> bool:
+        """Whether two versions are checked against one model file (always, without a repository)."""
+        if self.references is None:
+            return True
+        try:
+            return self.reference_for(version) is self.reference_for(other)
+        except (OSError, VerifyError):  # no file for one of them (a repository has no version 0)
+            return False
+
     def add(self, stream_id: str, segment: int, x: np.ndarray, y: np.ndarray, server_offset: int,
             version: int = 0) -> None:
         key = (stream_id, segment)
@@ -208,7 +217,7 @@ class LiveChecker:
                 # No version named: a server of a release before versions (0.1.0, during a rolling upgrade), or a
                 # replayed answer of a version that server never loaded. The sequence's own, as far as known.
                 version = sequence.version
-            elif not sequence.version and self.references is None:
+            elif not sequence.version and self._same_model(0, version):
                 sequence.version = version  # the first server to name it; one model file serves every version
             else:
                 sequence.version_change = {"stream_id": stream_id, "segment": segment,
