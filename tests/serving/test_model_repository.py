@@ -11,7 +11,7 @@ import pytest
 
 from devkit.native_calls import outputs, predict, status_of
 from devkit.peers import triton_messages
-from devkit.processes import wait_until
+from devkit.processes import serve_until_exit, wait_until
 from devkit.references import TOLERANCE, keras_whole_sequence
 from devkit.repositories import install
 from devkit.small_models import build_last_step, build_lstm
@@ -256,3 +256,15 @@ def _answered(stub, stream: str, x: np.ndarray, start: int) -> pb.PredictRespons
         if error.code() != grpc.StatusCode.UNAVAILABLE:
             raise
         return None
+
+
+def test_a_repository_with_nothing_to_serve_is_refused_at_start_up_saying_why(tmp_path, redis_server) -> None:
+    repository = tmp_path / "models"
+    (repository / "m" / "1").mkdir(parents=True)
+    (repository / "m" / "1" / "model.keras").write_bytes(b"half a zip file")
+    (repository / "m" / "latest").mkdir()  # not a version: skipped with a warning
+    result = serve_until_exit("--model-repository", str(repository), "--redis-url", redis_server.url,
+                              "--redis-autostart", "false")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "no model version could be loaded" in result.stderr and "m version 1" in result.stderr
+    assert "a version folder's name is a positive integer" in result.stderr
