@@ -4,6 +4,7 @@ version that started them (docs/models.md). Real server processes, real Redis, r
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -20,6 +21,15 @@ from lstm_stream.v1 import stream_pb2 as pb
 pytestmark = pytest.mark.timeout(300)
 # Triton's messages as this process may hold them (tritonclient's, or the server's own: one fits protobuf's pool).
 tpb, tpb_grpc = triton_messages()
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory) -> dict[str, Path]:
+    """The module's Keras models, built once: v1 and v2 of one shape (one feature, an output per timestep; other
+    weights), and "last_step" of other shapes (two features, the last step's output only)."""
+    folder = tmp_path_factory.mktemp("model-files")
+    return {"v1": build_lstm(folder / "v1.keras", seed=1), "v2": build_lstm(folder / "v2.keras", seed=2),
+            "last_step": build_last_step(folder / "last_step.keras")}
 
 
 def listed(stub) -> dict[tuple[str, int], pb.ModelVersionStatus]:
@@ -44,10 +54,10 @@ def triton_outputs(response) -> np.ndarray:
     return np.frombuffer(response.raw_output_contents[0], "<f4").reshape(list(response.outputs[0].shape))
 
 
-def test_two_models_in_one_server_each_stream_equals_its_own_model(start_server, tmp_path) -> None:
+def test_two_models_in_one_server_each_stream_equals_its_own_model(start_server, tmp_path, model_files) -> None:
     repository = tmp_path / "models"
-    alpha_file = build_lstm(tmp_path / "alpha.keras", seed=1)  # one feature, an output per timestep
-    beta_file = build_last_step(tmp_path / "beta.keras")  # two features, the last step's output only
+    alpha_file = model_files["v1"]  # one feature, an output per timestep
+    beta_file = model_files["last_step"]  # two features, the last step's output only
     install(repository, "alpha", 1, alpha_file)
     install(repository, "beta", 3, beta_file)
     server = start_server("--model-repository", str(repository), "--xla", "false")
@@ -101,10 +111,10 @@ def test_two_models_in_one_server_each_stream_equals_its_own_model(start_server,
     assert {(m.name, m.version, m.state) for m in index.models} == {("alpha", "1", "READY"), ("beta", "3", "READY")}
 
 
-def test_a_new_version_takes_new_sequences_while_old_ones_finish_on_theirs(start_server, tmp_path) -> None:
+def test_a_new_version_takes_new_sequences_while_old_ones_finish_on_theirs(start_server, tmp_path,
+                                                                          model_files) -> None:
     repository = tmp_path / "models"
-    v1_file, v2_file = build_lstm(tmp_path / "v1.keras", seed=1), build_lstm(tmp_path / "v2.keras", seed=2)
-    other_shape = build_last_step(tmp_path / "other.keras")
+    v1_file, v2_file, other_shape = model_files["v1"], model_files["v2"], model_files["last_step"]
     install(repository, "m", 1, v1_file)
     server = start_server("--model-repository", str(repository), "--repository-poll-s", "0.2",
                           "--version-drain-s", "1.5", "--on-retired-version", "reset", "--xla", "false")
@@ -145,9 +155,9 @@ def test_a_new_version_takes_new_sequences_while_old_ones_finish_on_theirs(start
     assert np.max(np.abs(outputs(moved) - keras_whole_sequence(v2_file, x[30:40]))) <= TOLERANCE
 
 
-def test_an_unloaded_version_drains_then_its_sequences_are_refused(start_server, tmp_path) -> None:
+def test_an_unloaded_version_drains_then_its_sequences_are_refused(start_server, tmp_path, model_files) -> None:
     repository = tmp_path / "models"
-    v1_file, v2_file = build_lstm(tmp_path / "v1.keras", seed=1), build_lstm(tmp_path / "v2.keras", seed=2)
+    v1_file, v2_file = model_files["v1"], model_files["v2"]
     install(repository, "m", 1, v1_file)
     install(repository, "m", 2, v2_file)
     (repository / "m" / "version_policy").write_text("all\n")
@@ -190,10 +200,10 @@ def test_an_unloaded_version_drains_then_its_sequences_are_refused(start_server,
     assert error.value.code() == grpc.StatusCode.NOT_FOUND and "'m'" in error.value.details()
 
 
-def test_replay_rebuilds_a_retired_sequence_on_the_newest_version_from_its_kept_inputs(start_server, tmp_path
-                                                                                       ) -> None:
+def test_replay_rebuilds_a_retired_sequence_on_the_newest_version_from_its_kept_inputs(start_server, tmp_path,
+                                                                                       model_files) -> None:
     repository = tmp_path / "models"
-    v1_file, v2_file = build_lstm(tmp_path / "v1.keras", seed=1), build_lstm(tmp_path / "v2.keras", seed=2)
+    v1_file, v2_file = model_files["v1"], model_files["v2"]
     install(repository, "m", 1, v1_file)
     server = start_server("--model-repository", str(repository), "--repository-poll-s", "0.2",
                           "--version-drain-s", "0.5", "--on-retired-version", "replay", "--history-timesteps", "24",
@@ -227,9 +237,9 @@ def test_replay_rebuilds_a_retired_sequence_on_the_newest_version_from_its_kept_
     assert (approximate.migration.policy, approximate.migration.history_start, approximate.offset) == ("replay", 6, 40)
 
 
-def test_a_replica_loads_the_version_a_stream_is_pinned_to(start_server, tmp_path) -> None:
+def test_a_replica_loads_the_version_a_stream_is_pinned_to(start_server, tmp_path, model_files) -> None:
     repository = tmp_path / "models"
-    v1_file, v2_file = build_lstm(tmp_path / "v1.keras", seed=1), build_lstm(tmp_path / "v2.keras", seed=2)
+    v1_file, v2_file = model_files["v1"], model_files["v2"]
     install(repository, "m", 1, v1_file)
     first = start_server("--model-repository", str(repository), "--xla", "false")
     x = np.random.default_rng(6).normal(size=(20, 1)).astype(np.float32)
