@@ -214,8 +214,14 @@ class ModelVersions:
         version = self._serving.pop(number, None)
         if version is None:
             return None
-        self._by_fingerprint.pop(version.fingerprint, None)
-        self._dropped[version.fingerprint] = number
+        # Two versions may hold the same model (a file copied under a new number): sequences with its fingerprint
+        # stay on the one still serving.
+        twin = next((v for v in self._serving.values() if v.fingerprint == version.fingerprint), None)
+        if twin is not None:
+            self._by_fingerprint[version.fingerprint] = twin
+        else:
+            self._by_fingerprint.pop(version.fingerprint, None)
+            self._dropped[version.fingerprint] = number
         self._other[number] = VersionStatus(self.name, number, UNAVAILABLE, reason)
         self._refresh()
         return version

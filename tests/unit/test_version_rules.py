@@ -122,3 +122,16 @@ def test_a_fingerprint_being_loaded_or_not_yet_placed_waits_instead_of_being_tak
     loading = reset_rules.plan(0, chunk(1, start_offset=2), b"k" * 16, slot)
     assert isinstance(loading, ServiceError) and loading.code == grpc.StatusCode.UNAVAILABLE
     assert "loading" in str(loading) and not table.needs_locating(slot.fingerprint)
+
+
+def test_a_version_holding_the_same_model_as_a_dropped_one_keeps_its_sequences() -> None:
+    """The same file copied in as a new version: dropping the old number leaves the fingerprint served."""
+    table = ModelVersions("m")
+    table.add(ServingVersion(1, _Runner("01" * 8)))  # type: ignore[arg-type]
+    rules = StreamRules(table)
+    slot = started(rules, chunk(3, start_offset=0))
+    table.add(ServingVersion(2, _Runner("01" * 8)))  # type: ignore[arg-type]
+    table.retire(1, "a newer version arrived")
+    table.drop(1, "drained")
+    going_on = rules.plan(0, chunk(2, start_offset=3), b"l" * 16, slot)
+    assert isinstance(going_on, Planned) and going_on.version is not None and going_on.version.number == 2
