@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import sys
 from pathlib import Path
 from types import ModuleType
 
 from devkit import ROOT
+from lstm_stream.client.triton_modules import triton_modules
 
 TRITON_SETUP = ROOT.parent / "shared" / "peers" / "triton"  # setup.sh, start_server.sh, the model repository
 TRITON_PEER = Path("/tmp/triton")  # what setup.sh builds
@@ -43,13 +43,6 @@ def perf_analyzer_command() -> list[str] | None:
 
 
 def triton_messages() -> tuple[ModuleType, ModuleType]:
-    """Triton's generated messages and stubs: tritonclient's copy, or the server's own when this process
-    already loaded that one. Both declare the protobuf package `inference` (the same wire format), and
-    only one of them fits in protobuf's default descriptor pool."""
-    if "lstm_stream.triton.grpc_service_pb2" in sys.modules:
-        from lstm_stream.triton import grpc_service_pb2 as messages
-        from lstm_stream.triton import grpc_service_pb2_grpc as stubs
-    else:
-        from tritonclient.grpc import service_pb2 as messages
-        from tritonclient.grpc import service_pb2_grpc as stubs
-    return messages, stubs
+    """Triton's generated messages and stubs: the copy this process already loaded, else tritonclient's (the
+    tests' processes use tritonclient; only one copy fits in protobuf's default descriptor pool)."""
+    return triton_modules(prefer="tritonclient")

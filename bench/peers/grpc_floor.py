@@ -44,8 +44,7 @@ class AnswerAtOnce:
         versions = ModelVersions.of(runner, 1, model.name)
         # Only what the Triton servicer reads of a served model: no store, processor or batcher behind it.
         self._served = ServedModel(model.name, versions, None, None, None,  # type: ignore[arg-type]
-                                   model.input_features, model.output_size, model.per_timestep_outputs,
-                                   max_chunk_timesteps)
+                                   model.input_features, model.output_size, model.per_timestep_outputs)
 
     def served(self, name: str = "") -> ServedModel:
         if name not in ("", MODEL_ALIAS, self.model.name):

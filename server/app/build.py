@@ -82,7 +82,7 @@ async def build_server(config: ServerConfig, worker_of: tuple[int, int] | None) 
         dataplane.add_model(single.description.name, single, 1, namespace="")
     else:
         repository = RepositoryModels(config, VersionRegistry(store.client, config.key_prefix))
-        repository.load_initial(dataplane)
+        await repository.load_initial(dataplane)
         dataplane.control = repository
     dataplane.start()
 

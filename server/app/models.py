@@ -29,7 +29,7 @@ from typing import Any
 
 from server import metrics
 from server.config import ServerConfig
-from server.dataplane.plane import DataPlane
+from server.dataplane.plane import DataPlane, ServedModel
 from server.dataplane.versions import DRAINING, LOADING, UNAVAILABLE, ModelVersions, ServingVersion, VersionStatus
 from server.errors import StartupError, model_load_failed, model_not_found, model_version_unavailable
 from server.model.repository import MODEL_FILES, ModelFolder, VersionFiles, VersionPolicy, scan
@@ -102,20 +102,15 @@ class RepositoryModels:
 
     # Start-up: everything the policies select, before the port opens.
 
-    def load_initial(self, dataplane: DataPlane) -> None:
+    async def load_initial(self, dataplane: DataPlane) -> None:
         if not self.root.is_dir():
             raise StartupError(f"--model-repository {self.root}: no such folder")
         self._dataplane = dataplane
-        folders = scan(self.root)
-        for folder in folders.values():
+        for folder in scan(self.root).values():
             self._log_problems(folder)
             for files in folder.versions.values():
                 self._last_seen[(folder.name, files.version)] = files.signature
-            while missing := [n for n in sorted(self._wanted(folder, settled_only=False))
-                              if folder.name not in dataplane.model_names()
-                              or dataplane.served(folder.name).versions.get(n) is None]:
-                for number in missing:  # one that fails is left out, and the policy asked again
-                    self._add(folder.versions[number], self._try_load(folder.versions[number]))
+            await self._load_wanted(folder, settled_only=False)
         if not dataplane.model_names():
             reasons = "; ".join(f"{m} version {v}: {why}" for (m, v), (_, why) in sorted(self._failed.items()))
             raise StartupError(f"--model-repository {self.root}: no model version could be loaded"
@@ -146,7 +141,8 @@ class RepositoryModels:
             await self._refresh(folders, only=model, settled_only=False)
             failures = [f"version {v}: {why}" for (m, v), (_, why) in sorted(self._failed.items()) if m == model]
             assert self._dataplane is not None
-            if model not in self._dataplane.model_names() or not self._dataplane.served(model).versions.newest():
+            served = self._served(model)
+            if served is None or not served.versions.newest():
                 raise model_load_failed(model, failures or ["no version folder with a model file"])
 
     async def unload(self, model: str, version: int = 0) -> None:
@@ -258,7 +254,7 @@ class RepositoryModels:
             wanted = await self._load_wanted(folder, settled_only)
             for files in folder.versions.values():
                 self._last_seen[(name, files.version)] = files.signature
-            served = self._dataplane.served(name) if name in self._dataplane.model_names() else None
+            served = self._served(name)
             if served is None:
                 continue
             for version in served.versions.serving():
@@ -273,11 +269,10 @@ class RepositoryModels:
     async def _load_wanted(self, folder: ModelFolder, settled_only: bool) -> set[int]:
         """Load the versions the policy selects; one that fails is left out and the policy asked again (so a
         broken newest version leaves the one before it serving). Returns the versions that serve the policy."""
-        assert self._dataplane is not None
         name = folder.name
         while True:
             wanted = self._wanted(folder, settled_only=settled_only)
-            served = self._dataplane.served(name) if name in self._dataplane.model_names() else None
+            served = self._served(name)
             missing = [n for n in sorted(wanted) if served is None or served.versions.get(n) is None]
             if not missing:
                 break
@@ -287,7 +282,7 @@ class RepositoryModels:
                     served.versions.mark(number, LOADING)
                 runner = await asyncio.get_running_loop().run_in_executor(self._thread, self._try_load, files)
                 self._add(files, runner)
-                served = self._dataplane.served(name) if name in self._dataplane.model_names() else None
+                served = self._served(name)
         if served is not None:
             for number in wanted:
                 current = served.versions.get(number)
@@ -335,24 +330,29 @@ class RepositoryModels:
             log.error("model version not loaded; the versions already serving keep serving",
                       extra={"fields": {"model": files.model, "version": files.version, "path": str(files.path),
                                         "reason": problem}})
-            if files.model in self._dataplane.model_names():
-                self._dataplane.served(files.model).versions.mark(files.version, UNAVAILABLE, problem)
+            if (served := self._served(files.model)) is not None:
+                served.versions.mark(files.version, UNAVAILABLE, problem)
             return
         self._failed.pop(key, None)
         metrics.MODEL_LOADS.labels(files.model, "loaded").inc()
-        version = ServingVersion(files.version, loaded)
-        if files.model in self._dataplane.model_names():
-            self._dataplane.served(files.model).versions.add(version)
+        if (served := self._served(files.model)) is not None:
+            served.versions.add(ServingVersion(files.version, loaded))
         else:
-            self._dataplane.add_model(files.model, loaded, files.version)
+            served = self._dataplane.add_model(files.model, loaded, files.version)
+        version = served.versions.get(files.version)
+        assert version is not None
         self._spawn(self._register(files.model, version.fingerprint, files.version))
+
+    def _served(self, model: str) -> ServedModel | None:
+        """The data plane's model of that name, if it serves one yet."""
+        assert self._dataplane is not None
+        return self._dataplane.served(model) if model in self._dataplane.model_names() else None
 
     def _mismatch(self, model: str, runner: Runner) -> str | None:
         """Why a loaded version cannot join its model (other shapes than the versions serving), or the server."""
         assert self._dataplane is not None
         description = runner.description
-        if model in self._dataplane.model_names():
-            served = self._dataplane.served(model)
+        if (served := self._served(model)) is not None:
             theirs = (served.input_features, served.output_size, served.per_timestep_outputs)
             ours = (description.input_features, description.output_size, description.per_timestep_outputs)
             if theirs != ours:

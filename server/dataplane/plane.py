@@ -59,7 +59,6 @@ class ServedModel:
     input_features: int
     output_size: int
     per_timestep_outputs: bool
-    max_chunk_timesteps: int
 
     @property
     def description(self) -> ModelDescription:
@@ -129,7 +128,7 @@ class DataPlane:
         batcher = Batcher(processor, **self._batching)  # type: ignore[arg-type]
         description = first.description
         served = ServedModel(name, versions, store, processor, batcher, description.input_features,
-                             description.output_size, description.per_timestep_outputs, first.max_chunk_timesteps)
+                             description.output_size, description.per_timestep_outputs)
         versions.add(ServingVersion(number, first))
         self._models[name] = served
         if self._started:

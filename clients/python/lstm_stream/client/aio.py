@@ -37,7 +37,6 @@ never a silent gap).
 from __future__ import annotations
 
 import secrets
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -52,6 +51,7 @@ from lstm_stream.client.gateway import AsyncGateway
 from lstm_stream.client.health_codec import decode_status, encode_request
 from lstm_stream.client.pipe import Pipe, Position, StreamLane
 from lstm_stream.client.retry import RetryPolicy, retry_async
+from lstm_stream.client.triton_modules import triton_modules
 from lstm_stream.client.types import (
     Migration,
     ModelInfo,
@@ -138,16 +138,9 @@ class AsyncClient:
         await self._call(triton.RepositoryModelUnload, request)
 
     def _repository(self) -> tuple[Any, Any]:
-        """Triton's messages and a stub on this channel. The messages are imported only here, and are
-        tritonclient's own when this process already loaded them: both declare the protobuf package `inference`
-        with the same wire format, and only one fits in protobuf's default descriptor pool, so an application
-        that uses tritonclient too keeps working."""
-        if "tritonclient.grpc.service_pb2" in sys.modules:
-            from tritonclient.grpc import service_pb2 as messages
-            from tritonclient.grpc import service_pb2_grpc as stubs
-        else:
-            from lstm_stream.triton import grpc_service_pb2 as messages
-            from lstm_stream.triton import grpc_service_pb2_grpc as stubs
+        """Triton's messages and a stub on this channel, imported only here and as this process can hold them
+        (triton_modules.py), so an application that uses tritonclient too keeps working."""
+        messages, stubs = triton_modules()
         if self._triton is None:
             self._triton = stubs.GRPCInferenceServiceStub(self._channel)
         return messages, self._triton
