@@ -38,6 +38,7 @@ class ServerConfig:
     version_drain_s: float = 3600.0
     on_retired_version: str = "refuse"
     history_timesteps: int = 0
+    live_streams_interval_s: float = 5.0
     host: str = "127.0.0.1"
     port: int = 50051
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -168,6 +169,9 @@ _HELP = {
     "stream's kept inputs, --history-timesteps; reset when none are kept); the answer says which",
     "history_timesteps": "input timesteps kept with each stream's state (0: none), for --on-retired-version replay: "
     "4 x features bytes each per stream; exact when they cover the whole sequence (docs/models.md)",
+    "live_streams_interval_s": "how often each replica writes which streams ran on which model version to Redis "
+    "and counts the live streams of each version (the metric lstm_serve_live_streams, the same deployment-wide "
+    "count from every replica; 0: not counted)",
     "host": "address to listen on (0.0.0.0 for every interface)",
     "port": "gRPC port (0 picks a free one and logs it)",
     "redis_url": "where stream state lives: redis://[user:password@]host:port/db, rediss:// for TLS (any node of a "
@@ -393,6 +397,8 @@ def _check(config: ServerConfig, parser: argparse.ArgumentParser) -> None:
         parser.error("--history-timesteps must not be negative (0: keep none)")
     if config.repository_poll_s < 0 or config.version_drain_s < 0:
         parser.error("--repository-poll-s and --version-drain-s must not be negative")
+    if not 0 <= config.live_streams_interval_s < float("inf"):
+        parser.error("--live-streams-interval-s must not be negative (0: live streams are not counted)")
     if config.log_format not in ("json", "text"):
         parser.error("--log-format must be json or text")
     if bool(config.tls_cert) != bool(config.tls_key):

@@ -102,9 +102,13 @@ MODEL_VERSIONS = Gauge("lstm_serve_model_versions", "Versions known to this proc
 MODEL_LOADS = Counter("lstm_serve_model_loads_total", "Version loads, by model and outcome (loaded, failed)",
                       ["model", "outcome"])
 MIGRATIONS = Counter("lstm_serve_migrations_total", "Chunks of sequences pinned to a version no longer served, by "
-                     "model and what they got (--on-retired-version: refuse, reset)", ["model", "policy"])
+                     "model and what they got (--on-retired-version: refuse, reset, replay)", ["model", "policy"])
 VERSION_CHUNKS = Counter("lstm_serve_version_chunks_total", "Chunks run, by model and version",
                          ["model", "version"])
+# Counted in Redis (server/state/live_versions.py): every replica reports the deployment's count; aggregate
+# with max(), not sum().
+LIVE_STREAMS = Gauge("lstm_serve_live_streams", "Streams with live state, by model and the version they are pinned "
+                     "to, in the whole deployment (refreshed every --live-streams-interval-s)", ["model", "version"])
 
 
 def count_slot_loads(chunks: int, from_memory: int, reread: int) -> None:

@@ -161,6 +161,7 @@ def _data_plane(config: ServerConfig, store: StateStore, tenants: Tenants | None
         live=LiveStreams(store, policy.state_ttl_ms, lambda tenant: tenants.limits(tenant).max_streams)
         if tenants else None,
         record_format=record_format,
+        live_streams_interval_s=config.live_streams_interval_s,
     )
 
 

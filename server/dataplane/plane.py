@@ -9,7 +9,9 @@ model of `--model FILE`, whose streams keep the keys of a server without a repos
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,8 +37,9 @@ from server.model.state_layout import StateLayout
 from server.security.limits import ChunkRate
 from server.state.formats import RecordFormat
 from server.state.live import LiveStreams
+from server.state.live_versions import LiveStreamsByVersion
 from server.state.record import NEWEST_FORMAT, CorruptRecord, NewerRecord
-from server.state.store import StateStore, WrongType
+from server.state.store import StateStore, WrongType, now_unix_ms
 from server.types import Chunk, ModelDescription, Prediction, Runner, StreamState, StreamStatus
 
 # The largest offset SetStreamState takes: a record holds a uint64, and chunks add to it.
@@ -44,6 +47,8 @@ MAX_SET_OFFSET = 2**62
 
 # Accepted for the server's only model whatever its name (Triton's clients often say "default").
 MODEL_ALIAS = "default"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -59,6 +64,7 @@ class ServedModel:
     input_features: int
     output_size: int
     per_timestep_outputs: bool
+    live_versions: LiveStreamsByVersion | None = None  # the metric of live streams per version
 
     @property
     def description(self) -> ModelDescription:
@@ -98,6 +104,7 @@ class DataPlane:
         chunk_rate: ChunkRate | None = None,
         live: LiveStreams | None = None,
         record_format: RecordFormat | None = None,
+        live_streams_interval_s: float = 0.0,
     ) -> None:
         self.store = store
         self.record_format = record_format  # which record format saves use (rolling upgrades)
@@ -110,6 +117,9 @@ class DataPlane:
         # Per-tenant limits (invariants 12 and 13): chunks/s in this process, live streams in Redis.
         self._chunk_rate = chunk_rate
         self._live = live
+        # Live streams per model version, counted in Redis this often (0: not counted).
+        self._live_streams_interval_s = live_streams_interval_s
+        self._live_count: asyncio.Task[None] | None = None
         self._models: dict[str, ServedModel] = {}
         self._started = False
         # Loads and unloads versions on request (server/app/models.py); None without a model repository.
@@ -123,12 +133,14 @@ class DataPlane:
         namespace = name if namespace is None else namespace
         versions = ModelVersions(name)
         store = self.store.namespaced(namespace)
+        live_versions = (LiveStreamsByVersion(self.store, name, self._policy.state_ttl_ms)
+                         if self._live_streams_interval_s > 0 else None)
         processor = BatchProcessor(versions, store, self._policy, self._live, self.record_format, namespace,
-                                   lambda: self.control)
+                                   lambda: self.control, live_versions)
         batcher = Batcher(processor, **self._batching)  # type: ignore[arg-type]
         description = first.description
         served = ServedModel(name, versions, store, processor, batcher, description.input_features,
-                             description.output_size, description.per_timestep_outputs)
+                             description.output_size, description.per_timestep_outputs, live_versions)
         versions.add(ServingVersion(number, first))
         self._models[name] = served
         if self._started:
@@ -164,16 +176,48 @@ class DataPlane:
             served.batcher.start()
         if self.record_format is not None:
             self._format_refresh = asyncio.create_task(self.record_format.track(), name="record-format")
+        if self._live_streams_interval_s > 0:
+            self._live_count = asyncio.create_task(self._count_live_streams(), name="live-streams")
 
     async def stop(self) -> None:
         if self._format_refresh is not None:
             self._format_refresh.cancel()
         for served in self._models.values():
             await served.batcher.stop()
+        if self._live_count is not None:
+            self._live_count.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._live_count
+            await self.count_live_streams(budget_s=1.0)  # what the last batches ran, before the store closes
+        for served in self._models.values():
             served.processor.close()
             for version in served.versions.serving():
                 version.runner.close()
         await self.store.close()
+
+    async def _count_live_streams(self) -> None:
+        while True:
+            await asyncio.sleep(self._live_streams_interval_s)
+            await self.count_live_streams()
+
+    async def count_live_streams(self, budget_s: float | None = None) -> None:
+        """Write what this process's batches ran to each model's live-stream sets, and set the gauges from the
+        counts (server/state/live_versions.py); Redis not answering leaves them as they were."""
+        deadline = time.monotonic() + (self.request_deadline_s if budget_s is None else budget_s)
+        for served in list(self._models.values()):
+            if served.live_versions is None:
+                continue
+            numbers = {v.number for v in served.versions.serving()}
+            try:
+                counts = await served.live_versions.count(numbers, deadline)
+            except ServiceError as exc:  # Redis unreachable: the health check says so; try again next time
+                log.debug("live streams not counted", extra={"model": served.name, "reason": exc.message})
+                continue
+            except Exception:  # a metric must never stop the server: say why and go on
+                log.warning("live streams not counted", extra={"model": served.name}, exc_info=True)
+                continue
+            for number, count in counts.items():
+                metrics.LIVE_STREAMS.labels(served.name, str(number)).set(count)
 
     def deadline(self, time_remaining: float | None) -> float:
         """The time.monotonic() by which a call must be answered, from its gRPC `time_remaining()` (None:
@@ -255,6 +299,8 @@ class DataPlane:
         served = self.served(model)
         deadline = self.deadline(time_remaining)
         existed = await served.store.delete(stream_id, deadline, tenant)
+        if served.live_versions is not None:
+            served.live_versions.ended(stream_id, tenant, now_unix_ms())
         if self._live is not None and tenant:
             await self._live.forget(tenant, served.processor.live_member(stream_id), deadline)
         return existed
@@ -316,4 +362,6 @@ class DataPlane:
         await replace_slot(served.store, state.stream_id, vector, state.offset, version.fingerprint,
                            ttl_ms=self._policy.state_ttl_ms, deadline=self.deadline(time_remaining), tenant=tenant,
                            live=self._live, live_member=served.processor.live_member(state.stream_id))
+        if served.live_versions is not None:
+            served.live_versions.ran(state.stream_id, tenant, version.number, now_unix_ms())
         return state.offset, version.number

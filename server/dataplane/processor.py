@@ -28,6 +28,7 @@ from server.dataplane.versions import ModelControl, ModelVersions, ServingVersio
 from server.errors import deadline_passed, tenant_streams_exceeded
 from server.state.formats import RecordFormat
 from server.state.live import LiveChange, LiveStreams
+from server.state.live_versions import LiveStreamsByVersion
 from server.state.record import SlotRecord
 from server.state.store import APPLIED, REFUSED, Loaded, SlotWrite, StateStore, now_unix_ms
 from server.types import CONFLICT, BatchResult, Chunk, Prediction
@@ -83,7 +84,7 @@ class BatchProcessor:
     def __init__(
         self, versions: ModelVersions, store: StateStore, policy: StreamPolicy, live: LiveStreams | None = None,
         record_format: RecordFormat | None = None, live_namespace: str = "",
-        control: Callable[[], ModelControl | None] = lambda: None,
+        control: Callable[[], ModelControl | None] = lambda: None, live_versions: LiveStreamsByVersion | None = None,
     ) -> None:
         self.versions = versions
         # Finds the versions of fingerprints this process never loaded (a model repository's; None without one).
@@ -94,6 +95,7 @@ class BatchProcessor:
         # Tenants' live streams count every model's: a stream of a model with its own namespace is counted as
         # `@<model>/<id>` (one tenant's live set holds every model's streams).
         self._live_prefix = f"@{live_namespace}/" if live_namespace else ""
+        self.live_versions = live_versions  # the metric of live streams per version; None: not counted
         self.rules = StreamRules(
             versions, policy.on_retired, policy.replay_window, policy.replay_window_bytes,
             (lambda: record_format.keeps_earlier_answers) if record_format else lambda: True,
@@ -278,6 +280,12 @@ class BatchProcessor:
         saved = await self.store.save([write for _, write in writes], batch.deadline)
         for (p, _), result in zip(writes, saved, strict=True):
             if result is APPLIED:
+                if self.live_versions is not None:
+                    if p.chunk.end:
+                        self.live_versions.ended(p.chunk.stream_id, p.chunk.tenant, now)  # type: ignore[arg-type]
+                    else:
+                        self.live_versions.ran(p.chunk.stream_id, p.chunk.tenant,  # type: ignore[arg-type]
+                                               p.version.number, now)  # type: ignore[union-attr]
                 continue  # the prediction stands
             if result is REFUSED and p.index in batch.from_memory:
                 metrics.SLOT_MEMORY_REFUSED.inc()

@@ -51,7 +51,8 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def cluster_server(cluster: RedisClusterNodes):
-    server = ServerProcess(cluster.url, DEFAULT_MODEL, "--redis-cluster", "--state-ttl-s", str(STATE_TTL_S))
+    server = ServerProcess(cluster.url, DEFAULT_MODEL, "--redis-cluster", "--state-ttl-s", str(STATE_TTL_S),
+                           "--live-streams-interval-s", "0.2")
     yield server
     server.stop()
 
@@ -95,7 +96,7 @@ def test_continuation_through_a_cluster_on_both_protocols(cluster, cluster_serve
     assert sum(held) == len(streams)
 
 
-def test_get_reset_expiry_and_ended_streams_on_a_cluster(cluster_server: ServerProcess) -> None:
+def test_get_reset_expiry_and_ended_streams_on_a_cluster(cluster, cluster_server: ServerProcess) -> None:
     from devkit.native_calls import predict
 
     stub = cluster_server.stub
@@ -113,6 +114,16 @@ def test_get_reset_expiry_and_ended_streams_on_a_cluster(cluster_server: ServerP
     assert not stub.GetStream(pb.GetStreamRequest(stream_id=ids[1]), timeout=10).exists
     again = predict(stub, ids[1], last, end=True, start_offset=4)  # the kept answer of the ended stream
     assert again.replayed and list(again.outputs) == list(ended.outputs)
+
+    # Live streams per version are counted in one hash slot of the cluster (server/state/live_versions.py):
+    # the ten still live, not the reset one nor the ended one.
+    client = redis.RedisCluster.from_url(cluster.url)
+    live = "lstm:@sensor_forecaster:live:{@sensor_forecaster}:1"
+    try:
+        wait_until(lambda: [client.zscore(live, f"/{s}") is not None for s in ids] == [False, False] + [True] * 10,
+                   30, "the live streams counted")
+    finally:
+        client.close()
 
 
 def test_cluster_node_without_the_cluster_flag_is_refused(cluster: RedisClusterNodes) -> None:

@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
+from devkit.metrics import scrape
 from devkit.native_calls import outputs, predict, status_of
 from devkit.peers import triton_messages
 from devkit.processes import serve_until_exit, wait_until
@@ -39,6 +40,13 @@ def listed(stub) -> dict[tuple[str, int], pb.ModelVersionStatus]:
 def state_of(stub, model: str, version: int) -> str:
     row = listed(stub).get((model, version))
     return row.state if row is not None else ""
+
+
+def live_streams(server) -> dict[int, float]:
+    """lstm_serve_live_streams of model "m", by version."""
+    samples = scrape(server).get("lstm_serve_live_streams", {})
+    return {int(labels["version"]): count for key, count in samples.items()
+            if (labels := dict(key))["model"] == "m"}
 
 
 def triton_infer(stub, model: str, sequence_id: str, x: np.ndarray, *, start: bool, version: str = ""):
@@ -116,8 +124,10 @@ def test_a_new_version_takes_new_sequences_while_old_ones_finish_on_theirs(start
     repository = tmp_path / "models"
     v1_file, v2_file, other_shape = model_files["v1"], model_files["v2"], model_files["last_step"]
     install(repository, "m", 1, v1_file)
+    # Its own key prefix: the live streams counted per version are those of the whole Redis under it.
     server = start_server("--model-repository", str(repository), "--repository-poll-s", "0.2",
-                          "--version-drain-s", "1.5", "--on-retired-version", "reset", "--xla", "false")
+                          "--version-drain-s", "1.5", "--on-retired-version", "reset", "--xla", "false",
+                          "--live-streams-interval-s", "0.2", "--key-prefix", f"lv-{uuid.uuid4().hex[:8]}")
     x = np.random.default_rng(9).normal(size=(40, 1)).astype(np.float32)
     old, new = f"old-{uuid.uuid4().hex[:6]}", f"new-{uuid.uuid4().hex[:6]}"
     assert predict(server.stub, old, x[:10], start_offset=0).model_version == 1
@@ -141,6 +151,7 @@ def test_a_new_version_takes_new_sequences_while_old_ones_finish_on_theirs(start
     assert np.max(np.abs(first[0] - keras_whole_sequence(v2_file, x[:15]))) <= TOLERANCE
     assert server.stub.GetStream(pb.GetStreamRequest(stream_id=old)).model_version == 1
     assert server.stub.GetStream(pb.GetStreamRequest(stream_id=new)).model_version == 2
+    wait_until(lambda: live_streams(server) == {1: 1, 2: 1}, 30, "one live stream on each version")
 
     # The copy of v3 finishes with a model of other shapes: refused with the reason, v2 stays the newest.
     (version_3 / "model.keras").write_bytes(other_shape.read_bytes())
@@ -153,6 +164,10 @@ def test_a_new_version_takes_new_sequences_while_old_ones_finish_on_theirs(start
     assert (moved.model_version, moved.migration.from_version, moved.migration.policy) == (2, 1, "reset")
     assert moved.offset == 10
     assert np.max(np.abs(outputs(moved) - keras_whole_sequence(v2_file, x[30:40]))) <= TOLERANCE
+    # Both streams now live on v2; a reset forgets one.
+    wait_until(lambda: live_streams(server) == {1: 0, 2: 2}, 30, "the moved stream counted on v2")
+    server.stub.ResetStream(pb.ResetStreamRequest(stream_id=new), timeout=10)
+    wait_until(lambda: live_streams(server) == {1: 0, 2: 1}, 30, "the reset stream no longer counted")
 
 
 def test_an_unloaded_version_drains_then_its_sequences_are_refused(start_server, tmp_path, model_files) -> None:
