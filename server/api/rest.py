@@ -6,7 +6,7 @@ answer both ports: each handler converts the HTTP request into the protobuf mess
 (server/api/kserve_json.py, server/api/native_json.py), calls the servicer's context-free method, and
 converts the answer back. A sequence may alternate between gRPC and HTTP requests: it is one stream.
 
-Every request passes through `_edge` once: the one place where a request starts and ends (a tracing
+Every request passes through `edge` once: the one place where a request starts and ends (a tracing
 middleware's server span wraps exactly this). It counts it in the metrics with protocol="http" and the
 method's gRPC name, gates it on the drain (503 with Retry-After once the server refuses new work), checks
 the API key (`Authorization: Bearer`, setting TENANT as the gRPC interceptor does; health stays open), and
@@ -126,7 +126,7 @@ class RestApi:
 
     def application(self) -> web.Application:
         # client_max_size: aiohttp stops reading a body past it (memory stays bounded) and raises 413.
-        app = web.Application(middlewares=[self._edge], client_max_size=self.body_limit)
+        app = web.Application(middlewares=[self.edge], client_max_size=self.body_limit)
         add = app.router.add_route
         add("GET", "/v2/health/live", self.server_live, name="ServerLive")
         add("GET", "/v2/health/ready", self.server_ready, name="ServerReady")
@@ -147,7 +147,7 @@ class RestApi:
     # --- the edge: once per request -----------------------------------------------------------------
 
     @web.middleware
-    async def _edge(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def edge(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         route = request.match_info.route.name or "unknown"
         method = route.removesuffix("Version").removesuffix("All")
         gated = method not in _OPEN
