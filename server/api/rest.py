@@ -27,6 +27,7 @@ from urllib.parse import unquote
 
 import grpc
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from lstm_stream.v1 import stream_pb2 as pb
 from server import metrics
@@ -212,7 +213,7 @@ class RestApi:
             raise _Refused(body_too_large(self.body_limit), 413) from None
         except TimeoutError:
             raise _Refused(body_too_slow(self.body_timeout_s), 408) from None
-        except (OSError, ValueError, RuntimeError) as exc:  # aiohttp's payload errors: a truncated body
+        except (HttpProcessingError, OSError) as exc:  # a body cut short (ContentLengthError), a reset connection
             raise body_unreadable(f"could not be read whole ({type(exc).__name__}: {exc})") from None
 
     # --- KServe v2 / Triton ----------------------------------------------------------------------------

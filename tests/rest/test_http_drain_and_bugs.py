@@ -7,20 +7,19 @@ A bug in a handler is answered 500 INTERNAL naming the exception, and the server
 
 from __future__ import annotations
 
-import asyncio
 import json
+import os
 import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
 
-import aiohttp
 import pytest
 import requests
-from aiohttp import web
 
+from devkit import ROOT
 from devkit.processes import ServerProcess, wait_until
-from server.api.interceptors import Drain
-from server.api.rest import RestApi
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -62,34 +61,53 @@ def test_sigterm_turns_ready_false_then_answers_503_with_retry_after(
     assert server.process.wait(TIMEOUT_S) == 0
 
 
+# Run in a child process: the REST edge imports the server's own Triton messages (lstm_stream.triton), which
+# cannot share a process with tritonclient's, and a pytest process may hold those (devkit/peers.py).
+BUGGY_APP = """
+import asyncio, json, aiohttp, grpc
+from aiohttp import web
+from server.api.interceptors import Drain
+from server.api.rest import HTTP_STATUS, RestApi
+
+assert set(HTTP_STATUS) == set(grpc.StatusCode), "every gRPC code has its HTTP status"
+
+async def main():
+    # The edge alone, around a handler with a bug: no request to the real servicers can produce one.
+    api = RestApi(None, None, Drain(), None, lambda: True, body_limit=1024, body_timeout_s=5)
+    app = web.Application(middlewares=[api.edge])
+
+    async def broken(request):
+        raise RuntimeError("a bug")
+
+    async def fine(request):
+        return web.Response(text="ok")
+
+    app.router.add_get("/broken", broken, name="Broken")
+    app.router.add_get("/fine", fine, name="Fine")
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/broken") as answer:
+                print(json.dumps({"status": answer.status, "body": await answer.json()}))
+            async with session.get(f"http://127.0.0.1:{port}/fine") as after:
+                print(json.dumps({"status": after.status}))
+    finally:
+        await runner.cleanup()
+
+asyncio.run(main())
+"""
+
+
 def test_a_bug_in_a_handler_answers_500_naming_it() -> None:
-    async def run() -> tuple[int, dict[str, str], int]:
-        # The edge alone, around a handler with a bug: no request to the real servicers can produce one.
-        api = RestApi(None, None, Drain(), None, lambda: True, body_limit=1024, body_timeout_s=5)  # type: ignore[arg-type]
-        app = web.Application(middlewares=[api.edge])
-
-        async def broken(request: web.Request) -> web.Response:
-            raise RuntimeError("a bug")
-
-        async def fine(request: web.Request) -> web.Response:
-            return web.Response(text="ok")
-
-        app.router.add_get("/broken", broken, name="Broken")
-        app.router.add_get("/fine", fine, name="Fine")
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        try:
-            async with aiohttp.ClientSession() as session:
-                async with session.get(f"http://127.0.0.1:{port}/broken") as answer:
-                    status, body = answer.status, await answer.json()
-                async with session.get(f"http://127.0.0.1:{port}/fine") as after:
-                    return status, body, after.status
-        finally:
-            await runner.cleanup()
-
-    status, body, after = asyncio.run(run())
-    assert status == 500 and body["code"] == "INTERNAL" and "RuntimeError: a bug" in body["error"]
-    assert after == 200
+    path = os.pathsep.join(str(folder) for folder in (ROOT, ROOT / "clients" / "python"))
+    done = subprocess.run([sys.executable, "-c", BUGGY_APP], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": path})
+    assert done.returncode == 0, done.stderr
+    broken, after = (json.loads(line) for line in done.stdout.splitlines())
+    assert broken["status"] == 500 and broken["body"]["code"] == "INTERNAL"
+    assert "RuntimeError: a bug" in broken["body"]["error"]
+    assert "unexpected error in HTTP" in done.stderr  # logged with its traceback
+    assert after["status"] == 200

@@ -4,7 +4,8 @@ A sequence split across HTTP requests equals Keras on the whole sequence, with i
 sequence that alternates HTTP, Triton gRPC and the native gRPC API is one stream and equals Keras too;
 binary tensors (Triton's extension) and JSON tensors give the same answers; metadata, configuration,
 readiness and statistics say what the gRPC protocol says. tritonclient.http has no generated protobuf
-messages, so this process can also use the server's own Triton messages (lstm_stream.triton) over gRPC.
+messages; the gRPC calls use whichever copy of Triton's messages this pytest process holds
+(devkit.peers.triton_messages: tritonclient's and the server's own cannot both be loaded).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 
-import grpc
 import numpy as np
 import pytest
 import requests
@@ -20,10 +20,9 @@ import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
 from devkit.native_calls import outputs, predict
+from devkit.peers import triton_messages
 from devkit.processes import ServerProcess
 from devkit.references import TOLERANCE, keras_whole_sequence
-from lstm_stream.triton import grpc_service_pb2 as triton_pb
-from lstm_stream.triton import grpc_service_pb2_grpc as triton_grpc
 from lstm_stream.v1 import stream_pb2 as pb
 from server.config import DEFAULT_MODEL
 
@@ -31,6 +30,7 @@ pytestmark = pytest.mark.timeout(180)
 
 TIMEOUT_S = 30
 MODEL = "default"
+triton_pb, triton_grpc = triton_messages()
 
 
 @pytest.fixture(scope="module")
@@ -183,8 +183,3 @@ def test_requests_are_counted_with_protocol_http(client: triton_http.InferenceSe
     assert 'lstm_serve_requests_total{code="NOT_FOUND",method="ModelMetadata",protocol="http"}' in text
     assert 'lstm_serve_request_seconds_count{method="ModelInfer",protocol="http"}' in text
 
-
-def test_grpc_code_table_covers_every_status() -> None:
-    from server.api.rest import HTTP_STATUS
-
-    assert set(HTTP_STATUS) == set(grpc.StatusCode)
