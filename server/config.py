@@ -135,6 +135,12 @@ class ServerConfig:
         return min(round(self.max_connection_idle_s * 1000), 2**31 - 1)
 
     @property
+    def http_idle_s(self) -> float:
+        """aiohttp's keepalive_timeout for the HTTP port: --max-connection-idle-s, the gRPC port's, or for 0
+        (never) as long as gRPC's longest; aiohttp reads 0 as closing each connection after one answer."""
+        return self.max_connection_idle_ms / 1000 if self.max_connection_idle_s else (2**31 - 1) / 1000
+
+    @property
     def ended_ttl_ms(self) -> int:
         return int(self.ended_ttl_s * 1000)
 
@@ -252,7 +258,8 @@ _HELP = {
     "http2_bdp_probe": "let gRPC grow HTTP/2 flow-control windows to the measured bandwidth-delay product: faster "
     "large transfers over long links, but each connection may then hold several MiB the server has not read",
     "max_connection_idle_s": "close a client connection that has had no call open for this many seconds (HTTP/2 "
-    "GOAWAY; clients reconnect on their next call, an open stream is never cut however quiet; 0: never)",
+    "GOAWAY; clients reconnect on their next call, an open stream is never cut however quiet; 0: never); on the "
+    "HTTP port too, where a request's headers must also arrive whole within it (slow clients)",
     "drain_delay_s": "on SIGTERM, health reads NOT_SERVING at once and calls are still served this long, so load "
     "balancers stop routing here; then new calls get UNAVAILABLE and open streams are ended",
     "shutdown_grace_s": "most seconds from SIGTERM to exit, drain delay included; accepted chunks are finished "

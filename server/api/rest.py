@@ -296,10 +296,17 @@ class RestApi:
 
 
 async def start_rest(api: RestApi, host: str, port: int, ssl_context: ssl.SSLContext | None, *,
-                     shared_port: bool, shutdown_timeout_s: float) -> web.AppRunner:
+                     shared_port: bool, shutdown_timeout_s: float, idle_s: float) -> web.AppRunner:
     """Serve `api` on host:port in the running loop; `shared_port`: the workers of --workers share it
-    (SO_REUSEPORT, as the gRPC port). Raises OSError when the port is taken."""
-    runner = web.AppRunner(api.application(), access_log=None, handle_signals=False)
+    (SO_REUSEPORT, as the gRPC port). Raises OSError when the port is taken.
+
+    `idle_s` bounds slow and silent clients: aiohttp's keep-alive timer starts when a connection opens and
+    after each answer, and bytes of a request that is not yet whole do not restart it, so a connection that
+    sends nothing, or sends its headers slowly (slowloris), is closed `idle_s` after it opened or was last
+    answered, as gRPC closes a connection with no call open (a half-sent HTTP/2 HEADERS frame is no call
+    either). aiohttp caps a header line and a field at 8,190 bytes (its max_line_size and max_field_size),
+    so what such a connection holds meanwhile is bounded too; a body is bounded by the request deadline."""
+    runner = web.AppRunner(api.application(), access_log=None, handle_signals=False, keepalive_timeout=idle_s)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_port=shared_port or None,
                        shutdown_timeout=shutdown_timeout_s)

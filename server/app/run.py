@@ -86,7 +86,8 @@ async def _start_http(built: BuiltServer, config: ServerConfig, worker_of: tuple
         return None
     try:
         return await start_rest(built.rest, config.host, config.http_port, built.security.ssl_context(),
-                                shared_port=worker_of is not None, shutdown_timeout_s=STOP_MARGIN_S)
+                                shared_port=worker_of is not None, shutdown_timeout_s=STOP_MARGIN_S,
+                                idle_s=config.http_idle_s)
     except OSError as exc:
         raise StartupError(f"cannot serve HTTP on {config.host}:{config.http_port}: {exc}; choose another "
                            "--http-port, or 0 to turn HTTP off") from exc
