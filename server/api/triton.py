@@ -45,6 +45,7 @@ from server.api.triton_convert import (
     SERVER_NAME,
     model_config,
     model_metadata,
+    request_timeout_s,
     to_chunk,
     to_response,
     to_stream_error,
@@ -119,6 +120,9 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
                 request, served.description, self.dataplane.max_chunk_timesteps, tenant, times,
                 model_name=served.name, model_version=version,
             )
+            # Triton's `timeout` parameter shortens the call's deadline, over gRPC and HTTP alike.
+            if (timeout_s := request_timeout_s(request.parameters)) is not None:
+                time_remaining = timeout_s if time_remaining is None else min(time_remaining, timeout_s)
             times.queued = time.monotonic_ns()
             answer = self.dataplane.submit(chunk, time_remaining)
         except Exception as exc:  # a bad request: its failure is delivered like the data plane's

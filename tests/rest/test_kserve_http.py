@@ -13,6 +13,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 
+import grpc
 import numpy as np
 import pytest
 import requests
@@ -98,6 +99,35 @@ def test_one_sequence_alternating_http_and_grpc_equals_keras(client: triton_http
         infer(client, x[6:], binary=False, sequence_id=sequence_id).as_numpy("OUTPUT"),
     ]
     np.testing.assert_allclose(np.concatenate(got), expected, atol=TOLERANCE)
+
+
+def test_triton_timeout_parameter_is_the_request_deadline_over_http_and_grpc(
+        client: triton_http.InferenceServerClient, default_server: ServerProcess) -> None:
+    x, sequence_id = sequence(2, seed=4), unique_int_id()
+    triton_stub = triton_grpc.GRPCInferenceServiceStub(default_server.channel)
+
+    def over_grpc(timeout_us: int) -> object:
+        request = triton_pb.ModelInferRequest(model_name=MODEL, inputs=[triton_pb.ModelInferRequest.InferInputTensor(
+            name="INPUT", datatype="FP32", shape=list(x.shape))], raw_input_contents=[x.tobytes()])
+        request.parameters["sequence_id"].int64_param = sequence_id
+        request.parameters["timeout"].int64_param = timeout_us
+        return triton_stub.ModelInfer(request, timeout=TIMEOUT_S)
+
+    # Ten seconds is time enough; 0 is no timeout of its own, as Triton reads it.
+    assert infer(client, x, sequence_id=sequence_id, sequence_start=True, timeout=10_000_000).get_response()[
+        "parameters"]["sequence_offset"] == 2
+    assert infer(client, x, sequence_id=sequence_id, timeout=0).get_response()["parameters"]["sequence_offset"] == 4
+    # One microsecond has passed before any batch runs: refused as past its deadline, nothing applied.
+    with pytest.raises(InferenceServerException) as refused:
+        infer(client, x, sequence_id=sequence_id, timeout=1)
+    assert refused.value.status() == "504" and "not applied" in refused.value.message(), refused.value
+    with pytest.raises(grpc.RpcError) as refused_grpc:
+        over_grpc(1)
+    assert refused_grpc.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED, refused_grpc.value
+    assert over_grpc(10_000_000).parameters["sequence_offset"].int64_param == 6
+    with pytest.raises(InferenceServerException) as bad:
+        infer(client, x, sequence_id=sequence_id, timeout=-1)
+    assert bad.value.status() == "400" and "parameters.timeout" in bad.value.message(), bad.value
 
 
 def test_binary_and_json_tensors_give_the_same_answers(client: triton_http.InferenceServerClient) -> None:
