@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from google.protobuf import json_format
@@ -43,6 +43,9 @@ BINARY_DATA = "binary_data"
 BINARY_DATA_OUTPUT = "binary_data_output"
 _INT64_MAX = 2**63 - 1
 _UINT64_MAX = 2**64 - 1
+
+
+RepositoryRequest = TypeVar("RepositoryRequest", pb.RepositoryModelLoadRequest, pb.RepositoryModelUnloadRequest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,22 +72,24 @@ def _kind(value: object) -> str:
             dict: "an object"}.get(type(value), type(value).__name__)
 
 
-def _set_parameter(parameter: pb.InferParameter, value: object, field: str) -> None:
+def _set_parameter(parameter: pb.InferParameter | pb.ModelRepositoryParameter, value: object, field: str) -> None:
+    # A repository request's parameter has no uint64_param or double_param: such values are refused there.
+    has = parameter.DESCRIPTOR.fields_by_name
     if isinstance(value, bool):  # before int: a JSON true is a Python bool, which is an int too
         parameter.bool_param = value
     elif isinstance(value, int):
         if -_INT64_MAX - 1 <= value <= _INT64_MAX:
             parameter.int64_param = value
-        elif _INT64_MAX < value <= _UINT64_MAX:
+        elif _INT64_MAX < value <= _UINT64_MAX and "uint64_param" in has:
             parameter.uint64_param = value
         else:
             raise invalid_argument(field, f"is {value}; an integer parameter fits in 64 bits")
     elif isinstance(value, str):
         parameter.string_param = value
-    elif isinstance(value, float):
+    elif isinstance(value, float) and "double_param" in has:
         parameter.double_param = value
     else:
-        raise invalid_argument(field, f"is {_kind(value)}; expected a boolean, a number or a string")
+        raise invalid_argument(field, f"is {_kind(value)}; expected a boolean, an integer or a string")
 
 
 def _parameters(value: object, field: str, target: Any, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -125,6 +130,14 @@ def _all_numbers(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _document(body: bytes) -> dict[str, Any]:
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise invalid_argument("body", f"is not valid JSON ({exc})") from None
+    return _object(document, "body")
+
+
 def parse_infer_request(body: bytes, header_length: str | None, model_name: str, model_version: str) -> InferRequest:
     """The ModelInferRequest an HTTP infer request stands for; INVALID_ARGUMENT naming the field otherwise."""
     header, binary = body, b""
@@ -136,11 +149,7 @@ def parse_infer_request(body: bytes, header_length: str | None, model_name: str,
         if not 0 < length <= len(body):
             raise invalid_argument(HEADER_LENGTH, f"is {length}; the body has {len(body)} bytes")
         header, binary = body[:length], body[length:]
-    try:
-        document = json.loads(header)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise invalid_argument("body", f"is not valid JSON ({exc})") from None
-    document = _object(document, "body")
+    document = _document(header)
 
     message = pb.ModelInferRequest(model_name=model_name, model_version=model_version)
     request_id = document.get("id", "")
@@ -207,6 +216,32 @@ def parse_infer_request(body: bytes, header_length: str | None, model_name: str,
                 raise invalid_argument(f"{field}.parameters.{BINARY_DATA}", f"is {_kind(wanted)}; expected a boolean")
             binary_outputs[name] = wanted
     return InferRequest(message, binary_output, binary_outputs)
+
+
+# --- the repository extension: POST /v2/repository/index, .../models/{name}/load and .../unload ----
+
+def parse_index_request(body: bytes) -> bool:
+    """Whether the index asks for ready models only (`{"ready": true}`); an empty body asks for every one."""
+    if not body.strip():
+        return False
+    ready = _document(body).get("ready", False)
+    if not isinstance(ready, bool):
+        raise invalid_argument("ready", f"is {_kind(ready)}; expected a boolean")
+    return ready
+
+
+def parse_repository_request(body: bytes, message: RepositoryRequest) -> RepositoryRequest:
+    """`message` (a load or unload request, its model named) with the body's `parameters` (Triton's
+    `{"parameters": {"version": 2}}`; an empty body has none), each by its JSON type as for infer."""
+    if body.strip():
+        _parameters(_document(body).get("parameters", {}), "parameters", message.parameters)
+    return message
+
+
+def repository_index_json(index: pb.RepositoryIndexResponse) -> list[dict[str, str]]:
+    """Triton's HTTP index: an array of {name, version, state, reason}, without an empty reason."""
+    return [{key: value for key, value in message_json(model).items() if value != "" or key != "reason"}
+            for model in index.models]
 
 
 # --- response -------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import grpc
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from lstm_stream.triton import grpc_service_pb2 as pb_triton
 from lstm_stream.v1 import stream_pb2 as pb
 from server import metrics
 from server.api.auth import TENANT, tenant_of_header
@@ -37,7 +38,10 @@ from server.api.kserve_json import (
     HEADER_LENGTH,
     infer_response_body,
     message_json,
+    parse_index_request,
     parse_infer_request,
+    parse_repository_request,
+    repository_index_json,
 )
 from server.api.native import StreamInferenceServicer
 from server.api.native_json import message_body, parse_message
@@ -140,6 +144,10 @@ class RestApi:
             add("GET", f"{model}/ready", self.model_ready, name=f"ModelReady{suffix}")
             add("GET", f"{model}/stats", self.model_statistics, name=f"ModelStatistics{suffix}")
             add("POST", f"{model}/infer", self.model_infer, name=f"ModelInfer{suffix}")
+        # Triton's repository extension (with --model-repository; otherwise FAILED_PRECONDITION, 409).
+        add("POST", "/v2/repository/index", self.repository_index, name="RepositoryIndex")
+        add("POST", "/v2/repository/models/{model}/load", self.repository_load, name="RepositoryModelLoad")
+        add("POST", "/v2/repository/models/{model}/unload", self.repository_unload, name="RepositoryModelUnload")
         add("GET", "/v1/model", self.get_model, name="GetModel")
         # A stream id may hold any UTF-8 (percent-encoded, "/" as %2F included): the path is parsed raw.
         add("*", _STREAMS_PREFIX + "{tail:.*}", self.stream, name="Stream")
@@ -255,6 +263,20 @@ class RestApi:
             return web.Response(body=payload, content_type="application/json")
         return web.Response(body=payload, content_type="application/octet-stream",
                             headers={HEADER_LENGTH: str(header_length)})
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        ready_only = parse_index_request(await self._body(request))
+        return _json(repository_index_json(self.triton.repository_index(ready_only)))
+
+    async def repository_load(self, request: web.Request) -> web.Response:
+        load = pb_triton.RepositoryModelLoadRequest(model_name=request.match_info["model"])
+        await self.triton.repository_load(parse_repository_request(await self._body(request), load))
+        return web.Response(status=200)  # Triton answers a load or unload with an empty 200
+
+    async def repository_unload(self, request: web.Request) -> web.Response:
+        unload = pb_triton.RepositoryModelUnloadRequest(model_name=request.match_info["model"])
+        await self.triton.repository_unload(parse_repository_request(await self._body(request), unload))
+        return web.Response(status=200)
 
     # --- the native API as JSON ---------------------------------------------------------------------
 

@@ -238,26 +238,20 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # Triton's model repository extension.
 
-    @unary_errors
-    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context
-                              ) -> pb.RepositoryIndexResponse:
+    def repository_index(self, ready_only: bool) -> pb.RepositoryIndexResponse:
         index = pb.RepositoryIndexResponse.ModelIndex
         return pb.RepositoryIndexResponse(models=[
             index(name=row.model, version=str(row.number), state=row.state, reason=row.reason)
-            for row in self.dataplane.version_status() if not request.ready or row.state == "READY"
+            for row in self.dataplane.version_status() if not ready_only or row.state == "READY"
         ])
 
-    @unary_errors
-    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: Context
-                                  ) -> pb.RepositoryModelLoadResponse:
+    async def repository_load(self, request: pb.RepositoryModelLoadRequest) -> None:
         if self.dataplane.control is None:
             raise no_model_repository()
         await self.dataplane.control.load(request.model_name)
-        return pb.RepositoryModelLoadResponse()
 
-    @unary_errors
-    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: Context
-                                    ) -> pb.RepositoryModelUnloadResponse:
+    async def repository_unload(self, request: pb.RepositoryModelUnloadRequest) -> None:
+        """Every version of the model, or the one named by the parameter `version`."""
         if self.dataplane.control is None:
             raise no_model_repository()
         version = 0
@@ -266,6 +260,22 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
             if version < 1:
                 raise invalid_argument("parameters.version", "must be an int64_param of at least 1")
         await self.dataplane.control.unload(request.model_name, version)
+
+    @unary_errors
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context
+                              ) -> pb.RepositoryIndexResponse:
+        return self.repository_index(request.ready)
+
+    @unary_errors
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: Context
+                                  ) -> pb.RepositoryModelLoadResponse:
+        await self.repository_load(request)
+        return pb.RepositoryModelLoadResponse()
+
+    @unary_errors
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: Context
+                                    ) -> pb.RepositoryModelUnloadResponse:
+        await self.repository_unload(request)
         return pb.RepositoryModelUnloadResponse()
 
 
