@@ -17,7 +17,7 @@ Servers, each with the shipped default model shape (2 x LSTM(64) + Dense(1), one
 
 Modes are perf_analyzer's (`--sequence-length 20`, sequences of 20 requests, ids from perf_analyzer):
 unary and `--streaming` at 64 concurrent sequences with T=20 timesteps per request, T=1 streaming, and
-one sequence (latency); and "http": the unary T=20 load over KServe v2 REST (`-i http`, JSON tensors) on
+one sequence (latency); and "http": the unary T=20 load over KServe v2 REST (`-i http`, binary tensors) on
 the HTTP port of this server and of Triton (the floor has no HTTP port: skipped there). Each ratio is
 measured in this run. Besides throughput and latency it reports the CPU each side spends per inference:
 CPU seconds of the server's process tree (and of its Redis) over the requests the server counted (its

@@ -4,7 +4,8 @@ No `-x` (model version): perf_analyzer then finds the version whose statistics m
 measurement, which needs ModelStatistics with queue counts and a numeric version string. Unary and
 `--streaming`, sequences with `--sequence-length` and `--sequence-id-range`, and the server-side
 statistics it prints ("Server:" lines); over gRPC and over the HTTP/REST port (`-i http`, KServe v2 with
-JSON tensors: perf_analyzer reads the same statistics there). A few seconds per run: this checks correctness, not speed.
+Triton's binary tensors: perf_analyzer reads the same statistics there). A few seconds per run: this checks
+correctness, not speed.
 
 perf_analyzer is a C++ binary that CI machines may not have. It is found through the environment
 variable PERF_ANALYZER (a command, split on spaces), in the layout the Triton peer's setup script
