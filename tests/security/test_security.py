@@ -509,9 +509,25 @@ def test_no_key_and_no_redis_password_in_the_output(guarded: ServerProcess, redi
 # --- rotation: certificates and keys replaced while serving ---------------------------------------------------
 
 
+def https_status(server: ServerProcess, ca_file: Path, key: str) -> int | None:
+    """GET /v1/model on the HTTP port over a new connection trusting only `ca_file`: the status, or None when the
+    handshake fails (the server's certificate is not signed by that CA)."""
+    with requests.Session() as session:
+        session.trust_env = False  # REQUESTS_CA_BUNDLE would win over `verify`
+        try:
+            return session.get(f"https://127.0.0.1:{server.http_port}/v1/model", verify=str(ca_file),
+                               headers={"Authorization": f"Bearer {key}"}, timeout=TIMEOUT_S).status_code
+        except requests.exceptions.SSLError:
+            return None
+
+
 def test_certificates_and_keys_reload_without_a_restart(pki: Pki, redis_server: RedisServer) -> None:
+    """On the gRPC port and the HTTP port alike: the same files, the same reload."""
     folder = Path(tempfile.mkdtemp(prefix="lstm-rotate-"))
     old_ca, new_ca = CertificateAuthority("old CA"), CertificateAuthority("new CA")
+    old_ca_file, new_ca_file = folder / "old-ca.crt", folder / "new-ca.crt"
+    old_ca_file.write_bytes(old_ca.pem)
+    new_ca_file.write_bytes(new_ca.pem)
     cert, key = old_ca.issue("server", server=True).write(folder, "server")
     old_key, new_key = f"old-{secrets.token_hex(16)}", f"new-{secrets.token_hex(16)}"
     keys_file = folder / "keys"
@@ -520,11 +536,18 @@ def test_certificates_and_keys_reload_without_a_restart(pki: Pki, redis_server: 
     trust_new = grpc.ssl_channel_credentials(root_certificates=new_ca.pem)
     server = ServerProcess(redis_server.url, DEFAULT_MODEL, "--tls-cert", str(cert), "--tls-key", str(key),
                            "--api-keys", str(keys_file), credentials=trust_old)
+    kept_https = requests.Session()  # one HTTP keep-alive connection, opened before the rotation and kept
+    kept_https.trust_env = False
+    kept_https.verify = str(old_ca_file)
     try:
         # TLS without client certificates; plaintext refused.
         assert health_of(server.address, None) == grpc.StatusCode.UNAVAILABLE
         existing = server.stub  # one connection, opened now and kept
         existing.GetModel(pb.GetModelRequest(), metadata=bearer(old_key), timeout=TIMEOUT_S)
+        model_url = f"https://127.0.0.1:{server.http_port}/v1/model"
+        assert kept_https.get(model_url, headers={"Authorization": f"Bearer {old_key}"},
+                              timeout=TIMEOUT_S).status_code == 200
+        assert https_status(server, new_ca_file, old_key) is None
 
         # Replace everything, then SIGHUP.
         new_issued = new_ca.issue("server", server=True)
@@ -535,6 +558,10 @@ def test_certificates_and_keys_reload_without_a_restart(pki: Pki, redis_server: 
         wait_until(lambda: health_of(server.address, trust_new) == grpc.StatusCode.OK, 20,
                    "new connections to get the new certificate")
         assert health_of(server.address, trust_old) == grpc.StatusCode.UNAVAILABLE
+        # The HTTP port reloaded with it: new handshakes get the new certificate, and the new key only.
+        assert https_status(server, new_ca_file, new_key) == 200
+        assert https_status(server, new_ca_file, old_key) == 401
+        assert https_status(server, old_ca_file, new_key) is None
         with grpc.secure_channel(server.address, trust_new) as channel:
             fresh = stream_pb2_grpc.StreamInferenceStub(channel)
             fresh.GetModel(pb.GetModelRequest(), metadata=bearer(new_key), timeout=TIMEOUT_S)
@@ -545,6 +572,9 @@ def test_certificates_and_keys_reload_without_a_restart(pki: Pki, redis_server: 
         existing.GetModel(pb.GetModelRequest(), metadata=bearer(new_key), timeout=TIMEOUT_S)
         assert code_of(existing.GetModel, pb.GetModelRequest(), metadata=bearer(old_key),
                        timeout=TIMEOUT_S)[0] == grpc.StatusCode.UNAUTHENTICATED
+        # So does the HTTP connection opened before.
+        assert kept_https.get(model_url, headers={"Authorization": f"Bearer {new_key}"},
+                              timeout=TIMEOUT_S).status_code == 200
 
         # A certificate that does not match its key is refused; the current one stays.
         refusals = server.log().count("TLS certificates not reloaded")
@@ -553,6 +583,7 @@ def test_certificates_and_keys_reload_without_a_restart(pki: Pki, redis_server: 
         wait_until(lambda: server.log().count("TLS certificates not reloaded") > refusals, 20,
                    "the refusal to be logged")
         assert health_of(server.address, trust_new) == grpc.StatusCode.OK
+        assert https_status(server, new_ca_file, new_key) == 200
 
         # Without a signal: a change of the files is noticed by itself.
         back = old_ca.issue("server", server=True)
@@ -560,9 +591,11 @@ def test_certificates_and_keys_reload_without_a_restart(pki: Pki, redis_server: 
         key.write_bytes(back.key_pem)
         wait_until(lambda: health_of(server.address, trust_old) == grpc.StatusCode.OK, 20,
                    "the changed certificate to be picked up")
+        assert https_status(server, old_ca_file, new_key) == 200
         log = server.log()
         assert old_key not in log and new_key not in log
     finally:
+        kept_https.close()
         server.stop()
 
 
