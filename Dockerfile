@@ -44,10 +44,11 @@ ENV KERAS_BACKEND=tensorflow \
     LSTM_SERVE_HOST=0.0.0.0 \
     LSTM_SERVE_PORT=50051 \
     LSTM_SERVE_METRICS_PORT=9464 \
+    LSTM_SERVE_HTTP_PORT=8000 \
     LSTM_SERVE_REDIS_URL=redis://redis:6379/0 \
     LSTM_SERVE_REDIS_AUTOSTART=false
-# gRPC (native, Triton / KServe v2, health, reflection) and Prometheus metrics.
-EXPOSE 50051 9464
+# gRPC (native, Triton / KServe v2, health, reflection), HTTP/REST (KServe v2, native JSON) and Prometheus metrics.
+EXPOSE 50051 8000 9464
 # Start-up loads TensorFlow and warms the model up (tens of seconds on a small machine): only then is
 # the health check expected to pass. It asks the server's own grpc.health.v1 service.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \

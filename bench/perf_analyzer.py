@@ -2,6 +2,7 @@
 
     python -m bench.perf_analyzer                 # about 6 minutes with the Triton peer set up
     python -m bench.perf_analyzer --quick         # the streaming T=20 mode only
+    python -m bench.perf_analyzer --servers lstm-serve,triton --modes unary,http   # gRPC vs HTTP, ~2 minutes
 
 Servers, each with the shipped default model shape (2 x LSTM(64) + Dense(1), one feature):
 - lstm-serve: this server, state in its own fresh Redis (append-only file on, `appendfsync everysec` as
@@ -16,10 +17,11 @@ Servers, each with the shipped default model shape (2 x LSTM(64) + Dense(1), one
 
 Modes are perf_analyzer's (`--sequence-length 20`, sequences of 20 requests, ids from perf_analyzer):
 unary and `--streaming` at 64 concurrent sequences with T=20 timesteps per request, T=1 streaming, and
-one sequence (latency). Each ratio is measured in this run. Besides throughput and latency it reports
-the CPU each side spends per inference: CPU seconds of the server's process tree (and of its Redis)
-over the requests the server counted in its ModelStatistics, so the figure does not depend on how
-busy the rest of the machine was.
+one sequence (latency); and "http": the unary T=20 load over KServe v2 REST (`-i http`, binary tensors) on
+the HTTP port of this server and of Triton (the floor has no HTTP port: skipped there). Each ratio is
+measured in this run. Besides throughput and latency it reports the CPU each side spends per inference:
+CPU seconds of the server's process tree (and of its Redis) over the requests the server counted (its
+ModelStatistics, or its metrics), so the figure does not depend on how busy the rest of the machine was.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class Mode:
     timesteps: int
     concurrency: int
     streaming: bool
+    protocol: str = "grpc"  # perf_analyzer's -i: grpc, or http (KServe v2 REST)
 
 
 MODES = (
@@ -66,6 +69,7 @@ MODES = (
     Mode("T=1 unary", 1, 64, False),
     Mode("T=1 streaming", 1, 64, True),
     Mode("one sequence", 20, 1, False),
+    Mode("http", 20, 64, False, "http"),
 )
 
 
@@ -112,10 +116,12 @@ class Server:
 
     def __init__(self, name: str, target: str, model: str | None, *, command: list[str] | None = None,
                  ours: ServerProcess | None = None, extra_pids: tuple[int, ...] = (),
-                 metrics_ports: tuple[int, ...] = ()) -> None:
+                 metrics_ports: tuple[int, ...] = (), http_target: str = "") -> None:
+        """`http_target`: host:port of its KServe v2 REST port ("": none)."""
         import tritonclient.grpc as triton_grpc  # only the benchmark needs tritonclient
 
         self.name, self.target, self.extra_pids, self.ours = name, target, extra_pids, ours
+        self.http_target = http_target
         # With several worker processes each answers ModelStatistics for itself alone, so a count read
         # through the shared port is one worker's; each worker's /metrics port answers for that worker.
         self.metrics_ports = metrics_ports
@@ -165,10 +171,12 @@ class Server:
 
 
 def triton_answers(metrics_port: int) -> int:
-    """Triton-protocol inferences one worker answered OK (ModelInfer calls and stream messages)."""
+    """KServe v2 inferences one worker answered OK: ModelInfer calls and stream messages over gRPC, ModelInfer
+    over HTTP."""
     samples = scrape_port(metrics_port)
-    return int(sum(value(samples, "lstm_serve_requests_total", protocol="triton", method=method, code="OK")
-                   for method in ("ModelInfer", "ModelStreamInfer")))
+    return int(sum(value(samples, "lstm_serve_requests_total", protocol=protocol, method=method, code="OK")
+                   for protocol, method in (("triton", "ModelInfer"), ("triton", "ModelStreamInfer"),
+                                            ("http", "ModelInfer"))))
 
 
 def start_ours(name: str, workers: int, redis: RedisServer, extra: tuple[str, ...] = ()) -> Server:
@@ -176,7 +184,8 @@ def start_ours(name: str, workers: int, redis: RedisServer, extra: tuple[str, ..
              *(["--identity-model"] if name == "ceiling" else []), *extra]
     ours = ServerProcess(redis.url, DEFAULT_MODEL, *flags, ready_timeout_s=180)
     server = Server(name, ours.address, None, ours=ours, extra_pids=(redis.process.pid,),
-                    metrics_ports=tuple(range(ours.metrics_port, ours.metrics_port + workers)))
+                    metrics_ports=tuple(range(ours.metrics_port, ours.metrics_port + workers)),
+                    http_target=ours.http_url.removeprefix("http://"))
     time.sleep(8)  # the warm-up shapes compile in the background; measure after
     return server
 
@@ -203,26 +212,34 @@ def model_name(target: str) -> str:
 
 
 def start_triton() -> Server:
-    # Its ports are fixed by the peer's script (gRPC 8001): one Triton at a time.
-    return Server("triton", "127.0.0.1:8001", TRITON_MODEL, command=["bash", str(TRITON_SETUP / "start_server.sh")])
+    # Its ports are fixed by the peer's script (HTTP 8000, gRPC 8001): one Triton at a time.
+    return Server("triton", "127.0.0.1:8001", TRITON_MODEL, command=["bash", str(TRITON_SETUP / "start_server.sh")],
+                  http_target="127.0.0.1:8000")
 
 
 # ---- one perf_analyzer run ----
 
-def load_command(pa: list[str], server: Server, mode: Mode, interval_ms: int, trials: int) -> list[str]:
+# perf_analyzer's own default: the last three windows within 25 % of each other, else the run fails.
+STABILITY_PERCENT = 25
+
+
+def load_command(pa: list[str], server: Server, mode: Mode, interval_ms: int, trials: int,
+                 stability: int = STABILITY_PERCENT) -> list[str]:
     """perf_analyzer loading `server` in `mode`: sequences of SEQUENCE_LENGTH requests."""
-    command = [*pa, "-m", server.model, "-i", "grpc", "-u", server.target,
+    target = server.http_target if mode.protocol == "http" else server.target
+    command = [*pa, "-m", server.model, "-i", mode.protocol, "-u", target,
                "--shape", f"INPUT:{mode.timesteps},1", "--sequence-length", str(SEQUENCE_LENGTH),
                "--concurrency-range", f"{mode.concurrency}:{mode.concurrency}",
-               "--measurement-interval", str(interval_ms), "--stability-percentage", "25",
+               "--measurement-interval", str(interval_ms), "--stability-percentage", str(stability),
                "--max-trials", str(trials)]
     return [*command, "--streaming"] if mode.streaming else command
 
 
-def measure(pa: list[str], server: Server, mode: Mode, interval_ms: int, trials: int = 6) -> dict[str, Any]:
+def measure(pa: list[str], server: Server, mode: Mode, interval_ms: int, trials: int = 6,
+            stability: int = STABILITY_PERCENT) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder:
         report = Path(folder) / "pa.csv"
-        command = [*load_command(pa, server, mode, interval_ms, trials), "-f", str(report)]
+        command = [*load_command(pa, server, mode, interval_ms, trials, stability), "-f", str(report)]
         row: dict[str, Any] = {"server": server.name, **asdict(mode)}
         count, cpu, started = server.count(), server.cpu(), time.monotonic()
         try:
@@ -254,34 +271,49 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="lstm-serve worker processes")
     parser.add_argument("--interval-ms", type=int, default=4000, help="perf_analyzer's measurement window")
     parser.add_argument("--quick", action="store_true", help="the streaming T=20 mode only")
+    parser.add_argument("--modes", help="these modes only, by name, comma-separated (e.g. unary,http)")
+    parser.add_argument("--stability", type=int, default=STABILITY_PERCENT,
+                        help="perf_analyzer's --stability-percentage (wider on a busy shared machine)")
     parser.add_argument("--appendfsync", choices=("everysec", "always"), default=SHIPPED_APPENDFSYNC,
                         help="this server's Redis fsync policy (everysec: as shipped)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "perf_analyzer.json")
     parser.add_argument("--rows-to", type=Path, help=argparse.SUPPRESS)  # one server, in a child process
     args = parser.parse_args()
-    modes = [m for m in MODES if m.name == "streaming"] if args.quick else list(MODES)
+    modes = select_modes(args.modes or ("streaming" if args.quick else ",".join(m.name for m in MODES)))
     pa = perf_analyzer_command()
     if pa is None:
         sys.exit("perf_analyzer is not on this machine: set PERF_ANALYZER or run ../shared/peers/triton/setup.sh")
     if args.rows_to:
-        rows = measure_server(pa, args.servers, args.workers, args.interval_ms, modes, args.appendfsync)
+        rows = measure_server(pa, args.servers, args.workers, args.interval_ms, modes, args.appendfsync,
+                              args.stability)
         args.rows_to.write_text(json.dumps(rows))
         return
-    results = side_by_side(args.servers.split(","), args.workers, args.interval_ms, args.quick, args.appendfsync)
+    results = side_by_side(args.servers.split(","), args.workers, args.interval_ms,
+                           ",".join(m.name for m in modes), args.appendfsync, args.stability)
     print_table(results)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))
     print(f"\nwritten to {args.json}")
 
 
-def side_by_side(servers: list[str], workers: int, interval_ms: int, quick: bool,
-                 appendfsync: str = SHIPPED_APPENDFSYNC) -> dict[str, Any]:
+def select_modes(names: str) -> list[Mode]:
+    by_name = {m.name: m for m in MODES}
+    unknown = [name for name in names.split(",") if name not in by_name]
+    if unknown:
+        sys.exit(f"no such mode: {', '.join(unknown)} (modes: {', '.join(by_name)})")
+    return [by_name[name] for name in names.split(",")]
+
+
+def side_by_side(servers: list[str], workers: int, interval_ms: int, modes: str,
+                 appendfsync: str = SHIPPED_APPENDFSYNC, stability: int = STABILITY_PERCENT) -> dict[str, Any]:
     """Each server measured by a child process of its own: a crashing peer (Triton's streaming mode has
     segfaulted here) loses that server's remaining rows, not the run."""
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"), "tool": "perf_analyzer",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "workers": workers, "redis_appendfsync": appendfsync, "runs": [], "notes": [],
+        "workers": workers, "redis_appendfsync": appendfsync, "stability_percent": stability, "runs": [], "notes": [],
+        # The machine may be shared: its load before the run, to read the figures by.
+        "load_average": os.getloadavg(),
     }
     for name in servers:
         if name == "triton" and not triton_server_available():
@@ -291,7 +323,7 @@ def side_by_side(servers: list[str], workers: int, interval_ms: int, quick: bool
             rows_file = Path(folder) / "rows.json"
             command = [sys.executable, "-m", "bench.perf_analyzer", "--servers", name, "--workers", str(workers),
                        "--interval-ms", str(interval_ms), "--appendfsync", appendfsync,
-                       "--rows-to", str(rows_file)] + (["--quick"] if quick else [])
+                       "--modes", modes, "--stability", str(stability), "--rows-to", str(rows_file)]
             done = subprocess.run(command, cwd=ROOT)
             if rows_file.is_file():
                 results["runs"].extend(json.loads(rows_file.read_text()))
@@ -301,19 +333,20 @@ def side_by_side(servers: list[str], workers: int, interval_ms: int, quick: bool
 
 
 def measure_server(pa: list[str], name: str, workers: int, interval_ms: int, modes: list[Mode],
-                   appendfsync: str = SHIPPED_APPENDFSYNC) -> list[dict]:
+                   appendfsync: str = SHIPPED_APPENDFSYNC, stability: int = STABILITY_PERCENT) -> list[dict]:
     rows: list[dict[str, Any]] = []
     redis = RedisServer(appendfsync=appendfsync) if name not in ("triton", "floor") else None
     if redis is not None:
         server = start_ours(name, workers, redis)
     else:
         server = start_triton() if name == "triton" else start_floor()
+    modes = [m for m in modes if m.protocol == "grpc" or server.http_target]  # the floor has no HTTP port
     try:
         if redis is not None:
             for mode in modes:  # a first pass compiles the shapes this traffic needs (README, "Compiled shapes")
                 measure(pa, server, mode, 1000, trials=1)
         for mode in modes:
-            row = measure(pa, server, mode, interval_ms)
+            row = measure(pa, server, mode, interval_ms, stability=stability)
             rows.append(row)
             print(json.dumps(row), flush=True)
             if "failed" in row and name == "triton":  # a hung or crashed Triton serves nothing more: start it again

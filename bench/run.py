@@ -160,7 +160,8 @@ def main() -> None:
     print_table(results)
     if not args.no_perf_analyzer and perf_analyzer.perf_analyzer_command() is not None:
         results["perf_analyzer"] = perf_analyzer.side_by_side(
-            list(perf_analyzer.SERVERS), args.workers, 4000, args.quick)
+            list(perf_analyzer.SERVERS), args.workers, 4000,
+            "streaming" if args.quick else ",".join(mode.name for mode in perf_analyzer.MODES))
         perf_analyzer.print_table(results["perf_analyzer"])
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))

@@ -137,7 +137,8 @@ def _kill_leftover_redis() -> None:
 
 def serve_until_exit(*flags: str) -> subprocess.CompletedProcess[str]:
     """lstm-serve run to its exit, for the start-up refusals (exit code 2 and one line saying what to change)."""
-    command = [sys.executable, "-m", "server", "--port", "0", "--metrics-port", "0", "--log-format", "text", *flags]
+    command = [sys.executable, "-m", "server", "--port", "0", "--metrics-port", "0", "--http-port", "0",
+               "--log-format", "text", *flags]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -166,19 +167,23 @@ class ServerProcess:
 
     def __init__(self, redis_url: str | None, model: Path | str = DEFAULT_MODEL, *extra: str,
                  port: int | None = None, ready_timeout_s: float = 90,
-                 credentials: grpc.ChannelCredentials | None = None, metrics_port: int | None = None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None, metrics_port: int | None = None,
+                 http_port: int | None = None) -> None:
         """`redis_url` None: `extra` names it (--redis-url-file); `credentials`: the server serves TLS;
-        `metrics_port`: /metrics there (0: none; None: a free port; worker i of --workers uses it + i)."""
+        `metrics_port`: /metrics there (0: none; None: a free port; worker i of --workers uses it + i);
+        `http_port`: the HTTP/REST port (0: off; None: a free port, shared by the workers)."""
         self.workers = int(extra[extra.index("--workers") + 1]) if "--workers" in extra else 1
         # Not logged by the server, so chosen here: one port a worker.
         self.metrics_port = free_port_run(self.workers) if metrics_port is None else metrics_port
+        self.http_port = free_port() if http_port is None else http_port
+        self.http_url = f"http://127.0.0.1:{self.http_port}" if self.http_port else ""
         self.log_path = Path(tempfile.mkstemp(prefix="lstm-serve-", suffix=".log")[1])
         if port is None and self.workers > 1:
             port = free_port()
         command = [
             sys.executable, "-m", "server", "--model", str(model), "--port", str(port or 0),
             *(("--redis-url", redis_url) if redis_url else ()), "--redis-autostart", "false",
-            "--metrics-port", str(self.metrics_port),
+            "--metrics-port", str(self.metrics_port), "--http-port", str(self.http_port),
             # No load balancer to wait for in tests: stop promptly (extra flags may set it again).
             "--drain-delay-s", "0", *extra,
             # Last, so extra flags cannot hide the "serving" line the port is read from.

@@ -34,6 +34,7 @@ from devkit.releases import release_env
 
 ENVOY_CONFIG = ROOT / "deploy" / "envoy.yaml"
 CLUSTER = "lstm_serve"
+HTTP_LISTENER, HTTP_CLUSTER = "http", "lstm_serve_http"  # deploy/envoy.yaml's HTTP/REST route
 STOP_WAIT_S = 30.0
 
 
@@ -42,10 +43,14 @@ def local_envoy_config(config: dict[str, Any], listen: tuple[str, int], admin: t
     """deploy/envoy.yaml with only its addresses changed: where it listens, its admin, and the replicas.
 
     The upstream cluster keeps its type (STRICT_DNS resolves an IP literal to itself); the one `server`
-    endpoint becomes one endpoint per local replica. Everything else is the deployed configuration.
+    endpoint becomes one endpoint per local replica. Everything else is the deployed configuration, less the
+    HTTP/REST listener and cluster: the local replicas serve gRPC only (one host, one port 8000).
     """
     local = copy.deepcopy(config)
     local["admin"]["address"]["socket_address"].update(address=admin[0], port_value=admin[1])
+    resources = local["static_resources"]
+    resources["listeners"] = [item for item in resources["listeners"] if item["name"] != HTTP_LISTENER]
+    resources["clusters"] = [item for item in resources["clusters"] if item["name"] != HTTP_CLUSTER]
     (listener,) = local["static_resources"]["listeners"]
     listener["address"]["socket_address"].update(address=listen[0], port_value=listen[1])
     (cluster,) = [c for c in local["static_resources"]["clusters"] if c["name"] == CLUSTER]
@@ -159,6 +164,8 @@ class Topology:
             "LSTM_SERVE_HOST": "127.0.0.1",
             "LSTM_SERVE_PORT": str(replica.port),
             "LSTM_SERVE_METRICS_PORT": str(replica.metrics_port),
+            # The local topology routes gRPC only (local_envoy_config): replicas on one host would all take 8000.
+            "LSTM_SERVE_HTTP_PORT": "0",
             "LSTM_SERVE_REDIS_URL": self.redis_url,
             "LSTM_SERVE_REDIS_AUTOSTART": "false",
         }

@@ -24,6 +24,9 @@ MESSAGE_HEADROOM_BYTES = 64 * 1024
 # Per chunk of a PredictBatchRequest, beyond its float bytes: its stream and request ids (256 bytes each)
 # and the tags and lengths around them.
 BATCH_CHUNK_OVERHEAD_BYTES = 560
+# Bytes one float may take in a KServe v2 or native JSON body ("-0.123456789012345678," and the brackets of its
+# row), for the derived HTTP body limit: JSON spells out in up to 24 characters what protobuf packs in 4.
+JSON_BYTES_PER_VALUE = 32
 # The record's count of kept answers is a uint32; more than this many would only make records large.
 MAX_REPLAY_WINDOW = 256
 
@@ -69,6 +72,8 @@ class ServerConfig:
     reset_on_model_change: bool = False
     workers: int = 1
     metrics_port: int = 9464
+    # Triton's HTTP port: `tritonclient.http` and `perf_analyzer -i http` find it where they expect it.
+    http_port: int = 8000
     identity_model: bool = False
     log_level: str = "INFO"
     log_format: str = "json"
@@ -130,6 +135,12 @@ class ServerConfig:
         return min(round(self.max_connection_idle_s * 1000), 2**31 - 1)
 
     @property
+    def http_idle_s(self) -> float:
+        """aiohttp's keepalive_timeout for the HTTP port: --max-connection-idle-s, the gRPC port's, or for 0
+        (never) as long as gRPC's longest; aiohttp reads 0 as closing each connection after one answer."""
+        return self.max_connection_idle_ms / 1000 if self.max_connection_idle_s else (2**31 - 1) / 1000
+
+    @property
     def ended_ttl_ms(self) -> int:
         return int(self.ended_ttl_s * 1000)
 
@@ -143,6 +154,15 @@ class ServerConfig:
         receive = timesteps * input_features * 4 + overhead
         send = timesteps * output_size * 4 + overhead
         return receive, max(receive, send)
+
+    def http_body_limit(self, input_features: int) -> int:
+        """Largest HTTP request body accepted: the longest valid chunk spelt as JSON plus headroom, unless set.
+
+        One chunk per request (the REST API has no PredictBatch), so max_chunk_timesteps bounds it; a binary
+        tensor (Triton's extension) takes 4 bytes a value and fits the same bound."""
+        if self.max_message_bytes:
+            return self.max_message_bytes
+        return self.max_chunk_timesteps * input_features * JSON_BYTES_PER_VALUE + MESSAGE_HEADROOM_BYTES
 
     def warmup_lengths(self) -> tuple[int, ...]:
         lengths = tuple(int(part) for part in self.warmup_timesteps.split(",") if part.strip())
@@ -213,13 +233,18 @@ _HELP = {
     "reset_on_model_change": "reset slots written by another model instead of refusing them (the same as "
     "--on-retired-version reset)",
     "metrics_port": "Prometheus metrics over HTTP on this port, at /metrics (0: off; worker i uses port + i)",
+    "http_port": "HTTP/REST port beside the gRPC one, in the same process: KServe v2 as Triton serves it "
+    "(/v2/..., JSON and binary tensors, sequence parameters) and the native API as JSON (/v1/...); same TLS, API "
+    "keys, limits and drain (0: off; every worker of --workers shares it)",
     "workers": "server processes sharing the port (SO_REUSEPORT); each holds the model, none holds state",
     "identity_model": "benchmark ceiling: skip the model call (outputs copy inputs), keep every other step",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "log_format": "json (one object a line) or text",
     "max_message_bytes": "largest gRPC message accepted or sent (0: derived, the larger of max_chunk_timesteps "
     f"and max_batch_timesteps x features x 4 bytes + {MESSAGE_HEADROOM_BYTES // 1024} KiB + "
-    f"{BATCH_CHUNK_OVERHEAD_BYTES} bytes per max_batch_chunks); a larger one is refused with RESOURCE_EXHAUSTED",
+    f"{BATCH_CHUNK_OVERHEAD_BYTES} bytes per max_batch_chunks); a larger one is refused with RESOURCE_EXHAUSTED. "
+    "Also the largest HTTP body (0: derived, max_chunk_timesteps x features x "
+    f"{JSON_BYTES_PER_VALUE} bytes + {MESSAGE_HEADROOM_BYTES // 1024} KiB; larger: 413)",
     "max_concurrent_rpcs": "calls served at once, open streams included; more are refused with RESOURCE_EXHAUSTED",
     "max_queued_chunks": "chunks waiting for a batch; more are refused with RESOURCE_EXHAUSTED",
     "max_batch_chunks": "most chunks one PredictBatch message may carry; a larger message is refused whole with "
@@ -233,7 +258,8 @@ _HELP = {
     "http2_bdp_probe": "let gRPC grow HTTP/2 flow-control windows to the measured bandwidth-delay product: faster "
     "large transfers over long links, but each connection may then hold several MiB the server has not read",
     "max_connection_idle_s": "close a client connection that has had no call open for this many seconds (HTTP/2 "
-    "GOAWAY; clients reconnect on their next call, an open stream is never cut however quiet; 0: never)",
+    "GOAWAY; clients reconnect on their next call, an open stream is never cut however quiet; 0: never); on the "
+    "HTTP port too, where a request's headers must also arrive whole within it (slow clients)",
     "drain_delay_s": "on SIGTERM, health reads NOT_SERVING at once and calls are still served this long, so load "
     "balancers stop routing here; then new calls get UNAVAILABLE and open streams are ended",
     "shutdown_grace_s": "most seconds from SIGTERM to exit, drain delay included; accepted chunks are finished "
@@ -373,6 +399,8 @@ def _check(config: ServerConfig, parser: argparse.ArgumentParser) -> None:
         parser.error("--state-ttl-s and --ended-ttl-s must be positive")
     if not 0 <= config.port <= 65535:
         parser.error("--port must be between 0 and 65535")
+    if not 0 <= config.http_port <= 65535:
+        parser.error("--http-port must be between 0 (off) and 65535")
     _check_redis(config, parser)
     if config.max_message_bytes < 0:
         parser.error("--max-message-bytes must not be negative (0: derived from --max-chunk-timesteps)")

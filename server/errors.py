@@ -433,3 +433,40 @@ def unknown_model(name: str, version: str = "") -> ServiceError:
     """Triton's wording and code (NOT_FOUND), so clients that match on it keep working."""
     what = f"'{name}'" + (f" version {version}" if version else "")
     return ServiceError(grpc.StatusCode.NOT_FOUND, f"Request for unknown model: {what} is not found")
+
+
+# --- The HTTP/REST port's own errors (server/api/rest.py): a body that never became a request. ---
+# Nothing was applied for any of them: the body is read whole and converted before the data plane sees it.
+
+def body_too_large(limit: int) -> ServiceError:
+    """HTTP 413: the body passed the limit derived from the largest valid chunk (or --max-message-bytes)."""
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"body: larger than this server's limit of {limit} bytes (the longest valid chunk as JSON, or "
+        "--max-message-bytes); nothing was applied: send fewer timesteps per request",
+    )
+
+
+def body_unreadable(problem: str) -> ServiceError:
+    """The body ended early (a truncated upload) or could not be read; the request was not applied."""
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"body: {problem}; nothing was applied")
+
+
+def body_too_slow(seconds: float) -> ServiceError:
+    """HTTP 408: a client that sends its body slower than the request deadline holds no handler longer."""
+    return ServiceError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        f"body: not received within {seconds:g} s (--request-deadline-s); nothing was applied",
+    )
+
+
+def no_such_path(method: str, path: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.NOT_FOUND,
+        f"no such endpoint: {method} {path[:200]} (KServe v2 under /v2/, the native API under /v1/; README, "
+        "\"HTTP/REST\")",
+    )
+
+
+def method_not_allowed(method: str, path: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not served on {path[:200]}")

@@ -17,6 +17,9 @@ import pytest
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# lstm-serve processes that tests start by hand (not through ServerProcess, which picks a free HTTP port) would
+# all take the default --http-port 8000 and collide: off for them, unless a test says otherwise.
+os.environ.setdefault("LSTM_SERVE_HTTP_PORT", "0")
 
 from devkit.processes import RedisServer, ServerProcess
 from server.config import DEFAULT_MODEL

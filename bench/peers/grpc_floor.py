@@ -24,7 +24,7 @@ import grpc
 import numpy as np
 
 from server.api.streaming import StreamWindow
-from server.api.triton import add_triton_service
+from server.api.triton import TritonServicer, add_triton_service
 from server.config import DEFAULT_MODEL, ServerConfig
 from server.dataplane.plane import MODEL_ALIAS, ServedModel
 from server.dataplane.versions import ModelVersions, VersionStatus
@@ -83,10 +83,11 @@ async def serve(port: int) -> None:
     gc.collect()
     gc.freeze()
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    add_triton_service(server, AnswerAtOnce(runner, config.max_chunk_timesteps),  # type: ignore[arg-type]
-                       StreamWindow(config.stream_window, config.stream_window_bytes),
-                       max_batch_size=config.max_batch, max_queue_delay_us=config.max_delay_us,
-                       sequence_idle_us=config.state_ttl_us)
+    servicer = TritonServicer(AnswerAtOnce(runner, config.max_chunk_timesteps),  # type: ignore[arg-type]
+                              StreamWindow(config.stream_window, config.stream_window_bytes),
+                              max_batch_size=config.max_batch, max_queue_delay_us=config.max_delay_us,
+                              sequence_idle_us=config.state_ttl_us)
+    add_triton_service(server, servicer)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     stopped = asyncio.Event()

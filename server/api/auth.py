@@ -8,6 +8,9 @@ no keys); every other method, reflection and metadata included, needs a key. A m
 is refused with UNAUTHENTICATED before the handler runs, for unary and streaming calls alike; the
 key itself is never logged nor put into a message.
 
+The REST port (server/api/rest.py) reads the same header, `Authorization: Bearer <key>`, with
+`tenant_of_header`, and sets the same contextvar for the request; its health paths stay open too.
+
 A stream outlives reloads of the key file (server/api/security.py), so its key is checked again: each
 request it reads compares the key file's generation (server/security/tenants.py) with the one its key
 was last checked under, one integer comparison, and only when a reload came in between is the key
@@ -58,6 +61,18 @@ def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | No
         if key == AUTHORIZATION_KEY and isinstance(value, str) and value[: len(_SCHEME)].lower() == _SCHEME:
             return value[len(_SCHEME) :].strip() or None
     return None
+
+
+def tenant_of_header(authorization: str | None, tenants: Tenants) -> str:
+    """The tenant of an HTTP request's `Authorization: Bearer KEY` header; raises UNAUTHENTICATED as the
+    interceptor answers a gRPC call (server/api/rest.py sets TENANT from it for the request)."""
+    key = bearer_token(None if authorization is None else [(AUTHORIZATION_KEY, authorization)])
+    if key is None:
+        raise missing_api_key()
+    tenant = tenants.tenant_of(key)
+    if tenant is None:
+        raise unknown_api_key()
+    return tenant
 
 
 def _refusal(handler: grpc.RpcMethodHandler | None, error: ServiceError) -> grpc.RpcMethodHandler:

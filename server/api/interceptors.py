@@ -53,11 +53,16 @@ class Drain:
     """The shutdown's state as the edge sees it: refusing new work, and how much is still running."""
 
     def __init__(self) -> None:
+        self.stopping = False  # SIGTERM came: health reads NOT_SERVING (HTTP's ready too), calls still served
         self.refusing = False
         self.calls = 0  # gated calls in flight (inference and streams; not health or reflection)
         self._idle = asyncio.Event()
         self._idle.set()
         self._readers: set[_StreamReader] = set()
+
+    def announce(self) -> None:
+        """The shutdown began: readiness turns false while calls are still served (the drain delay)."""
+        self.stopping = True
 
     def refuse(self) -> None:
         """From now on new calls are refused and open streams stop reading (they finish and end)."""
@@ -71,11 +76,12 @@ class Drain:
                 await self._idle.wait()
         return self._idle.is_set()
 
-    def _enter(self) -> None:
+    def enter(self) -> None:
+        """A gated call starts (either protocol edge: gRPC here, HTTP in server/api/rest.py)."""
         self.calls += 1
         self._idle.clear()
 
-    def _leave(self) -> None:
+    def leave(self) -> None:
         self.calls -= 1
         if self.calls == 0:
             self._idle.set()
@@ -195,7 +201,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             code = grpc.StatusCode.OK
             in_flight.inc()
             if gated:
-                drain._enter()
+                drain.enter()
             try:
                 if gated and drain.refusing:
                     error = draining()
@@ -213,7 +219,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                 raise
             finally:
                 if gated:
-                    drain._leave()
+                    drain.leave()
                 in_flight.dec()
                 requests.labels(protocol, method, code.name).inc()
                 seconds.observe(time.perf_counter() - started)
@@ -234,7 +240,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             open_streams.inc()
             in_flight.inc()
             if gated:
-                drain._enter()
+                drain.enter()
                 drain._readers.add(reader)
             try:
                 if gated and drain.refusing:
@@ -270,7 +276,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
                 if gated:
                     reader.close()
                     drain._readers.discard(reader)
-                    drain._leave()
+                    drain.leave()
                 in_flight.dec()
                 open_streams.dec()
                 metrics.STREAMS.labels(protocol, method, code.name).inc()

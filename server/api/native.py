@@ -1,4 +1,7 @@
-"""The native API, `lstm_stream.v1.StreamInference`: protobuf in, DataPlane, protobuf out."""
+"""The native API, `lstm_stream.v1.StreamInference`: protobuf in, DataPlane, protobuf out.
+
+The unary RPCs are a line each over methods that need no gRPC context (tenant and time left passed in), which
+the REST edge (server/api/rest.py) calls too: the native API as JSON has the same rules by construction."""
 
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
         self.window = window
         self.batch_limits = batch_limits
 
-    def _chunk(self, request: pb.PredictRequest) -> Chunk:
+    def _chunk(self, request: pb.PredictRequest, tenant: str) -> Chunk:
         served = self.dataplane.served(request.model)
         return make_chunk(
             stream_id=request.stream_id,
@@ -56,7 +59,7 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
             reset=request.reset,
             end=request.end,
             request_id=request.request_id,
-            tenant=TENANT.get(),
+            tenant=tenant,
         )
 
     def _shapes(self, name: str) -> tuple[str, int]:
@@ -79,15 +82,21 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
         set_migration(response, prediction)
         return response
 
+    async def predict(self, request: pb.PredictRequest, tenant: str,
+                      time_remaining: float | None = None) -> pb.PredictResponse:
+        return self._response(await self.dataplane.predict(self._chunk(request, tenant), time_remaining))
+
     @unary_errors
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
-        return self._response(await self.dataplane.predict(self._chunk(request), context.time_remaining()))
+        return await self.predict(request, TENANT.get(), context.time_remaining())
 
     async def PredictStream(
         self, requests: AsyncIterator[pb.PredictRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.PredictResponse]:
+        tenant = TENANT.get()  # set for the whole call by the API-key interceptor
+
         def start(request: pb.PredictRequest) -> asyncio.Future[Prediction]:
-            return self.dataplane.submit(self._chunk(request), context.time_remaining())
+            return self.dataplane.submit(self._chunk(request, tenant), context.time_remaining())
 
         async def finish(answer: asyncio.Future[Prediction]) -> pb.PredictResponse:
             return self._response(await answer)
@@ -150,19 +159,23 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
         ):
             yield response
 
-    @unary_errors
-    async def ResetStream(
-        self, request: pb.ResetStreamRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ResetStreamResponse:
+    async def reset_stream(self, request: pb.ResetStreamRequest, tenant: str,
+                           time_remaining: float | None = None) -> pb.ResetStreamResponse:
         existed = await self.dataplane.reset_stream(
-            check_stream_id(request.stream_id), context.time_remaining(), TENANT.get(), request.model
+            check_stream_id(request.stream_id), time_remaining, tenant, request.model
         )
         return pb.ResetStreamResponse(existed=existed)
 
     @unary_errors
-    async def GetStream(self, request: pb.GetStreamRequest, context: grpc.aio.ServicerContext) -> pb.StreamInfo:
+    async def ResetStream(
+        self, request: pb.ResetStreamRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ResetStreamResponse:
+        return await self.reset_stream(request, TENANT.get(), context.time_remaining())
+
+    async def get_stream(self, request: pb.GetStreamRequest, tenant: str,
+                         time_remaining: float | None = None) -> pb.StreamInfo:
         status = await self.dataplane.stream_status(
-            check_stream_id(request.stream_id), context.time_remaining(), TENANT.get(), request.model
+            check_stream_id(request.stream_id), time_remaining, tenant, request.model
         )
         return pb.StreamInfo(
             stream_id=status.stream_id,
@@ -174,6 +187,10 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
             model=status.model,
             model_version=status.model_version,
         )
+
+    @unary_errors
+    async def GetStream(self, request: pb.GetStreamRequest, context: grpc.aio.ServicerContext) -> pb.StreamInfo:
+        return await self.get_stream(request, TENANT.get(), context.time_remaining())
 
     @unary_errors
     async def GetStreamState(self, request: pb.GetStreamStateRequest, context: grpc.aio.ServicerContext
@@ -191,8 +208,7 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
         )
         return pb.SetStreamStateResponse(offset=offset, model_version=version)
 
-    @unary_errors
-    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+    def model_info(self, request: pb.GetModelRequest) -> pb.ModelInfo:
         served = self.dataplane.served(request.name)
         number, model = served.describe(request.version)
         return pb.ModelInfo(
@@ -212,6 +228,10 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
             max_batch_timesteps=self.batch_limits.timesteps,
             version=number,
         )
+
+    @unary_errors
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        return self.model_info(request)
 
     @unary_errors
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 
 import grpc
 
@@ -49,6 +50,10 @@ class Security:
         if self.tls is None:
             return server.add_insecure_port(address)
         return server.add_secure_port(address, self.tls.credentials())
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """For the HTTP/REST port: None without TLS, else the same files (and reloads) as the gRPC port."""
+        return self.tls.ssl_context() if self.tls else None
 
     def describe(self) -> dict[str, object]:
         """For the start-up log line: what is on, never a secret."""

@@ -1,7 +1,9 @@
 """The KServe v2 / Triton protocol, `inference.GRPCInferenceService`: protobuf in, DataPlane, protobuf out.
 
 The RPCs live here; converting messages to and from the server's types is server/api/triton_convert.py,
-the counters behind ModelStatistics server/api/triton_statistics.py.
+the counters behind ModelStatistics server/api/triton_statistics.py. Each RPC is a line over a method that
+needs no gRPC context (the caller's tenant and time left are passed in), so the REST edge (server/api/rest.py)
+serves KServe v2 over HTTP through the same methods, the same rules and the same statistics.
 
 Triton's sequence parameters map onto streams (docs/triton.md says this for users):
 
@@ -43,6 +45,7 @@ from server.api.triton_convert import (
     SERVER_NAME,
     model_config,
     model_metadata,
+    request_timeout_s,
     to_chunk,
     to_response,
     to_stream_error,
@@ -76,6 +79,8 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, dataplane: DataPlane, window: StreamWindow, *, max_batch_size: int, max_queue_delay_us: int,
         sequence_idle_us: int,
     ) -> None:
+        """The keyword arguments only feed what ModelConfig reports, and the caller passes the configuration's
+        values (`--max-batch`, `--max-delay-ms`, `--state-ttl-s`): the defaults live in server/config.py alone."""
         self.dataplane = dataplane
         self.window = window
         self.max_batch_size = max_batch_size
@@ -106,15 +111,18 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # The inference path, shared by ModelInfer and ModelStreamInfer.
 
-    def _submit(self, request: pb.ModelInferRequest, time_remaining: float | None = None) -> _Submitted:
+    def _submit(self, request: pb.ModelInferRequest, tenant: str, time_remaining: float | None = None) -> _Submitted:
         """Validate and hand to the data plane now, so a stream's chunks reach the batcher in order."""
         served, version = self._model(request.model_name, request.model_version)
-        started_ns, times, batched, tenant = time.monotonic_ns(), StageTimes(), False, TENANT.get()
+        started_ns, times, batched = time.monotonic_ns(), StageTimes(), False
         try:
             chunk, batched = to_chunk(
                 request, served.description, self.dataplane.max_chunk_timesteps, tenant, times,
                 model_name=served.name, model_version=version,
             )
+            # Triton's `timeout` parameter shortens the call's deadline, over gRPC and HTTP alike.
+            if (timeout_s := request_timeout_s(request.parameters)) is not None:
+                time_remaining = timeout_s if time_remaining is None else min(time_remaining, timeout_s)
             times.queued = time.monotonic_ns()
             answer = self.dataplane.submit(chunk, time_remaining)
         except Exception as exc:  # a bad request: its failure is delivered like the data plane's
@@ -132,9 +140,13 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
         statistics.record_success(submitted.started_ns, submitted.times)
         return to_response(submitted.request, prediction, submitted.batched, submitted.model)
 
+    async def infer(self, request: pb.ModelInferRequest, tenant: str,
+                    time_remaining: float | None = None) -> pb.ModelInferResponse:
+        return await self._finish(self._submit(request, tenant, time_remaining))
+
     @unary_errors
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
-        return await self._finish(self._submit(request, context.time_remaining()))
+        return await self.infer(request, TENANT.get(), context.time_remaining())
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: Context
@@ -142,8 +154,10 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def finish(submitted: _Submitted) -> pb.ModelStreamInferResponse:
             return pb.ModelStreamInferResponse(infer_response=await self._finish(submitted))
 
+        tenant = TENANT.get()  # set for the whole call by the API-key interceptor
+
         def start(request: pb.ModelInferRequest) -> _Submitted:
-            return self._submit(request, context.time_remaining())
+            return self._submit(request, tenant, context.time_remaining())
 
         def abandon(unanswered: list[_Submitted]) -> None:
             self.dataplane.abandon([submitted.answer for submitted in unanswered])
@@ -151,7 +165,42 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
         async for response in answer_in_order(requests, start, finish, to_stream_error, abandon, self.window):
             yield response
 
-    # Health, metadata, configuration, statistics.
+    # Health, metadata, configuration, statistics: what each answers, then the RPCs over them.
+
+    def server_metadata(self) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=EXTENSIONS)
+
+    def model_ready(self, name: str, version: str) -> bool:
+        # Triton answers an unknown model with ready = false, not with an error.
+        return self._is_model(name, version)
+
+    def model_metadata(self, name: str, version: str) -> pb.ModelMetadataResponse:
+        served, number = self._model(name, version)
+        description = served.describe(number)[1]
+        return model_metadata(served.name, [number] if number else served.versions.ready_numbers(), description)
+
+    def model_config(self, name: str, version: str) -> pb.ModelConfigResponse:
+        served, number = self._model(name, version)
+        config = model_config(
+            served.name, served.describe(number)[1], self.dataplane.max_chunk_timesteps,
+            max_batch_size=self.max_batch_size,
+            max_queue_delay_us=self.max_queue_delay_us, sequence_idle_us=self.sequence_idle_us,
+        )
+        return pb.ModelConfigResponse(config=config)
+
+    def model_statistics(self, name: str, version: str, tenant: str) -> pb.ModelStatisticsResponse:
+        if name:
+            served, _ = self._model(name, version)
+            # Under the name asked for, as Triton answers: perf_analyzer -m default looks its statistics up by it.
+            named = [(name, served)]
+        else:  # every model
+            named = [(model, self.dataplane.served(model)) for model in self.dataplane.model_names()]
+        # With API keys, the caller's tenant's own requests only (invariant 13).
+        return pb.ModelStatisticsResponse(model_stats=[
+            self.statistics.of(_statistics_key(tenant, served.name)).message(
+                model, version or str(max(served.versions.ready_numbers(), default=0)))
+            for model, served in named
+        ])
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -164,71 +213,45 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=True)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
-        # Triton answers an unknown model with ready = false, not with an error.
-        return pb.ModelReadyResponse(ready=self._is_model(request.name, request.version))
+        return pb.ModelReadyResponse(ready=self.model_ready(request.name, request.version))
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: Context
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=EXTENSIONS)
+        return self.server_metadata()
 
     @unary_errors
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Context
     ) -> pb.ModelMetadataResponse:
-        served, number = self._model(request.name, request.version)
-        description = served.describe(number)[1]
-        return model_metadata(served.name, [number] if number else served.versions.ready_numbers(), description)
+        return self.model_metadata(request.name, request.version)
 
     @unary_errors
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
-        served, number = self._model(request.name, request.version)
-        config = model_config(
-            served.name, served.describe(number)[1], self.dataplane.max_chunk_timesteps,
-            max_batch_size=self.max_batch_size,
-            max_queue_delay_us=self.max_queue_delay_us, sequence_idle_us=self.sequence_idle_us,
-        )
-        return pb.ModelConfigResponse(config=config)
+        return self.model_config(request.name, request.version)
 
     @unary_errors
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: Context
     ) -> pb.ModelStatisticsResponse:
-        if request.name:
-            served, _ = self._model(request.name, request.version)
-            # Under the name asked for, as Triton answers: perf_analyzer -m default looks its statistics up by it.
-            named = [(request.name, served)]
-        else:  # every model
-            named = [(name, self.dataplane.served(name)) for name in self.dataplane.model_names()]
-        # With API keys, the caller's tenant's own requests only (invariant 13).
-        return pb.ModelStatisticsResponse(model_stats=[
-            self.statistics.of(_statistics_key(TENANT.get(), served.name)).message(
-                name, request.version or str(max(served.versions.ready_numbers(), default=0)))
-            for name, served in named
-        ])
+        return self.model_statistics(request.name, request.version, TENANT.get())
 
     # Triton's model repository extension.
 
-    @unary_errors
-    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context
-                              ) -> pb.RepositoryIndexResponse:
+    def repository_index(self, ready_only: bool) -> pb.RepositoryIndexResponse:
         index = pb.RepositoryIndexResponse.ModelIndex
         return pb.RepositoryIndexResponse(models=[
             index(name=row.model, version=str(row.number), state=row.state, reason=row.reason)
-            for row in self.dataplane.version_status() if not request.ready or row.state == "READY"
+            for row in self.dataplane.version_status() if not ready_only or row.state == "READY"
         ])
 
-    @unary_errors
-    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: Context
-                                  ) -> pb.RepositoryModelLoadResponse:
+    async def repository_load(self, request: pb.RepositoryModelLoadRequest) -> None:
         if self.dataplane.control is None:
             raise no_model_repository()
         await self.dataplane.control.load(request.model_name)
-        return pb.RepositoryModelLoadResponse()
 
-    @unary_errors
-    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: Context
-                                    ) -> pb.RepositoryModelUnloadResponse:
+    async def repository_unload(self, request: pb.RepositoryModelUnloadRequest) -> None:
+        """Every version of the model, or the one named by the parameter `version`."""
         if self.dataplane.control is None:
             raise no_model_repository()
         version = 0
@@ -237,6 +260,22 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
             if version < 1:
                 raise invalid_argument("parameters.version", "must be an int64_param of at least 1")
         await self.dataplane.control.unload(request.model_name, version)
+
+    @unary_errors
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context
+                              ) -> pb.RepositoryIndexResponse:
+        return self.repository_index(request.ready)
+
+    @unary_errors
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: Context
+                                  ) -> pb.RepositoryModelLoadResponse:
+        await self.repository_load(request)
+        return pb.RepositoryModelLoadResponse()
+
+    @unary_errors
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: Context
+                                    ) -> pb.RepositoryModelUnloadResponse:
+        await self.repository_unload(request)
         return pb.RepositoryModelUnloadResponse()
 
 
@@ -244,26 +283,7 @@ def _statistics_key(tenant: str, model: str) -> str:
     return f"{tenant}\0{model}"  # neither a tenant name nor a model name has a NUL
 
 
-def add_triton_service(
-    server: grpc.aio.Server,
-    dataplane: DataPlane,
-    window: StreamWindow,
-    *,
-    max_batch_size: int,
-    max_queue_delay_us: int,
-    sequence_idle_us: int,
-) -> str:
-    """Serve the Triton protocol on `server` next to the native API; returns the full service name.
-
-    The keyword arguments only feed what ModelConfig reports, and the caller passes the configuration's
-    values (`--max-batch`, `--max-delay-ms`, `--state-ttl-s`): the defaults live in server/config.py alone.
-    """
-    servicer = TritonServicer(
-        dataplane,
-        window,
-        max_batch_size=max_batch_size,
-        max_queue_delay_us=max_queue_delay_us,
-        sequence_idle_us=sequence_idle_us,
-    )
+def add_triton_service(server: grpc.aio.Server, servicer: TritonServicer) -> str:
+    """Serve the Triton protocol on `server` next to the native API; returns the full service name."""
     add_servicer(pb_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, server)
     return pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name

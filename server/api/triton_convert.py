@@ -88,6 +88,22 @@ def _start_offset(parameters: Mapping[str, pb.InferParameter], reset: bool) -> i
     return value
 
 
+def request_timeout_s(parameters: Mapping[str, pb.InferParameter]) -> float | None:
+    """Triton's `timeout` parameter (microseconds; tritonclient's `infer(timeout=...)`), in seconds: the request's
+    own deadline, at most the call's; None when absent or 0 (no limit of its own, as Triton reads 0)."""
+    field_name = "parameters.timeout"
+    if "timeout" not in parameters:
+        return None
+    parameter = parameters["timeout"]
+    kind = parameter.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param"):
+        raise invalid_argument(field_name, f"is a {kind}; expected int64_param (microseconds)")
+    value = int(getattr(parameter, kind))
+    if value < 0:
+        raise invalid_argument(field_name, f"is {value}; microseconds are at least 0 (0: no timeout)")
+    return value / 1e6 if value else None
+
+
 # --- tensors -----------------------------------------------------------------------------------------
 
 def _values(request: pb.ModelInferRequest, features: int, max_timesteps: int) -> tuple[np.ndarray, bool]:

@@ -23,9 +23,10 @@ from server.api.batch_convert import BatchLimits
 from server.api.interceptors import Drain, EdgeInterceptor
 from server.api.malformed import add_servicer
 from server.api.native import StreamInferenceServicer
+from server.api.rest import RestApi
 from server.api.security import Security
 from server.api.streaming import StreamWindow
-from server.api.triton import add_triton_service
+from server.api.triton import TritonServicer, add_triton_service
 from server.app.models import RepositoryModels, load_runner
 from server.app.redis_health import RedisHealth
 from server.config import ServerConfig
@@ -59,6 +60,7 @@ class BuiltServer:
     security: Security
     redis_mode: str
     repository: RepositoryModels | None = None  # with --model-repository: polls it until stopped
+    rest: RestApi | None = None  # the HTTP/REST port's routes (--http-port; None: off), started by run.py
 
 
 async def build_server(config: ServerConfig, worker_of: tuple[int, int] | None) -> BuiltServer:
@@ -121,11 +123,12 @@ async def build_server(config: ServerConfig, worker_of: tuple[int, int] | None) 
     native = StreamInferenceServicer(dataplane, window, batch_limits)
     add_servicer(stream_pb2_grpc.add_StreamInferenceServicer_to_server, native, server)
     # The Triton / KServe v2 protocol on the same port, over the same data plane.
-    triton_service = add_triton_service(
-        server, dataplane, window,
+    triton = TritonServicer(
+        dataplane, window,
         max_batch_size=config.max_batch, max_queue_delay_us=config.max_delay_us,
         sequence_idle_us=config.state_ttl_us,
     )
+    triton_service = add_triton_service(server, triton)
     inference_services = [stream_pb2.DESCRIPTOR.services_by_name["StreamInference"].full_name, triton_service]
     reflection.enable_server_reflection(
         [*inference_services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
@@ -135,8 +138,13 @@ async def build_server(config: ServerConfig, worker_of: tuple[int, int] | None) 
         port = security.add_port(server, config.address)
     except RuntimeError as exc:  # grpc raises this when the address is taken or invalid
         raise StartupError(f"cannot listen on {config.address}: {exc}; is another server running there?") from exc
-    return BuiltServer(server, port, dataplane, health, RedisHealth(dataplane.store, health, inference_services), drain,
-                       security, topology.mode, repository)
+    redis_health = RedisHealth(dataplane.store, health, inference_services)
+    # The HTTP/REST port over the same servicers (their rules, their statistics), the same drain and keys.
+    rest = RestApi(
+        triton, native, drain, security.tenants, lambda: redis_health.up,
+        body_limit=config.http_body_limit(max(f for f, _ in shapes)), body_timeout_s=config.request_deadline_s,
+    ) if config.http_port else None
+    return BuiltServer(server, port, dataplane, health, redis_health, drain, security, topology.mode, repository, rest)
 
 
 def _fits(config: ServerConfig, limits: tuple[int, int], features: int, outputs: int) -> str | None:

@@ -30,6 +30,11 @@ class RedisHealth:
         self._services = ("", *services)  # "": the server as a whole
         self._up: bool | None = None  # the last answer, once there is one
 
+    @property
+    def up(self) -> bool:
+        """Whether Redis answered the last ping (the HTTP port's /v2/health/ready reads it)."""
+        return bool(self._up)
+
     async def check(self) -> None:
         """Ping Redis once; on a change, set every service's health and log it (not the first answer)."""
         started = time.perf_counter()

@@ -10,7 +10,10 @@ import os
 import resource
 import signal
 
+from aiohttp import web
+
 from server import metrics
+from server.api.rest import start_rest
 from server.app.build import BuiltServer, build_server
 from server.config import ServerConfig
 from server.errors import StartupError
@@ -48,7 +51,9 @@ async def run_until_signalled(built: BuiltServer, config: ServerConfig, worker_o
         except OSError as exc:
             raise StartupError(f"cannot serve metrics on {config.metrics_host}:{metrics_port}: {exc}; "
                                "choose another --metrics-port, or 0 to turn metrics off") from exc
+    http = await _start_http(built, config, worker_of)
     log.info("serving", extra={"fields": {"address": f"{config.host}:{built.port}", "port": built.port,
+                                          "http_port": config.http_port if http else None,
                                           "redis": redact_url(config.redis_url), "redis_mode": built.redis_mode,
                                           **built.security.describe(),
                                           "worker": "/".join(map(str, worker_of)) if worker_of else None}})
@@ -68,13 +73,28 @@ async def run_until_signalled(built: BuiltServer, config: ServerConfig, worker_o
     await stopping.wait()
     if security_watch:
         security_watch.cancel()
-    await _drain(config, built, tracker, hurry)
+    await _drain(config, built, tracker, hurry, http)
     if built.repository is not None:
         await built.repository.stop()
     await built.dataplane.stop()
 
 
-async def _drain(config: ServerConfig, built: BuiltServer, tracker: asyncio.Task, hurry: asyncio.Event) -> None:
+async def _start_http(built: BuiltServer, config: ServerConfig, worker_of: tuple[int, int] | None
+                      ) -> web.AppRunner | None:
+    """The HTTP/REST port, in this loop beside gRPC (every worker of --workers shares it, as the gRPC port)."""
+    if built.rest is None:
+        return None
+    try:
+        return await start_rest(built.rest, config.host, config.http_port, built.security.ssl_context(),
+                                shared_port=worker_of is not None, shutdown_timeout_s=STOP_MARGIN_S,
+                                idle_s=config.http_idle_s)
+    except OSError as exc:
+        raise StartupError(f"cannot serve HTTP on {config.host}:{config.http_port}: {exc}; choose another "
+                           "--http-port, or 0 to turn HTTP off") from exc
+
+
+async def _drain(config: ServerConfig, built: BuiltServer, tracker: asyncio.Task, hurry: asyncio.Event,
+                 http: web.AppRunner | None) -> None:
     """SIGTERM: tell the load balancer (health NOT_SERVING, port still open), keep serving for the drain
     delay while it takes this replica out, then refuse new calls (UNAVAILABLE, retryable), let accepted
     chunks finish and be answered, end open streams UNAVAILABLE, and close the port, all within the grace.
@@ -83,6 +103,7 @@ async def _drain(config: ServerConfig, built: BuiltServer, tracker: asyncio.Task
     loop = asyncio.get_running_loop()
     deadline = loop.time() + config.shutdown_grace_s
     await built.health.enter_graceful_shutdown()  # every service name at once, and later sets are ignored
+    drain.announce()  # the HTTP port's /v2/health/ready reads 503 from now on
     metrics.READY.set(0)
     log.info("draining: health is NOT_SERVING; still serving while load balancers take this replica out",
              extra={"fields": {"drain_delay_s": config.drain_delay_s, "shutdown_grace_s": config.shutdown_grace_s}})
@@ -97,7 +118,11 @@ async def _drain(config: ServerConfig, built: BuiltServer, tracker: asyncio.Task
     if not await drain.wait_idle(deadline - loop.time() - STOP_MARGIN_S):
         log.warning("the shutdown grace ran out; cancelling the calls still running",
                     extra={"fields": {"calls_in_flight": drain.calls, "shutdown_grace_s": config.shutdown_grace_s}})
-    await built.server.stop(max(0.0, min(STOP_MARGIN_S, deadline - loop.time())))
+    grace = max(0.0, min(STOP_MARGIN_S, deadline - loop.time()))
+    if http is not None:
+        await asyncio.gather(built.server.stop(grace), http.cleanup())
+    else:
+        await built.server.stop(grace)
 
 
 def raise_fd_limit() -> int | None:

@@ -85,7 +85,7 @@ def test_the_image_runs_lstm_serve_as_a_numeric_user_with_its_own_health_check()
     config = server_config({key: value for key, value in env.items() if key.startswith(ENV_PREFIX)})
     assert config.host == "0.0.0.0" and config.redis_autostart is False
     exposed = {int(port) for op, arg in final if op == "EXPOSE" for port in arg.split()}
-    assert exposed == {config.port, config.metrics_port}
+    assert exposed == {config.port, config.metrics_port, config.http_port}
     (health,) = [arg for op, arg in final if op == "HEALTHCHECK"]
     assert health.split("CMD", 1)[1].strip() == '["python", "-m", "server.healthcheck"]'
     assert ("ENTRYPOINT", '["lstm-serve"]') in final
@@ -120,7 +120,7 @@ def test_compose_replicas_are_configured_only_through_options_the_server_has(com
     redis_url = urlparse(config.redis_url)
     assert redis_url.hostname == "redis" and (redis_url.port or 6379) == 6379
     assert server["depends_on"]["redis"]["condition"] == "service_healthy"
-    assert {int(port) for port in server["expose"]} == {config.port, config.metrics_port}
+    assert {int(port) for port in server["expose"]} == {config.port, config.metrics_port, config.http_port}
     assert server["healthcheck"]["test"] == ["CMD", "python", "-m", "server.healthcheck"]
     assert local_address({k: str(v) for k, v in server["environment"].items()}) == f"127.0.0.1:{config.port}"
     # Docker's SIGKILL must come after the server's own shutdown grace, and the drain delay must outlast
@@ -129,21 +129,24 @@ def test_compose_replicas_are_configured_only_through_options_the_server_has(com
     assert config.drain_delay_s > envoy_detection_s()
 
 
-def test_compose_envoy_publishes_only_the_grpc_port_and_reaches_every_replica(
+def test_compose_envoy_publishes_only_the_grpc_and_http_ports_and_reaches_every_replica(
     compose: dict[str, Any], envoy: dict[str, Any]
 ) -> None:
     services = compose["services"]
     published = {name: service["ports"] for name, service in services.items()
                  if service.get("ports") and not service.get("profiles")}
-    assert published == {"envoy": ["127.0.0.1:50051:50051"]}
+    assert published == {"envoy": ["127.0.0.1:50051:50051", "127.0.0.1:8000:8000"]}
     assert services["envoy"]["image"].startswith("envoyproxy/envoy:")
     assert "./deploy/envoy.yaml:/etc/envoy/envoy.yaml:ro" in services["envoy"]["volumes"]
     config = server_config(services["server"]["environment"])
 
-    (listener,) = envoy["static_resources"]["listeners"]
+    listeners = {item["name"]: item for item in envoy["static_resources"]["listeners"]}
+    clusters = {item["name"]: item for item in envoy["static_resources"]["clusters"]}
+    assert set(listeners) == {"grpc", "http"} and set(clusters) == {"lstm_serve", "lstm_serve_http"}
+    listener = listeners["grpc"]
     assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 50051}
     assert envoy["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
-    (cluster,) = envoy["static_resources"]["clusters"]
+    cluster = clusters["lstm_serve"]
     assert cluster["type"] == "STRICT_DNS", "LOGICAL_DNS would use one replica's address only"
     (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
     assert endpoint["endpoint"]["address"]["socket_address"] == {"address": "server", "port_value": config.port}
@@ -158,6 +161,24 @@ def test_compose_envoy_publishes_only_the_grpc_port_and_reaches_every_replica(
     (route,) = manager["route_config"]["virtual_hosts"][0]["routes"]
     assert route["route"]["timeout"] == "0s", "a route timeout would cut every long-lived stream"
     assert set(route["route"]["retry_policy"]["retry_on"].split(",")) <= SAFE_RETRY_ON
+
+    # HTTP/REST: HTTP/1.1 or HTTP/2 from clients, HTTP/1.1 to every replica's --http-port, health from /v2/health/ready.
+    http_listener, http_cluster = listeners["http"], clusters["lstm_serve_http"]
+    assert http_listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": config.http_port}
+    http_manager = http_listener["filter_chains"][0]["filters"][0]["typed_config"]
+    assert http_manager["codec_type"] == "AUTO"
+    (http_route,) = http_manager["route_config"]["virtual_hosts"][0]["routes"]
+    assert http_route["route"]["cluster"] == "lstm_serve_http"
+    assert set(http_route["route"]["retry_policy"]["retry_on"].split(",")) <= SAFE_RETRY_ON
+    assert http_cluster["type"] == "STRICT_DNS"
+    (http_endpoint,) = http_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert http_endpoint["endpoint"]["address"]["socket_address"] == {"address": "server",
+                                                                      "port_value": config.http_port}
+    http_options = http_cluster["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert "http_protocol_options" in http_options["explicit_http_config"]
+    (http_health,) = http_cluster["health_checks"]
+    assert http_health["http_health_check"]["path"] == "/v2/health/ready"
 
 
 def published_host_ips(port: str | dict[str, Any]) -> list[str | None]:
@@ -233,7 +254,7 @@ def test_k8s_manifests_map_the_same_pieces(envoy: dict[str, Any], tmp_path: Path
     (container,) = pod["containers"]
     config = server_config({item["name"]: item["value"] for item in container["env"]})
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-    assert ports == {"grpc": config.port, "metrics": config.metrics_port}
+    assert ports == {"grpc": config.port, "http": config.http_port, "metrics": config.metrics_port}
     assert container["readinessProbe"]["grpc"]["port"] == config.port
     assert container["startupProbe"]["grpc"]["port"] == config.port
     assert pod["securityContext"]["runAsUser"] == 10001
@@ -249,16 +270,16 @@ def test_k8s_manifests_map_the_same_pieces(envoy: dict[str, Any], tmp_path: Path
     # Envoy's ConfigMap is deploy/envoy.yaml with the upstream name changed to the headless Service.
     in_cluster = yaml.safe_load(documents[("ConfigMap", "envoy")]["data"]["envoy.yaml"])
     expected = yaml.safe_load((ROOT / "deploy" / "envoy.yaml").read_text())
-    address = expected["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"][0][
-        "endpoint"]["address"]["socket_address"]
-    address["address"] = headless["metadata"]["name"]
+    for cluster in expected["static_resources"]["clusters"]:
+        address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+        address["address"] = headless["metadata"]["name"]
     assert in_cluster == expected
     (tmp_path / "envoy.yaml").write_text(documents[("ConfigMap", "envoy")]["data"]["envoy.yaml"])
     result = subprocess.run([str(TOOLS / "envoy"), "--mode", "validate", "-c", str(tmp_path / "envoy.yaml")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     public = documents[("Service", "lstm-serve")]
-    assert public["spec"]["ports"][0]["port"] == 50051
+    assert [port["port"] for port in public["spec"]["ports"]] == [50051, config.http_port]
 
 
 def test_dockerignore_keeps_environments_caches_and_test_output_out_and_the_package_in() -> None:

@@ -2,8 +2,10 @@
 
 A client connection with no call open gets HTTP/2 GOAWAY and is closed after `--max-connection-idle-s`, so a
 flood of connections that only sent the HTTP/2 preface cannot hold the server's file descriptors until they
-run out; a call that stays open, however quiet, keeps its connection. One server for the module, with a
-2-second limit; every wait is a poll with a deadline for the server to act, never a timing.
+run out; a call that stays open, however quiet, keeps its connection. The HTTP/REST port closes the same
+connections after the same limit: silent ones, idle keep-alive ones, and slow clients (slowloris) whose request
+headers are not whole by then, however they trickle. One server for the module, with a 2-second limit; every
+wait is a poll with a deadline for the server to act, never a timing.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import resource
 import selectors
 import socket
 import threading
+import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 
@@ -106,6 +110,8 @@ def open_fds(pid: int) -> int:
 def test_the_flag_is_checked() -> None:
     assert load_config([]).max_connection_idle_s > 0, "idle connections are closed by default"
     assert load_config(["--max-connection-idle-s", "0"]).max_connection_idle_s == 0  # never
+    # ... on the HTTP port too: aiohttp would read a keep-alive timeout of 0 as one answer per connection.
+    assert load_config(["--max-connection-idle-s", "0"]).http_idle_s > 86_400
     for bad in ("-1", "nan", "inf", "0.0001"):
         with pytest.raises(SystemExit):
             load_config(["--max-connection-idle-s", bad])
@@ -194,3 +200,66 @@ def test_a_quiet_open_stream_keeps_its_connection_and_an_idle_one_reconnects(idl
     finally:
         second.set()
         channel.close()
+
+
+class RawHttp:
+    """A TCP connection to the HTTP port that sends `head` and then nothing, or a byte of `trickle` per poll."""
+
+    def __init__(self, port: int, head: bytes, trickle: bytes = b"") -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.sock.sendall(head)
+        self.sock.setblocking(False)
+        self.trickle, self.received, self.closed = trickle, b"", False
+
+    def poll(self) -> bool:
+        """Read what arrived and send one more byte; True once the server closed its end."""
+        try:
+            while data := self.sock.recv(65536):
+                self.received += data
+            self.closed = True
+        except BlockingIOError:
+            if self.trickle:
+                try:
+                    self.sock.send(self.trickle[:1])
+                    self.trickle = self.trickle[1:]
+                except OSError:  # reset by the server
+                    self.closed = True
+        except ConnectionResetError:
+            self.closed = True
+        return self.closed
+
+
+HALF_HEAD = b"POST /v2/models/default/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le"
+
+
+def test_silent_slow_and_idle_http_connections_are_closed_while_a_client_is_served(idle_server: ServerProcess
+                                                                                   ) -> None:
+    port = idle_server.http_port
+    # An idle keep-alive connection: one request answered, then nothing.
+    kept = RawHttp(port, b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    slow = [
+        RawHttp(port, b""),  # connects and sends nothing
+        RawHttp(port, HALF_HEAD),  # half a header, then stalls
+        # Slowloris: a byte of a header now and then, never the blank line, far longer than the limit at one a
+        # poll; bytes of a head not yet whole do not restart the idle limit.
+        RawHttp(port, HALF_HEAD, trickle=b"ngth: 4\r\n" + b"X-Slow: " + b"a" * 100_000),
+    ]
+    connections = [kept, *slow]
+    served = 0
+
+    def all_closed() -> bool:
+        nonlocal served
+        time.sleep(0.05)  # the slowloris's pace: a byte per poll
+        with urllib.request.urlopen(f"{idle_server.http_url}/v2/health/ready", timeout=10) as answer:
+            served += answer.status == 200  # a normal client is served meanwhile
+        return all([connection.poll() for connection in connections])
+
+    try:
+        wait_until(all_closed, CLOSE_DEADLINE_S, "the server to close silent, slow and idle HTTP connections",
+                   interval_s=0)
+    finally:
+        for connection in connections:
+            connection.sock.close()
+    assert kept.received.startswith(b"HTTP/1.1 200"), kept.received[:200]
+    assert slow[2].trickle, "the slowloris was closed only after it had sent its whole head"
+    assert served > 0

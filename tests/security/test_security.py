@@ -1,9 +1,10 @@
 """TLS, mutual TLS, API keys and tenants against running servers (invariants 12 and 13, docs/invariants.md).
 
 Two servers in all (TensorFlow start-up costs seconds each):
-- `guarded`, shared by the module: mutual TLS, API keys for four tenants (two with limits), Redis with
+- `guarded`, shared by the module: mutual TLS, API keys for five tenants (three with limits), Redis with
   a password that the server reads from a file. Plaintext, client certificates, keys on both
-  protocols, tenant namespaces, per-tenant limits, Envoy in front, and no secret in its output.
+  protocols and on the HTTP port, tenant namespaces, per-tenant limits, Envoy in front, and no secret
+  in its output.
 - one in the rotation test: TLS without client certificates, API keys; its certificate and key file
   are replaced while it runs (SIGHUP, then a change alone), and connections opened before keep working.
 
@@ -28,6 +29,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import requests
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -46,7 +48,7 @@ from server.config import DEFAULT_MODEL
 pytestmark = pytest.mark.timeout(240)
 
 TIMEOUT_S = 30
-KEYS = {tenant: f"{tenant}-{secrets.token_hex(16)}" for tenant in ("alpha", "beta", "gamma", "delta")}
+KEYS = {tenant: f"{tenant}-{secrets.token_hex(16)}" for tenant in ("alpha", "beta", "gamma", "delta", "epsilon")}
 WRONG_KEY = f"wrong-{secrets.token_hex(16)}"
 GAMMA_MAX_STREAMS = 2
 
@@ -124,6 +126,7 @@ def guarded(pki: Pki, locked_redis: RedisServer) -> Iterator[ServerProcess]:
         f"beta  {KEYS['beta']}   # a comment after a key\n"
         f"gamma {KEYS['gamma']} max_streams={GAMMA_MAX_STREAMS}\n"
         f"delta {KEYS['delta']} chunks_per_s=0.01\n"
+        f"epsilon {KEYS['epsilon']} chunks_per_s=0.01\n"  # the HTTP port's own rate test
     )
     server = ServerProcess(
         None, DEFAULT_MODEL, "--redis-url-file", str(url_file), "--api-keys", str(keys_file),
@@ -506,9 +509,25 @@ def test_no_key_and_no_redis_password_in_the_output(guarded: ServerProcess, redi
 # --- rotation: certificates and keys replaced while serving ---------------------------------------------------
 
 
+def https_status(server: ServerProcess, ca_file: Path, key: str) -> int | None:
+    """GET /v1/model on the HTTP port over a new connection trusting only `ca_file`: the status, or None when the
+    handshake fails (the server's certificate is not signed by that CA)."""
+    with requests.Session() as session:
+        session.trust_env = False  # REQUESTS_CA_BUNDLE would win over `verify`
+        try:
+            return session.get(f"https://127.0.0.1:{server.http_port}/v1/model", verify=str(ca_file),
+                               headers={"Authorization": f"Bearer {key}"}, timeout=TIMEOUT_S).status_code
+        except requests.exceptions.SSLError:
+            return None
+
+
 def test_certificates_and_keys_reload_without_a_restart(pki: Pki, redis_server: RedisServer) -> None:
+    """On the gRPC port and the HTTP port alike: the same files, the same reload."""
     folder = Path(tempfile.mkdtemp(prefix="lstm-rotate-"))
     old_ca, new_ca = CertificateAuthority("old CA"), CertificateAuthority("new CA")
+    old_ca_file, new_ca_file = folder / "old-ca.crt", folder / "new-ca.crt"
+    old_ca_file.write_bytes(old_ca.pem)
+    new_ca_file.write_bytes(new_ca.pem)
     cert, key = old_ca.issue("server", server=True).write(folder, "server")
     old_key, new_key = f"old-{secrets.token_hex(16)}", f"new-{secrets.token_hex(16)}"
     keys_file = folder / "keys"
@@ -517,11 +536,18 @@ def test_certificates_and_keys_reload_without_a_restart(pki: Pki, redis_server: 
     trust_new = grpc.ssl_channel_credentials(root_certificates=new_ca.pem)
     server = ServerProcess(redis_server.url, DEFAULT_MODEL, "--tls-cert", str(cert), "--tls-key", str(key),
                            "--api-keys", str(keys_file), credentials=trust_old)
+    kept_https = requests.Session()  # one HTTP keep-alive connection, opened before the rotation and kept
+    kept_https.trust_env = False
+    kept_https.verify = str(old_ca_file)
     try:
         # TLS without client certificates; plaintext refused.
         assert health_of(server.address, None) == grpc.StatusCode.UNAVAILABLE
         existing = server.stub  # one connection, opened now and kept
         existing.GetModel(pb.GetModelRequest(), metadata=bearer(old_key), timeout=TIMEOUT_S)
+        model_url = f"https://127.0.0.1:{server.http_port}/v1/model"
+        assert kept_https.get(model_url, headers={"Authorization": f"Bearer {old_key}"},
+                              timeout=TIMEOUT_S).status_code == 200
+        assert https_status(server, new_ca_file, old_key) is None
 
         # Replace everything, then SIGHUP.
         new_issued = new_ca.issue("server", server=True)
@@ -532,6 +558,10 @@ def test_certificates_and_keys_reload_without_a_restart(pki: Pki, redis_server: 
         wait_until(lambda: health_of(server.address, trust_new) == grpc.StatusCode.OK, 20,
                    "new connections to get the new certificate")
         assert health_of(server.address, trust_old) == grpc.StatusCode.UNAVAILABLE
+        # The HTTP port reloaded with it: new handshakes get the new certificate, and the new key only.
+        assert https_status(server, new_ca_file, new_key) == 200
+        assert https_status(server, new_ca_file, old_key) == 401
+        assert https_status(server, old_ca_file, new_key) is None
         with grpc.secure_channel(server.address, trust_new) as channel:
             fresh = stream_pb2_grpc.StreamInferenceStub(channel)
             fresh.GetModel(pb.GetModelRequest(), metadata=bearer(new_key), timeout=TIMEOUT_S)
@@ -542,6 +572,9 @@ def test_certificates_and_keys_reload_without_a_restart(pki: Pki, redis_server: 
         existing.GetModel(pb.GetModelRequest(), metadata=bearer(new_key), timeout=TIMEOUT_S)
         assert code_of(existing.GetModel, pb.GetModelRequest(), metadata=bearer(old_key),
                        timeout=TIMEOUT_S)[0] == grpc.StatusCode.UNAUTHENTICATED
+        # So does the HTTP connection opened before.
+        assert kept_https.get(model_url, headers={"Authorization": f"Bearer {new_key}"},
+                              timeout=TIMEOUT_S).status_code == 200
 
         # A certificate that does not match its key is refused; the current one stays.
         refusals = server.log().count("TLS certificates not reloaded")
@@ -550,6 +583,7 @@ def test_certificates_and_keys_reload_without_a_restart(pki: Pki, redis_server: 
         wait_until(lambda: server.log().count("TLS certificates not reloaded") > refusals, 20,
                    "the refusal to be logged")
         assert health_of(server.address, trust_new) == grpc.StatusCode.OK
+        assert https_status(server, new_ca_file, new_key) == 200
 
         # Without a signal: a change of the files is noticed by itself.
         back = old_ca.issue("server", server=True)
@@ -557,7 +591,91 @@ def test_certificates_and_keys_reload_without_a_restart(pki: Pki, redis_server: 
         key.write_bytes(back.key_pem)
         wait_until(lambda: health_of(server.address, trust_old) == grpc.StatusCode.OK, 20,
                    "the changed certificate to be picked up")
+        assert https_status(server, old_ca_file, new_key) == 200
         log = server.log()
         assert old_key not in log and new_key not in log
     finally:
+        kept_https.close()
         server.stop()
+
+
+# --- the HTTP port: the same certificates, keys, tenants and limits as gRPC ------------------------------------
+
+
+def http_session(pki: Pki, cert: tuple[Path, Path] | None) -> requests.Session:
+    """Trusting the test CA only: without trust_env=False, a REQUESTS_CA_BUNDLE in the environment would win over
+    `verify` and every handshake would fail for the wrong reason."""
+    session = requests.Session()
+    session.trust_env = False
+    session.verify = str(pki.ca_path)
+    session.cert = (str(cert[0]), str(cert[1])) if cert else None
+    return session
+
+
+@pytest.fixture(scope="module")
+def https(pki: Pki, guarded: ServerProcess) -> Iterator[requests.Session]:
+    """A session that presents the CA-signed client certificate and trusts the test CA."""
+    with http_session(pki, pki.client.write(pki.folder, "http-client")) as session:
+        yield session
+
+
+def http_url(guarded: ServerProcess, path: str) -> str:
+    return f"https://127.0.0.1:{guarded.http_port}{path}"
+
+
+def test_http_port_speaks_mutual_tls_only(pki: Pki, guarded: ServerProcess, https: requests.Session) -> None:
+    assert https.get(http_url(guarded, "/v2/health/live"), timeout=TIMEOUT_S).status_code == 200
+    foreign = pki.foreign_client.write(pki.folder, "http-intruder")
+    for cert in (None, foreign):  # no client certificate, or one the CA did not sign
+        with http_session(pki, cert) as session, pytest.raises(requests.exceptions.ConnectionError):
+            session.get(http_url(guarded, "/v2/health/live"), timeout=TIMEOUT_S)
+    with http_session(pki, None) as session, pytest.raises(requests.exceptions.ConnectionError):  # plaintext
+        session.get(f"http://127.0.0.1:{guarded.http_port}/v2/health/live", timeout=TIMEOUT_S)
+
+
+def test_http_needs_a_known_key_and_shares_tenants_with_grpc(guarded: ServerProcess, https: requests.Session,
+                                                            native) -> None:
+    stream = new_id("http-shared")
+    predict_path = f"/v1/streams/{stream}:predict"
+    body = {"values": [[0.1], [0.2]], "start_offset": 0}
+    for headers in ({}, {"Authorization": f"Bearer {WRONG_KEY}"}, {"Authorization": KEYS["alpha"]}):
+        refused = https.post(http_url(guarded, predict_path), json=body, headers=headers, timeout=TIMEOUT_S)
+        assert refused.status_code == 401 and refused.json()["code"] == "UNAUTHENTICATED"
+        assert refused.headers["WWW-Authenticate"] == "Bearer" and KEYS["alpha"] not in refused.text
+    assert https.get(http_url(guarded, "/v2"), timeout=TIMEOUT_S).status_code == 401
+    # Health stays open, as gRPC's: load balancers and probes carry no keys.
+    assert https.get(http_url(guarded, "/v2/health/ready"), timeout=TIMEOUT_S).status_code == 200
+
+    def key(tenant: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {KEYS[tenant]}"}
+
+    answer = https.post(http_url(guarded, predict_path), json=body, headers=key("alpha"), timeout=TIMEOUT_S)
+    assert answer.status_code == 200 and answer.json()["offset"] == "2"
+    # One tenant across both ports: alpha's gRPC call sees the stream alpha wrote over HTTP; beta has none.
+    assert native.GetStream(pb.GetStreamRequest(stream_id=stream), metadata=bearer("alpha"),
+                            timeout=TIMEOUT_S).offset == 2
+    assert https.get(http_url(guarded, f"/v1/streams/{stream}"), headers=key("beta"),
+                     timeout=TIMEOUT_S).json()["exists"] is False
+    infer = {"parameters": {"sequence_id": stream},
+             "inputs": [{"name": "INPUT", "datatype": "FP32", "shape": [1, 1], "data": [0.3]}]}
+    beta = https.post(http_url(guarded, "/v2/models/default/infer"), json=infer, headers=key("beta"),
+                      timeout=TIMEOUT_S)
+    assert beta.status_code == 409  # beta's sequence of that name never started
+    alpha = https.post(http_url(guarded, "/v2/models/default/infer"), json=infer, headers=key("alpha"),
+                       timeout=TIMEOUT_S)
+    assert alpha.status_code == 200 and alpha.json()["parameters"]["sequence_offset"] == 3
+
+
+def test_http_chunk_rate_answers_429_and_applies_nothing(guarded: ServerProcess, https: requests.Session,
+                                                         native) -> None:
+    # epsilon may send 0.01 chunks/s: one chunk of burst, the next in 100 s.
+    stream = new_id("epsilon")
+    headers = {"Authorization": f"Bearer {KEYS['epsilon']}"}
+    url = http_url(guarded, f"/v1/streams/{stream}:predict")
+    assert https.post(url, json={"values": [[0.1]], "start_offset": 0}, headers=headers,
+                      timeout=TIMEOUT_S).status_code == 200
+    refused = https.post(url, json={"values": [[0.2]], "start_offset": 1}, headers=headers, timeout=TIMEOUT_S)
+    assert refused.status_code == 429 and refused.json()["code"] == "RESOURCE_EXHAUSTED"
+    assert refused.headers["x-chunk-outcome"] == "not-applied"
+    assert native.GetStream(pb.GetStreamRequest(stream_id=stream), metadata=bearer("epsilon"),
+                            timeout=TIMEOUT_S).offset == 1

@@ -3,7 +3,9 @@
 No `-x` (model version): perf_analyzer then finds the version whose statistics moved during its
 measurement, which needs ModelStatistics with queue counts and a numeric version string. Unary and
 `--streaming`, sequences with `--sequence-length` and `--sequence-id-range`, and the server-side
-statistics it prints ("Server:" lines). A few seconds per run: this checks correctness, not speed.
+statistics it prints ("Server:" lines); over gRPC and over the HTTP/REST port (`-i http`, KServe v2 with
+Triton's binary tensors: perf_analyzer reads the same statistics there). A few seconds per run: this checks
+correctness, not speed.
 
 perf_analyzer is a C++ binary that CI machines may not have. It is found through the environment
 variable PERF_ANALYZER (a command, split on spaces), in the layout the Triton peer's setup script
@@ -39,11 +41,20 @@ def model_name(server: ServerProcess) -> str:
     return stub.ModelMetadata(messages.ModelMetadataRequest(name="default"), timeout=10).name
 
 
-@pytest.mark.parametrize("mode", [[], ["--streaming"]], ids=["unary", "streaming"])
-def test_perf_analyzer_runs_without_a_model_version(default_server: ServerProcess, mode: list[str]) -> None:
+def endpoint(server: ServerProcess, protocol: str) -> list[str]:
+    """perf_analyzer's -i and -u for the server's gRPC port or its HTTP/REST port (host:port, no scheme)."""
+    if protocol == "http":
+        return ["-i", "http", "-u", server.http_url.removeprefix("http://")]
+    return ["-i", "grpc", "-u", server.address]
+
+
+@pytest.mark.parametrize(("protocol", "mode"), [("grpc", []), ("grpc", ["--streaming"]), ("http", [])],
+                         ids=["unary", "streaming", "http"])
+def test_perf_analyzer_runs_without_a_model_version(default_server: ServerProcess, protocol: str,
+                                                    mode: list[str]) -> None:
     assert PERF_ANALYZER is not None
     command = [
-        *PERF_ANALYZER, "-m", model_name(default_server), "-i", "grpc", "-u", default_server.address,
+        *PERF_ANALYZER, "-m", model_name(default_server), *endpoint(default_server, protocol),
         "--shape", "INPUT:5,1", "--sequence-length", "4", "--sequence-id-range", "1000:1100",
         "--concurrency-range", "2:2", *mode,
         # Three windows of 0.5 s, accepted whatever their spread: a short correctness run on a busy machine.

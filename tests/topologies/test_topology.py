@@ -32,7 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devkit import ROOT
 from devkit.processes import free_port, wait_until
-from devkit.topology import ENVOY_CONFIG, Topology, local_envoy_config
+from devkit.topology import ENVOY_CONFIG, HTTP_CLUSTER, HTTP_LISTENER, Topology, local_envoy_config
 from server.config import DEFAULT_MODEL
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -54,7 +54,13 @@ def test_the_local_envoy_config_changes_only_the_addresses(tmp_path: Path) -> No
     local = local_envoy_config(deployed, ("127.0.0.1", 41000), ("127.0.0.1", 41001),
                                [("127.0.0.1", 41010), ("127.0.0.1", 41011)])
     assert deployed == before, "the deployed configuration must not be modified in place"
-    assert without_addresses(local) == without_addresses(deployed)
+    # The local replicas serve gRPC only: the HTTP/REST listener and cluster are left out, nothing else.
+    grpc_only = copy.deepcopy(deployed)
+    for kind, name in (("listeners", HTTP_LISTENER), ("clusters", HTTP_CLUSTER)):
+        grpc_only["static_resources"][kind] = [item for item in grpc_only["static_resources"][kind]
+                                               if item["name"] != name]
+    assert len(grpc_only["static_resources"]["listeners"]) == len(deployed["static_resources"]["listeners"]) - 1
+    assert without_addresses(local) == without_addresses(grpc_only)
     assert local["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 41001}
     assert local["static_resources"]["listeners"][0]["address"]["socket_address"] == {
         "address": "127.0.0.1", "port_value": 41000}
