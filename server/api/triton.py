@@ -39,6 +39,7 @@ from server.api.auth import TENANT
 from server.api.errors import as_service_error, unary_errors
 from server.api.malformed import add_servicer
 from server.api.streaming import StreamWindow, answer_in_order
+from server.api.tracing import RequestTrace, Tracing
 from server.api.triton_convert import (
     SERVER_NAME,
     model_config,
@@ -56,6 +57,7 @@ from server.version import server_version
 EXTENSIONS = ("model_configuration", "model_repository", "sequence", "sequence(string_id)", "statistics")
 
 Context = grpc.aio.ServicerContext
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
 @dataclass(slots=True)
@@ -69,13 +71,15 @@ class _Submitted:
     times: StageTimes  # filled in by the data path, for ModelStatistics
     tenant: str  # whose statistics count it
     model: str  # the served model's name
+    trace: RequestTrace | None = None  # with tracing on: the request's server span
 
 
 class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self, dataplane: DataPlane, window: StreamWindow, *, max_batch_size: int, max_queue_delay_us: int,
-        sequence_idle_us: int,
+        sequence_idle_us: int, tracing: Tracing | None = None,
     ) -> None:
+        self.tracing = tracing  # None: tracing off
         self.dataplane = dataplane
         self.window = window
         self.max_batch_size = max_batch_size
@@ -106,9 +110,21 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # The inference path, shared by ModelInfer and ModelStreamInfer.
 
-    def _submit(self, request: pb.ModelInferRequest, time_remaining: float | None = None) -> _Submitted:
+    def _trace(self, context: Context, method: str) -> RequestTrace | None:
+        if self.tracing is None:
+            return None
+        return self.tracing.request(context.invocation_metadata(), f"{SERVICE}/{method}",
+                                    {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method})
+
+    def _submit(self, request: pb.ModelInferRequest, time_remaining: float | None = None,
+                trace: RequestTrace | None = None) -> _Submitted:
         """Validate and hand to the data plane now, so a stream's chunks reach the batcher in order."""
-        served, version = self._model(request.model_name, request.model_version)
+        try:
+            served, version = self._model(request.model_name, request.model_version)
+        except BaseException as exc:
+            if trace is not None:
+                trace.end(exc)
+            raise
         started_ns, times, batched, tenant = time.monotonic_ns(), StageTimes(), False, TENANT.get()
         try:
             chunk, batched = to_chunk(
@@ -116,16 +132,19 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
                 model_name=served.name, model_version=version,
             )
             times.queued = time.monotonic_ns()
-            answer = self.dataplane.submit(chunk, time_remaining)
+            answer = self.dataplane.submit(chunk if trace is None else trace.chunk(chunk), time_remaining)
         except Exception as exc:  # a bad request: its failure is delivered like the data plane's
             answer = asyncio.get_running_loop().create_future()
             answer.set_exception(as_service_error(exc))
-        return _Submitted(request, answer, batched, started_ns, times, tenant, served.name)
+        return _Submitted(request, answer, batched, started_ns, times, tenant, served.name, trace)
 
     async def _finish(self, submitted: _Submitted) -> pb.ModelInferResponse:
         statistics = self.statistics.of(_statistics_key(submitted.tenant, submitted.model))
         try:
-            prediction = await submitted.answer
+            if submitted.trace is not None:
+                prediction = await submitted.trace.answer(submitted.answer)
+            else:
+                prediction = await submitted.answer
         except Exception:
             statistics.record_failure(submitted.started_ns)
             raise
@@ -134,7 +153,7 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @unary_errors
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
-        return await self._finish(self._submit(request, context.time_remaining()))
+        return await self._finish(self._submit(request, context.time_remaining(), self._trace(context, "ModelInfer")))
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: Context
@@ -143,9 +162,12 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
             return pb.ModelStreamInferResponse(infer_response=await self._finish(submitted))
 
         def start(request: pb.ModelInferRequest) -> _Submitted:
-            return self._submit(request, context.time_remaining())
+            return self._submit(request, context.time_remaining(), self._trace(context, "ModelStreamInfer"))
 
         def abandon(unanswered: list[_Submitted]) -> None:
+            for submitted in unanswered:
+                if submitted.trace is not None:
+                    submitted.trace.end(asyncio.CancelledError())
             self.dataplane.abandon([submitted.answer for submitted in unanswered])
 
         async for response in answer_in_order(requests, start, finish, to_stream_error, abandon, self.window):
@@ -252,6 +274,7 @@ def add_triton_service(
     max_batch_size: int,
     max_queue_delay_us: int,
     sequence_idle_us: int,
+    tracing: Tracing | None = None,
 ) -> str:
     """Serve the Triton protocol on `server` next to the native API; returns the full service name.
 
@@ -264,6 +287,7 @@ def add_triton_service(
         max_batch_size=max_batch_size,
         max_queue_delay_us=max_queue_delay_us,
         sequence_idle_us=sequence_idle_us,
+        tracing=tracing,
     )
     add_servicer(pb_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, server)
     return pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name

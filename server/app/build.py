@@ -28,6 +28,7 @@ from server.api.streaming import StreamWindow
 from server.api.triton import add_triton_service
 from server.app.models import RepositoryModels, load_runner
 from server.app.redis_health import RedisHealth
+from server.app.tracing import TracingSetup, start_tracing
 from server.config import ServerConfig
 from server.dataplane.plane import DataPlane
 from server.dataplane.processor import StreamPolicy
@@ -59,11 +60,15 @@ class BuiltServer:
     security: Security
     redis_mode: str
     repository: RepositoryModels | None = None  # with --model-repository: polls it until stopped
+    tracing: TracingSetup | None = None  # with OTEL_TRACES_EXPORTER set: flushed at shutdown
 
 
 async def build_server(config: ServerConfig, worker_of: tuple[int, int] | None) -> BuiltServer:
     # Before the model loads (seconds): a bad key file or certificate should fail at once.
     security = Security(config)
+    # Stream ids stay out of traces when tenants are on: each span names a hash of tenant and id instead.
+    tracing = start_tracing(hash_stream_ids=security.tenants is not None)
+    edge_tracing = tracing.tracing if tracing is not None else None
     # The message limits fit the models loaded at start-up; a model loaded later must fit them too.
     single = None if config.model_repository else _load_model(config)
     topology = RedisTopology.from_config(config)
@@ -118,13 +123,13 @@ async def build_server(config: ServerConfig, worker_of: tuple[int, int] | None) 
     window = StreamWindow(config.stream_window, config.stream_window_bytes)
     # Malformed bytes get INVALID_ARGUMENT rather than grpc's UNKNOWN (server/api/malformed.py).
     batch_limits = BatchLimits(config.max_batch_chunks, config.max_batch_timesteps)
-    native = StreamInferenceServicer(dataplane, window, batch_limits)
+    native = StreamInferenceServicer(dataplane, window, batch_limits, edge_tracing)
     add_servicer(stream_pb2_grpc.add_StreamInferenceServicer_to_server, native, server)
     # The Triton / KServe v2 protocol on the same port, over the same data plane.
     triton_service = add_triton_service(
         server, dataplane, window,
         max_batch_size=config.max_batch, max_queue_delay_us=config.max_delay_us,
-        sequence_idle_us=config.state_ttl_us,
+        sequence_idle_us=config.state_ttl_us, tracing=edge_tracing,
     )
     inference_services = [stream_pb2.DESCRIPTOR.services_by_name["StreamInference"].full_name, triton_service]
     reflection.enable_server_reflection(
@@ -136,7 +141,7 @@ async def build_server(config: ServerConfig, worker_of: tuple[int, int] | None) 
     except RuntimeError as exc:  # grpc raises this when the address is taken or invalid
         raise StartupError(f"cannot listen on {config.address}: {exc}; is another server running there?") from exc
     return BuiltServer(server, port, dataplane, health, RedisHealth(dataplane.store, health, inference_services), drain,
-                       security, topology.mode, repository)
+                       security, topology.mode, repository, tracing)
 
 
 def _fits(config: ServerConfig, limits: tuple[int, int], features: int, outputs: int) -> str | None:

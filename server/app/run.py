@@ -51,6 +51,7 @@ async def run_until_signalled(built: BuiltServer, config: ServerConfig, worker_o
     log.info("serving", extra={"fields": {"address": f"{config.host}:{built.port}", "port": built.port,
                                           "redis": redact_url(config.redis_url), "redis_mode": built.redis_mode,
                                           **built.security.describe(),
+                                          "tracing": built.tracing.description if built.tracing else "off",
                                           "worker": "/".join(map(str, worker_of)) if worker_of else None}})
 
     stopping = asyncio.Event()
@@ -72,6 +73,8 @@ async def run_until_signalled(built: BuiltServer, config: ServerConfig, worker_o
     if built.repository is not None:
         await built.repository.stop()
     await built.dataplane.stop()
+    if built.tracing is not None:
+        built.tracing.close()  # the spans of the last requests, before the process exits
 
 
 async def _drain(config: ServerConfig, built: BuiltServer, tracker: asyncio.Task, hurry: asyncio.Event) -> None:
