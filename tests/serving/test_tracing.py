@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import re
 import secrets
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,11 +22,14 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+import yaml
 
 from devkit.native_calls import request
 from devkit.otlp import OtlpReceiver, ReceivedSpan
-from devkit.processes import RedisServer, ServerProcess
+from devkit.processes import RedisServer, ServerProcess, find_binary, free_port, wait_until
+from devkit.topology import ENVOY_CONFIG, local_envoy_config
 from lstm_stream.v1 import stream_pb2 as pb
+from lstm_stream.v1 import stream_pb2_grpc as pb_grpc
 from server.config import DEFAULT_MODEL
 
 NATIVE = "lstm_stream.v1.StreamInference"
@@ -186,6 +190,39 @@ def test_triton_requests_are_traced_too(traced: ServerProcess, receiver: OtlpRec
     (server,) = by_name(spans, name)
     assert server.parent_id == parent_id
     assert server.attributes["lstm.outcome"] == "ok" and server.attributes["lstm.reset"] is True
+
+
+def test_envoy_passes_the_trace_context_through(traced: ServerProcess, receiver: OtlpReceiver,
+                                                tmp_path: Path) -> None:
+    """deploy/envoy.yaml, addresses changed only, in front of the server: the caller's traceparent arrives."""
+    config = local_envoy_config(yaml.safe_load(ENVOY_CONFIG.read_text()), ("127.0.0.1", free_port()),
+                                ("127.0.0.1", free_port()), [("127.0.0.1", traced.port)])
+    (tmp_path / "envoy.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    listen = config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
+    envoy = subprocess.Popen([find_binary("envoy"), "-c", str(tmp_path / "envoy.yaml"), "--disable-hot-restart",
+                              "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    channel = grpc.insecure_channel(f"127.0.0.1:{listen}")
+    try:
+        stub = pb_grpc.StreamInferenceStub(channel)
+        header, trace_id, parent_id = traceparent()
+
+        def through_envoy() -> bool:  # until Envoy's health checks put the server in rotation
+            try:
+                stub.Predict(request("envoy-" + secrets.token_hex(4), np.ones((1, 1), np.float32)),
+                             metadata=metadata(header), timeout=5)
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                return False
+            return True
+
+        wait_until(through_envoy, 30, "a call through Envoy", interval_s=0.2)
+        spans = receiver.wait_for(trace_id, {f"{NATIVE}/Predict"})
+        assert {span.parent_id for span in by_name(spans, f"{NATIVE}/Predict")} == {parent_id}
+    finally:
+        channel.close()
+        envoy.terminate()
+        envoy.wait(10)
 
 
 def test_a_refused_request_ends_its_span_with_the_code(traced: ServerProcess, receiver: OtlpReceiver) -> None:
