@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -139,17 +140,16 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
     def _submit_batch(self, request: pb.PredictBatchRequest, time_remaining: float | None,
                       trace: RequestTrace | None = None) -> BatchAnswers:
         """Validate and queue a message's chunks; raises ServiceError when the message is refused whole."""
-        chunks = batch_chunks(
-            request, models=self._shapes, max_timesteps=self.dataplane.max_chunk_timesteps,
-            limits=self.batch_limits, tenant=TENANT.get(), deadline=self.dataplane.deadline(time_remaining),
-        )
-        if trace is not None:
-            with trace:
+        with trace if trace is not None else contextlib.nullcontext():  # a refused message ends its span
+            chunks = batch_chunks(
+                request, models=self._shapes, max_timesteps=self.dataplane.max_chunk_timesteps,
+                limits=self.batch_limits, tenant=TENANT.get(), deadline=self.dataplane.deadline(time_remaining),
+            )
+            if trace is not None:
                 for chunk in chunks:
                     if isinstance(chunk, Chunk):
                         trace.chunk(chunk)
-                return self.dataplane.submit_many(chunks)
-        return self.dataplane.submit_many(chunks)
+            return self.dataplane.submit_many(chunks)
 
     async def _batch_answers(self, request: pb.PredictBatchRequest, answers: BatchAnswers,
                              trace: RequestTrace | None = None) -> pb.PredictBatchResponse:
