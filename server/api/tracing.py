@@ -184,6 +184,8 @@ class RequestTrace:
                 if several:
                     parent = self._chunk_span(chunk, times, index, answers, to_wall)
                 self._stages(parent, times, to_wall)
+        for _, times in self._chunks:
+            times.call = None  # no cycle left for the garbage collector (times -> call -> members -> times)
         self._chunks.clear()
         span.end()
 

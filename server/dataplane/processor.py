@@ -258,9 +258,10 @@ class BatchProcessor:
         finished = time.monotonic_ns()
         version.last_used = time.monotonic()
         metrics.VERSION_CHUNKS.labels(self.versions.name, str(version.number)).inc(len(planned))  # once a batch
-        timed = [p.chunk.times for p in planned if p.chunk.times is not None]
-        if timed:  # the chunks whose edge reads their stages (Triton's statistics, tracing): one shared record
-            call = ModelCall(timed)
+        timed = [p.chunk.times for p in planned if p.chunk.times is not None]  # Triton's statistics, tracing
+        if timed:
+            # Traced chunks share one record of the call (its span links them); none is made untraced.
+            call = ModelCall(timed) if any(times.trace is not None for times in timed) else None
             for times in timed:
                 times.model_ran(started, finished, len(planned), call)
         return outputs, new_states
