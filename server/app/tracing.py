@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -43,7 +44,13 @@ class TracingSetup:
     description: str  # for the "serving" log line: exporters and where to
 
     def close(self) -> None:
-        """Send what is still queued (within FLUSH_TIMEOUT_MS) and stop the exporters."""
+        """Send what is still queued and stop the exporters, within FLUSH_TIMEOUT_MS: an export to a collector
+        that is down retries for its whole OTLP timeout (10 s), and the exit must not wait for that."""
+        stopping = threading.Thread(target=self._flush_and_stop, name="tracing-shutdown", daemon=True)
+        stopping.start()
+        stopping.join(FLUSH_TIMEOUT_MS / 1000)
+
+    def _flush_and_stop(self) -> None:
         self.provider.force_flush(FLUSH_TIMEOUT_MS)
         self.provider.shutdown()
 
