@@ -18,8 +18,12 @@ A chunk answered without the model (a replayed retry, a refusal) has `queue` and
 An edge uses it in three steps (the HTTP edge the same way, with its headers and route):
 
     trace = tracing.request(metadata, "lstm_stream.v1.StreamInference/Predict", {...})
-    chunk = trace.chunk(chunk)          # before submitting: attaches the StageTimes, notes its attributes
-    trace.end(prediction_or_exception)  # once answered (or failed): children written, span ended
+    with trace:                                   # ends the span if validation or submitting raises
+        answer = dataplane.submit(trace.chunk(chunk))  # attaches the StageTimes, notes the chunk's attributes
+    prediction = await trace.answer(answer)       # or trace.end(...): children written, span ended, once
+
+The model span links rather than nests because one model call answers many requests, each in its own trace.
+Why not opentelemetry-instrumentation-grpc: docs/operations.md, "Tracing".
 """
 
 from __future__ import annotations
