@@ -10,13 +10,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN python -m venv /opt/lstm-serve
 
 # The project as wheels (the client distribution, clients/python, and the server) and the server's
-# dependency list less the client, made where the source is; only these go on.
+# dependency list less the client, with the loadtest and tracing extras, made where the source is; only these go on.
 FROM base AS wheel
 WORKDIR /src
 COPY . .
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 print('\n'.join(d for d in p['dependencies'] + p['optional-dependencies']['loadtest'] \
-if not d.startswith('lstm-stream-client')))" > /requirements.txt \
++ p['optional-dependencies']['tracing'] if not d.startswith('lstm-stream-client')))" > /requirements.txt \
  && pip wheel --no-cache-dir --no-deps --wheel-dir /wheels ./clients/python .
 
 FROM base

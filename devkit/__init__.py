@@ -10,6 +10,7 @@ load tester. Importable from the repository root. One module per subject:
 - native_calls: small calls to the native API
 - repositories: model repositories on disk (a version installed by a rename)
 - references: Keras' own answers for whole sequences, and small models to serve
+- otlp: an OTLP/gRPC trace receiver (what a collector would get)
 - certs, tcp_proxy, metrics, peers, triton_sequences
 """
 

@@ -168,10 +168,11 @@ class ServerProcess:
     def __init__(self, redis_url: str | None, model: Path | str = DEFAULT_MODEL, *extra: str,
                  port: int | None = None, ready_timeout_s: float = 90,
                  credentials: grpc.ChannelCredentials | None = None, metrics_port: int | None = None,
-                 http_port: int | None = None) -> None:
+                 http_port: int | None = None, env: dict[str, str] | None = None) -> None:
         """`redis_url` None: `extra` names it (--redis-url-file); `credentials`: the server serves TLS;
         `metrics_port`: /metrics there (0: none; None: a free port; worker i of --workers uses it + i);
-        `http_port`: the HTTP/REST port (0: off; None: a free port, shared by the workers)."""
+        `http_port`: the HTTP/REST port (0: off; None: a free port, shared by the workers); `env`: variables
+        set (or, given as "", removed) on top of this process's environment."""
         self.workers = int(extra[extra.index("--workers") + 1]) if "--workers" in extra else 1
         # Not logged by the server, so chosen here: one port a worker.
         self.metrics_port = free_port_run(self.workers) if metrics_port is None else metrics_port
@@ -189,9 +190,14 @@ class ServerProcess:
             # Last, so extra flags cannot hide the "serving" line the port is read from.
             "--log-format", "json", "--log-level", "INFO",
         ]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        for name, value in (env or {}).items():
+            if value:
+                environment[name] = value
+            else:
+                environment.pop(name, None)
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=ROOT)
         self.port = port or 0
         self.channel: grpc.Channel | None = None
         try:

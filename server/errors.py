@@ -42,6 +42,12 @@ class StartupError(Exception):
         return f"{self.headline}: {self}" if self.headline else str(self)
 
 
+class TracingConfigError(StartupError):
+    """The OTEL_* environment asks for traces this server cannot send (server/app/tracing.py)."""
+
+    headline = "tracing"
+
+
 class ServiceError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str, *, current_offset: int | None = None,
                  outcome: str | None = None) -> None:

@@ -35,13 +35,28 @@ class StageTimes:
     model_finished: int = 0  # the model call ended: slots save to Redis
     batch_finished: int = 0  # the batch's answers are ready
     model_batch: int = 0  # chunks in that model call
+    # That model call, shared with the other chunks of it that carry times (tracing links them: one span per call).
+    call: ModelCall | None = None
+    # The edge's trace of the request this chunk belongs to (server/api/tracing.py); opaque to the data path.
+    trace: object | None = None
 
     def batch_began(self, now_ns: int) -> None:
         self.batch_started = now_ns
         self.model_started = self.model_finished = self.model_batch = 0
+        self.call = None
 
-    def model_ran(self, started_ns: int, finished_ns: int, chunks: int) -> None:
+    def model_ran(self, started_ns: int, finished_ns: int, chunks: int, call: ModelCall | None = None) -> None:
         self.model_started, self.model_finished, self.model_batch = started_ns, finished_ns, chunks
+        self.call = call
+
+
+@dataclass(slots=True, eq=False)
+class ModelCall:
+    """One model call, as the chunks in it that carry StageTimes see it: who else was in it (a batch's model span
+    links to every request in it), and the edge's mark that its span is out, so it is written once."""
+
+    members: list[StageTimes]
+    span: object | None = None  # set by the edge that wrote the call's span (server/api/tracing.py)
 
 
 # Chunk, Prediction (and the state record) are built once per chunk: plain slotted dataclasses, never changed

@@ -6,6 +6,7 @@ the REST edge (server/api/rest.py) calls too: the native API as JSON has the sam
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -25,12 +26,14 @@ from server.api.batch_convert import (
 from server.api.errors import as_service_error, unary_errors
 from server.api.state_convert import state_from_proto, state_to_proto
 from server.api.streaming import StreamWindow, answer_in_order
+from server.api.tracing import RequestTrace, Tracing
 from server.api.validation import check_stream_id, make_chunk
 from server.dataplane.plane import DataPlane
 from server.errors import ServiceError
 from server.types import Chunk, Prediction
 from server.version import server_version
 
+SERVICE = pb.DESCRIPTOR.services_by_name["StreamInference"].full_name
 # Per chunk of a PredictBatch message: its answer to come, or the error it was refused with at once.
 BatchAnswers = list[asyncio.Future[Prediction] | ServiceError]
 
@@ -40,14 +43,22 @@ def _futures(messages: list[BatchAnswers]) -> list[asyncio.Future[Prediction]]:
 
 
 class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
-    def __init__(self, dataplane: DataPlane, window: StreamWindow, batch_limits: BatchLimits) -> None:
+    def __init__(self, dataplane: DataPlane, window: StreamWindow, batch_limits: BatchLimits,
+                 tracing: Tracing | None = None) -> None:
         self.dataplane = dataplane
         self.window = window
         self.batch_limits = batch_limits
+        self.tracing = tracing  # None: tracing off, and the calls below take their untraced path
 
-    def _chunk(self, request: pb.PredictRequest, tenant: str) -> Chunk:
+    def _trace(self, context: grpc.aio.ServicerContext, method: str) -> RequestTrace | None:
+        if self.tracing is None:
+            return None
+        return self.tracing.request(context.invocation_metadata(), f"{SERVICE}/{method}",
+                                    {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method})
+
+    def _chunk(self, request: pb.PredictRequest, tenant: str, trace: RequestTrace | None = None) -> Chunk:
         served = self.dataplane.served(request.model)
-        return make_chunk(
+        chunk = make_chunk(
             stream_id=request.stream_id,
             values=np.asarray(request.values, dtype=np.float32),
             timesteps=request.timesteps,
@@ -61,6 +72,7 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
             request_id=request.request_id,
             tenant=tenant,
         )
+        return chunk if trace is None else trace.chunk(chunk)
 
     def _shapes(self, name: str) -> tuple[str, int]:
         served = self.dataplane.served(name)
@@ -82,18 +94,27 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
         set_migration(response, prediction)
         return response
 
-    async def predict(self, request: pb.PredictRequest, tenant: str,
-                      time_remaining: float | None = None) -> pb.PredictResponse:
-        return self._response(await self.dataplane.predict(self._chunk(request, tenant), time_remaining))
+    async def predict(self, request: pb.PredictRequest, tenant: str, time_remaining: float | None = None,
+                      trace: RequestTrace | None = None) -> pb.PredictResponse:
+        """`trace`: the request's server span (server/api/tracing.py), None with tracing off."""
+        if trace is None:
+            return self._response(await self.dataplane.predict(self._chunk(request, tenant), time_remaining))
+        with trace:  # ends the span if the request is refused before it is queued
+            answer = self.dataplane.predict(self._chunk(request, tenant, trace), time_remaining)
+        return self._response(await trace.answer(answer))
 
     @unary_errors
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
-        return await self.predict(request, TENANT.get(), context.time_remaining())
+        return await self.predict(request, TENANT.get(), context.time_remaining(), self._trace(context, "Predict"))
 
     async def PredictStream(
         self, requests: AsyncIterator[pb.PredictRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.PredictResponse]:
         tenant = TENANT.get()  # set for the whole call by the API-key interceptor
+        if self.tracing is not None:
+            async for response in self._traced_stream(requests, context, tenant):
+                yield response
+            return
 
         def start(request: pb.PredictRequest) -> asyncio.Future[Prediction]:
             return self.dataplane.submit(self._chunk(request, tenant), context.time_remaining())
@@ -106,15 +127,44 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
         ):
             yield response
 
-    def _submit_batch(self, request: pb.PredictBatchRequest, time_remaining: float | None) -> BatchAnswers:
-        """Validate and queue a message's chunks; raises ServiceError when the message is refused whole."""
-        chunks = batch_chunks(
-            request, models=self._shapes, max_timesteps=self.dataplane.max_chunk_timesteps,
-            limits=self.batch_limits, tenant=TENANT.get(), deadline=self.dataplane.deadline(time_remaining),
-        )
-        return self.dataplane.submit_many(chunks)
+    async def _traced_stream(self, requests: AsyncIterator[pb.PredictRequest], context: grpc.aio.ServicerContext,
+                             tenant: str) -> AsyncIterator[pb.PredictResponse]:
+        """PredictStream with tracing on: a server span per message, continuing the stream's `traceparent`."""
+        Handle = tuple[RequestTrace, asyncio.Future[Prediction]]
 
-    async def _batch_answers(self, request: pb.PredictBatchRequest, answers: BatchAnswers) -> pb.PredictBatchResponse:
+        def start(request: pb.PredictRequest) -> Handle:
+            trace = self._trace(context, "PredictStream")
+            assert trace is not None
+            with trace:
+                return trace, self.dataplane.submit(self._chunk(request, tenant, trace), context.time_remaining())
+
+        async def finish(handle: Handle) -> pb.PredictResponse:
+            return self._response(await handle[0].answer(handle[1]))
+
+        def abandon(handles: list[Handle]) -> None:
+            for trace, _ in handles:
+                trace.end(asyncio.CancelledError())
+            self.dataplane.abandon([answer for _, answer in handles])
+
+        async for response in answer_in_order(requests, start, finish, error_result, abandon, self.window):
+            yield response
+
+    def _submit_batch(self, request: pb.PredictBatchRequest, time_remaining: float | None,
+                      trace: RequestTrace | None = None) -> BatchAnswers:
+        """Validate and queue a message's chunks; raises ServiceError when the message is refused whole."""
+        with trace if trace is not None else contextlib.nullcontext():  # a refused message ends its span
+            chunks = batch_chunks(
+                request, models=self._shapes, max_timesteps=self.dataplane.max_chunk_timesteps,
+                limits=self.batch_limits, tenant=TENANT.get(), deadline=self.dataplane.deadline(time_remaining),
+            )
+            if trace is not None:
+                for chunk in chunks:
+                    if isinstance(chunk, Chunk):
+                        trace.chunk(chunk)
+            return self.dataplane.submit_many(chunks)
+
+    async def _batch_answers(self, request: pb.PredictBatchRequest, answers: BatchAnswers,
+                             trace: RequestTrace | None = None) -> pb.PredictBatchResponse:
         """Wait for every chunk's answer; a chunk's error is its own result. If the wait is cancelled (the
         call broke), the chunks not yet started are dropped, never run later (invariant 11)."""
         outcomes: list[Prediction | ServiceError] = []
@@ -131,28 +181,39 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
                     raise
                 except Exception as exc:
                     outcomes.append(as_service_error(exc))
-        except BaseException:
+        except BaseException as exc:
             self.dataplane.abandon(_futures([answers]))
+            if trace is not None:
+                trace.end(exc)
             raise
+        if trace is not None:
+            trace.end(None, outcomes)
         return batch_response(request, outcomes)
 
     @unary_errors
     async def PredictBatch(
         self, request: pb.PredictBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.PredictBatchResponse:
-        return await self._batch_answers(request, self._submit_batch(request, context.time_remaining()))
+        trace = self._trace(context, "PredictBatch")
+        return await self._batch_answers(request, self._submit_batch(request, context.time_remaining(), trace), trace)
 
     async def PredictBatchStream(
         self, requests: AsyncIterator[pb.PredictBatchRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.PredictBatchResponse]:
-        def start(request: pb.PredictBatchRequest) -> tuple[pb.PredictBatchRequest, BatchAnswers]:
-            return request, self._submit_batch(request, context.time_remaining())
+        Handle = tuple[pb.PredictBatchRequest, BatchAnswers, RequestTrace | None]
 
-        async def finish(handle: tuple[pb.PredictBatchRequest, BatchAnswers]) -> pb.PredictBatchResponse:
+        def start(request: pb.PredictBatchRequest) -> Handle:
+            trace = self._trace(context, "PredictBatchStream")
+            return request, self._submit_batch(request, context.time_remaining(), trace), trace
+
+        async def finish(handle: Handle) -> pb.PredictBatchResponse:
             return await self._batch_answers(*handle)
 
-        def abandon(handles: list[tuple[pb.PredictBatchRequest, BatchAnswers]]) -> None:
-            self.dataplane.abandon(_futures([answers for _, answers in handles]))
+        def abandon(handles: list[Handle]) -> None:
+            for _, _, trace in handles:
+                if trace is not None:
+                    trace.end(asyncio.CancelledError())
+            self.dataplane.abandon(_futures([answers for _, answers, _ in handles]))
 
         async for response in answer_in_order(
             requests, start, finish, lambda _request, error: refused_response(error), abandon, self.window

@@ -45,6 +45,7 @@ from server.api.kserve_json import (
 )
 from server.api.native import StreamInferenceServicer
 from server.api.native_json import message_body, parse_message
+from server.api.tracing import RequestTrace, Tracing
 from server.api.triton import TritonServicer
 from server.errors import (
     ServiceError,
@@ -119,8 +120,11 @@ class RestApi:
     """The routes and the edge of the HTTP port, over the gRPC port's servicers."""
 
     def __init__(self, triton: TritonServicer, native: StreamInferenceServicer, drain: Drain, tenants: Tenants | None,
-                 ready: Callable[[], bool], *, body_limit: int, body_timeout_s: float) -> None:
-        """`ready`: whether the server takes work (Redis answers, not shutting down), for /v2/health/ready."""
+                 ready: Callable[[], bool], *, body_limit: int, body_timeout_s: float,
+                 tracing: Tracing | None = None) -> None:
+        """`ready`: whether the server takes work (Redis answers, not shutting down), for /v2/health/ready;
+        `tracing`: None with tracing off (server/api/tracing.py), else each inference request gets a server span."""
+        self.tracing = tracing
         self.triton = triton
         self.native = native
         self.drain = drain
@@ -236,6 +240,13 @@ class RestApi:
     async def server_metadata(self, request: web.Request) -> web.Response:
         return _json(message_json(self.triton.server_metadata()))
 
+    def _trace(self, request: web.Request, route: str) -> RequestTrace | None:
+        """The server span of an inference request, continuing a `traceparent` header; None with tracing off."""
+        if self.tracing is None:
+            return None
+        method, _, path = route.partition(" ")
+        return self.tracing.request(request.headers, route, {"http.request.method": method, "http.route": path})
+
     @staticmethod
     def _model(request: web.Request) -> tuple[str, str]:
         return request.match_info["model"], request.match_info.get("version", "")
@@ -257,7 +268,8 @@ class RestApi:
     async def model_infer(self, request: web.Request) -> web.Response:
         body = await self._body(request)
         infer = parse_infer_request(body, request.headers.get(HEADER_LENGTH), *self._model(request))
-        answer = await self.triton.infer(infer.message, TENANT.get())
+        trace = self._trace(request, "POST /v2/models/{model}/infer")
+        answer = await self.triton.infer(infer.message, TENANT.get(), trace=trace)
         payload, header_length = infer_response_body(answer, infer)
         if header_length is None:
             return web.Response(body=payload, content_type="application/json")
@@ -306,7 +318,8 @@ class RestApi:
         tenant = TENANT.get()
         if verb == "predict":
             predict = parse_message(await self._body(request), pb.PredictRequest, {"stream_id": stream_id})
-            answer = await self.native.predict(predict, tenant)
+            trace = self._trace(request, "POST /v1/streams/{stream_id}:predict")
+            answer = await self.native.predict(predict, tenant, trace=trace)
             return web.Response(body=message_body(answer), content_type="application/json")
         if verb == "reset":
             reset = parse_message(await self._body(request), pb.ResetStreamRequest, {"stream_id": stream_id})

@@ -41,6 +41,7 @@ from server.api.auth import TENANT
 from server.api.errors import as_service_error, unary_errors
 from server.api.malformed import add_servicer
 from server.api.streaming import StreamWindow, answer_in_order
+from server.api.tracing import RequestTrace, Tracing
 from server.api.triton_convert import (
     SERVER_NAME,
     model_config,
@@ -59,6 +60,7 @@ from server.version import server_version
 EXTENSIONS = ("model_configuration", "model_repository", "sequence", "sequence(string_id)", "statistics")
 
 Context = grpc.aio.ServicerContext
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
 @dataclass(slots=True)
@@ -72,15 +74,17 @@ class _Submitted:
     times: StageTimes  # filled in by the data path, for ModelStatistics
     tenant: str  # whose statistics count it
     model: str  # the served model's name
+    trace: RequestTrace | None = None  # with tracing on: the request's server span
 
 
 class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self, dataplane: DataPlane, window: StreamWindow, *, max_batch_size: int, max_queue_delay_us: int,
-        sequence_idle_us: int,
+        sequence_idle_us: int, tracing: Tracing | None = None,
     ) -> None:
         """The keyword arguments only feed what ModelConfig reports, and the caller passes the configuration's
         values (`--max-batch`, `--max-delay-ms`, `--state-ttl-s`): the defaults live in server/config.py alone."""
+        self.tracing = tracing  # None: tracing off
         self.dataplane = dataplane
         self.window = window
         self.max_batch_size = max_batch_size
@@ -111,9 +115,21 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # The inference path, shared by ModelInfer and ModelStreamInfer.
 
-    def _submit(self, request: pb.ModelInferRequest, tenant: str, time_remaining: float | None = None) -> _Submitted:
+    def _trace(self, context: Context, method: str) -> RequestTrace | None:
+        if self.tracing is None:
+            return None
+        return self.tracing.request(context.invocation_metadata(), f"{SERVICE}/{method}",
+                                    {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method})
+
+    def _submit(self, request: pb.ModelInferRequest, tenant: str, time_remaining: float | None = None,
+                trace: RequestTrace | None = None) -> _Submitted:
         """Validate and hand to the data plane now, so a stream's chunks reach the batcher in order."""
-        served, version = self._model(request.model_name, request.model_version)
+        try:
+            served, version = self._model(request.model_name, request.model_version)
+        except BaseException as exc:
+            if trace is not None:
+                trace.end(exc)
+            raise
         started_ns, times, batched = time.monotonic_ns(), StageTimes(), False
         try:
             chunk, batched = to_chunk(
@@ -124,29 +140,33 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
             if (timeout_s := request_timeout_s(request.parameters)) is not None:
                 time_remaining = timeout_s if time_remaining is None else min(time_remaining, timeout_s)
             times.queued = time.monotonic_ns()
-            answer = self.dataplane.submit(chunk, time_remaining)
+            answer = self.dataplane.submit(chunk if trace is None else trace.chunk(chunk), time_remaining)
         except Exception as exc:  # a bad request: its failure is delivered like the data plane's
             answer = asyncio.get_running_loop().create_future()
             answer.set_exception(as_service_error(exc))
-        return _Submitted(request, answer, batched, started_ns, times, tenant, served.name)
+        return _Submitted(request, answer, batched, started_ns, times, tenant, served.name, trace)
 
     async def _finish(self, submitted: _Submitted) -> pb.ModelInferResponse:
         statistics = self.statistics.of(_statistics_key(submitted.tenant, submitted.model))
         try:
-            prediction = await submitted.answer
+            if submitted.trace is not None:
+                prediction = await submitted.trace.answer(submitted.answer)
+            else:
+                prediction = await submitted.answer
         except Exception:
             statistics.record_failure(submitted.started_ns)
             raise
         statistics.record_success(submitted.started_ns, submitted.times)
         return to_response(submitted.request, prediction, submitted.batched, submitted.model)
 
-    async def infer(self, request: pb.ModelInferRequest, tenant: str,
-                    time_remaining: float | None = None) -> pb.ModelInferResponse:
-        return await self._finish(self._submit(request, tenant, time_remaining))
+    async def infer(self, request: pb.ModelInferRequest, tenant: str, time_remaining: float | None = None,
+                    trace: RequestTrace | None = None) -> pb.ModelInferResponse:
+        """`trace`: the request's server span (server/api/tracing.py), None with tracing off."""
+        return await self._finish(self._submit(request, tenant, time_remaining, trace))
 
     @unary_errors
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
-        return await self.infer(request, TENANT.get(), context.time_remaining())
+        return await self.infer(request, TENANT.get(), context.time_remaining(), self._trace(context, "ModelInfer"))
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: Context
@@ -157,9 +177,12 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
         tenant = TENANT.get()  # set for the whole call by the API-key interceptor
 
         def start(request: pb.ModelInferRequest) -> _Submitted:
-            return self._submit(request, tenant, context.time_remaining())
+            return self._submit(request, tenant, context.time_remaining(), self._trace(context, "ModelStreamInfer"))
 
         def abandon(unanswered: list[_Submitted]) -> None:
+            for submitted in unanswered:
+                if submitted.trace is not None:
+                    submitted.trace.end(asyncio.CancelledError())
             self.dataplane.abandon([submitted.answer for submitted in unanswered])
 
         async for response in answer_in_order(requests, start, finish, to_stream_error, abandon, self.window):

@@ -29,6 +29,7 @@ from server.api.streaming import StreamWindow
 from server.api.triton import TritonServicer, add_triton_service
 from server.app.models import RepositoryModels, load_runner
 from server.app.redis_health import RedisHealth
+from server.app.tracing import TracingSetup, start_tracing
 from server.config import ServerConfig
 from server.dataplane.plane import DataPlane
 from server.dataplane.processor import StreamPolicy
@@ -61,11 +62,15 @@ class BuiltServer:
     redis_mode: str
     repository: RepositoryModels | None = None  # with --model-repository: polls it until stopped
     rest: RestApi | None = None  # the HTTP/REST port's routes (--http-port; None: off), started by run.py
+    tracing: TracingSetup | None = None  # with OTEL_TRACES_EXPORTER set: flushed at shutdown
 
 
 async def build_server(config: ServerConfig, worker_of: tuple[int, int] | None) -> BuiltServer:
     # Before the model loads (seconds): a bad key file or certificate should fail at once.
     security = Security(config)
+    # Stream ids stay out of traces when tenants are on: each span names a hash of tenant and id instead.
+    tracing = start_tracing(hash_stream_ids=security.tenants is not None)
+    edge_tracing = tracing.tracing if tracing is not None else None
     # The message limits fit the models loaded at start-up; a model loaded later must fit them too.
     single = None if config.model_repository else _load_model(config)
     topology = RedisTopology.from_config(config)
@@ -120,13 +125,13 @@ async def build_server(config: ServerConfig, worker_of: tuple[int, int] | None) 
     window = StreamWindow(config.stream_window, config.stream_window_bytes)
     # Malformed bytes get INVALID_ARGUMENT rather than grpc's UNKNOWN (server/api/malformed.py).
     batch_limits = BatchLimits(config.max_batch_chunks, config.max_batch_timesteps)
-    native = StreamInferenceServicer(dataplane, window, batch_limits)
+    native = StreamInferenceServicer(dataplane, window, batch_limits, edge_tracing)
     add_servicer(stream_pb2_grpc.add_StreamInferenceServicer_to_server, native, server)
     # The Triton / KServe v2 protocol on the same port, over the same data plane.
     triton = TritonServicer(
         dataplane, window,
         max_batch_size=config.max_batch, max_queue_delay_us=config.max_delay_us,
-        sequence_idle_us=config.state_ttl_us,
+        sequence_idle_us=config.state_ttl_us, tracing=edge_tracing,
     )
     triton_service = add_triton_service(server, triton)
     inference_services = [stream_pb2.DESCRIPTOR.services_by_name["StreamInference"].full_name, triton_service]
@@ -143,8 +148,10 @@ async def build_server(config: ServerConfig, worker_of: tuple[int, int] | None) 
     rest = RestApi(
         triton, native, drain, security.tenants, lambda: redis_health.up,
         body_limit=config.http_body_limit(max(f for f, _ in shapes)), body_timeout_s=config.request_deadline_s,
+        tracing=edge_tracing,
     ) if config.http_port else None
-    return BuiltServer(server, port, dataplane, health, redis_health, drain, security, topology.mode, repository, rest)
+    return BuiltServer(server, port, dataplane, health, redis_health, drain, security, topology.mode, repository, rest,
+                       tracing)
 
 
 def _fits(config: ServerConfig, limits: tuple[int, int], features: int, outputs: int) -> str | None:

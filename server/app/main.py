@@ -15,9 +15,9 @@ import sys
 
 from server.app.logs import carry_native_stderr, configure_logging
 from server.app.supervisor import SUPERVISOR_ENV, WORKER_ENV, exit_with_supervisor, run_workers
+from server.app.tracing import keep_opentelemetry_out
 from server.config import ServerConfig, load_config
 from server.errors import EXIT_STARTUP_ERROR, StartupError
-from server.state.launcher import check_redis, release_private_redis
 
 log = logging.getLogger("server")
 
@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.exit(admin(argv[1:]))
     config = load_config(argv)
+    # Tracing off: OpenTelemetry stays out of the process, before Redis' client (which would import it) loads.
+    keep_opentelemetry_out()
+    from server.state.launcher import check_redis, release_private_redis
+
     configure_logging(config.log_level, config.log_format)
     worker_env = os.environ.get(WORKER_ENV)
     supervising = config.workers > 1 and worker_env is None

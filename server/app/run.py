@@ -56,6 +56,7 @@ async def run_until_signalled(built: BuiltServer, config: ServerConfig, worker_o
                                           "http_port": config.http_port if http else None,
                                           "redis": redact_url(config.redis_url), "redis_mode": built.redis_mode,
                                           **built.security.describe(),
+                                          "tracing": built.tracing.description if built.tracing else "off",
                                           "worker": "/".join(map(str, worker_of)) if worker_of else None}})
 
     stopping = asyncio.Event()
@@ -77,6 +78,8 @@ async def run_until_signalled(built: BuiltServer, config: ServerConfig, worker_o
     if built.repository is not None:
         await built.repository.stop()
     await built.dataplane.stop()
+    if built.tracing is not None:
+        built.tracing.close()  # the spans of the last requests, before the process exits
 
 
 async def _start_http(built: BuiltServer, config: ServerConfig, worker_of: tuple[int, int] | None

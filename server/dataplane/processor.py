@@ -31,7 +31,7 @@ from server.state.live import LiveChange, LiveStreams
 from server.state.live_versions import LiveStreamsByVersion
 from server.state.record import SlotRecord
 from server.state.store import APPLIED, REFUSED, Loaded, SlotWrite, StateStore, now_unix_ms
-from server.types import CONFLICT, BatchResult, Chunk, Prediction
+from server.types import CONFLICT, BatchResult, Chunk, ModelCall, Prediction
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,9 +258,12 @@ class BatchProcessor:
         finished = time.monotonic_ns()
         version.last_used = time.monotonic()
         metrics.VERSION_CHUNKS.labels(self.versions.name, str(version.number)).inc(len(planned))  # once a batch
-        for p in planned:
-            if p.chunk.times is not None:
-                p.chunk.times.model_ran(started, finished, len(planned))
+        timed = [p.chunk.times for p in planned if p.chunk.times is not None]  # Triton's statistics, tracing
+        if timed:
+            # Traced chunks share one record of the call (its span links them); none is made untraced.
+            call = ModelCall(timed) if any(times.trace is not None for times in timed) else None
+            for times in timed:
+                times.model_ran(started, finished, len(planned), call)
         return outputs, new_states
 
     async def _save(self, batch: _Batch, outputs: list[np.ndarray], states: list[np.ndarray]) -> None:

