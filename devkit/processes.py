@@ -190,12 +190,13 @@ class ServerProcess:
         self.port = port or 0
         self.channel: grpc.Channel | None = None
         try:
-            self.port = wait_until(self._bound, ready_timeout_s, "lstm-serve to log its port", interval_s=0.1)
+            # Polled often: a test waits on every server it starts, and both checks are cheap.
+            self.port = wait_until(self._bound, ready_timeout_s, "lstm-serve to log its port", interval_s=0.05)
             self.address = f"127.0.0.1:{self.port}"
             self.channel = (grpc.secure_channel(self.address, credentials) if credentials
                             else grpc.insecure_channel(self.address))
             self.stub = stream_pb2_grpc.StreamInferenceStub(self.channel)
-            wait_until(self._serving, ready_timeout_s, f"lstm-serve on {self.address}", interval_s=0.2)
+            wait_until(self._serving, ready_timeout_s, f"lstm-serve on {self.address}", interval_s=0.05)
         except TimeoutError:
             self.stop()
             raise RuntimeError(f"server did not become ready; its log:\n{self.log()}") from None
