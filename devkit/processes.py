@@ -27,6 +27,14 @@ from server.config import DEFAULT_MODEL
 T = TypeVar("T")
 
 
+# Flags for a test's own server that compiles no XLA shapes at start-up: the warm-up (the --warmup-timesteps
+# lengths, compiled in the background once serving) costs about 3 s of CPU a server, which on the suite's
+# 2 cores the other worker waits for, and such servers mostly live seconds. Nothing changes for the calls: a
+# batch of a shape not compiled runs on the traced call, as while a warm-up runs, and XLA still compiles the
+# shapes traffic asks for. tests/model/test_model_runner.py tests the warm-up itself.
+NO_WARMUP = ("--warmup-timesteps", "")
+
+
 def free_port() -> int:
     """A port free now. Only for a port that must be known before its process starts (Redis, Envoy's config,
     /metrics): between this call and the bind another process may take it. lstm-serve takes --port 0."""
