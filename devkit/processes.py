@@ -19,6 +19,8 @@ from typing import TypeVar
 import grpc
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from devkit import ROOT
 from lstm_stream.v1 import stream_pb2_grpc
@@ -66,6 +68,14 @@ def wait_until(condition: Callable[[], T], timeout_s: float, what: str, interval
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what}")
         time.sleep(interval_s)
+
+
+def no_retry() -> Retry:
+    """For a redis-py client whose failure is the answer (a poll until Redis is up, a check that nothing or
+    nobody unauthenticated gets in). A client made by `redis.Redis(...)` (not `from_url`) retries a failed
+    connection or command, an AuthenticationError included, three times with backoff (redis-py 6 and later),
+    so each such failure took 3 to 4 s."""
+    return Retry(NoBackoff(), 0)
 
 
 def find_binary(name: str) -> str:
