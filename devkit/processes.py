@@ -19,12 +19,22 @@ from typing import TypeVar
 import grpc
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from devkit import ROOT
 from lstm_stream.v1 import stream_pb2_grpc
 from server.config import DEFAULT_MODEL
 
 T = TypeVar("T")
+
+
+# Flags for a test's own server that compiles no XLA shapes at start-up: the warm-up (the --warmup-timesteps
+# lengths, compiled in the background once serving) costs about 3 s of CPU a server, which on the suite's
+# 2 cores the other worker waits for, and such servers mostly live seconds. Nothing changes for the calls: a
+# batch of a shape not compiled runs on the traced call, as while a warm-up runs, and XLA still compiles the
+# shapes traffic asks for. tests/model/test_model_runner.py tests the warm-up itself.
+NO_WARMUP = ("--warmup-timesteps", "")
 
 
 def free_port() -> int:
@@ -58,6 +68,14 @@ def wait_until(condition: Callable[[], T], timeout_s: float, what: str, interval
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what}")
         time.sleep(interval_s)
+
+
+def no_retry() -> Retry:
+    """For a redis-py client whose failure is the answer (a poll until Redis is up, a check that nothing or
+    nobody unauthenticated gets in). A client made by `redis.Redis(...)` (not `from_url`) retries a failed
+    connection or command, an AuthenticationError included, three times with backoff (redis-py 6 and later),
+    so each such failure took 3 to 4 s."""
+    return Retry(NoBackoff(), 0)
 
 
 def find_binary(name: str) -> str:
@@ -201,12 +219,13 @@ class ServerProcess:
         self.port = port or 0
         self.channel: grpc.Channel | None = None
         try:
-            self.port = wait_until(self._bound, ready_timeout_s, "lstm-serve to log its port", interval_s=0.1)
+            # Polled often: a test waits on every server it starts, and both checks are cheap.
+            self.port = wait_until(self._bound, ready_timeout_s, "lstm-serve to log its port", interval_s=0.05)
             self.address = f"127.0.0.1:{self.port}"
             self.channel = (grpc.secure_channel(self.address, credentials) if credentials
                             else grpc.insecure_channel(self.address))
             self.stub = stream_pb2_grpc.StreamInferenceStub(self.channel)
-            wait_until(self._serving, ready_timeout_s, f"lstm-serve on {self.address}", interval_s=0.2)
+            wait_until(self._serving, ready_timeout_s, f"lstm-serve on {self.address}", interval_s=0.05)
         except TimeoutError:
             self.stop()
             raise RuntimeError(f"server did not become ready; its log:\n{self.log()}") from None

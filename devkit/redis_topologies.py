@@ -12,7 +12,7 @@ from pathlib import Path
 
 import redis
 
-from devkit.processes import free_port, wait_until
+from devkit.processes import free_port, no_retry, wait_until
 
 
 def tls_only(port: int, tls: dict[str, Path]) -> list[str]:
@@ -68,15 +68,15 @@ class NodeProcess:
         self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         wait_until(self._answers, 10, f"redis-server on port {self.port}")
 
-    def client(self) -> redis.Redis:
+    def client(self, **options: object) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, decode_responses=True,
-                           password=self.password, **self.client_options)
+                           password=self.password, **{**self.client_options, **options})
 
     def _answers(self) -> bool:
         if self.process.poll() is not None:
             raise RuntimeError(f"redis-server on port {self.port} exited; see {self.dir}/redis.log")
         try:
-            return bool(self.client().ping())
+            return bool(self.client(retry=no_retry()).ping())
         except redis.exceptions.ConnectionError:
             return False
 

@@ -13,6 +13,7 @@ Logs and data go to `workdir` (a temporary folder by default), one file per proc
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import signal
@@ -200,6 +201,10 @@ class Topology:
                 process.wait(10)
         return process.returncode
 
+    def _drains(self, replica: Replica) -> int:
+        """How many times the replica's log says it started draining (its runs share one log)."""
+        return self.log(f"server-{replica.index}").count("draining: health is NOT_SERVING")
+
     def metrics(self, index: int) -> str:
         url = f"http://127.0.0.1:{self.members[index].metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as reply:
@@ -270,9 +275,20 @@ class Topology:
         """Replicas first (they finish what is in flight), then Envoy, then Redis (flushes its AOF)."""
         with self._lock:
             # All replicas drain at once (SIGTERM to each, then wait), so stopping takes one drain, not N.
-            for member in self.members:
-                if member.process is not None and member.process.poll() is None:
-                    member.process.send_signal(signal.SIGTERM)
+            running = [m for m in self.members if m.process is not None and m.process.poll() is None]
+            drains_before = {m.index: self._drains(m) for m in running}  # its log spans its earlier runs
+            for member in running:
+                member.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+            # Then a second SIGTERM to each, once it says it is draining: that skips the rest of its drain
+            # delay (docs/operations.md), which waits for a load balancer to take it out, and the whole
+            # topology is going; calls already accepted still finish. One not serving yet (SIGTERM during
+            # start-up stops it at once) or slow to say so gets no second signal: it drains in full.
+            for member in running:
+                with contextlib.suppress(TimeoutError):
+                    wait_until(lambda m=member: self._drains(m) > drains_before[m.index], 2,  # type: ignore[misc]
+                               f"replica {member.index} to drain", interval_s=0.05)
+                    if member.process.poll() is None:  # type: ignore[union-attr]
+                        member.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
             for index in range(len(self.members)):
                 self.stop_replica(index)
             for process in (self.envoy, self.redis):

@@ -21,7 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # all take the default --http-port 8000 and collide: off for them, unless a test says otherwise.
 os.environ.setdefault("LSTM_SERVE_HTTP_PORT", "0")
 
-from devkit.processes import RedisServer, ServerProcess
+from devkit.processes import NO_WARMUP, RedisServer, ServerProcess
 from server.config import DEFAULT_MODEL
 
 # The longest files first. `--dist loadfile` hands each xdist worker a whole file at a time, in collection
@@ -127,14 +127,17 @@ def gru_stateful_server(redis_server: RedisServer, small_models: dict[str, Path]
     yield from _serve(redis_server, small_models["gru_stateful"])
 
 
+# A test's own server compiles no XLA shapes at start-up (devkit.processes.NO_WARMUP; a test's own
+# --warmup-timesteps, given after it, wins). The shared servers above keep the default warm-up.
 @pytest.fixture
 def start_server(redis_server: RedisServer) -> Iterator[Callable[..., ServerProcess]]:
-    """Start servers with custom models or flags; every one is stopped after the test."""
+    """Start servers with custom models or flags (after NO_WARMUP); every one is stopped after the test."""
     started: list[ServerProcess] = []
 
     def start(*extra: str, model: object = DEFAULT_MODEL, redis_url: str | None = None,
               port: int | None = None) -> ServerProcess:
-        server = ServerProcess(redis_url or redis_server.url, model, *extra, port=port)  # type: ignore[arg-type]
+        server = ServerProcess(redis_url or redis_server.url, model, *NO_WARMUP, *extra,  # type: ignore[arg-type]
+                               port=port)
         started.append(server)
         return server
 

@@ -24,10 +24,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from devkit.native_calls import outputs, request
 from devkit.peers import triton_messages
-from devkit.processes import RedisServer, ServerProcess, wait_until
+from devkit.processes import NO_WARMUP, RedisServer, ServerProcess, wait_until
 from devkit.references import TOLERANCE, keras_whole_sequence
 from lstm_stream.v1 import stream_pb2 as pb
-from server.config import DEFAULT_MODEL
+from server.config import DEFAULT_MODEL, ServerConfig
 
 triton_pb2, triton_pb2_grpc = triton_messages()
 pytestmark = pytest.mark.timeout(180)
@@ -42,6 +42,15 @@ def paused_redis() -> Iterator[RedisServer]:
     yield server
     if server.process and server.process.poll() is None:
         os.kill(server.process.pid, signal.SIGCONT)
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def paused_server(paused_redis: RedisServer) -> Iterator[ServerProcess]:
+    """A server on paused_redis, shared by both protocols' tests: each reads the metrics as differences and
+    leaves the batcher idle."""
+    server = ServerProcess(paused_redis.url, DEFAULT_MODEL, *NO_WARMUP)
+    yield server
     server.stop()
 
 
@@ -96,8 +105,8 @@ class Triton:
 
 
 @pytest.mark.parametrize("protocol", [Native, Triton], ids=["native", "triton"])
-def test_a_broken_stream_drops_its_queued_chunks_and_resumes_exactly(start_server, paused_redis, protocol) -> None:
-    server = start_server(redis_url=paused_redis.url)
+def test_a_broken_stream_drops_its_queued_chunks_and_resumes_exactly(paused_server, paused_redis, protocol) -> None:
+    server = paused_server
     stub = server.stub
     api = protocol(server)
     stream = f"broken-{uuid.uuid4().hex[:8]}"
@@ -148,13 +157,15 @@ def test_a_broken_stream_drops_its_queued_chunks_and_resumes_exactly(start_serve
     assert stub.GetStream(pb.GetStreamRequest(stream_id=stream), timeout=30).offset == CHUNKS * STEPS
 
 
-def test_unanswered_applied_chunks_replay_inside_the_window_and_older_ones_are_refused(start_server) -> None:
+def test_unanswered_applied_chunks_replay_inside_the_window_and_older_ones_are_refused(start_server,
+                                                                                     default_server) -> None:
     """What docs/api.md ("Resume after a break") tells a reconnecting client: the applied chunks among the
     last --replay-window replay with their answers; an older one is refused FAILED_PRECONDITION as no longer
     kept, with the offset in `x-stream-offset` (skip it: its end is at or before that offset), and is
     never applied again."""
-    for window in (8, 2):
-        stub = start_server("--replay-window", str(window)).stub
+    default_window = ServerConfig().replay_window
+    for window in (default_window, 2):  # the default (8) on the session's shared server
+        stub = (default_server if window == default_window else start_server("--replay-window", str(window))).stub
         stream = f"resume-{uuid.uuid4().hex[:8]}"
         x = np.random.default_rng(32).normal(size=(4 * STEPS, 1)).astype(np.float32)
         messages = [request(stream, x[i * STEPS:(i + 1) * STEPS], start_offset=i * STEPS) for i in range(4)]

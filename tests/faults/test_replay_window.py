@@ -172,8 +172,10 @@ def test_a_cancelled_call_resumes_on_another_replica_with_every_output(replicas,
         check(stream, x, client.answers, resumed, -(client.sent - len(client.answers)), other.stub)
 
 
-def test_a_killed_replica_s_chunks_are_answered_by_another_and_by_itself_restarted(start_server) -> None:
-    victim, other = start_server(), start_server()  # their own: one is killed
+def test_a_killed_replica_s_chunks_are_answered_by_another_and_by_itself_restarted(start_server,
+                                                                                   default_server) -> None:
+    # The victim is its own (it is killed); the other replica, on the same Redis, is the session's shared one.
+    victim, other = start_server(), default_server
     stream = f"killed-{uuid.uuid4().hex[:6]}"
     x = np.random.default_rng(20).normal(size=(CHUNKS * STEPS, 1)).astype(np.float32)
     messages = messages_of(stream, x)

@@ -22,7 +22,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devkit import ROOT
-from devkit.processes import RedisServer, ServerProcess, free_port, wait_until
+from devkit.processes import NO_WARMUP, RedisServer, ServerProcess, free_port, wait_until
 from lstm_stream.v1 import stream_pb2 as pb
 from server.config import DEFAULT_MODEL
 
@@ -107,7 +107,8 @@ def test_sigterm_under_load_drains_cleanly_and_a_new_server_continues(tmp_path) 
         assert any(m.startswith("draining") for m in messages) and any(m.startswith("refusing") for m in messages)
 
         # A new server on the same port and Redis: the tools, still retrying by offset, carry on there.
-        second = ServerProcess(redis.url, DEFAULT_MODEL, *flags, port=port)
+        # (No warm-up: the first server drained with its own under way; this one only serves the rest.)
+        second = ServerProcess(redis.url, DEFAULT_MODEL, *NO_WARMUP, *flags, port=port)
         for api, process in loads.items():
             out, err = process.communicate(timeout=180)
             report = json.loads((tmp_path / f"{api}.json").read_text())

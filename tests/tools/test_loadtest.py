@@ -137,7 +137,8 @@ def test_verify_fails_when_the_servers_redis_is_flushed_mid_run(default_server: 
     # The shared Redis, flushed of this run's keys alone: the other tests' streams live there too.
     prefix = f"lt-flush-{os.getpid()}"
     json_path = tmp_path / "report.json"
-    process = start_cli("--target", default_server.address, "--streams", "4", "--duration", "5", "--warmup", "0",
+    # 3 s of closed-loop load: the flush comes once 20 timesteps are in, every stream's next chunk meets it.
+    process = start_cli("--target", default_server.address, "--streams", "4", "--duration", "3", "--warmup", "0",
                         "--stream-prefix", prefix, "--verify", "--json", str(json_path))
     wait_until(lambda: process.poll() is not None or offset_of(default_server, f"{prefix}-0") >= 20, 60,
                "the load to get going")
@@ -160,7 +161,7 @@ def test_verify_fails_when_a_stream_is_reset_behind_its_back(default_server: Ser
     # Without start_offset the server cannot refuse the chunks after the reset: only the outputs show it.
     prefix = f"lt-reset-{os.getpid()}"
     json_path = tmp_path / "report.json"
-    process = start_cli("--target", default_server.address, "--streams", "3", "--chunk", "2", "--duration", "4",
+    process = start_cli("--target", default_server.address, "--streams", "3", "--chunk", "2", "--duration", "3",
                         "--warmup", "0", "--no-offsets", "--stream-prefix", prefix, "--verify", "--verify-sample",
                         "all", "--json", str(json_path))
     victim = f"{prefix}-1"

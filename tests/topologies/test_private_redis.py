@@ -25,7 +25,7 @@ import redis
 
 from devkit import ROOT
 from devkit.native_calls import predict
-from devkit.processes import free_port, serving_ports, wait_until
+from devkit.processes import free_port, no_retry, serving_ports, wait_until
 from lstm_stream.v1 import stream_pb2_grpc
 from server.state.launcher import MARKER
 
@@ -82,7 +82,8 @@ def _entries(log: str, message: str) -> list[dict]:
 def _stop_private_redis(port: int, password: str | None, username: str | None = None) -> None:
     """Whatever a failing test left behind on its port."""
     with contextlib.suppress(redis.exceptions.RedisError):
-        redis.Redis(port=port, username=username, password=password, socket_timeout=2).shutdown(nosave=True)
+        redis.Redis(port=port, username=username, password=password, socket_timeout=2,
+                    retry=no_retry()).shutdown(nosave=True)
 
 
 def _alive(pid: int) -> bool:
@@ -113,11 +114,11 @@ def test_a_private_redis_is_started_with_the_urls_credentials(tmp_path: Path, us
     server = _Server(url, tmp_path / "redis", tmp_path / "server.log")
     try:
         with pytest.raises(redis.exceptions.AuthenticationError):  # NOAUTH: not PONG to anyone
-            redis.Redis(port=port, socket_timeout=2).ping()
+            redis.Redis(port=port, socket_timeout=2, retry=no_retry()).ping()
         assert redis.Redis(port=port, username=user or None, password=password, socket_timeout=2).ping()
         if user:  # the default user is off: the URL's user is the only way in, even with the right password
             with pytest.raises(redis.exceptions.AuthenticationError):
-                redis.Redis(port=port, password=password, socket_timeout=2).ping()
+                redis.Redis(port=port, password=password, socket_timeout=2, retry=no_retry()).ping()
         (started,) = _entries(server.log(), "private redis-server was started")
         assert ("ACL user 'app'" if user else "requirepass") in started["credentials"]
         pid = json.loads((tmp_path / "redis" / MARKER).read_text())["pid"]
@@ -146,7 +147,7 @@ def test_no_private_redis_for_another_host_or_half_credentials(url: str, says: s
     assert result.returncode == 2 and says in output and "no Redis" in output, output[-2000:]
     assert "1234" not in output
     with pytest.raises(redis.exceptions.ConnectionError):
-        redis.Redis(port=port, socket_connect_timeout=1).ping()
+        redis.Redis(port=port, socket_connect_timeout=1, retry=no_retry()).ping()
 
 
 @pytest.mark.timeout(480)
@@ -175,7 +176,7 @@ def test_a_neighbours_ctrl_c_never_stops_a_server_sharing_its_private_redis(tmp_
         assert not (tmp_path / "elsewhere" / MARKER).exists()  # B restarted it in A's folder, not its own
         assert second.stop() == 0
         with pytest.raises(redis.exceptions.ConnectionError):  # the last user stopped it
-            redis.Redis(port=port, password=password, socket_connect_timeout=1).ping()
+            redis.Redis(port=port, password=password, socket_connect_timeout=1, retry=no_retry()).ping()
     finally:
         first.stop()
         if second is not None:
