@@ -6,8 +6,9 @@ answer both ports: each handler converts the HTTP request into the protobuf mess
 (server/api/kserve_json.py, server/api/native_json.py), calls the servicer's context-free method, and
 converts the answer back. A sequence may alternate between gRPC and HTTP requests: it is one stream.
 
-Every request passes through `edge` once: the one place where a request starts and ends (a tracing
-middleware's server span wraps exactly this). It counts it in the metrics with protocol="http" and the
+Every request passes through `edge` once: the one place where a request starts and ends. (With tracing on,
+the inference handlers start their request's server span themselves, as the gRPC servicers do: the span's
+children need the chunk.) It counts it in the metrics with protocol="http" and the
 method's gRPC name, gates it on the drain (503 with Retry-After once the server refuses new work), checks
 the API key (`Authorization: Bearer`, setting TENANT as the gRPC interceptor does; health stays open), and
 maps every ServiceError once to an HTTP status and a JSON body `{"error": message, "code": "GRPC_CODE"}`
