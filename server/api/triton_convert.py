@@ -73,34 +73,31 @@ def _sequence_id(parameters: Mapping[str, pb.InferParameter]) -> str | None:
     raise invalid_argument(field_name, f"is a {kind}; expected int64_param, uint64_param or string_param")
 
 
-def _start_offset(parameters: Mapping[str, pb.InferParameter], reset: bool) -> int | None:
-    field_name = f"parameters.{START_OFFSET}"
-    if START_OFFSET not in parameters:
+def _count_parameter(parameters: Mapping[str, pb.InferParameter], key: str, unit: str) -> int | None:
+    """An integer parameter that counts something (`unit` names it in errors): None when absent, else >= 0."""
+    if key not in parameters:
         return None
-    parameter = parameters[START_OFFSET]
+    parameter = parameters[key]
     kind = parameter.WhichOneof("parameter_choice")
     if kind not in ("int64_param", "uint64_param"):
-        raise invalid_argument(field_name, f"is a {kind}; expected int64_param")
+        raise invalid_argument(f"parameters.{key}", f"is a {kind}; expected int64_param ({unit})")
     value = int(getattr(parameter, kind))
     if value < 0:
-        raise invalid_argument(field_name, f"is {value}; an offset is at least 0")
-    check_start(value, reset, field_name)
+        raise invalid_argument(f"parameters.{key}", f"is {value}; {unit} are at least 0")
+    return value
+
+
+def _start_offset(parameters: Mapping[str, pb.InferParameter], reset: bool) -> int | None:
+    value = _count_parameter(parameters, START_OFFSET, "timesteps")
+    if value is not None:
+        check_start(value, reset, f"parameters.{START_OFFSET}")
     return value
 
 
 def request_timeout_s(parameters: Mapping[str, pb.InferParameter]) -> float | None:
     """Triton's `timeout` parameter (microseconds; tritonclient's `infer(timeout=...)`), in seconds: the request's
     own deadline, at most the call's; None when absent or 0 (no limit of its own, as Triton reads 0)."""
-    field_name = "parameters.timeout"
-    if "timeout" not in parameters:
-        return None
-    parameter = parameters["timeout"]
-    kind = parameter.WhichOneof("parameter_choice")
-    if kind not in ("int64_param", "uint64_param"):
-        raise invalid_argument(field_name, f"is a {kind}; expected int64_param (microseconds)")
-    value = int(getattr(parameter, kind))
-    if value < 0:
-        raise invalid_argument(field_name, f"is {value}; microseconds are at least 0 (0: no timeout)")
+    value = _count_parameter(parameters, "timeout", "microseconds")
     return value / 1e6 if value else None
 
 
