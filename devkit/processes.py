@@ -155,10 +155,28 @@ def _kill_leftover_redis() -> None:
 
 def serve_until_exit(*flags: str) -> subprocess.CompletedProcess[str]:
     """lstm-serve run to its exit, for the start-up refusals (exit code 2 and one line saying what to change)."""
+    return start_until_exit(*flags)()
+
+
+def start_until_exit(*flags: str) -> Callable[[], subprocess.CompletedProcess[str]]:
+    """serve_until_exit started now; the call returned waits (up to 60 s) for its exit. For refusals that wait
+    in the server's start-up check (redis-py's retries with backoff on each refused sentinel: seconds, idle)
+    to wait at once, and beside the test's other work."""
     command = [sys.executable, "-m", "server", "--port", "0", "--metrics-port", "0", "--http-port", "0",
                "--log-format", "text", *flags]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def finish() -> subprocess.CompletedProcess[str]:
+        try:
+            stdout, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            raise
+        return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+    return finish
 
 
 def serving_ports(log: str) -> list[int]:

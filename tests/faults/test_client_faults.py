@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import numpy as np
 import pytest
 
-from devkit.processes import RedisServer, wait_until
+from devkit.processes import NO_WARMUP, RedisServer, ServerProcess, wait_until
 from devkit.references import TOLERANCE, keras_whole_sequence
 from devkit.tcp_proxy import TcpProxy
 from lstm_stream.client import AsyncClient, Client, OutputsLost
@@ -80,13 +80,53 @@ async def unary_and_pipe(client: AsyncClient, fault_at: int, fault) -> None:  # 
     assert_exactly_once(x_pipe, got_pipe, "pipe")
 
 
-def test_server_killed_and_restarted_mid_stream(start_server) -> None:
-    server = start_server()
+class OwnServers:
+    """Servers of a test's own, to stop or kill, and their restarts on the same port: lstm-serve on the
+    session Redis with start_server's flags. A restart is left running at its test's end and is the next
+    test's server here (a fresh process, like any other): one start-up fewer a test, of the 5 s each costs."""
+
+    def __init__(self, redis_url: str, left_running: list[ServerProcess]) -> None:
+        self._redis_url, self._left_running = redis_url, left_running
+        self.taken: list[ServerProcess] = []  # stopped at the test's end
+
+    def server(self) -> ServerProcess:
+        while self._left_running:
+            server = self._left_running.pop()
+            self.taken.append(server)
+            if server.process.poll() is None:
+                return server
+        self.taken.append(ServerProcess(self._redis_url, DEFAULT_MODEL, *NO_WARMUP))
+        return self.taken[-1]
+
+    def restart(self, port: int) -> ServerProcess:
+        server = ServerProcess(self._redis_url, DEFAULT_MODEL, *NO_WARMUP, port=port)
+        self._left_running.append(server)
+        return server
+
+
+@pytest.fixture(scope="module")
+def _left_running() -> Iterator[list[ServerProcess]]:
+    left: list[ServerProcess] = []
+    yield left
+    for server in left:
+        server.stop()
+
+
+@pytest.fixture
+def own_servers(redis_server: RedisServer, _left_running: list[ServerProcess]) -> Iterator[OwnServers]:
+    servers = OwnServers(redis_server.url, _left_running)
+    yield servers
+    for server in servers.taken:
+        server.stop()
+
+
+def test_server_killed_and_restarted_mid_stream(own_servers: OwnServers) -> None:
+    server = own_servers.server()
     restarted: list[object] = []
-    # The restart takes seconds (TensorFlow, warm-up): meanwhile the client retries by itself. The client
-    # may finish as soon as the new server listens, before start_server has seen it ready and returned, so
-    # the thread is joined before the check (and before teardown, so the fixture stops the new server).
-    restart = threading.Thread(target=lambda: restarted.append(start_server(port=server.port)), daemon=True)
+    # The restart takes seconds (TensorFlow): meanwhile the client retries by itself. The client may finish
+    # as soon as the new server listens, before the restart has seen it ready and returned, so the thread is
+    # joined before the check (and before teardown, so that the new server is known and stopped in the end).
+    restart = threading.Thread(target=lambda: restarted.append(own_servers.restart(server.port)), daemon=True)
 
     def kill_and_restart() -> None:
         server.kill()
@@ -101,34 +141,34 @@ def test_server_killed_and_restarted_mid_stream(start_server) -> None:
     assert restarted, "the server was restarted"
 
 
-def test_redis_paused_past_the_attempt_deadline(start_server) -> None:
-    redis_server = RedisServer()  # its own: it is stopped here
+def test_redis_paused_past_the_attempt_deadline(default_server, redis_server: RedisServer) -> None:
+    # The shared server and its Redis (pausing one costs no process, unlike killing it): Redis is resumed
+    # in any case, and the test ends once the server's health (which follows Redis, polled each second) is
+    # SERVING again, so the tests after it find the shared server as they would have.
+    pid = redis_server.process.pid  # type: ignore[union-attr]
     try:
-        server = start_server(redis_url=redis_server.url)
-        pid = redis_server.process.pid  # type: ignore[union-attr]
-
         def pause_redis() -> None:
             os.kill(pid, signal.SIGSTOP)
             # Three attempt deadlines later, Redis comes back with whatever it had queued.
             threading.Timer(3.0, os.kill, (pid, signal.SIGCONT)).start()
 
         async def main() -> None:
-            async with AsyncClient(server.address, deadline=60, attempt_timeout=1) as client:
+            async with AsyncClient(default_server.address, deadline=60, attempt_timeout=1) as client:
                 await unary_and_pipe(client, fault_at=5, fault=pause_redis)
 
         asyncio.run(main())
     finally:
-        os.kill(redis_server.process.pid, signal.SIGCONT)  # type: ignore[union-attr]
-        redis_server.stop()
+        os.kill(pid, signal.SIGCONT)
+        wait_until(default_server._serving, 30, "the shared server's health to follow Redis back to SERVING")
 
 
-def test_streaming_connection_cut_by_a_proxy_and_by_a_server_restart(start_server) -> None:
-    server = start_server()
+def test_streaming_connection_cut_by_a_proxy_and_by_a_server_restart(own_servers: OwnServers) -> None:
+    server = own_servers.server()
     proxy = TcpProxy(server.port)
     x = signal_and_timesteps(3)
-    # The restart runs in a thread while the client retries; joined before teardown, so the fixture knows
-    # the new server (it registers a server once it is ready) and stops it (else it outlives the suite).
-    restart = threading.Thread(target=start_server, kwargs={"port": server.port}, daemon=True)
+    # The restart runs in a thread while the client retries; joined before teardown, so the new server is
+    # known (it is registered once it is ready) and stopped in the end (else it outlives the suite).
+    restart = threading.Thread(target=own_servers.restart, args=(server.port,), daemon=True)
     try:
         with Client(proxy.address, deadline=180, attempt_timeout=5) as client:
 
@@ -203,14 +243,14 @@ def test_window_8_through_a_proxy_cut_gets_every_output_once(default_server) -> 
         proxy.close()
 
 
-def test_window_8_through_a_server_kill_and_restart_gets_every_output_once(start_server) -> None:
+def test_window_8_through_a_server_kill_and_restart_gets_every_output_once(own_servers: OwnServers) -> None:
     """The same with the server SIGKILLed while 8 applied chunks are unanswered, and started again on its
     port: the answers are kept with the slot in Redis, so the new process replays them."""
-    server = start_server()
+    server = own_servers.server()
     proxy = TcpProxy(server.port)
     x = signal_and_timesteps(5)
     stream_id = f"cf-kill-{uuid.uuid4().hex[:6]}"
-    restart = threading.Thread(target=start_server, kwargs={"port": server.port}, daemon=True)
+    restart = threading.Thread(target=own_servers.restart, args=(server.port,), daemon=True)
 
     def kill_and_restart() -> None:
         server.kill()

@@ -46,10 +46,20 @@ def redis() -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="module")
-def server(redis: RedisServer) -> Iterator[ServerProcess]:
-    process = ServerProcess(redis.url, DEFAULT_MODEL)
-    yield process
-    process.stop()
+def _servers(redis: RedisServer) -> Iterator[list[ServerProcess]]:
+    """This file's servers on `redis`: the last is the one in use; the kill test kills it and appends the
+    server it starts again on the same port, which the tests after it use (one start-up fewer)."""
+    servers: list[ServerProcess] = []
+    yield servers
+    for process in servers:
+        process.stop()
+
+
+@pytest.fixture
+def server(redis: RedisServer, _servers: list[ServerProcess]) -> ServerProcess:
+    if not _servers or _servers[-1].process.poll() is not None:
+        _servers.append(ServerProcess(redis.url, DEFAULT_MODEL))
+    return _servers[-1]
 
 
 def kill_and_restart(redis: RedisServer) -> None:
@@ -132,8 +142,9 @@ def offset(server: ServerProcess, stream_id: str) -> int:
 
 
 @pytest.mark.timeout(300)
-def test_a_server_killed_in_the_middle_of_batches_is_continued_exactly(start_server) -> None:
-    first = start_server()
+def test_a_server_killed_in_the_middle_of_batches_is_continued_exactly(server: ServerProcess, redis: RedisServer,
+                                                                        _servers: list[ServerProcess]) -> None:
+    first = server
     address = first.address
     run = uuid.uuid4().hex[:6]
     rng = np.random.default_rng(9)
@@ -163,7 +174,7 @@ def test_a_server_killed_in_the_middle_of_batches_is_continued_exactly(start_ser
         wait_until(lambda: sum(len(v) for v in got.values()) >= 12 or any(d.done() for d in drivers), 120,
                    "the first chunks to be answered")
         first.kill()  # SIGKILL: batches in flight die with it
-        second = start_server(port=int(address.rsplit(":", 1)[1]))
+        _servers.append(second := ServerProcess(redis.url, DEFAULT_MODEL, port=int(address.rsplit(":", 1)[1])))
         for driver in drivers:
             driver.result(timeout=240)
     channel.close()

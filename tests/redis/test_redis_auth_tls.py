@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from devkit.native_calls import continue_a_stream
-from devkit.processes import free_port, serve_until_exit
-from devkit.redis_topologies import NodeProcess, RedisClusterNodes, SentinelGroup, stream_keys
+from devkit.processes import free_port, serve_until_exit, start_until_exit
+from devkit.redis_topologies import NodeProcess, RedisClusterNodes, SentinelGroup, sentinel_flags, stream_keys
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 PASSWORD = "s3cret-pass"
@@ -92,16 +92,22 @@ def test_sentinels_with_a_password_of_their_own(start_server, tmp_path: Path) ->
     group = SentinelGroup(replicas=1, sentinels=2, password=PASSWORD, sentinel_password=sentinel_password)
     url = f"redis://:{PASSWORD}@127.0.0.1/0"
     try:
+        # The two refusals first, both at once and beside the server's start: each is the server's start-up
+        # check waiting out redis-py's retries on a refused sentinel (seconds, idle), so each names one
+        # sentinel of the two (the refusal is one sentinel's answer; the others' would repeat it).
+        refusals = []
+        for number, (given, refusal) in enumerate((
+                (url, "requires a password: give the sentinels' own in --redis-url as ?sentinel_password=..."),
+                (f"{url}?sentinel_password=not-the-s3cret", "refused the sentinel credentials in --redis-url"))):
+            url_file = tmp_path / f"redis-url-{number}"
+            url_file.write_text(given + "\n")
+            refusals.append((start_until_exit("--redis-url-file", str(url_file),
+                                              *sentinel_flags(group.sentinels[:1])), refusal))
         server = start_server(*group.server_flags, redis_url=f"{url}?sentinel_password={sentinel_password}")
         continue_a_stream(server.stub)
         assert sentinel_password not in server.log()  # the start-up line shows the URL with it masked
-        for given, refusal in ((url, "requires a password: give the sentinels' own in --redis-url as "
-                                     "?sentinel_password=..."),
-                               (f"{url}?sentinel_password=not-the-s3cret",
-                                "refused the sentinel credentials in --redis-url")):
-            url_file = tmp_path / "redis-url"
-            url_file.write_text(given + "\n")
-            refused = serve_until_exit("--redis-url-file", str(url_file), *group.server_flags)
+        for finish, refusal in refusals:
+            refused = finish()
             assert refused.returncode == 2, refused.stderr
             assert refusal in refused.stderr and "not-the-s3cret" not in refused.stderr, refused.stderr
     finally:

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -214,13 +215,15 @@ def test_a_warm_verifier_finds_a_stream_reset_behind_its_back(default_server: Se
     assert [m["stream_id"] for m in report["verify"]["whole"]["mismatches"]] == [victim]
 
 
-def test_retries_through_a_stalled_redis_apply_each_chunk_once(start_server) -> None:
+def test_retries_through_a_stalled_redis_apply_each_chunk_once(default_server: ServerProcess,
+                                                               redis_server: RedisServer) -> None:
     # A stopped Redis stalls the server's saves: chunks time out at the client and are resent with the
     # same start_offset; whatever the server applied late must not be applied again (verify proves it).
-    redis = RedisServer()
+    # The shared server and its Redis (stopping one costs no process): Redis is resumed in any case, and
+    # the test ends once the server's health (which follows Redis) is SERVING again, for the tests after it.
+    server, redis = default_server, redis_server
     try:
-        server = start_server(redis_url=redis.url)
-        prefix = "lt-stall"
+        prefix = f"lt-stall-{uuid.uuid4().hex[:6]}"
         config = LoadConfig(target=server.address, streams=3, chunk_timesteps=4, duration_s=4, warmup_s=0,
                             timeout_s=0.3, max_retries=20, stream_prefix=prefix, verify=True,
                             model_path=str(DEFAULT_MODEL))
@@ -238,7 +241,8 @@ def test_retries_through_a_stalled_redis_apply_each_chunk_once(start_server) -> 
         report = run_load(config)
         saboteur.join(30)
     finally:
-        redis.stop()
+        redis.process.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+        wait_until(server._serving, 30, "the shared server's health to follow Redis back to SERVING")
     assert report["exit_code"] == EXIT_OK, report["verify"]
     assert report["retries"] > 0
     assert report["errors"].keys() <= {"DEADLINE_EXCEEDED", "UNAVAILABLE"}
