@@ -29,6 +29,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.retry import Retry as SyncRetry
 
 from server.errors import StartupError
 from server.redis_addresses import SENTINEL_CREDENTIALS, parse_sentinels, url_spelling_problem
@@ -171,11 +172,31 @@ def check_topology(topology: RedisTopology) -> None:
         )
 
 
-def refused_credentials(url: str, exc: Exception) -> str:
-    """The message for an AuthenticationError: the URL masked, and the one spelling mistake that causes it."""
-    return (f"Redis at {redact_url(url)} refused the credentials in --redis-url ({scrub(str(exc), url)}); "
+def refused_credentials(url: str, exc: Exception, refused_by: str = "") -> str:
+    """The message for an AuthenticationError: who refused (the URL masked), and the one spelling mistake that
+    causes it."""
+    return (f"{refused_by or f'Redis at {redact_url(url)}'} refused the credentials in --redis-url "
+            f"({scrub(str(exc), url)}); "
             "if the password holds one of % # / ? @ : it must be percent-encoded (% as %25, # as %23, / as %2F, "
             "? as %3F, @ as %40, : as %3A)")
+
+
+def _check_master_credentials(topology: RedisTopology, address: tuple[str | bytes, int | bytes]) -> None:
+    """The master the sentinels name takes the credentials in --redis-url (TopologyError if it refuses them, as
+    on one node). Unreachable is no refusal: a failover may be under way, and the server waits for it."""
+    master, _ = topology._sentinel_options()
+    host = address[0].decode() if isinstance(address[0], bytes) else address[0]
+    port = int(address[1])
+    client = redis.Redis(host=host, port=port, **master, retry=SyncRetry(NoBackoff(), 0))
+    try:
+        client.ping()
+    except redis.exceptions.AuthenticationError as exc:
+        raise TopologyError(refused_credentials(topology.url, exc, f"the master the sentinels name ({host}:{port})")
+                            ) from None
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+        pass
+    finally:
+        client.close()
 
 
 def _check_sentinels(topology: RedisTopology) -> None:
@@ -184,7 +205,8 @@ def _check_sentinels(topology: RedisTopology) -> None:
     for host, port in topology.sentinels:
         client = redis.Redis(host=host, port=port, **options)
         try:
-            if client.sentinel_get_master_addr_by_name(topology.sentinel_master):
+            if address := client.sentinel_get_master_addr_by_name(topology.sentinel_master):
+                _check_master_credentials(topology, address)
                 return
             known_masters.update(client.sentinel_masters())
         except redis.exceptions.AuthenticationError as exc:

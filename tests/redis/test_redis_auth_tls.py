@@ -92,13 +92,17 @@ def test_sentinels_with_a_password_of_their_own(start_server, tmp_path: Path) ->
     group = SentinelGroup(replicas=1, sentinels=2, password=PASSWORD, sentinel_password=sentinel_password)
     url = f"redis://:{PASSWORD}@127.0.0.1/0"
     try:
-        # The two refusals first, both at once and beside the server's start: each is the server's start-up
+        # The three refusals first, all at once and beside the server's start: each is the server's start-up
         # check waiting out redis-py's retries on a refused sentinel (seconds, idle), so each names one
         # sentinel of the two (the refusal is one sentinel's answer; the others' would repeat it).
         refusals = []
         for number, (given, refusal) in enumerate((
                 (url, "requires a password: give the sentinels' own in --redis-url as ?sentinel_password=..."),
-                (f"{url}?sentinel_password=not-the-s3cret", "refused the sentinel credentials in --redis-url"))):
+                (f"{url}?sentinel_password=not-the-s3cret", "refused the sentinel credentials in --redis-url"),
+                # The sentinels take theirs, the master they name refuses its own: refused at start-up as on one
+                # node (it used to start and never become ready).
+                (f"redis://:not-the-s3cret@127.0.0.1/0?sentinel_password={sentinel_password}",
+                 "the master the sentinels name (127.0.0.1:"))):
             url_file = tmp_path / f"redis-url-{number}"
             url_file.write_text(given + "\n")
             refusals.append((start_until_exit("--redis-url-file", str(url_file),
