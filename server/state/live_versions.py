@@ -1,19 +1,20 @@
 """Live streams per model version, for the metric `lstm_serve_live_streams{model,version}` (docs/models.md).
 
 Which version a stream is pinned to is in its record, one key per stream; counting them would mean a scan of
-Redis. Instead each model has one sorted set per version, `<prefix>:@<model>:live:{@<model>}:<v>`, holding the
-streams (`<tenant>/<stream id>`) whose last chunk ran on that version, scored by when it ran, and an index
-set `<prefix>:@<model>:live:{@<model>}` of the versions that have one (keys.py). A stream is live from its first chunk
-until a chunk ends it, ResetStream forgets it, or it is idle for the state TTL, when its state expires too:
-members older than that are pruned before each count. All of a model's sets share one hash tag, so one
-script updates and counts them atomically on a Redis Cluster as well.
+Redis. Instead each model has one sorted set per version, `<prefix>:@<model>:live:{@<model>}:<v>`, holding
+the streams (`<tenant>/<stream id>`) whose last chunk ran on that version, scored by when it ran, and an
+index set `<prefix>:@<model>:live:{@<model>}` of the versions that have one (keys.py). A stream is live from
+its first chunk until a chunk ends it, ResetStream forgets it, or it is idle for the state TTL, when its state
+expires too: members older than that are not counted, and are pruned whenever notes are written. All of a
+model's sets share one hash tag, so one script updates and counts them atomically on a Redis Cluster as well.
 
 This is an account for operators, not a rule a chunk depends on, so it is kept off the chunk's path: each
 process notes the streams its batches saved in memory (the newest note per stream) and writes them every
---live-streams-interval-s in one script call per model (a few thousand members a call), which also prunes and
-counts every version. A note older than what Redis holds (another replica wrote since) changes nothing, so
-replicas that write out of order agree; every replica reports the same deployment-wide counts. While Redis is
-unreachable the notes wait (one per stream at most) and the gauges keep their last value.
+--live-streams-interval-s in one script call per model (a few thousand members a call), which also prunes
+and counts every version; with nothing to write it only reads the counts (ZCOUNT, no script). A note older
+than what Redis holds (another replica wrote since) changes nothing, so replicas that write out of order
+agree; every replica reports the same deployment-wide counts. While Redis is unreachable the notes wait (one
+per stream at most) and the gauges keep their last value.
 """
 
 from __future__ import annotations
@@ -122,8 +123,11 @@ class LiveStreamsByVersion:
             now = now_unix_ms()
             head: list[str | int] = [now, now - self._state_ttl_ms, self._state_ttl_ms, *known]
             items = list(notes.items())
+            if not items:  # nothing to write: count without the script (reads only; idle members excluded)
+                return dict(zip(known, await self._count_only(keys[1:], now - self._state_ttl_ms, deadline),
+                                strict=True))
             counts: list[int] = [0] * len(known)
-            for start in range(0, max(len(items), 1), NOTES_PER_CALL):
+            for start in range(0, len(items), NOTES_PER_CALL):
                 args = list(head)
                 for member, note in items[start:start + NOTES_PER_CALL]:
                     args += [member, position.get(note.version, 0), note.at_ms]
@@ -134,3 +138,12 @@ class LiveStreamsByVersion:
                 self._notes.setdefault(member, note)
             raise
         return dict(zip(known, (int(c) for c in counts), strict=True))
+
+    async def _count_only(self, sets: list[str], live_since_ms: int, deadline: float) -> list[int]:
+        async def counts() -> list[int]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key in sets:
+                    pipe.zcount(key, live_since_ms, "+inf")
+                return await pipe.execute()
+
+        return [int(c) for c in await self._store.run(counts, deadline)] if sets else []
