@@ -4,7 +4,8 @@ Built on aiohttp's web server (README, "HTTP/REST": chosen by measurement, bench
 gRPC server's process and event loop, over the same servicers, so the same DataPlane, rules and statistics
 answer both ports: each handler converts the HTTP request into the protobuf message a gRPC client would send
 (server/api/kserve_json.py, server/api/native_json.py), calls the servicer's context-free method, and
-converts the answer back. A sequence may alternate between gRPC and HTTP requests: it is one stream.
+converts the answer back. A sequence may alternate between gRPC and HTTP requests: it is one stream
+(invariant 16, docs/invariants.md).
 
 Every request passes through `edge` once: the one place where a request starts and ends. (With tracing on,
 the inference handlers start their request's server span themselves, as the gRPC servicers do: the span's

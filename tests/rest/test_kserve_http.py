@@ -1,4 +1,5 @@
-"""KServe v2 over HTTP, driven by the real `tritonclient.http`: the same sequences, rules and state as gRPC.
+"""KServe v2 over HTTP, driven by the real `tritonclient.http`: the same sequences, rules and state as gRPC
+(invariant 16, docs/invariants.md: one stream, any protocol).
 
 A sequence split across HTTP requests equals Keras on the whole sequence, with integer and string ids; a
 sequence that alternates HTTP, Triton gRPC and the native gRPC API is one stream and equals Keras too;

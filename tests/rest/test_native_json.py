@@ -1,4 +1,5 @@
-"""The native API as JSON over HTTP, and bodies of every bad kind refused with nothing applied.
+"""The native API as JSON over HTTP, and bodies of every bad kind refused with nothing applied (invariant 16,
+docs/invariants.md: one stream, any protocol).
 
 Same offsets, replays and errors as gRPC (the gRPC code in the body, the usual HTTP status, x-stream-offset
 as a header); stream ids percent-encoded in the path, any id the gRPC API takes; a refused body (bad JSON,
