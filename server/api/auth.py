@@ -63,16 +63,19 @@ def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | No
     return None
 
 
-def tenant_of_header(authorization: str | None, tenants: Tenants) -> str:
-    """The tenant of an HTTP request's `Authorization: Bearer KEY` header; raises UNAUTHENTICATED as the
-    interceptor answers a gRPC call (server/api/rest.py sets TENANT from it for the request)."""
-    key = bearer_token(None if authorization is None else [(AUTHORIZATION_KEY, authorization)])
-    if key is None:
-        raise missing_api_key()
-    tenant = tenants.tenant_of(key)
+def tenant_of_key(key: str | None, tenants: Tenants) -> str:
+    """The tenant of a caller's key; UNAUTHENTICATED (ServiceError) when there is none or it is unknown."""
+    tenant = None if key is None else tenants.tenant_of(key)
     if tenant is None:
-        raise unknown_api_key()
+        raise missing_api_key() if key is None else unknown_api_key()
     return tenant
+
+
+def tenant_of_header(authorization: str | None, tenants: Tenants) -> str:
+    """The tenant of an HTTP request's `Authorization: Bearer KEY` header, refused as the interceptor refuses a
+    gRPC call (server/api/rest.py sets TENANT from it for the request)."""
+    return tenant_of_key(bearer_token(None if authorization is None else [(AUTHORIZATION_KEY, authorization)]),
+                         tenants)
 
 
 def _refusal(handler: grpc.RpcMethodHandler | None, error: ServiceError) -> grpc.RpcMethodHandler:
@@ -139,10 +142,11 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(details)
         key = bearer_token(details.invocation_metadata)
         generation = self._tenants.generation
-        tenant = None if key is None else self._tenants.tenant_of(key)
-        if key is None or tenant is None:
-            error = missing_api_key() if key is None else unknown_api_key()
+        try:
+            tenant = tenant_of_key(key, self._tenants)
+        except ServiceError as error:
             return _refusal(await continuation(details), error)
+        assert key is not None  # a tenant was found for it
         TENANT.set(tenant)
         handler = await continuation(details)
         if handler is None or not (handler.stream_stream and inspect.isasyncgenfunction(handler.stream_stream)):

@@ -224,13 +224,13 @@ class RequestTrace:
             child("state.load", times.batch_started, finished)
             return
         child("state.load", times.batch_started, times.model_started)
-        batch = self._batch_span(times.call, times) if times.call is not None else None
+        batch = self._batch_span(times.call, times, to_wall) if times.call is not None else None
         child("model", times.model_started, times.model_finished, attributes={"lstm.batch.size": times.model_batch},
               links=[tracing._link(batch.get_span_context())] if batch is not None else None)
         child("state.save", times.model_finished, finished)
         parent.set_attribute("lstm.batch.size", times.model_batch)
 
-    def _batch_span(self, call: ModelCall, times: StageTimes) -> Span | None:
+    def _batch_span(self, call: ModelCall, times: StageTimes, to_wall: int) -> Span | None:
         """The model call's own span, written by the first of its requests to end: under the first request in it
         that is sampled, linked to every request in it."""
         if call.span is not None:
@@ -240,7 +240,6 @@ class RequestTrace:
         if parent is None:
             return None
         tracing = self._tracing
-        to_wall = time.time_ns() - time.monotonic_ns()
         span = tracing.tracer.start_span(
             "model.batch", context=tracing._in_context(parent), start_time=times.model_started + to_wall,
             attributes={"lstm.batch.size": times.model_batch},

@@ -19,13 +19,10 @@ per stream at most) and the gauges keep their last value.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 from server.state.keys import KeyLayout
 from server.state.store import StateStore, now_unix_ms
-
-log = logging.getLogger(__name__)
 
 # Members sent per script call: one call blocks Redis for about a millisecond per thousand.
 NOTES_PER_CALL = 2000
@@ -90,7 +87,6 @@ class LiveStreamsByVersion:
     def __init__(self, store: StateStore, model: str, state_ttl_ms: int) -> None:
         self._store = store
         self._redis = store.client
-        self.model = model
         keys = KeyLayout(store.keys.prefix)
         self._index = keys.live_versions(model)
         self._set_of = lambda version: keys.live_version(model, version)
