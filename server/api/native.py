@@ -26,7 +26,7 @@ from server.api.batch_convert import (
 from server.api.errors import as_service_error, unary_errors
 from server.api.state_convert import state_from_proto, state_to_proto
 from server.api.streaming import StreamWindow, answer_in_order
-from server.api.tracing import RequestTrace, Tracing
+from server.api.tracing import RequestTrace, Tracing, rpc_trace
 from server.api.validation import check_stream_id, make_chunk
 from server.dataplane.plane import DataPlane
 from server.errors import ServiceError
@@ -51,10 +51,7 @@ class StreamInferenceServicer(pb_grpc.StreamInferenceServicer):
         self.tracing = tracing  # None: tracing off, and the calls below take their untraced path
 
     def _trace(self, context: grpc.aio.ServicerContext, method: str) -> RequestTrace | None:
-        if self.tracing is None:
-            return None
-        return self.tracing.request(context.invocation_metadata(), f"{SERVICE}/{method}",
-                                    {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method})
+        return rpc_trace(self.tracing, context.invocation_metadata(), SERVICE, method)
 
     def _chunk(self, request: pb.PredictRequest, tenant: str, trace: RequestTrace | None = None) -> Chunk:
         served = self.dataplane.served(request.model)

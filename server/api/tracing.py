@@ -91,6 +91,15 @@ class Tracing:
         return RequestTrace(self, span)
 
 
+def rpc_trace(tracing: Tracing | None, metadata: Carrier | None, service: str, method: str) -> RequestTrace | None:
+    """A gRPC request's server span (named `<service>/<method>`, with the rpc.* attributes), continuing a
+    `traceparent` in its metadata; None with tracing off. Both servicers start theirs here."""
+    if tracing is None:
+        return None
+    return tracing.request(metadata, f"{service}/{method}",
+                           {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method})
+
+
 def _headers(carrier: Carrier) -> dict[str, str]:
     """Metadata or headers as the propagators read them: lower-case names, text values (binary ones skipped)."""
     pairs = carrier.items() if isinstance(carrier, Mapping) else carrier

@@ -41,7 +41,7 @@ from server.api.auth import TENANT
 from server.api.errors import as_service_error, unary_errors
 from server.api.malformed import add_servicer
 from server.api.streaming import StreamWindow, answer_in_order
-from server.api.tracing import RequestTrace, Tracing
+from server.api.tracing import RequestTrace, Tracing, rpc_trace
 from server.api.triton_convert import (
     SERVER_NAME,
     model_config,
@@ -116,10 +116,7 @@ class TritonServicer(pb_grpc.GRPCInferenceServiceServicer):
     # The inference path, shared by ModelInfer and ModelStreamInfer.
 
     def _trace(self, context: Context, method: str) -> RequestTrace | None:
-        if self.tracing is None:
-            return None
-        return self.tracing.request(context.invocation_metadata(), f"{SERVICE}/{method}",
-                                    {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method})
+        return rpc_trace(self.tracing, context.invocation_metadata(), SERVICE, method)
 
     def _submit(self, request: pb.ModelInferRequest, tenant: str, time_remaining: float | None = None,
                 trace: RequestTrace | None = None) -> _Submitted:
