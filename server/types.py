@@ -93,7 +93,7 @@ class Chunk:
 
     @property
     def timesteps(self) -> int:
-        return int(self.values.shape[0])
+        return len(self.values)
 
     @property
     def stream(self) -> StreamKey | None:

@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from lstm_stream.v1 import stream_pb2 as pb
-from lstm_stream.wire import status_number
-from server.api.validation import make_chunk
+from lstm_stream.wire import MAX_REQUEST_ID_CHARS, status_number
+from server.api.validation import PLAIN_STREAM_ID, make_chunk
 from server.errors import ServiceError, batch_too_many_chunks, batch_too_many_timesteps, invalid_argument
 from server.types import Chunk, Prediction
 
@@ -65,9 +65,6 @@ def batch_chunks(
                 "values", f"has {block.size} values; the chunks' timesteps add up to {total}, times their models' "
                 f"features = {sum(widths)}"
             )
-        for index, chunk in enumerate(requests):
-            if chunk.values:
-                raise invalid_argument(f"chunks[{index}].values", "must be empty when the message's values are set")
     # One pass over the whole block: the chunks without a NaN or an Inf skip that check, and only the others
     # are checked one by one (to name the value in their error).
     finite = [block is not None] * len(requests)
@@ -77,14 +74,29 @@ def batch_chunks(
             finite[index] = False
     chunks: list[Chunk | ServiceError] = []
     start = 0
-    for chunk_request, timesteps, known_finite, shape, width in zip(
-            requests, declared, finite, shapes, widths, strict=True):
+    for index, (chunk_request, timesteps, known_finite, shape, width) in enumerate(zip(
+            requests, declared, finite, shapes, widths, strict=True)):
         if isinstance(shape, ServiceError):
             chunks.append(shape)
             continue
         if block is not None:
+            if chunk_request.values:
+                raise invalid_argument(f"chunks[{index}].values", "must be empty when the message's values are set")
             values = block[start:start + width]
             start += width
+            if known_finite and 0 < timesteps <= max_timesteps and not chunk_request.reset:
+                stream_id, request_id = chunk_request.stream_id, chunk_request.request_id
+                if PLAIN_STREAM_ID.fullmatch(stream_id) and len(request_id) <= MAX_REQUEST_ID_CHARS:
+                    # The common case, every check of make_chunk's passed on sight (a printable ASCII id, no reset
+                    # whose offset needs checking): built directly, positionally in Chunk's field order (this
+                    # runs once per chunk). make_chunk below gives any other chunk its error.
+                    chunks.append(Chunk(
+                        stream_id, values.reshape(timesteps, shape[1]),
+                        chunk_request.start_offset if chunk_request.HasField("start_offset") else None,
+                        False, chunk_request.end, request_id, False, deadline, tenant, None, shape[0],
+                        chunk_request.model_version,
+                    ))
+                    continue
         else:
             values = np.asarray(chunk_request.values, dtype=np.float32)
         try:
@@ -145,22 +157,31 @@ def batch_response(
     """One result per chunk, in order; the outputs in one block when the request's values came in one."""
     response = pb.PredictBatchResponse()
     results = response.results
+    add = results.add
     packed = bool(request.values)
     blocks: list[bytes] = []
     for chunk_request, answer in zip(request.chunks, answers, strict=True):
         if isinstance(answer, ServiceError):
             results.append(error_result(chunk_request, answer))
             continue
-        rows, columns = answer.outputs.shape
-        result = results.add(
-            stream_id=answer.stream_id or "", timesteps=rows, output_size=columns, offset=answer.offset,
-            replayed=answer.replayed, request_id=answer.request_id, model_version=answer.model_version,
-        )
-        set_migration(result, answer)
-        if packed:
-            blocks.append(answer.outputs.astype(LITTLE_ENDIAN_FLOAT32, copy=False).tobytes())
+        outputs = answer.outputs
+        rows, columns = outputs.shape
+        # Fields left at their defaults are not passed: each keyword costs as much as a set field.
+        result = add(stream_id=answer.stream_id or "", timesteps=rows, output_size=columns, offset=answer.offset)
+        if answer.replayed:
+            result.replayed = True
+        if answer.request_id:
+            result.request_id = answer.request_id
+        if answer.model_version:
+            result.model_version = answer.model_version
+        if answer.migration:
+            set_migration(result, answer)
+        if not packed:
+            result.outputs.extend(outputs.reshape(-1).tolist())
+        elif outputs.dtype == LITTLE_ENDIAN_FLOAT32:
+            blocks.append(outputs.tobytes())
         else:
-            result.outputs.extend(answer.outputs.reshape(-1).tolist())
+            blocks.append(outputs.astype(LITTLE_ENDIAN_FLOAT32).tobytes())
     if packed:
         response.outputs = b"".join(blocks)
     return response

@@ -22,11 +22,11 @@ from server.types import Chunk
 # characters (Cf: zero-width joiner, bidi marks) are accepted: scripts such as Persian need them in
 # names, and byte comparison keeps look-alike ids apart anyway.
 # The common case (printable ASCII, where characters are bytes) is one C call; the rest is explained.
-_ASCII_ID = re.compile(rf"[ -~]{{1,{MAX_STREAM_ID_BYTES}}}")
+PLAIN_STREAM_ID = re.compile(rf"[ -~]{{1,{MAX_STREAM_ID_BYTES}}}")
 
 
 def check_stream_id(stream_id: str, field: str = "stream_id") -> str:
-    if _ASCII_ID.fullmatch(stream_id):
+    if PLAIN_STREAM_ID.fullmatch(stream_id):
         return stream_id
     if not stream_id:
         raise invalid_argument(field, "must not be empty")

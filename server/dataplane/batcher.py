@@ -261,27 +261,33 @@ class Batcher:
         retry: list[_Waiting] = []
         answers: list[tuple[_Waiting, Prediction | ServiceError]] = []
         applied = replayed = timesteps = 0  # counted once per batch: a labelled counter costs a lookup and a lock
+        tenants: dict[tuple[str, str], int] = {}  # chunks per tenant and outcome, likewise
         for waiting, result in zip(batch, results, strict=True):
-            if waiting.chunk.times is not None:
-                waiting.chunk.times.batch_finished = finished_ns
+            chunk = waiting.chunk
+            if chunk.times is not None:
+                chunk.times.batch_finished = finished_ns
             if isinstance(result, Conflict):
                 metrics.CONFLICTS.inc()
                 waiting.conflicts += 1
                 if waiting.conflicts <= self.max_conflicts:
                     retry.append(waiting)
                     continue
-                result = stream_kept_changing(waiting.chunk.stream_id)
-            if waiting.chunk.tenant:
-                code = result.code.name if isinstance(result, ServiceError) else "OK"
-                metrics.TENANT_CHUNKS.labels(waiting.chunk.tenant, code).inc()
+                result = stream_kept_changing(chunk.stream_id)
             if isinstance(result, ServiceError):
                 metrics.CHUNKS.labels(result.code.name).inc()
-            elif result.replayed:
-                replayed += 1
+                code = result.code.name
             else:
-                applied += 1
-                timesteps += waiting.chunk.timesteps
+                code = "OK"
+                if result.replayed:
+                    replayed += 1
+                else:
+                    applied += 1
+                    timesteps += len(chunk.values)
+            if chunk.tenant:
+                tenants[chunk.tenant, code] = tenants.get((chunk.tenant, code), 0) + 1
             answers.append((waiting, result))
+        for (tenant, code), count in tenants.items():
+            metrics.TENANT_CHUNKS.labels(tenant, code).inc(count)
         if applied:
             metrics.CHUNKS.labels("ok").inc(applied)
             metrics.TIMESTEPS.inc(timesteps)

@@ -66,6 +66,8 @@ from server.state.store import Loaded, WrongType
 from server.types import BatchResult, Chunk, Prediction
 
 RECENT_BYTES = RECENT_REQUESTS * REQUEST_DIGEST_SIZE
+NO_REQUEST_ID = bytes(REQUEST_DIGEST_SIZE)  # the digest of an empty request_id
+_NO_HISTORY = (b"", 0, 0)
 
 
 # What a saved record keeps to recognise a retry or a late duplicate of a chunk (server/state/record.py
@@ -82,7 +84,7 @@ def chunk_digest(chunk: Chunk) -> bytes:
 
 def request_id_digest(request_id: str) -> bytes:
     if not request_id:
-        return bytes(REQUEST_DIGEST_SIZE)
+        return NO_REQUEST_ID
     return hashlib.blake2b(request_id.encode(), digest_size=REQUEST_DIGEST_SIZE).digest()
 
 
@@ -162,6 +164,10 @@ class StreamRules:
             if isinstance(version, ServiceError):
                 return version
             return Planned(index, chunk, version.zero_state, 0, b"", digest, version=version)
+        if type(slot) is SlotRecord and chunk.start_offset == slot.offset and not chunk.reset and not slot.ended:
+            # The common case first: the stream's next chunk. No retry or late duplicate starts where the stream
+            # is now (`_replay`, `_late_duplicate`), so it continues the sequence.
+            return self._continue(index, chunk, digest, slot)
         stream_id = chunk.stream_id
         if isinstance(slot, WrongType):
             return slot_wrong_type(stream_id, slot.key, slot.redis_type)
@@ -200,8 +206,7 @@ class StreamRules:
             )
         earlier = slot.earlier
         if len(slot.last_outputs):  # none after a SetStreamState (`set_record`): no answer to keep
-            earlier = earlier.appended(
-                KeptAnswer.of(slot.last_start, slot.last_digest, slot.last_request_id, slot.last_outputs))
+            earlier = earlier.with_answer(slot.last_start, slot.last_digest, slot.last_request_id, slot.last_outputs)
         return Planned(index, chunk, slot.state, slot.offset, slot.version, digest,
                        slot.first_digest, slot.first_request_id, slot.recent_requests, earlier,
                        version=version, history=slot.history, history_start=slot.history_start)
@@ -279,28 +284,32 @@ class StreamRules:
         and late duplicates."""
         chunk = planned.chunk
         recent = planned.recent_requests
-        if chunk.request_id:
-            recent = (recent + request_digest(chunk.request_id, planned.digest))[-RECENT_BYTES:]
-        history, history_columns, history_start = self._history_after(planned)
+        request_id = chunk.request_id
+        if request_id:
+            recent = (recent + request_digest(request_id, planned.digest))[-RECENT_BYTES:]
+        history, history_columns, history_start = (self._history_after(planned) if self.history_timesteps
+                                                   else _NO_HISTORY)
+        end = chunk.end
+        # Positional, in SlotRecord's field order: built once per saved chunk, and keywords cost more.
         return SlotRecord(
-            version=new_version(),
-            offset=planned.base_offset + chunk.timesteps,
-            updated_unix_ms=now_ms,
-            fingerprint=planned.version.fingerprint,  # type: ignore[union-attr]
-            last_start=planned.base_offset,
-            last_digest=planned.digest,
-            last_request_id=request_id_digest(chunk.request_id),
+            new_version(),
+            planned.base_offset + len(chunk.values),  # offset
+            now_ms,  # updated_unix_ms
+            planned.version.fingerprint,  # type: ignore[union-attr]
+            planned.base_offset,  # last_start
+            planned.digest,  # last_digest
+            request_id_digest(request_id) if request_id else NO_REQUEST_ID,  # last_request_id
             # Copies: this process keeps the record in memory (server/state/cache.py), and a row of the batch's
             # arrays would keep the whole batch's arrays alive with it.
-            state=state[:0] if chunk.end else state.copy(),
-            last_outputs=output.copy(),
-            ended=chunk.end,
-            first_digest=planned.first_digest,
-            first_request_id=planned.first_request_id,
-            recent_requests=recent,
+            state[:0] if end else state.copy(),
+            output.copy(),  # last_outputs
+            end,  # ended
+            planned.first_digest,
+            planned.first_request_id,
+            recent,  # recent_requests
             # An ended sequence keeps its last answer only: its first chunk again deliberately starts a new one.
-            earlier=NO_EARLIER if chunk.end else self._kept(planned.earlier, output),
-            history=history, history_columns=history_columns, history_start=history_start,
+            NO_EARLIER if end else self._kept(planned.earlier, output),
+            history, history_columns, history_start,
         )
 
     def _history_after(self, planned: Planned) -> tuple[bytes, int, int]:

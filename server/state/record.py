@@ -62,7 +62,8 @@ _HEADER_1 = struct.Struct("<8s2sBBQq8sQ16s8sIII")
 _HEADER_2 = struct.Struct("<8s2sBBQq8sQ16s8sIII16s8sI")
 _HEADER = struct.Struct("<8s2sBBQq8sQ16s8sIII16s8sII")
 _HEADER_4 = struct.Struct("<8s2sBBQq8sQ16s8sIII16s8sIIIIQ")
-_ANSWER = struct.Struct("<Q16s8sII")  # an earlier answer's start offset, digests, rows and columns
+_ANSWER = struct.Struct("<Q16s8sII")
+_FLOAT32 = np.dtype("<f4")  # an earlier answer's start offset, digests, rows and columns
 HEADER_SIZE = _HEADER.size
 MAGIC = b"LS"
 _FORMAT = 3
@@ -230,6 +231,14 @@ class KeptAnswers(Sequence[KeptAnswer]):
     def appended(self, answer: KeptAnswer) -> KeptAnswers:
         return KeptAnswers(self.raw + answer.encode(), self._count + 1)
 
+    def with_answer(self, start: int, digest: bytes, request_id: bytes, outputs: np.ndarray) -> KeptAnswers:
+        """`appended(KeptAnswer.of(...))` without the KeptAnswer: once per chunk that continues a stream."""
+        rows, columns = outputs.shape
+        if outputs.dtype != _FLOAT32:
+            outputs = outputs.astype(_FLOAT32)
+        return KeptAnswers(b"".join((self.raw, _ANSWER.pack(start, digest, request_id, rows, columns),
+                                     outputs.tobytes())), self._count + 1)
+
     def newest(self, count: int, max_bytes: int) -> KeptAnswers:
         """The newest answers: at most `count`, and at most `max_bytes` of them (the oldest dropped first)."""
         raw, kept = self.raw, self._count
@@ -285,23 +294,33 @@ class SlotRecord:
         return np.frombuffer(self.history, dtype="<f4").reshape(self.history_rows, self.history_columns)
 
     def encode(self) -> bytes:
-        rows, columns = self.last_outputs.shape
-        fmt = _FORMAT_WITH_HISTORY if self.history else _FORMAT if self.earlier else _FORMAT_WITHOUT_EARLIER
-        fields = (
-            self.version, MAGIC, fmt,
-            FLAG_ENDED if self.ended else 0, self.offset, self.updated_unix_ms, self.fingerprint, self.last_start,
-            self.last_digest, self.last_request_id, self.state.size, rows, columns, self.first_digest,
-            self.first_request_id, len(self.recent_requests) // REQUEST_DIGEST_SIZE,
-        )
-        if self.history:
-            header = _HEADER_4.pack(*fields, len(self.earlier), self.history_rows, self.history_columns,
-                                    self.history_start)
+        # Written for speed (once per saved chunk): one pack and one join, no intermediate tuple or astype.
+        state, outputs = self.state, self.last_outputs
+        if state.dtype != _FLOAT32:
+            state = state.astype(_FLOAT32)
+        if outputs.dtype != _FLOAT32:
+            outputs = outputs.astype(_FLOAT32)
+        rows, columns = outputs.shape
+        earlier, history = self.earlier, self.history
+        flags = FLAG_ENDED if self.ended else 0
+        recent = len(self.recent_requests) // REQUEST_DIGEST_SIZE
+        if history:
+            header = _HEADER_4.pack(
+                self.version, MAGIC, _FORMAT_WITH_HISTORY, flags, self.offset, self.updated_unix_ms, self.fingerprint,
+                self.last_start, self.last_digest, self.last_request_id, state.size, rows, columns, self.first_digest,
+                self.first_request_id, recent, earlier._count, self.history_rows, self.history_columns,
+                self.history_start)
+        elif earlier._count:
+            header = _HEADER.pack(
+                self.version, MAGIC, _FORMAT, flags, self.offset, self.updated_unix_ms, self.fingerprint,
+                self.last_start, self.last_digest, self.last_request_id, state.size, rows, columns, self.first_digest,
+                self.first_request_id, recent, earlier._count)
         else:
-            header = _HEADER.pack(*fields, len(self.earlier)) if self.earlier else _HEADER_2.pack(*fields)
-        parts = [header, self.state.astype("<f4", copy=False).tobytes(),
-                 self.last_outputs.astype("<f4", copy=False).tobytes(), self.recent_requests, self.earlier.raw,
-                 self.history]
-        return b"".join(parts)
+            header = _HEADER_2.pack(
+                self.version, MAGIC, _FORMAT_WITHOUT_EARLIER, flags, self.offset, self.updated_unix_ms,
+                self.fingerprint, self.last_start, self.last_digest, self.last_request_id, state.size, rows, columns,
+                self.first_digest, self.first_request_id, recent)
+        return b"".join((header, state.tobytes(), outputs.tobytes(), self.recent_requests, earlier.raw, history))
 
     def has_recent_request(self, digest: bytes) -> bool:
         recent = self.recent_requests
