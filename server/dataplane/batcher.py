@@ -121,7 +121,8 @@ class Batcher:
         self.check_room(len(chunks))
         loop = self._loop or self._bind_loop()
         futures = [loop.create_future() for _ in chunks]
-        self._queue.extend(map(_Waiting, chunks, futures))
+        queued_at = time.monotonic()
+        self._queue.extend(_Waiting(chunk, future, 0, queued_at) for chunk, future in zip(chunks, futures, strict=True))
         self._changed.set()
         return futures
 
@@ -240,10 +241,12 @@ class Batcher:
         started = loop.time()
         now = time.monotonic()
         now_ns = time.monotonic_ns()
+        waits: dict[float, int] = {}  # chunks by when they were queued (a message's share one time)
         for waiting in batch:
-            metrics.QUEUE_WAIT_SECONDS.observe(now - waiting.queued_at)
+            waits[waiting.queued_at] = waits.get(waiting.queued_at, 0) + 1
             if waiting.chunk.times is not None:
                 waiting.chunk.times.batch_began(now_ns)
+        metrics.observe_counted(metrics.QUEUE_WAIT_SECONDS, {now - queued: count for queued, count in waits.items()})
         self._in_flight_chunks += len(batch)
         try:
             results = await self._process([w.chunk for w in batch])
