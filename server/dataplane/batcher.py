@@ -2,12 +2,14 @@
 
 A batch is formed as soon as a batch slot is free, from whatever is waiting plus what arrives
 within `max_delay_s`, up to `max_batch` chunks. Up to `max_in_flight` batches run at once, so one
-batch's Redis round trips overlap another's model call. A batch gives its slot back once its saves are
-done, and its callers are answered only after the next batch has started: their replies (protobuf,
-writes, on the event loop) then overlap that batch's model call instead of holding it back. Chunks of
-one stream never share a batch and never run in two batches at once (each needs the state the previous
-one leaves), and they keep their arrival order: a stream's later chunk waits in the queue, in place,
-until its earlier one is done.
+batch's Redis round trips overlap another's model call. While another batch is in its model call, a
+batch could not run its own before that one ends: it keeps growing until the model is free (or it is
+full), so batches follow the load, and a lone chunk on an idle model starts at once. A batch gives
+its slot back once its saves are done, and its callers are answered only after the next batch has
+started: their replies (protobuf, writes, on the event loop) then overlap that batch's model call
+instead of holding it back. Chunks of one stream never share a batch and never run in two batches at
+once (each needs the state the previous one leaves), and they keep their arrival order: a stream's
+later chunk waits in the queue, in place, until its earlier one is done.
 """
 
 from __future__ import annotations
@@ -56,8 +58,10 @@ class Batcher:
         max_in_flight: int,
         max_queued: int,
         max_conflicts: int = MAX_CONFLICTS,
+        model_busy: Callable[[], bool] = lambda: False,
     ) -> None:
         self._process = process
+        self._model_busy = model_busy  # whether a batch is in its model call now (`wake` when none is)
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
         self.max_in_flight = max_in_flight
@@ -169,6 +173,12 @@ class Batcher:
             while self._batches >= self.max_in_flight or not self._queue:
                 self._changed.clear()
                 await self._changed.wait()
+            # A batch slot is free while another batch is in its model call (max_in_flight above 1): this batch
+            # could not run its own call before that one ends, so it grows meanwhile and starts once the model is
+            # free or it is full. Batch sizes follow the load: an idle model takes a lone chunk at once.
+            while self._model_busy() and len(self._queue) < self.max_batch:
+                self._changed.clear()
+                await self._changed.wait()
             if self.max_delay_s > 0:
                 deadline = loop.time() + self.max_delay_s
                 while len(self._queue) < self.max_batch and (left := deadline - loop.time()) > 0:
@@ -185,6 +195,10 @@ class Batcher:
             task = asyncio.create_task(self._run(batch))
             self._running.add(task)
             task.add_done_callback(self._finished)
+
+    def wake(self) -> None:
+        """Something a waiting batch depends on changed (the model became free)."""
+        self._changed.set()
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)

@@ -137,7 +137,9 @@ class DataPlane:
                          if self._live_streams_interval_s > 0 else None)
         processor = BatchProcessor(versions, store, self._policy, self._live, self.record_format, namespace,
                                    lambda: self.control, live_versions)
-        batcher = Batcher(processor, **self._batching)  # type: ignore[arg-type]
+        batcher = Batcher(processor, model_busy=lambda: processor.in_model > 0,  # type: ignore[arg-type]
+                          **self._batching)
+        processor.on_model_free = batcher.wake
         description = first.description
         served = ServedModel(name, versions, store, processor, batcher, description.input_features,
                              description.output_size, description.per_timestep_outputs, live_versions)

@@ -104,6 +104,10 @@ class BatchProcessor:
         )
         # One thread owns the model: calls never overlap, and the event loop stays free meanwhile.
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        # Batches in their model call now, and who to tell when none is: the batcher lets its next batch grow
+        # meanwhile (server/dataplane/batcher.py).
+        self.in_model = 0
+        self.on_model_free: Callable[[], None] = lambda: None
 
     def live_member(self, stream_id: str) -> str:
         """The stream as its tenant's live set counts it (server/state/live.py)."""
@@ -129,7 +133,13 @@ class BatchProcessor:
         if self.live is not None and batch.planned:
             await self._admit(batch)
         if batch.planned:
-            outputs, states = await self._run_model(batch.planned)
+            self.in_model += 1
+            try:
+                outputs, states = await self._run_model(batch.planned)
+            finally:
+                self.in_model -= 1
+                if not self.in_model:
+                    self.on_model_free()
             await self._save(batch, outputs, states)
         return batch.results  # type: ignore[return-value]
 

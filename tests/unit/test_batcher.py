@@ -16,7 +16,7 @@ from server.types import CONFLICT, Chunk, Prediction
 pytestmark = pytest.mark.timeout(60)
 
 
-def batcher_with(process, **settings: float) -> Batcher:
+def batcher_with(process, **settings: object) -> Batcher:
     """A batcher with the server's default settings, except `settings`."""
     config = ServerConfig()
     defaults = {"max_batch": config.max_batch, "max_delay_s": config.max_delay_s,
@@ -117,3 +117,40 @@ def test_next_batch_starts_before_the_last_batchs_callers_are_answered() -> None
     second = events.index("start b1,a2")  # a2 joins: a1 is saved, its stream free
     assert events.index("end a1") < second < events.index("answered a1"), events
     assert events.index("answered a1") < events.index("answered a2"), events
+
+
+def test_a_batch_grows_while_the_model_is_busy_and_starts_when_it_is_free() -> None:
+    """With a second batch slot, chunks that arrive while a batch is in its model call wait for it to end (they
+    could not run sooner) and then run as one batch; a chunk that finds the model idle starts at once."""
+    model = {"busy": False}
+    gate = asyncio.Event()
+    sizes: list[int] = []
+
+    async def process(chunks):
+        sizes.append(len(chunks))
+        if len(sizes) == 1:  # the first batch holds the model until the test lets it go
+            model["busy"] = True
+            await gate.wait()
+            model["busy"] = False
+            batcher.wake()
+        return [Prediction(c.stream_id, c.values, 0) for c in chunks]
+
+    async def scenario() -> None:
+        batcher.start()
+        first = batcher.predict(chunk("first", 0))
+        first_task = asyncio.ensure_future(first)
+        await asyncio.sleep(0.05)
+        assert sizes == [1]  # started at once: the model was idle
+        others = [asyncio.ensure_future(batcher.predict(chunk(f"s{n}", n))) for n in range(5)]
+        await asyncio.sleep(0.05)
+        assert sizes == [1], "a batch started while the model was busy"
+        gate.set()
+        await asyncio.gather(first_task, *others)
+        assert sizes == [1, 5]
+        lone = await asyncio.wait_for(batcher.predict(chunk("lone", 9)), 1)  # idle model: no wait
+        assert lone.stream_id == "lone" and sizes == [1, 5, 1]
+        await batcher.stop()
+
+    batcher = batcher_with(process, max_in_flight=2, max_batch=64, max_delay_s=0.0,
+                           model_busy=lambda: model["busy"])  # type: ignore[arg-type]
+    asyncio.run(scenario())
