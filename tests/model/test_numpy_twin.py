@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
@@ -117,13 +118,30 @@ def test_stacked_lstm_layers_run_as_one_pair_at_small_batches(tmp_path, monkeypa
     real_run = numpy_twin._LSTMPair.run
     monkeypatch.setattr(numpy_twin._LSTMPair, "run", lambda pair, *args: pair_runs.append(1) or real_run(pair, *args))
     most, least = numpy_twin._LSTMPair.MAX_ROWS, numpy_twin._LSTMPair.MIN_STEPS
-    for lengths, fused in (([least] * 3, 2), ([20], 2), ([20] * most, 2), ([least] * (most + 1), 0),
-                           ([least - 1] * 3, 0), ([20, 4, 7], 0)):
+    for lengths, fused in (([least] * most, 2), ([20], 2), ([20] * most, 2), ([least] * (most + 1), 0),
+                           ([least - 1] * most, 0), ([20, 4, 7], 0)):
         pair_runs.clear()
         chunks, states = random_batch(runner, lengths, seed=len(lengths))
         twin_outputs, twin_states = runner._twin.run(chunks, states)
         tf_outputs, tf_states = runner._run_tensorflow(chunks, states)
         assert len(pair_runs) == fused, lengths
+        assert max_diff(twin_outputs, tf_outputs) <= TOLERANCE, lengths
+        assert float(np.max(np.abs(twin_states - tf_states))) <= TOLERANCE, lengths
+    runner.close()
+
+
+def test_saturated_gates_give_their_limits_without_warnings() -> None:
+    """The twin's gates are 1 / (1 + exp(-x)) (numpy_twin._Gates): inputs large enough that exp overflows
+    to inf give the limits 0 and 1, as in TensorFlow, and no overflow warning, paired or not."""
+    runner = load(str(DEFAULT_MODEL), xla=False)
+    assert runner._twin is not None
+    for lengths in ([6] * 3, [6] * 12, [6, 2, 5]):
+        chunks, states = random_batch(runner, lengths, seed=len(lengths))
+        chunks = [chunk * 1e4 for chunk in chunks]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # NumPy's default for an overflow is a RuntimeWarning
+            twin_outputs, twin_states = runner._twin.run(chunks, states)
+        tf_outputs, tf_states = runner._run_tensorflow(chunks, states)
         assert max_diff(twin_outputs, tf_outputs) <= TOLERANCE, lengths
         assert float(np.max(np.abs(twin_states - tf_states))) <= TOLERANCE, lengths
     runner.close()
@@ -171,6 +189,26 @@ def test_batches_up_to_the_limit_run_on_the_twin_and_larger_ones_in_tensorflow()
     never = load(DEFAULT_MODEL, xla=False, numpy_max_batch_timesteps=0)
     assert never._twin is None
     never.close()
+
+
+def test_with_xla_chunks_longer_than_the_twins_limit_run_in_tensorflow_however_few() -> None:
+    """XLA's compiled loop is cheaper per step: with it, a chunk of 21 to 64 steps runs in TensorFlow even
+    alone (ModelRunner.TWIN_MAX_CHUNK_TIMESTEPS); longer ones, which XLA does not compile, and batches
+    without XLA are left to --numpy-max-batch-timesteps."""
+    most = ModelRunner.TWIN_MAX_CHUNK_TIMESTEPS
+    for xla, cases in ((True, (([most], "numpy"), ([most + 1], "tensorflow"), ([1, 50], "tensorflow"),
+                                ([70], "numpy"))),
+                       (False, (([most + 1], "numpy"), ([70], "numpy")))):
+        runner = load(DEFAULT_MODEL, xla=xla)
+        numpy_calls, tensorflow_calls = metrics.MODEL_CALLS_NUMPY, metrics.MODEL_CALLS_TENSORFLOW
+        for lengths, path in cases:
+            before = (numpy_calls._value.get(), tensorflow_calls._value.get())
+            chunks, states = random_batch(runner, lengths, seed=len(lengths))
+            runner.run(chunks, states)
+            after = (numpy_calls._value.get(), tensorflow_calls._value.get())
+            assert after[0] - before[0] == (path == "numpy") and after[1] - before[1] == (path == "tensorflow"), \
+                (xla, lengths)
+        runner.close()
 
 
 def test_a_twin_that_disagrees_with_keras_is_not_used(monkeypatch, caplog) -> None:
