@@ -224,8 +224,7 @@ _HELP = {
     "call, but batches get smaller (1 measured best on 2 cores)",
     "xla": "run batches through XLA-compiled calls, compiled per shape in the background",
     "numpy_max_batch_timesteps": "batches of at most this many chunks x timesteps (of the longest chunk) run on "
-    "the model's NumPy twin instead of TensorFlow: several times less CPU for short chunks; with --xla, chunks "
-    "of 21 to 64 timesteps run in TensorFlow however few, its compiled loop being cheaper per step (0: never)",
+    "the model's NumPy twin instead of TensorFlow: several times less CPU for short chunks (0: never)",
     "slot_memory_mb": "memory for the slots this process saved last (per worker): a stream's next chunk starts "
     "from its slot there instead of reading Redis, and the save's compare-and-set still checks it (0: always read)",
     "slot_memory_roaming_s": "how long a stream another writer changed (a refused save: its chunks reach several "

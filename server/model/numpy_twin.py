@@ -2,9 +2,8 @@
 
 A TensorFlow call costs 0.5-1 ms of CPU on this machine however little it computes; a chunk of one
 timestep needs a few small matrix products per layer. For small batches the NumPy loop below is 3 to 17
-times cheaper (CPU and latency); for large ones and long chunks XLA's fused loop wins, so the runner picks
-by chunks x timesteps of the batch (`--numpy-max-batch-timesteps`) and its longest chunk
-(`ModelRunner.TWIN_MAX_CHUNK_TIMESTEPS`). Only models made entirely of layers whose
+times cheaper (CPU and latency); for large ones XLA's fused loop wins, so the runner picks by chunks x
+timesteps of the batch (`--numpy-max-batch-timesteps`). Only models made entirely of layers whose
 arithmetic is written out here get a twin, and the runner uses it only after it agreed with Keras and
 with the TensorFlow path at load.
 """

@@ -71,14 +71,6 @@ def _numpy_twin(model: keras.Model) -> NumpyTwin | None:
 class ModelRunner:
     """Runs a batch of chunks of different streams in one compiled call, states in and out."""
 
-    # Longer chunks run in TensorFlow when XLA compiles their length (up to XlaShapes.MAX_TIMESTEPS),
-    # however few: XLA's fused loop costs a few us per step against the twin's 20-25 (2 x LSTM(64)), which
-    # pays back its call's fixed cost (about 0.7 ms) from a few tens of steps. Measured (docs/performance.md,
-    # "Small batches run in NumPy"): at 50 steps the twin lost at every batch of 4 to 16 chunks (1.4-1.8x
-    # the CPU; one chunk: a tie), at 20 it won at one chunk and stayed within 15 % beyond. Without XLA, and
-    # beyond its lengths, only --numpy-max-batch-timesteps decides (not measured against the uncompiled call).
-    TWIN_MAX_CHUNK_TIMESTEPS = 20
-
     def __init__(
         self, model_path: str | Path, max_chunk_timesteps: int, *, xla: bool, max_batch: int,
         numpy_max_batch_timesteps: int,
@@ -98,13 +90,13 @@ class ModelRunner:
         self.per_timestep_outputs, self.output_size = self._probe_outputs()
         self.description = self._describe(model)
         self._numpy_max_batch_timesteps = numpy_max_batch_timesteps
-        self._xla_lengths = xla  # whether chunks of up to XlaShapes.MAX_TIMESTEPS steps get compiled calls
         twin = _numpy_twin(model) if numpy_max_batch_timesteps > 0 else None
         self._twin = self_check(model, self._stack, self._run_tensorflow, twin, self.per_timestep_outputs)
         # XLA is 1.3 to 2.5 times faster per call here, but compiles once per concrete shape: see XlaShapes.
         if xla:
             # Batches the twin serves never reach XLA: their shapes are not compiled.
-            self._xla = XlaShapes(self._stack.forward, self.features, self.state_size, max_batch, self._twin_serves)
+            twin_serves = self._numpy_max_batch_timesteps if self._twin is not None else 0
+            self._xla = XlaShapes(self._stack.forward, self.features, self.state_size, max_batch, twin_serves)
 
     def _probe_outputs(self) -> tuple[bool, int]:
         """Whether the model answers every timestep or only the last, and its output width."""
@@ -134,21 +126,15 @@ class ModelRunner:
         """Run chunks of B streams (each float32 [T_i, features]) from their states [B, state_size].
 
         Returns each chunk's outputs ([T_i or 1, output_size]) and the new states [B, state_size].
-        Small batches (chunks x longest chunk <= --numpy-max-batch-timesteps, and with XLA the longest chunk
-        at most TWIN_MAX_CHUNK_TIMESTEPS) run on the NumPy twin, the others in TensorFlow.
+        Small batches (chunks x longest chunk <= --numpy-max-batch-timesteps) run on the NumPy twin,
+        the others in TensorFlow.
         """
-        if self._twin is not None and self._twin_serves(len(inputs), max(chunk.shape[0] for chunk in inputs)):
+        if self._twin is not None and \
+                len(inputs) * max(chunk.shape[0] for chunk in inputs) <= self._numpy_max_batch_timesteps:
             metrics.MODEL_CALLS_NUMPY.inc()
             return self._twin.run(inputs, states)
         metrics.MODEL_CALLS_TENSORFLOW.inc()
         return self._run_tensorflow(inputs, states)
-
-    def _twin_serves(self, chunks: int, longest: int) -> bool:
-        """Whether a batch of `chunks` chunks, the longest of `longest` steps, runs on the NumPy twin."""
-        if self._twin is None or chunks * longest > self._numpy_max_batch_timesteps:
-            return False
-        xla_length = self._xla_lengths and longest <= XlaShapes.MAX_TIMESTEPS
-        return longest <= self.TWIN_MAX_CHUNK_TIMESTEPS or not xla_length
 
     def _run_tensorflow(self, inputs: list[np.ndarray], states: np.ndarray
                         ) -> tuple[list[np.ndarray], np.ndarray]:

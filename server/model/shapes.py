@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import tensorflow as tf
@@ -28,9 +27,8 @@ class XlaShapes:
     than it saves); batch sizes are, to buckets, so a few executables cover every batch:
 
     - powers of two, compiled at start-up for the --warmup-timesteps lengths, except the shapes whose
-      batches all run on the NumPy twin (ModelRunner._twin_serves: bucket x timesteps <=
-      --numpy-max-batch-timesteps and timesteps <= 20; with the defaults, none for one-timestep chunks
-      and 32 and 64 rows for 20);
+      batches all run on the NumPy twin (bucket x timesteps <= --numpy-max-batch-timesteps: with the
+      defaults, none for one-timestep chunks and 32 and 64 rows for 20);
     - for those lengths, above 16, four buckets per doubling (20, 24, 28, 32, 40, 48, 56, 64, ...), so
       padding adds at most a quarter: with powers of two alone a batch of 33 ran as 64 rows, 3.0 ms
       against 1.9 for 40 (T=20, 2 cores), and under 64 streams half the batches were over 32. They are
@@ -42,8 +40,7 @@ class XlaShapes:
     MAX_SHAPES = 96
     FINE_ABOVE = 16  # batch buckets above this are a quarter of a doubling apart
 
-    def __init__(self, forward, features: int, state_size: int, max_batch: int,
-                 twin_serves: Callable[[int, int], bool]) -> None:
+    def __init__(self, forward, features: int, state_size: int, max_batch: int, twin_serves: int) -> None:
         # Calling the tf.function (not a concrete function) measured faster: 0.55 against 1.25 ms.
         self.function = tf.function(forward, jit_compile=True)
         self._features = features
@@ -55,7 +52,7 @@ class XlaShapes:
         self._compiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xla-compile")
         self._warm_up: set[tuple[bool, int, int]] = set()  # shapes asked for at start-up
         self._fine_lengths: set[int] = set()  # chunk lengths that get the finer buckets
-        self._twin_serves = twin_serves  # (chunks, timesteps) -> whether such batches run on the twin, never here
+        self._twin_serves = twin_serves  # batches of at most this many chunks x timesteps never come here
         self._closed = False
 
     @staticmethod
@@ -90,9 +87,9 @@ class XlaShapes:
             self._fine_lengths.add(steps)
             bucket = 1
             while bucket <= self._max_batch and steps <= self.MAX_TIMESTEPS:
-                # A batch reaches XLA only when the twin does not serve it, and a batch padded to this
-                # bucket has at most `bucket` chunks: when the twin serves that many, never used.
-                if not self._twin_serves(bucket, steps):
+                # A batch reaches XLA only when its chunks x steps is over the twin's limit, and a batch
+                # padded to this bucket has at most `bucket` chunks: within the limit, never used.
+                if bucket * steps > self._twin_serves:
                     self._warm_up.add((False, bucket, steps))
                     self._schedule((False, bucket, steps))
                 bucket *= 2

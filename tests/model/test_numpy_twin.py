@@ -191,26 +191,6 @@ def test_batches_up_to_the_limit_run_on_the_twin_and_larger_ones_in_tensorflow()
     never.close()
 
 
-def test_with_xla_chunks_longer_than_the_twins_limit_run_in_tensorflow_however_few() -> None:
-    """XLA's compiled loop is cheaper per step: with it, a chunk of 21 to 64 steps runs in TensorFlow even
-    alone (ModelRunner.TWIN_MAX_CHUNK_TIMESTEPS); longer ones, which XLA does not compile, and batches
-    without XLA are left to --numpy-max-batch-timesteps."""
-    most = ModelRunner.TWIN_MAX_CHUNK_TIMESTEPS
-    for xla, cases in ((True, (([most], "numpy"), ([most + 1], "tensorflow"), ([1, 50], "tensorflow"),
-                                ([70], "numpy"))),
-                       (False, (([most + 1], "numpy"), ([70], "numpy")))):
-        runner = load(DEFAULT_MODEL, xla=xla)
-        numpy_calls, tensorflow_calls = metrics.MODEL_CALLS_NUMPY, metrics.MODEL_CALLS_TENSORFLOW
-        for lengths, path in cases:
-            before = (numpy_calls._value.get(), tensorflow_calls._value.get())
-            chunks, states = random_batch(runner, lengths, seed=len(lengths))
-            runner.run(chunks, states)
-            after = (numpy_calls._value.get(), tensorflow_calls._value.get())
-            assert after[0] - before[0] == (path == "numpy") and after[1] - before[1] == (path == "tensorflow"), \
-                (xla, lengths)
-        runner.close()
-
-
 def test_a_twin_that_disagrees_with_keras_is_not_used(monkeypatch, caplog) -> None:
     class OffByALittle(NumpyTwin):
         def run(self, inputs, states):

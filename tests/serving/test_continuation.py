@@ -97,12 +97,10 @@ def test_default_model_chunks_equal_whole_sequence(default_server) -> None:
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("path, flags", [("tensorflow", ("--numpy-max-batch-timesteps", "0")),
-                                         ("numpy", ("--numpy-max-batch-timesteps", "1000000", "--xla", "false"))])
-def test_default_model_on_one_model_path_alone(start_server, path, flags) -> None:
-    """Every batch on TensorFlow (XLA), then every batch on the NumPy twin: each path alone keeps invariant 1.
-    (With XLA, chunks of 21 to 64 steps run in TensorFlow whatever the limit: ModelRunner.TWIN_MAX_CHUNK_TIMESTEPS.)"""
-    server = start_server(*flags)
+@pytest.mark.parametrize("path, limit", [("tensorflow", "0"), ("numpy", "1000000")])
+def test_default_model_on_one_model_path_alone(start_server, path, limit) -> None:
+    """Every batch on TensorFlow (XLA), then every batch on the NumPy twin: each path alone keeps invariant 1."""
+    server = start_server("--numpy-max-batch-timesteps", limit)
     streams = make_streams(seed=3, features=1, prefix=f"cont-{path}")
     got = asyncio.run(run_all(server.address, streams))
     check_against_keras(DEFAULT_MODEL, streams, got)
