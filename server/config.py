@@ -61,9 +61,9 @@ class ServerConfig:
     replay_window_bytes: int = 64 * 1024
     request_deadline_s: float = 10.0
     max_chunk_timesteps: int = 1024
-    max_batch: int = 64
+    max_batch: int = 256
     max_delay_ms: float = 0.0
-    max_in_flight: int = 1
+    max_in_flight: int = 2
     xla: bool = True
     numpy_max_batch_timesteps: int = 512
     slot_memory_mb: float = 64.0
@@ -220,8 +220,8 @@ _HELP = {
     "max_batch": "most chunks (of distinct streams) in one model call",
     "max_delay_ms": "extra wait for more chunks before a batch runs (0: run as soon as a batch slot is free; "
     "chunks that arrive meanwhile form the next batch)",
-    "max_in_flight": "batches running at once; above 1, one batch's Redis round trips overlap another's model "
-    "call, but batches get smaller (1 measured best on 2 cores)",
+    "max_in_flight": "batches running at once; above 1, one batch's Redis round trips and replies overlap another's "
+    "model call, and a batch that waits while the model is busy grows until it is free (1: one batch at a time)",
     "xla": "run batches through XLA-compiled calls, compiled per shape in the background",
     "numpy_max_batch_timesteps": "batches of at most this many chunks x timesteps (of the longest chunk) run on "
     "the model's NumPy twin instead of TensorFlow: several times less CPU for short chunks (0: never)",
