@@ -48,7 +48,9 @@ GATEWAYS = (1, 4, 16)
 # Batching for gateway fleets (docs/performance.md, "Many sensors per message"): batches as large as a few
 # gateways' messages, a millisecond for the gateways answered last to send again before a batch starts, and a
 # second batch in flight so that one batch's Redis round trips overlap the other's model call.
-GATEWAY_FLAGS = "--max-batch 256 --max-delay-ms 1 --max-in-flight 2"
+# Since --max-batch 256 and --max-in-flight 2 are the defaults, what is left for gateway fleets is a
+# millisecond for the gateways answered last to send again before a batch starts.
+GATEWAY_FLAGS = "--max-delay-ms 1"
 
 
 @dataclass
