@@ -52,9 +52,10 @@ def test_an_oversized_message_is_refused_and_the_server_keeps_serving(default_se
 
 
 def test_queue_and_call_limits_answer_resource_exhausted(start_server, paused_redis) -> None:
-    # A long deadline: the held chunks wait on a stopped Redis while the test fills the queue.
+    # A long deadline: the held chunks wait on a stopped Redis while the test fills the queue. One batch slot:
+    # the first batch holds it, so every later chunk queues (a second slot would start a second batch).
     server = start_server("--max-queued-chunks", "2", "--max-concurrent-rpcs", "6", "--request-deadline-s", "50",
-                          redis_url=paused_redis.url)
+                          "--max-in-flight", "1", redis_url=paused_redis.url)
     stub = server.stub
     tag = uuid.uuid4().hex[:6]
     x = np.ones((2, 1), np.float32)
