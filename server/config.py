@@ -218,10 +218,10 @@ _HELP = {
     "answer was lost landed, before it answers UNAVAILABLE",
     "max_chunk_timesteps": "most timesteps one chunk may carry",
     "max_batch": "most chunks (of distinct streams) in one model call",
-    "max_delay_ms": "extra wait for more chunks before a batch runs (0: run as soon as a batch slot is free; "
-    "chunks that arrive meanwhile form the next batch)",
+    "max_delay_ms": "extra wait for more chunks before a batch runs (0: none; a batch starts as soon as a batch slot "
+    "is free and no other batch is in its model call, growing meanwhile)",
     "max_in_flight": "batches running at once; above 1, one batch's Redis round trips and replies overlap another's "
-    "model call, and a batch that waits while the model is busy grows until it is free (1: one batch at a time)",
+    "model call (1: one batch at a time)",
     "xla": "run batches through XLA-compiled calls, compiled per shape in the background",
     "numpy_max_batch_timesteps": "batches of at most this many chunks x timesteps (of the longest chunk) run on "
     "the model's NumPy twin instead of TensorFlow: several times less CPU for short chunks (0: never)",

@@ -2,9 +2,9 @@
 
 A batch is formed as soon as a batch slot is free, from whatever is waiting plus what arrives
 within `max_delay_s`, up to `max_batch` chunks. Up to `max_in_flight` batches run at once, so one
-batch's Redis round trips overlap another's model call. While another batch is in its model call, a
-batch could not run its own before that one ends: it keeps growing until the model is free (or it is
-full), so batches follow the load, and a lone chunk on an idle model starts at once. A batch gives
+batch's Redis round trips overlap another's model call. Without a delay, a batch that finds another one
+in its model call could not run its own before that one ends: it keeps growing until the model is free
+(or it is full), so batches follow the load, and a lone chunk on an idle model starts at once. A batch gives
 its slot back once its saves are done, and its callers are answered only after the next batch has
 started: their replies (protobuf, writes, on the event loop) then overlap that batch's model call
 instead of holding it back. Chunks of one stream never share a batch and never run in two batches at
@@ -173,10 +173,12 @@ class Batcher:
             while self._batches >= self.max_in_flight or not self._queue:
                 self._changed.clear()
                 await self._changed.wait()
-            # A batch slot is free while another batch is in its model call (max_in_flight above 1): this batch
-            # could not run its own call before that one ends, so it grows meanwhile and starts once the model is
-            # free or it is full. Batch sizes follow the load: an idle model takes a lone chunk at once.
-            while self._model_busy() and len(self._queue) < self.max_batch:
+            # Without a delay: a batch slot free while another batch is in its model call (max_in_flight above 1)
+            # would start a batch that could not run its own call before that one ends, so it grows meanwhile and
+            # starts once the model is free or it is full. Batch sizes follow the load, and an idle model takes a
+            # lone chunk at once. With a delay, the delay decides instead (measured better together with it: the
+            # two waits in a row left the model idle for the delay after every call).
+            while self.max_delay_s == 0 and self._model_busy() and len(self._queue) < self.max_batch:
                 self._changed.clear()
                 await self._changed.wait()
             if self.max_delay_s > 0:

@@ -8,12 +8,7 @@ from __future__ import annotations
 
 from server.state.record import FLAG_ENDED, FLAGS_OFFSET, MAGIC, VERSION_SIZE
 
-_TTL_DIGITS = b"%015d"
-
-# KEYS: slot keys. ARGV: one argument per key (`save_argument`): its time to live in ms as 15 ASCII digits, the
-# length of the expected version as one digit, the expected version, then the new record (whose first
-# VERSION_SIZE bytes are its version). One argument per key rather than four: the client packs each argument
-# on its own, at a cost per argument that showed in the event loop's profile (docs/performance.md).
+# KEYS: slot keys. ARGV: for each key, (expected version, new record, version of the new record, ttl ms).
 # Expected version "" means the key must not exist; a new record "" means delete the key (its version "").
 # Per key: 1 written now; 2 already written (the version is in place: an earlier send of this same save
 # got through); 0 refused (the key holds another version); "WRONGTYPE <type>" or "ERR <error>" when the key
@@ -21,12 +16,7 @@ _TTL_DIGITS = b"%015d"
 SAVE = f"""
 local results = {{}}
 for i, key in ipairs(KEYS) do
-  local argument = ARGV[i]
-  local ttl = tonumber(string.sub(argument, 1, 15))
-  local expected_end = 16 + tonumber(string.sub(argument, 16, 16))
-  local expected = string.sub(argument, 17, expected_end)
-  local record = string.sub(argument, expected_end + 1)
-  local mine = string.sub(record, 1, {VERSION_SIZE})
+  local expected, record, mine, ttl = ARGV[4 * i - 3], ARGV[4 * i - 2], ARGV[4 * i - 1], ARGV[4 * i]
   local current = redis.pcall('GETRANGE', key, 0, {VERSION_SIZE - 1})
   if type(current) == 'table' then
     results[i] = 'WRONGTYPE ' .. redis.call('TYPE', key)['ok']
@@ -57,12 +47,6 @@ for i, key in ipairs(KEYS) do
 end
 return results
 """
-
-
-def save_argument(ttl_ms: int, expected_version: bytes, record: bytes) -> bytes:
-    """SAVE's argument for one key (above). `expected_version` is at most VERSION_SIZE bytes (a record's first
-    bytes; shorter only under a corrupt record shorter than a version)."""
-    return b"".join((_TTL_DIGITS % ttl_ms, b"%d" % len(expected_version), expected_version, record))
 
 # KEYS: slot keys. ARGV: for each key, the version an answer was decided on ("" when the key was absent).
 # With --redis-wait-replicas an answer that ends in no save (a replayed retry, a refusal) is acknowledged

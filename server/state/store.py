@@ -260,8 +260,7 @@ class StateStore:
     async def _save_group(self, writes: Sequence[SlotWrite], keys: list[str], records: list[bytes],
                           group: NodeGroup, deadline: float) -> list[SaveResult]:
         # Indexed like `writes`: the router picks the group's items by their index in the batch.
-        argument = scripts.save_argument
-        items = [(key, (argument(write.ttl_ms, write.expected_version, record),))
+        items = [(key, (write.expected_version, record, write.record.version if write.record else b"", write.ttl_ms))
                  for key, write, record in zip(keys, writes, records, strict=True)]
         saved = self._saved
         try:
