@@ -56,7 +56,6 @@ from server.state.record import (
     RECENT_REQUESTS,
     REQUEST_DIGEST_SIZE,
     CorruptRecord,
-    KeptAnswer,
     KeptAnswers,
     NewerRecord,
     SlotRecord,
@@ -246,9 +245,10 @@ class StreamRules:
         if chunk.start_offset is not None and chunk.start_offset != slot.offset:
             return offset_mismatch(stream_id, chunk.start_offset, slot.offset, self.replay_window)
         metrics.MIGRATIONS.labels(self.versions.name, "replay").inc()
-        last = KeptAnswer.of(slot.last_start, slot.last_digest, slot.last_request_id, slot.last_outputs)
         return Planned(index, chunk, newest.zero_state, slot.offset, slot.version, digest,
-                       slot.first_digest, slot.first_request_id, slot.recent_requests, slot.earlier.appended(last),
+                       slot.first_digest, slot.first_request_id, slot.recent_requests,
+                       slot.earlier.with_answer(slot.last_start, slot.last_digest, slot.last_request_id,
+                                                slot.last_outputs),
                        version=newest, migrated_from=retired, migration="replay", history=slot.history,
                        history_start=slot.history_start, replay_inputs=slot.history_inputs())
 
@@ -298,7 +298,7 @@ class StreamRules:
             planned.version.fingerprint,  # type: ignore[union-attr]
             planned.base_offset,  # last_start
             planned.digest,  # last_digest
-            request_id_digest(request_id) if request_id else NO_REQUEST_ID,  # last_request_id
+            request_id_digest(request_id),  # last_request_id
             # Copies: this process keeps the record in memory (server/state/cache.py), and a row of the batch's
             # arrays would keep the whole batch's arrays alive with it.
             state[:0] if end else state.copy(),

@@ -228,11 +228,9 @@ class KeptAnswers(Sequence[KeptAnswer]):
         """Their bytes in a record."""
         return len(self.raw)
 
-    def appended(self, answer: KeptAnswer) -> KeptAnswers:
-        return KeptAnswers(self.raw + answer.encode(), self._count + 1)
-
     def with_answer(self, start: int, digest: bytes, request_id: bytes, outputs: np.ndarray) -> KeptAnswers:
-        """`appended(KeptAnswer.of(...))` without the KeptAnswer: once per chunk that continues a stream."""
+        """These answers and one more after them (its bytes as KeptAnswer.encode writes them), without building
+        a KeptAnswer: once per chunk that continues a stream."""
         rows, columns = outputs.shape
         if outputs.dtype != _FLOAT32:
             outputs = outputs.astype(_FLOAT32)
@@ -294,7 +292,7 @@ class SlotRecord:
         return np.frombuffer(self.history, dtype="<f4").reshape(self.history_rows, self.history_columns)
 
     def encode(self) -> bytes:
-        # Written for speed (once per saved chunk): one pack and one join, no intermediate tuple or astype.
+        # Once per saved chunk: no astype unless needed, and the answers' count read directly.
         state, outputs = self.state, self.last_outputs
         if state.dtype != _FLOAT32:
             state = state.astype(_FLOAT32)
@@ -302,24 +300,17 @@ class SlotRecord:
             outputs = outputs.astype(_FLOAT32)
         rows, columns = outputs.shape
         earlier, history = self.earlier, self.history
-        flags = FLAG_ENDED if self.ended else 0
-        recent = len(self.recent_requests) // REQUEST_DIGEST_SIZE
+        fmt = _FORMAT_WITH_HISTORY if history else _FORMAT if earlier._count else _FORMAT_WITHOUT_EARLIER
+        fields = (
+            self.version, MAGIC, fmt, FLAG_ENDED if self.ended else 0, self.offset, self.updated_unix_ms,
+            self.fingerprint, self.last_start, self.last_digest, self.last_request_id, state.size, rows, columns,
+            self.first_digest, self.first_request_id, len(self.recent_requests) // REQUEST_DIGEST_SIZE,
+        )
         if history:
-            header = _HEADER_4.pack(
-                self.version, MAGIC, _FORMAT_WITH_HISTORY, flags, self.offset, self.updated_unix_ms, self.fingerprint,
-                self.last_start, self.last_digest, self.last_request_id, state.size, rows, columns, self.first_digest,
-                self.first_request_id, recent, earlier._count, self.history_rows, self.history_columns,
-                self.history_start)
-        elif earlier._count:
-            header = _HEADER.pack(
-                self.version, MAGIC, _FORMAT, flags, self.offset, self.updated_unix_ms, self.fingerprint,
-                self.last_start, self.last_digest, self.last_request_id, state.size, rows, columns, self.first_digest,
-                self.first_request_id, recent, earlier._count)
+            header = _HEADER_4.pack(*fields, earlier._count, self.history_rows, self.history_columns,
+                                    self.history_start)
         else:
-            header = _HEADER_2.pack(
-                self.version, MAGIC, _FORMAT_WITHOUT_EARLIER, flags, self.offset, self.updated_unix_ms,
-                self.fingerprint, self.last_start, self.last_digest, self.last_request_id, state.size, rows, columns,
-                self.first_digest, self.first_request_id, recent)
+            header = _HEADER.pack(*fields, earlier._count) if earlier._count else _HEADER_2.pack(*fields)
         return b"".join((header, state.tobytes(), outputs.tobytes(), self.recent_requests, earlier.raw, history))
 
     def has_recent_request(self, digest: bytes) -> bool:
