@@ -63,6 +63,7 @@ class ServerConfig:
     max_chunk_timesteps: int = 1024
     max_batch: int = 256
     max_delay_ms: float = 0.0
+    busy_delay_ms: float = 1.0
     max_in_flight: int = 2
     xla: bool = True
     numpy_max_batch_timesteps: int = 512
@@ -112,6 +113,10 @@ class ServerConfig:
     @property
     def max_delay_s(self) -> float:
         return self.max_delay_ms / 1000
+
+    @property
+    def busy_delay_s(self) -> float:
+        return self.busy_delay_ms / 1000
 
     @property
     def max_delay_us(self) -> int:
@@ -218,8 +223,13 @@ _HELP = {
     "answer was lost landed, before it answers UNAVAILABLE",
     "max_chunk_timesteps": "most timesteps one chunk may carry",
     "max_batch": "most chunks (of distinct streams) in one model call",
-    "max_delay_ms": "extra wait for more chunks before a batch runs (0: none; a batch starts as soon as a batch slot "
-    "is free and no other batch is in its model call, growing meanwhile)",
+    "max_delay_ms": "extra wait for more chunks before every batch runs (0: none; then a batch starts as soon as a "
+    "batch slot is free and it would reach the model as the model becomes free, growing meanwhile, and waits "
+    "--busy-delay-ms while several callers are served at once)",
+    "busy_delay_ms": "wait for more chunks before a batch runs while several callers are served at once (the last "
+    "batch held chunks of more than one message): the callers answered last send their next chunks meanwhile, so "
+    "batches grow and cost less per chunk; a lone caller never waits (0: never; --max-delay-ms above 0 applies "
+    "instead)",
     "max_in_flight": "batches running at once; above 1, one batch's Redis round trips and replies overlap another's "
     "model call (1: one batch at a time)",
     "xla": "run batches through XLA-compiled calls, compiled per shape in the background",
@@ -389,6 +399,8 @@ def _check(config: ServerConfig, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--warmup-timesteps must be comma-separated positive integers, got {config.warmup_timesteps!r}")
     if config.max_delay_ms < 0:
         parser.error("--max-delay-ms must not be negative")
+    if not config.busy_delay_ms >= 0:  # NaN too
+        parser.error("--busy-delay-ms must not be negative")
     if not config.request_deadline_s > 0:
         parser.error("--request-deadline-s must be positive")
     if not 1 <= config.replay_window <= MAX_REPLAY_WINDOW:

@@ -171,6 +171,7 @@ def _data_plane(config: ServerConfig, store: StateStore, tenants: Tenants | None
         store, policy,
         max_batch=config.max_batch, max_delay_s=config.max_delay_s, max_in_flight=config.max_in_flight,
         max_queued=config.max_queued_chunks, max_chunk_timesteps=config.max_chunk_timesteps,
+        busy_delay_s=config.busy_delay_s,
         # Per-tenant limits (invariants 12 and 13), only with API keys.
         chunk_rate=ChunkRate(tenants.limits) if tenants else None,
         live=LiveStreams(store, policy.state_ttl_ms, lambda tenant: tenants.limits(tenant).max_streams)

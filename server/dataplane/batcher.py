@@ -1,15 +1,17 @@
 """The batcher: gathers chunks of many streams into batches for one model call each.
 
 A batch is formed as soon as a batch slot is free, from whatever is waiting plus what arrives
-within `max_delay_s`, up to `max_batch` chunks. Up to `max_in_flight` batches run at once, so one
-batch's Redis round trips overlap another's model call. Without a delay, a batch that finds another one
-in its model call could not run its own before that one ends: it keeps growing until the model is free
-(or it is full), so batches follow the load, and a lone chunk on an idle model starts at once. A batch gives
-its slot back once its saves are done, and its callers are answered only after the next batch has
-started: their replies (protobuf, writes, on the event loop) then overlap that batch's model call
-instead of holding it back. Chunks of one stream never share a batch and never run in two batches at
-once (each needs the state the previous one leaves), and they keep their arrival order: a stream's
-later chunk waits in the queue, in place, until its earlier one is done.
+within `max_delay_s` (or, while several callers are served at once, `busy_delay_s`), up to
+`max_batch` chunks. Up to `max_in_flight` batches run at once, so one batch's Redis round trips
+overlap another's model call. Without a delay, a batch that finds another one in its model call
+could not run its own before that one ends: it keeps growing until it would reach the model just as
+the model is free (the processor's estimate, from recent calls), or until it is full, so batches
+follow the load, and a lone chunk on an idle model starts at once. A batch gives its slot back once
+its saves are done, and its callers are answered only after the next batch has started: their
+replies (protobuf, writes, on the event loop) then overlap that batch's model call instead of
+holding it back. Chunks of one stream never share a batch and never run in two batches at once
+(each needs the state the previous one leaves), and they keep their arrival order: a stream's later
+chunk waits in the queue, in place, until its earlier one is done.
 """
 
 from __future__ import annotations
@@ -57,13 +59,17 @@ class Batcher:
         max_delay_s: float,
         max_in_flight: int,
         max_queued: int,
+        busy_delay_s: float = 0.0,
         max_conflicts: int = MAX_CONFLICTS,
-        model_busy: Callable[[], bool] = lambda: False,
+        model_free_in: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self._process = process
-        self._model_busy = model_busy  # whether a batch is in its model call now (`wake` when none is)
+        # Seconds a batch started now would wait for the model (0 or less: none); `wake` when the model is free.
+        self._model_free_in = model_free_in
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
+        self.busy_delay_s = busy_delay_s
+        self._several_callers = False  # whether the last batch held chunks of more than one message
         self.max_in_flight = max_in_flight
         self.max_conflicts = max_conflicts
         self.max_queued = max_queued
@@ -173,16 +179,25 @@ class Batcher:
             while self._batches >= self.max_in_flight or not self._queue:
                 self._changed.clear()
                 await self._changed.wait()
+            # While several callers are served at once, a batch waits `busy_delay_s` for more chunks: the callers
+            # answered last send their next ones within it (their answers went out as this batch formed), so batches
+            # hold most of the callers' chunks instead of alternating halves, and the model's cost per call is
+            # shared by more chunks. A lone caller never waits: nobody else's chunk would come.
+            delay = self.max_delay_s or (self.busy_delay_s if self._several_callers else 0.0)
             # Without a delay: a batch slot free while another batch is in its model call (max_in_flight above 1)
             # would start a batch that could not run its own call before that one ends, so it grows meanwhile and
-            # starts once the model is free or it is full. Batch sizes follow the load, and an idle model takes a
-            # lone chunk at once. With a delay, the delay decides instead (measured better together with it: the
-            # two waits in a row left the model idle for the delay after every call).
-            while self.max_delay_s == 0 and self._model_busy() and len(self._queue) < self.max_batch:
+            # starts when it would reach the model as the model becomes free (its loads and rules overlap the end of
+            # that call), or when it is full. Batch sizes follow the load, and an idle model takes a lone chunk at
+            # once. With a delay, the delay decides instead (measured better together with it: the two waits in a
+            # row left the model idle for the delay after every call).
+            while delay == 0 and len(self._queue) < self.max_batch \
+                    and (wait := self._model_free_in()) > 0:
                 self._changed.clear()
+                timer = loop.call_later(wait, self._changed.set)
                 await self._changed.wait()
-            if self.max_delay_s > 0:
-                deadline = loop.time() + self.max_delay_s
+                timer.cancel()
+            if delay > 0:
+                deadline = loop.time() + delay
                 while len(self._queue) < self.max_batch and (left := deadline - loop.time()) > 0:
                     self._changed.clear()
                     with contextlib.suppress(TimeoutError):
@@ -262,6 +277,7 @@ class Batcher:
             waits[waiting.queued_at] = waits.get(waiting.queued_at, 0) + 1
             if waiting.chunk.times is not None:
                 waiting.chunk.times.batch_began(now_ns)
+        self._several_callers = len(waits) > 1  # a message's chunks share their queueing time
         metrics.observe_counted(metrics.QUEUE_WAIT_SECONDS, {now - queued: count for queued, count in waits.items()})
         self._in_flight_chunks += len(batch)
         try:

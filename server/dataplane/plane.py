@@ -101,6 +101,7 @@ class DataPlane:
         max_in_flight: int,
         max_queued: int,
         max_chunk_timesteps: int,
+        busy_delay_s: float = 0.0,
         chunk_rate: ChunkRate | None = None,
         live: LiveStreams | None = None,
         record_format: RecordFormat | None = None,
@@ -113,7 +114,7 @@ class DataPlane:
         self.max_chunk_timesteps = max_chunk_timesteps
         self._policy = policy
         self._batching = {"max_batch": max_batch, "max_delay_s": max_delay_s, "max_in_flight": max_in_flight,
-                          "max_queued": max_queued}
+                          "max_queued": max_queued, "busy_delay_s": busy_delay_s}
         # Per-tenant limits (invariants 12 and 13): chunks/s in this process, live streams in Redis.
         self._chunk_rate = chunk_rate
         self._live = live
@@ -137,7 +138,7 @@ class DataPlane:
                          if self._live_streams_interval_s > 0 else None)
         processor = BatchProcessor(versions, store, self._policy, self._live, self.record_format, namespace,
                                    lambda: self.control, live_versions)
-        batcher = Batcher(processor, model_busy=lambda: processor.in_model > 0,  # type: ignore[arg-type]
+        batcher = Batcher(processor, model_free_in=processor.model_schedule.free_in,  # type: ignore[arg-type]
                           **self._batching)
         processor.on_model_free = batcher.wake
         description = first.description

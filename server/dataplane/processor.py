@@ -58,6 +58,47 @@ class StreamPolicy:
 
 
 @dataclass(slots=True)
+class ModelSchedule:
+    """When the model thread is expected to be free, from its recent calls: the batcher starts its next batch so
+    that the batch's loads and rules end as the model's call does (server/dataplane/batcher.py)."""
+
+    batches: int = 0  # batches in their model call, or waiting for the model thread
+    free_at: float = 0.0  # when the last of them is expected to be done (time.monotonic)
+    call_s: float = 0.0  # a model call's recent length
+    prepare_s: float = 0.0  # a batch's recent time from its start to its model call
+    last_done_ns: int = 0  # when the model thread finished its last call (time.monotonic_ns)
+
+    # Weight of the newest call in the averages: the recent calls' length, yet one slow call moves little.
+    NEWEST = 0.2
+
+    def entered(self, batch_started: float) -> None:
+        now = time.monotonic()
+        self.prepare_s += self.NEWEST * (now - batch_started - self.prepare_s)
+        self.batches += 1
+        self.free_at = max(now, self.free_at) + self.call_s
+
+    def ran(self, submitted_ns: int, done_ns: int) -> None:
+        # One thread runs the calls in turn: a call submitted while another ran started when that one was done.
+        seconds = (done_ns - max(submitted_ns, self.last_done_ns)) / 1e9
+        self.last_done_ns = done_ns
+        self.call_s += self.NEWEST * (seconds - self.call_s)
+
+    def left(self) -> bool:
+        """A batch's model call is over; True when the model is free."""
+        self.batches -= 1
+        if self.batches:
+            return False
+        self.free_at = time.monotonic()
+        return True
+
+    def free_in(self) -> float:
+        """Seconds a batch started now would wait for the model once prepared (0 or less: none)."""
+        if not self.batches:
+            return 0.0
+        return self.free_at - self.prepare_s - time.monotonic()
+
+
+@dataclass(slots=True)
 class _Batch:
     """One batch on its way through `BatchProcessor.__call__`: what is known so far, per chunk index."""
 
@@ -104,9 +145,9 @@ class BatchProcessor:
         )
         # One thread owns the model: calls never overlap, and the event loop stays free meanwhile.
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        # Batches in their model call now, and who to tell when none is: the batcher lets its next batch grow
-        # meanwhile (server/dataplane/batcher.py).
-        self.in_model = 0
+        # When the model is free, and who to tell when it is: the batcher lets its next batch grow until then
+        # (server/dataplane/batcher.py).
+        self.model_schedule = ModelSchedule()
         self.on_model_free: Callable[[], None] = lambda: None
 
     def live_member(self, stream_id: str) -> str:
@@ -117,6 +158,7 @@ class BatchProcessor:
         self._model_thread.shutdown(wait=False, cancel_futures=True)
 
     async def __call__(self, chunks: Sequence[Chunk]) -> list[BatchResult]:
+        started = time.monotonic()
         deadlines = [c.deadline for c in chunks if c.deadline is not None]
         batch = _Batch(chunks, max(deadlines) if deadlines else time.monotonic() + self.policy.request_deadline_s,
                        [None] * len(chunks))
@@ -133,12 +175,11 @@ class BatchProcessor:
         if self.live is not None and batch.planned:
             await self._admit(batch)
         if batch.planned:
-            self.in_model += 1
+            self.model_schedule.entered(started)
             try:
                 outputs, states = await self._run_model(batch.planned)
             finally:
-                self.in_model -= 1
-                if not self.in_model:
+                if self.model_schedule.left():
                     self.on_model_free()
             await self._save(batch, outputs, states)
         return batch.results  # type: ignore[return-value]
@@ -266,6 +307,7 @@ class BatchProcessor:
             self._model_thread, version.runner.run, [p.chunk.values for p in planned], states
         )
         finished = time.monotonic_ns()
+        self.model_schedule.ran(started, finished)
         version.last_used = time.monotonic()
         metrics.VERSION_CHUNKS.labels(self.versions.name, str(version.number)).inc(len(planned))  # once a batch
         timed = [p.chunk.times for p in planned if p.chunk.times is not None]  # Triton's statistics, tracing

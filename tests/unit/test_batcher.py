@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import numpy as np
 import pytest
 
 from server.config import ServerConfig
 from server.dataplane.batcher import Batcher
+from server.dataplane.processor import ModelSchedule
 from server.types import CONFLICT, Chunk, Prediction
 
 pytestmark = pytest.mark.timeout(60)
@@ -152,5 +154,105 @@ def test_a_batch_grows_while_the_model_is_busy_and_starts_when_it_is_free() -> N
         await batcher.stop()
 
     batcher = batcher_with(process, max_in_flight=2, max_batch=64, max_delay_s=0.0,
-                           model_busy=lambda: model["busy"])  # type: ignore[arg-type]
+                           model_free_in=lambda: 60.0 if model["busy"] else 0.0)  # type: ignore[arg-type]
+    asyncio.run(scenario())
+
+
+def test_a_waiting_batch_starts_when_it_would_reach_the_model_as_the_model_becomes_free() -> None:
+    """The batch that grows while another is in its model call starts when the processor expects it to reach the
+    model as that call ends (`model_free_in` down to 0), without waiting for the call to end: its loads and rules
+    overlap the end of the call."""
+    gate = asyncio.Event()
+    sizes: list[int] = []
+    started: list[float] = []
+    expected_free = {"at": 0.0}
+
+    async def process(chunks):
+        sizes.append(len(chunks))
+        started.append(time.monotonic())
+        if len(sizes) == 1:  # in its model call until the test ends it; expected done within 0.2 s
+            expected_free["at"] = time.monotonic() + 0.2
+            await gate.wait()
+        return [Prediction(c.stream_id, c.values, 0) for c in chunks]
+
+    def model_free_in() -> float:
+        return expected_free["at"] - time.monotonic() if len(sizes) == 1 else 0.0
+
+    async def scenario() -> None:
+        batcher.start()
+        first = asyncio.ensure_future(batcher.predict(chunk("first", 0)))
+        await asyncio.sleep(0.02)
+        others = [asyncio.ensure_future(batcher.predict(chunk(f"s{n}", n))) for n in range(3)]
+        await asyncio.sleep(0.05)
+        assert sizes == [1], "a batch started long before the model would be free"
+        await asyncio.wait_for(asyncio.gather(*others), 5)  # the first batch's call has not ended
+        assert sizes == [1, 3]
+        assert 0.15 < started[1] - started[0] < 1.0, started
+        gate.set()
+        await first
+        await batcher.stop()
+
+    batcher = batcher_with(process, max_in_flight=2, max_batch=64, max_delay_s=0.0,
+                           model_free_in=model_free_in)  # type: ignore[arg-type]
+    asyncio.run(scenario())
+
+
+def test_model_schedule_expects_the_model_free_after_its_recent_call_length() -> None:
+    """The processor's estimate: the model's recent call length after the call in progress began, less a batch's
+    recent time to reach the model; calls queued on the model thread are timed from when it took them."""
+    schedule = ModelSchedule()
+    assert schedule.free_in() == 0.0  # no batch in the model
+    for call in range(40):  # calls of 0.1 s, one a second, batches 0.02 s from start to model call
+        schedule.entered(time.monotonic() - 0.02)
+        submitted_ns = call * 1_000_000_000
+        schedule.ran(submitted_ns, submitted_ns + 100_000_000)
+        assert schedule.left()
+    assert abs(schedule.call_s - 0.1) < 0.001 and abs(schedule.prepare_s - 0.02) < 0.002
+    schedule.entered(time.monotonic())
+    assert 0.05 < schedule.free_in() < 0.09  # 0.1 - 0.02, give or take the time this test takes
+    schedule.entered(time.monotonic())  # a second batch queued behind the first
+    assert 0.15 < schedule.free_in() < 0.19
+    assert not schedule.left() and schedule.left() and schedule.free_in() == 0.0
+    # A call submitted while another ran is timed from the other's end, not from its own submission.
+    done = schedule.last_done_ns
+    schedule.ran(done - 50_000_000, done + 100_000_000)
+    assert abs(schedule.call_s - 0.1) < 0.001
+
+
+@pytest.mark.parametrize("busy_delay_s", [0.3, 0.0])
+def test_while_several_callers_are_served_a_batch_waits_the_busy_delay_and_a_lone_caller_never_does(
+        busy_delay_s: float) -> None:
+    """After a batch that held chunks of two messages, the next batch waits --busy-delay-ms for the callers answered
+    last, so a message arriving within it joins the batch; after a batch of one message (a lone caller) the next
+    batch starts at once. Without the delay (0) the late message runs in a batch of its own."""
+    sizes: list[int] = []
+
+    async def process(chunks):
+        sizes.append(len(chunks))
+        return [Prediction(c.stream_id, c.values, 0) for c in chunks]
+
+    def message(name: str, count: int) -> list[Chunk]:
+        return [chunk(f"{name}{n}", n) for n in range(count)]
+
+    async def scenario() -> None:
+        batcher.start()
+        # Two callers' messages queued together: one batch of both (nothing to wait for before the first batch).
+        await asyncio.gather(*batcher.submit_many(message("a", 2)), *batcher.submit_many(message("b", 2)))
+        assert sizes == [4]
+        # One caller's message now, another's 0.1 s later: within the busy delay, they share a batch.
+        first = batcher.submit_many(message("c", 2))
+        await asyncio.sleep(0.1)
+        second = batcher.submit_many(message("d", 3))
+        await asyncio.wait_for(asyncio.gather(*first, *second), 5)
+        assert sizes == ([4, 5] if busy_delay_s else [4, 2, 3]), sizes
+        if busy_delay_s:
+            # The last batch held two messages; then a lone caller: the batch after its first one starts at once.
+            await asyncio.gather(*batcher.submit_many(message("e", 2)))  # waits the delay: the last batch had two
+            began = time.monotonic()
+            await asyncio.wait_for(asyncio.gather(*batcher.submit_many(message("f", 2))), 5)
+            assert time.monotonic() - began < busy_delay_s / 2, "a lone caller's batch waited for others"
+            assert sizes == [4, 5, 2, 2]
+        await batcher.stop()
+
+    batcher = batcher_with(process, max_in_flight=2, max_batch=64, max_delay_s=0.0, busy_delay_s=busy_delay_s)
     asyncio.run(scenario())

@@ -85,6 +85,8 @@ def test_values_of_the_wrong_type_are_refused_naming_the_option(capsys, argv: li
     (["--warmup-timesteps", "1,x"], "--warmup-timesteps must be comma-separated positive integers, got '1,x'"),
     (["--warmup-timesteps", "20,0"], "--warmup-timesteps must be comma-separated positive integers"),
     (["--max-delay-ms", "-1"], "--max-delay-ms must not be negative"),
+    (["--busy-delay-ms", "-1"], "--busy-delay-ms must not be negative"),
+    (["--busy-delay-ms", "nan"], "--busy-delay-ms must not be negative"),
     (["--request-deadline-s", "0"], "--request-deadline-s must be positive"),
     (["--state-ttl-s", "0"], "--state-ttl-s and --ended-ttl-s must be positive"),
     (["--ended-ttl-s", "-1"], "--state-ttl-s and --ended-ttl-s must be positive"),
