@@ -210,11 +210,29 @@ class ServerProcess:
         `http_port`: the HTTP/REST port (0: off; None: a free port, shared by the workers); `env`: variables
         set (or, given as "", removed) on top of this process's environment."""
         self.workers = int(extra[extra.index("--workers") + 1]) if "--workers" in extra else 1
+        self.log_path = Path(tempfile.mkstemp(prefix="lstm-serve-", suffix=".log")[1])
+        self.channel: grpc.Channel | None = None
+        # The ports chosen here (/metrics, HTTP; a shared --port for workers) may be taken by another process, an
+        # outgoing connection's included, between choosing and binding them: the server then exits saying so, and
+        # starts again on other free ports. A port given by the caller is the caller's to keep free.
+        chosen_here = metrics_port is None or http_port is None or (port is None and self.workers > 1)
+        for attempt in range(self.PORT_ATTEMPTS if chosen_here else 1):
+            try:
+                self._start(redis_url, model, extra, port, ready_timeout_s, credentials, metrics_port, http_port, env)
+                return
+            except RuntimeError as exc:
+                if attempt + 1 == self.PORT_ATTEMPTS or "Address already in use" not in str(exc):
+                    raise
+
+    PORT_ATTEMPTS = 3
+
+    def _start(self, redis_url: str | None, model: Path | str, extra: tuple[str, ...], port: int | None,
+               ready_timeout_s: float, credentials: grpc.ChannelCredentials | None, metrics_port: int | None,
+               http_port: int | None, env: dict[str, str] | None) -> None:
         # Not logged by the server, so chosen here: one port a worker.
         self.metrics_port = free_port_run(self.workers) if metrics_port is None else metrics_port
         self.http_port = free_port() if http_port is None else http_port
         self.http_url = f"http://127.0.0.1:{self.http_port}" if self.http_port else ""
-        self.log_path = Path(tempfile.mkstemp(prefix="lstm-serve-", suffix=".log")[1])
         if port is None and self.workers > 1:
             port = free_port()
         command = [
@@ -235,7 +253,6 @@ class ServerProcess:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=ROOT)
         self.port = port or 0
-        self.channel: grpc.Channel | None = None
         try:
             # Polled often: a test waits on every server it starts, and both checks are cheap.
             self.port = wait_until(self._bound, ready_timeout_s, "lstm-serve to log its port", interval_s=0.05)
@@ -247,6 +264,9 @@ class ServerProcess:
         except TimeoutError:
             self.stop()
             raise RuntimeError(f"server did not become ready; its log:\n{self.log()}") from None
+        except RuntimeError:
+            self.stop()
+            raise
 
     def _exited(self) -> None:
         if self.process.poll() is not None:
