@@ -1,6 +1,6 @@
 """Gateways against Triton, in one run: many sensors per message (PredictBatchStream) beside Triton's best mode.
 
-    python -m bench.gateways                  # both loads, 1, 4 and 16 gateways, about 5 minutes
+    python -m bench.gateways                  # both loads, 1, 4 and 16 gateways, about 8 minutes
     python -m bench.gateways --quick          # 64 x 20 through 4 gateways only
 
 Loads (issue 26): 64 sensors x 20 timesteps per chunk, and 256 sensors x 1 timestep. For each:
@@ -8,7 +8,7 @@ Loads (issue 26): 64 sensors x 20 timesteps per chunk, and 256 sensors x 1 times
            concurrent sequences as sensors, unary and --streaming; its best mode is the peer. Its sequence batcher
            takes one sequence per request (batch dimension 1): a gateway cannot pack sensors into one request.
 - lstm-serve, G gateways: this server as shipped (default model, its own Redis, appendfsync everysec), and again
-           with the batching flags for gateway fleets (`--server-flags`, default GATEWAY_FLAGS), driven
+           with other flags (`--server-flags`; by default GATEWAY_FLAGS, without the busy delay), driven
            by `GatewayLoad` below: G connections, each one PredictBatchStream carrying its sensors' chunks, one
            message in flight per gateway (so one chunk in flight per sensor, as perf_analyzer keeps one request
            in flight per sequence). Values travel in the message's float32 block.
@@ -45,12 +45,11 @@ from lstm_stream.v1 import stream_pb2_grpc as pb_grpc
 
 LOADS = ((64, 20), (256, 1))  # (sensors, timesteps per chunk)
 GATEWAYS = (1, 4, 16)
-# Batching for gateway fleets (docs/performance.md, "Many sensors per message"): batches as large as a few
-# gateways' messages, a millisecond for the gateways answered last to send again before a batch starts, and a
-# second batch in flight so that one batch's Redis round trips overlap the other's model call.
-# Since --max-batch 256 and --max-in-flight 2 are the defaults, what is left for gateway fleets is a
-# millisecond for the gateways answered last to send again before a batch starts.
-GATEWAY_FLAGS = "--max-delay-ms 1"
+# The second set of rows: the server without what it does for gateway fleets by default, so the same run shows
+# what that gives. --max-batch 256 and --max-in-flight 2 are defaults since the first gateway work, and so is a
+# millisecond for the callers answered last to send again before a batch starts (--busy-delay-ms); this turns
+# that off.
+GATEWAY_FLAGS = "--busy-delay-ms 0"
 
 
 @dataclass
