@@ -4,6 +4,7 @@ Not shipped (pyproject's packages.find leaves it out) and never imported by the 
 load tester. Importable from the repository root. One module per subject:
 
 - processes: free ports, polling with a deadline, a private redis-server, lstm-serve subprocesses
+- server_forks: the tests' lstm-serve processes forked from one that imported the server once
 - redis_topologies: Redis Cluster and Sentinel groups on loopback
 - topology: the docker-compose topology as processes (Redis, lstm-serve replicas, Envoy)
 - loads: a verified lstm-loadtest in the background

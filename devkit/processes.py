@@ -23,6 +23,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from devkit import ROOT
+from devkit.server_forks import ForkedServer, ServerForks
 from lstm_stream.v1 import stream_pb2_grpc
 from server.config import DEFAULT_MODEL
 
@@ -226,6 +227,10 @@ class ServerProcess:
 
     PORT_ATTEMPTS = 3
 
+    # Set by the tests (tests/conftest.py): servers forked from one process that imported the server once
+    # (devkit/server_forks.py); None: each a fresh `python -m server` process, as for benchmarks.
+    forks: ServerForks | None = None
+
     def _start(self, redis_url: str | None, model: Path | str, extra: tuple[str, ...], port: int | None,
                ready_timeout_s: float, credentials: grpc.ChannelCredentials | None, metrics_port: int | None,
                http_port: int | None, env: dict[str, str] | None) -> None:
@@ -250,8 +255,13 @@ class ServerProcess:
                 environment[name] = value
             else:
                 environment.pop(name, None)
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=ROOT)
+        self.process: subprocess.Popen[bytes] | ForkedServer
+        if self.forks is not None and self.forks.forkable(environment):
+            self.process = self.forks.start(command[3:], environment, ROOT, self.log_path)
+        else:
+            with open(self.log_path, "wb") as log:
+                self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment,
+                                                cwd=ROOT)
         self.port = port or 0
         try:
             # Polled often: a test waits on every server it starts, and both checks are cheap.

@@ -32,6 +32,7 @@ import yaml
 from devkit import ROOT
 from devkit.processes import find_binary, free_port, wait_until
 from devkit.releases import release_env
+from devkit.server_forks import ForkedServer, ServerForks
 
 ENVOY_CONFIG = ROOT / "deploy" / "envoy.yaml"
 CLUSTER = "lstm_serve"
@@ -70,7 +71,7 @@ class Replica:
     index: int
     port: int
     metrics_port: int
-    process: subprocess.Popen | None = None
+    process: subprocess.Popen | ForkedServer | None = None
     starts: int = 0
 
     @property
@@ -93,6 +94,9 @@ class Topology:
     envoy_concurrency: int | None = None
     envoy_binary: str = "envoy"  # a name on the PATH (or beside this Python), or a path
     ready_timeout_s: float = 180.0
+    # The tests' fork server (devkit/server_forks.py): replicas of this checkout are forked from it. None: each
+    # replica a fresh `python -m server` process, as scripts/topology.py and the benchmarks start them.
+    forks: ServerForks | None = None
     members: list[Replica] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -172,8 +176,13 @@ class Topology:
         }
         if source is not None:
             env = release_env(source, env)
-        replica.process = self._spawn(f"server-{index}", [sys.executable, "-m", "server", *self.server_args], env,
-                                      cwd=source or ROOT)
+        if source is None and self.forks is not None and self.forks.forkable(env):
+            assert self.workdir is not None
+            replica.process = self.forks.start(self.server_args, env, ROOT, self.workdir / f"server-{index}.log",
+                                               new_session=True)
+        else:
+            replica.process = self._spawn(f"server-{index}", [sys.executable, "-m", "server", *self.server_args], env,
+                                          cwd=source or ROOT)
         replica.starts += 1
         return replica
 

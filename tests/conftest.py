@@ -22,6 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("LSTM_SERVE_HTTP_PORT", "0")
 
 from devkit.processes import NO_WARMUP, RedisServer, ServerProcess
+from devkit.server_forks import ServerForks
 from server.config import DEFAULT_MODEL
 
 # The longest files first. `--dist loadfile` hands each xdist worker a whole file at a time, in collection
@@ -64,6 +65,22 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         seconds = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
         seconds.update({path: round(total, 1) for path, total in _ran_seconds.items()})
         DURATIONS.write_text(json.dumps(dict(sorted(seconds.items())), indent=0) + "\n")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _servers_forked() -> Iterator[None]:
+    """Each worker's ServerProcess servers are forked from one process that imported the server once
+    (devkit/server_forks.py: TensorFlow's import, most of a start-up, is paid once a worker, not once a server).
+    LSTM_TEST_FORK_SERVERS=0 starts each as a fresh process."""
+    if not ServerForks.wanted():
+        yield
+        return
+    ServerProcess.forks = forks = ServerForks()
+    try:
+        yield
+    finally:
+        ServerProcess.forks = None
+        forks.stop()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -25,7 +25,7 @@ import pytest
 import redis
 
 from devkit import ROOT
-from devkit.processes import wait_until
+from devkit.processes import ServerProcess, wait_until
 from devkit.releases import (
     PREVIOUS_RELEASE,
     ReleaseMissing,
@@ -128,7 +128,7 @@ def test_rolling_upgrade_from_the_previous_release_under_streaming_load(tmp_path
     assert subprocess.run(server_command("--version"), cwd=old, env=release_env(old), capture_output=True,
                           timeout=60).returncode == 2
 
-    topology = Topology(replicas=2, workdir=tmp_path / "topology",
+    topology = Topology(replicas=2, workdir=tmp_path / "topology", forks=ServerProcess.forks,
                         server_args=["--xla", "false", "--drain-delay-s", "2"], envoy_concurrency=1)
     client = redis.Redis(port=topology.redis_port)
     load = watch = None

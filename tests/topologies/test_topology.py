@@ -31,7 +31,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devkit import ROOT
-from devkit.processes import free_port, wait_until
+from devkit.processes import ServerProcess, free_port, wait_until
 from devkit.topology import ENVOY_CONFIG, HTTP_CLUSTER, HTTP_LISTENER, Topology, local_envoy_config
 from server.config import DEFAULT_MODEL
 
@@ -109,7 +109,7 @@ def verified(report_path: Path, streams: int) -> dict[str, Any]:
 def test_loadtest_through_envoy_survives_a_killed_replica_and_a_rolling_restart(tmp_path: Path) -> None:
     # --xla false: a replica starts in seconds (no XLA compilations), which keeps the restarts short; a
     # drain delay of 3 s still outlasts Envoy's detection of NOT_SERVING (2 checks 1 s apart).
-    topology = Topology(replicas=2, workdir=tmp_path / "topology",
+    topology = Topology(replicas=2, workdir=tmp_path / "topology", forks=ServerProcess.forks,
                         server_args=["--xla", "false", "--drain-delay-s", "3"], envoy_concurrency=1)
     report_path = tmp_path / "report.json"
     totals = [0, 0]
@@ -156,7 +156,7 @@ def test_streaming_load_through_envoy_resumes_across_a_killed_replica(tmp_path: 
     and gRPC reports them as `INTERNAL: Stream removed` (RST_STREAM), not UNAVAILABLE; the load tester
     must take that as a break (invariant 11), resend the unanswered chunk on a new call, and every
     sequence must verify: exit 0, no broken stream, retries > 0."""
-    topology = Topology(replicas=2, workdir=tmp_path / "topology",
+    topology = Topology(replicas=2, workdir=tmp_path / "topology", forks=ServerProcess.forks,
                         server_args=["--xla", "false", "--drain-delay-s", "3"], envoy_concurrency=1)
     report_path = tmp_path / "report.json"
     load = None

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from devkit.processes import ServerProcess
 from devkit.topology import Topology
 
 pytestmark = pytest.mark.timeout(120)
@@ -35,8 +36,8 @@ def failing_envoy(folder: Path) -> Path:
 def test_an_envoy_that_exits_at_start_leaves_no_redis_or_replica_running(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", f"{failing_envoy(tmp_path / 'bin')}{os.pathsep}{os.environ['PATH']}")
-    topology = Topology(replicas=1, workdir=tmp_path / "topology", server_args=["--xla", "false"],
-                        ready_timeout_s=120)
+    topology = Topology(replicas=1, workdir=tmp_path / "topology", forks=ServerProcess.forks,
+                        server_args=["--xla", "false"], ready_timeout_s=120)
     try:
         with pytest.raises(RuntimeError, match="envoy is not running"):
             topology.start()
@@ -47,8 +48,8 @@ def test_an_envoy_that_exits_at_start_leaves_no_redis_or_replica_running(
 
 
 def test_a_missing_envoy_leaves_no_redis_or_replica_running(tmp_path: Path) -> None:
-    topology = Topology(replicas=2, workdir=tmp_path / "topology", server_args=["--xla", "false"],
-                        envoy_binary=str(tmp_path / "no-such-envoy"))
+    topology = Topology(replicas=2, workdir=tmp_path / "topology", forks=ServerProcess.forks,
+                        server_args=["--xla", "false"], envoy_binary=str(tmp_path / "no-such-envoy"))
     try:
         with pytest.raises(FileNotFoundError, match="no-such-envoy"):
             topology.start()
