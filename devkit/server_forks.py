@@ -14,10 +14,11 @@ whether tracing imports it) is started as a fresh process instead, and the tests
 `lstm-serve` command, start-up errors, workers, the topology scripts, releases) start real processes.
 `LSTM_TEST_FORK_SERVERS=0` starts every server as a fresh process.
 
-The protocol, one JSON object a line: the harness writes {"id", "argv", "env", "cwd", "log", "new_session"}
-to the fork server's standard input; it answers {"id", "pid"} on its standard output once the child exists,
-and {"exited": pid, "code": exit code or -signal} once the child has exited (polled every REAP_INTERVAL_S).
-When its standard input closes (the test worker is gone) it kills the children left, then exits.
+The protocol, one JSON object a line: the harness writes {"id", "argv", "env", "cwd", "log", "new_session",
+"nofile"} (its descriptor limit, which a child of its own would inherit) to the fork server's standard
+input; it answers {"id", "pid"} on its standard output once the child exists, and {"exited": pid, "code":
+exit code or -signal} once the child has exited (polled every REAP_INTERVAL_S). When its standard input
+closes (the test worker is gone) it kills the children left, then exits.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import select
 import signal
 import subprocess
@@ -117,8 +119,9 @@ class ServerForks:
             process = self._ensure_started()
             self._next_id += 1
             request_id = self._next_id
+            # The descriptor limit as a child of this process would inherit it (a test may lower it for a server).
             line = json.dumps({"id": request_id, "argv": argv, "env": environment, "cwd": str(cwd), "log": str(log),
-                               "new_session": new_session})
+                               "new_session": new_session, "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)})
             assert process.stdin is not None
             process.stdin.write(line.encode() + b"\n")
             process.stdin.flush()
@@ -243,6 +246,7 @@ def _become_server(request: dict) -> None:
     """In the child: the server's standard streams, environment and directory, then `python -m server`'s main."""
     if request["new_session"]:
         os.setsid()
+    resource.setrlimit(resource.RLIMIT_NOFILE, tuple(request["nofile"]))
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
