@@ -175,7 +175,10 @@ class ServerForks:
     def _hear(self, process: subprocess.Popen[bytes]) -> None:
         assert process.stdout is not None
         for line in process.stdout:
-            message = json.loads(line)
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue  # not the protocol's: something imported wrote to standard output
             with self._changed:
                 if "exited" in message:
                     self._exits[message["exited"]] = message["code"]
