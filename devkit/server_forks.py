@@ -102,14 +102,11 @@ class ServerForks:
         reference = self._environment or dict(os.environ)
 
         def import_time(env: dict[str, str]) -> dict[str, str]:
-            return {name: value for name, value in env.items() if name.startswith(IMPORT_TIME_PREFIXES)}
+            # PYTHONUNBUFFERED aside: the fork server has it too (its children write their logs unbuffered).
+            return {name: value for name, value in env.items()
+                    if name.startswith(IMPORT_TIME_PREFIXES) and name != "PYTHONUNBUFFERED"}
 
-        # PYTHONUNBUFFERED is the fork server's own too (its children write their logs unbuffered).
-        wanted = import_time(environment)
-        wanted.pop("PYTHONUNBUFFERED", None)
-        have = import_time(reference)
-        have.pop("PYTHONUNBUFFERED", None)
-        return self._failed is None and wanted == have
+        return self._failed is None and import_time(environment) == import_time(reference)
 
     def start(self, argv: list[str], environment: dict[str, str], cwd: Path, log: Path, *,
               new_session: bool = False) -> ForkedServer:

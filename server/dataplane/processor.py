@@ -160,7 +160,7 @@ class BatchProcessor:
     async def __call__(self, chunks: Sequence[Chunk]) -> list[BatchResult]:
         started = time.monotonic()
         deadlines = [c.deadline for c in chunks if c.deadline is not None]
-        batch = _Batch(chunks, max(deadlines) if deadlines else time.monotonic() + self.policy.request_deadline_s,
+        batch = _Batch(chunks, max(deadlines) if deadlines else started + self.policy.request_deadline_s,
                        [None] * len(chunks))
         stateful = [i for i, chunk in enumerate(chunks) if chunk.stream_id is not None]
         await self._load(batch, stateful)

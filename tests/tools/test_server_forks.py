@@ -17,7 +17,7 @@ import pytest
 
 from devkit.native_calls import predict, status_of
 from devkit.processes import NO_WARMUP, ServerProcess
-from devkit.server_forks import ForkedServer
+from devkit.server_forks import ForkedServer, ServerForks
 from server.config import DEFAULT_MODEL
 from server.errors import EXIT_STARTUP_ERROR
 
@@ -25,13 +25,14 @@ pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture
-def forks():  # type: ignore[no-untyped-def]
+def forks() -> ServerForks:
     if ServerProcess.forks is None:
         pytest.skip("LSTM_TEST_FORK_SERVERS=0: every server is a fresh process")
     return ServerProcess.forks
 
 
-def test_a_forked_server_serves_logs_and_exits_as_its_process_would(forks, redis_server, tmp_path: Path) -> None:
+def test_a_forked_server_serves_logs_and_exits_as_its_process_would(forks: ServerForks, redis_server,
+                                                                     tmp_path: Path) -> None:
     server = ServerProcess(redis_server.url, DEFAULT_MODEL, *NO_WARMUP, env={"LSTM_SERVE_MAX_CHUNK_TIMESTEPS": "7"})
     try:
         assert isinstance(server.process, ForkedServer)
@@ -50,7 +51,7 @@ def test_a_forked_server_serves_logs_and_exits_as_its_process_would(forks, redis
     log = tmp_path / "bad.log"
     log.touch()
     bad = forks.start(["--model", str(tmp_path / "missing.keras"), "--redis-url", redis_server.url,
-                       "--redis-autostart", "false", "--log-format", "json"], _environment(), tmp_path, log)
+                       "--redis-autostart", "false", "--log-format", "json"], dict(os.environ), tmp_path, log)
     assert bad.wait(60) == EXIT_STARTUP_ERROR
     assert "missing.keras" in log.read_text()  # as a fresh process exits (tests/serving/test_startup_errors.py)
 
@@ -58,16 +59,13 @@ def test_a_forked_server_serves_logs_and_exits_as_its_process_would(forks, redis
         ForkedServer(forks, 1, ["init"]).wait(0.1)  # pid 1 never exits among its children
 
 
-def test_an_import_time_variable_of_its_own_starts_a_fresh_process(forks, redis_server) -> None:
-    assert not forks.forkable({**_environment(), "OPENBLAS_NUM_THREADS": "3"})
-    assert not forks.forkable({**_environment(), "OTEL_TRACES_EXPORTER": "otlp"})
-    assert forks.forkable({**_environment(), "LSTM_SERVE_MAX_BATCH": "7"})
+def test_an_import_time_variable_of_its_own_starts_a_fresh_process(forks: ServerForks, redis_server) -> None:
+    assert not forks.forkable({**os.environ, "OPENBLAS_NUM_THREADS": "3"})
+    assert not forks.forkable({**os.environ, "OTEL_TRACES_EXPORTER": "otlp"})
+    assert forks.forkable({**os.environ, "LSTM_SERVE_MAX_BATCH": "7"})
     server = ServerProcess(redis_server.url, DEFAULT_MODEL, *NO_WARMUP, env={"OPENBLAS_NUM_THREADS": "3"})
     try:
         assert isinstance(server.process, subprocess.Popen)
     finally:
         server.stop()
 
-
-def _environment() -> dict[str, str]:
-    return dict(os.environ)
